@@ -1,0 +1,24 @@
+//! What the Zhengyun agent and coordinator share.
+//!
+//! This crate owns the vocabulary of the system: typed ids and zones ([`ids`]), the wire
+//! protocol spoken between daemons ([`wire`] for frames, [`proto`] for messages), the TLS
+//! identities that make every connection mutual ([`tls`]), the one-time bootstrap tokens that
+//! enroll nodes ([`token`]) and the QUIC transport settings both sides must agree on ([`quic`]).
+//!
+//! It must never do host I/O of its own beyond what a codec needs: no sockets are opened and no
+//! clocks are read in the protocol logic; callers drive it. That keeps every codec testable in
+//! memory and fuzzable.
+
+pub mod ids;
+pub mod proto;
+pub mod quic;
+pub mod sdnotify;
+pub mod time;
+pub mod tls;
+pub mod token;
+pub mod wire;
+
+pub use ids::{NodeId, TokenId, Zone};
+
+/// The version of this build, reported by agents in their inventory.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,583 @@
+//! The messages of wire protocol version 1.
+//!
+//! One connection per agent; on it one bidirectional *control stream* that the agent opens.
+//! After the [`crate::wire::Preamble`] exchange:
+//!
+//! ```text
+//!  enrollment (no client certificate yet)      enrolled node (mutual TLS)
+//!  agent              coordinator              agent              coordinator
+//!    | JoinRequest ------> |                     | Hello ------------> |
+//!    | <---- JoinAccepted  |                     | <----------- Welcome|
+//!    |   (or Refused)      |                     | Load/Event/Reply -> |   (every second)
+//!                                                | <-------- Command   |
+//!                                                | <-------- Refused   |   (then close)
+//! ```
+//!
+//! Every message is checked by [`Message::validate`] after decoding: the codec guarantees
+//! shape, validation guarantees sense (finite numbers, bounded strings, sane ranges).
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{validate_name, NodeId, Zone};
+use crate::wire::FrameError;
+
+/// Longest free-text string carried in a message (reasons, notices, CPU models).
+pub const MAX_TEXT: usize = 1024;
+/// Longest DER blob (certificates, certificate requests).
+pub const MAX_DER: usize = 16 * 1024;
+
+/// Every message of protocol version 1.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    JoinRequest(JoinRequest),
+    JoinAccepted(JoinAccepted),
+    Hello(Hello),
+    Welcome(Welcome),
+    Load(LoadReport),
+    Command(Command),
+    Reply(Reply),
+    Event(Event),
+    Refused(Refusal),
+}
+
+impl Message {
+    /// A short name for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::JoinRequest(_) => "JoinRequest",
+            Message::JoinAccepted(_) => "JoinAccepted",
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Load(_) => "Load",
+            Message::Command(_) => "Command",
+            Message::Reply(_) => "Reply",
+            Message::Event(_) => "Event",
+            Message::Refused(_) => "Refused",
+        }
+    }
+
+    /// Checks what the codec cannot: bounds and sense.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        match self {
+            Message::JoinRequest(j) => {
+                text("token", &j.token, 256)?;
+                blob("csr", &j.csr_der)?;
+                validate_name(&j.name).map_err(|e| FrameError::Invalid(e.to_string()))?;
+                text("agent_version", &j.agent_version, 64)
+            }
+            Message::JoinAccepted(j) => {
+                blob("cert", &j.cert_der)?;
+                blob("ca", &j.ca_der)
+            }
+            Message::Hello(h) => h.inventory.validate(),
+            Message::Welcome(w) => {
+                if !(100..=60_000).contains(&w.report_interval_ms) {
+                    return invalid(format!(
+                        "report interval {} ms is outside 100..=60000",
+                        w.report_interval_ms
+                    ));
+                }
+                Ok(())
+            }
+            Message::Load(l) => l.validate(),
+            Message::Command(c) => match &c.kind {
+                CommandKind::Ping => Ok(()),
+                CommandKind::SetReportInterval { ms } if (100..=60_000).contains(ms) => Ok(()),
+                CommandKind::SetReportInterval { ms } => {
+                    invalid(format!("report interval {ms} ms is outside 100..=60000"))
+                }
+            },
+            Message::Reply(r) => match &r.result {
+                Ok(_) => Ok(()),
+                Err(e) => text("reply error", e, MAX_TEXT),
+            },
+            Message::Event(e) => match &e.kind {
+                EventKind::Notice { message } => text("notice", message, MAX_TEXT),
+            },
+            Message::Refused(r) => text("refusal", &r.message, MAX_TEXT),
+        }
+    }
+}
+
+fn invalid<T>(msg: String) -> Result<T, FrameError> {
+    Err(FrameError::Invalid(msg))
+}
+
+fn text(what: &str, s: &str, max: usize) -> Result<(), FrameError> {
+    if s.len() > max {
+        return invalid(format!("{what} is {} bytes, over {max}", s.len()));
+    }
+    if s.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+        return invalid(format!("{what} holds control characters"));
+    }
+    Ok(())
+}
+
+fn blob(what: &str, b: &[u8]) -> Result<(), FrameError> {
+    if b.is_empty() || b.len() > MAX_DER {
+        return invalid(format!("{what} is {} bytes, not within 1..={MAX_DER}", b.len()));
+    }
+    Ok(())
+}
+
+/// Sent by an agent that is not enrolled yet, on a connection without a client certificate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The whole bootstrap token as the operator pasted it.
+    pub token: String,
+    /// A PKCS#10 certificate request for the key the agent just generated.
+    pub csr_der: Vec<u8>,
+    /// The node's name as ops will see it.
+    pub name: String,
+    pub agent_version: String,
+}
+
+/// The coordinator's answer to a good [`JoinRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JoinAccepted {
+    pub node_id: NodeId,
+    pub zone: Zone,
+    /// The node certificate, naming the node id and zone.
+    pub cert_der: Vec<u8>,
+    /// The site CA certificate (the one whose fingerprint the token pinned).
+    pub ca_der: Vec<u8>,
+}
+
+/// The first message of an enrolled agent on each connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub inventory: Inventory,
+}
+
+/// What a node is and has. Sent on every connect; it can change across restarts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub hostname: String,
+    pub cpu_model: String,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    /// Size and free space of the agent's data directory's file system.
+    pub disk_total_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// Whether `/dev/kvm` works *and* the CPU shows hardware virtualisation.
+    pub kvm_usable: bool,
+    /// The accelerator VMs will use on this node (config may force TCG).
+    pub accel: Accel,
+    pub zone: Zone,
+    pub agent_version: String,
+    pub kernel: String,
+}
+
+impl Inventory {
+    fn validate(&self) -> Result<(), FrameError> {
+        text("hostname", &self.hostname, 255)?;
+        text("cpu_model", &self.cpu_model, 256)?;
+        text("agent_version", &self.agent_version, 64)?;
+        text("kernel", &self.kernel, 256)?;
+        if self.cpus == 0 || self.cpus > 65_536 {
+            return invalid(format!("cpu count {} is not plausible", self.cpus));
+        }
+        if self.memory_bytes == 0 {
+            return invalid("memory size is zero".into());
+        }
+        if self.disk_free_bytes > self.disk_total_bytes {
+            return invalid("disk free space exceeds its size".into());
+        }
+        if self.accel == Accel::Kvm && !self.kvm_usable {
+            return invalid("accelerator KVM claimed where KVM is not usable".into());
+        }
+        Ok(())
+    }
+}
+
+/// How a node runs guests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Accel {
+    /// Hardware virtualisation through `/dev/kvm`.
+    Kvm,
+    /// QEMU's software emulation: slow, but runs anywhere.
+    Tcg,
+}
+
+impl Accel {
+    /// The name used in config and listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// The coordinator's answer to [`Hello`]: the node is known and welcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub node_id: NodeId,
+    /// How often the coordinator wants load reports.
+    pub report_interval_ms: u32,
+}
+
+/// Live load, sent every report interval. Counters are cumulative since boot, so a lost
+/// report loses nothing and rates can be derived from any two.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Increases by one per report within one agent run.
+    pub seq: u64,
+    /// Busy CPU over the last interval, 0..=100 percent of the whole node.
+    pub cpu_percent: f32,
+    pub mem_used_bytes: u64,
+    pub mem_available_bytes: u64,
+    pub load1: f32,
+    pub load5: f32,
+    pub load15: f32,
+    pub net_rx_bytes: u64,
+    pub net_tx_bytes: u64,
+    pub disk_free_bytes: u64,
+}
+
+impl LoadReport {
+    fn validate(&self) -> Result<(), FrameError> {
+        if !(self.cpu_percent.is_finite() && (0.0..=100.0).contains(&self.cpu_percent)) {
+            return invalid(format!("cpu percent {} is outside 0..=100", self.cpu_percent));
+        }
+        for (name, v) in [
+            ("load1", self.load1),
+            ("load5", self.load5),
+            ("load15", self.load15),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return invalid(format!("{name} {v} is not a finite non-negative number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request from the coordinator to an agent; answered by a [`Reply`] with the same id.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    pub id: u64,
+    pub kind: CommandKind,
+}
+
+/// What a command asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum CommandKind {
+    /// Answer at once: measures the round trip.
+    Ping,
+    /// Report load at another interval from now on.
+    SetReportInterval { ms: u32 },
+}
+
+/// An agent's answer to a [`Command`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: u64,
+    pub result: Result<ReplyKind, String>,
+}
+
+/// What a successful command returns.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ReplyKind {
+    Pong,
+    Done,
+}
+
+/// Something that happened on a node, as it happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// When, in the agent's clock (ms since the epoch).
+    pub at_ms: u64,
+    pub kind: EventKind,
+}
+
+/// What happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EventKind {
+    /// A free-text notice worth showing ops.
+    Notice { message: String },
+}
+
+/// A refusal, sent just before the sender closes the connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+/// Why something was refused. The agent treats some as permanent (it stops retrying).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RefusalCode {
+    TokenInvalid,
+    TokenExpired,
+    TokenUsed,
+    TokenRevoked,
+    NodeRemoved,
+    UnknownNode,
+    NameInUse,
+    BadRequest,
+    Internal,
+}
+
+impl RefusalCode {
+    /// True when retrying the same thing can never succeed.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, RefusalCode::Internal)
+    }
+}
+
+/// Application close codes on QUIC connections.
+pub mod close {
+    /// Orderly shutdown of either side.
+    pub const SHUTDOWN: u32 = 0;
+    /// The peer broke the protocol (bad frame, unexpected message).
+    pub const PROTOCOL: u32 = 1;
+    /// The peer was refused (a [`super::Refusal`] was sent first).
+    pub const REFUSED: u32 = 2;
+    /// A newer connection of the same node replaced this one.
+    pub const REPLACED: u32 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{decode, encode, MAX_BODY, WIRE_MAGIC};
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn node() -> NodeId {
+        NodeId(Uuid::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef))
+    }
+
+    /// One of each message, with fixed contents: the golden set.
+    fn samples() -> Vec<(&'static str, Message)> {
+        vec![
+            (
+                "join_request",
+                Message::JoinRequest(JoinRequest {
+                    token: "zyj1-0011223344556677-secret".into(),
+                    csr_der: vec![0x30, 0x82, 0x01],
+                    name: "rack1-n01".into(),
+                    agent_version: "0.1.0".into(),
+                }),
+            ),
+            (
+                "join_accepted",
+                Message::JoinAccepted(JoinAccepted {
+                    node_id: node(),
+                    zone: Zone::Intranet,
+                    cert_der: vec![1, 2, 3],
+                    ca_der: vec![4, 5],
+                }),
+            ),
+            (
+                "hello",
+                Message::Hello(Hello {
+                    inventory: Inventory {
+                        hostname: "n1".into(),
+                        cpu_model: "Xeon".into(),
+                        cpus: 64,
+                        memory_bytes: 256 << 30,
+                        disk_total_bytes: 4 << 40,
+                        disk_free_bytes: 3 << 40,
+                        kvm_usable: true,
+                        accel: Accel::Kvm,
+                        zone: Zone::Extranet,
+                        agent_version: "0.1.0".into(),
+                        kernel: "6.1.0".into(),
+                    },
+                }),
+            ),
+            (
+                "welcome",
+                Message::Welcome(Welcome {
+                    node_id: node(),
+                    report_interval_ms: 1000,
+                }),
+            ),
+            (
+                "load",
+                Message::Load(LoadReport {
+                    seq: 7,
+                    cpu_percent: 12.5,
+                    mem_used_bytes: 1 << 30,
+                    mem_available_bytes: 3 << 30,
+                    load1: 0.5,
+                    load5: 0.25,
+                    load15: 0.125,
+                    net_rx_bytes: 1000,
+                    net_tx_bytes: 2000,
+                    disk_free_bytes: 1 << 40,
+                }),
+            ),
+            (
+                "command_ping",
+                Message::Command(Command {
+                    id: 1,
+                    kind: CommandKind::Ping,
+                }),
+            ),
+            (
+                "command_interval",
+                Message::Command(Command {
+                    id: 2,
+                    kind: CommandKind::SetReportInterval { ms: 500 },
+                }),
+            ),
+            (
+                "reply",
+                Message::Reply(Reply {
+                    id: 1,
+                    result: Ok(ReplyKind::Pong),
+                }),
+            ),
+            (
+                "reply_err",
+                Message::Reply(Reply {
+                    id: 2,
+                    result: Err("no".into()),
+                }),
+            ),
+            (
+                "event",
+                Message::Event(Event {
+                    at_ms: 1_700_000_000_000,
+                    kind: EventKind::Notice {
+                        message: "hi".into(),
+                    },
+                }),
+            ),
+            (
+                "refused",
+                Message::Refused(Refusal {
+                    code: RefusalCode::NodeRemoved,
+                    message: "gone".into(),
+                }),
+            ),
+        ]
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// The checked-in encodings. A change to any message's layout fails here: that is a
+    /// protocol change and needs a new protocol version, not an edit of this file.
+    /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
+    #[test]
+    fn golden_encodings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v1.txt");
+        let got: String = samples()
+            .iter()
+            .map(|(name, m)| {
+                let bytes = encode(WIRE_MAGIC, 1, m, MAX_BODY).unwrap();
+                format!("{name} {}\n", hex(&bytes))
+            })
+            .collect();
+        if std::env::var_os("ZY_BLESS").is_some() {
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).expect("golden file is checked in");
+        assert_eq!(got, want, "wire encoding of protocol v1 changed");
+        for (_, m) in samples() {
+            m.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn validation_rejects_nonsense() {
+        let mut bad = samples();
+        if let Message::Load(l) = &mut bad[4].1 {
+            l.cpu_percent = f32::NAN;
+        }
+        assert!(bad[4].1.validate().is_err());
+        let m = Message::Refused(Refusal {
+            code: RefusalCode::Internal,
+            message: "x".repeat(MAX_TEXT + 1),
+        });
+        assert!(m.validate().is_err());
+        let m = Message::Command(Command {
+            id: 0,
+            kind: CommandKind::SetReportInterval { ms: 0 },
+        });
+        assert!(m.validate().is_err());
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        let load = (
+            any::<u64>(),
+            0.0f32..=100.0,
+            any::<u64>(),
+            any::<u64>(),
+            0.0f32..1e6,
+        )
+            .prop_map(|(seq, cpu, used, rx, l)| {
+                Message::Load(LoadReport {
+                    seq,
+                    cpu_percent: cpu,
+                    mem_used_bytes: used,
+                    mem_available_bytes: used / 2,
+                    load1: l,
+                    load5: l,
+                    load15: l,
+                    net_rx_bytes: rx,
+                    net_tx_bytes: rx / 3,
+                    disk_free_bytes: used,
+                })
+            });
+        let event = (any::<u64>(), "[a-z ]{0,200}").prop_map(|(at, m)| {
+            Message::Event(Event {
+                at_ms: at,
+                kind: EventKind::Notice { message: m },
+            })
+        });
+        let join = ("[a-z0-9-]{1,200}", proptest::collection::vec(any::<u8>(), 1..2000)).prop_map(
+            |(t, csr)| {
+                Message::JoinRequest(JoinRequest {
+                    token: t,
+                    csr_der: csr,
+                    name: "n1".into(),
+                    agent_version: "0.1.0".into(),
+                })
+            },
+        );
+        let cmd = (any::<u64>(), 100u32..=60_000).prop_map(|(id, ms)| {
+            Message::Command(Command {
+                id,
+                kind: CommandKind::SetReportInterval { ms },
+            })
+        });
+        prop_oneof![load, event, join, cmd]
+    }
+
+    proptest! {
+        #[test]
+        fn messages_round_trip(m in arb_message()) {
+            let bytes = encode(WIRE_MAGIC, 1, &m, MAX_BODY).unwrap();
+            let (_, back): (u16, Message) = decode(&bytes, WIRE_MAGIC, MAX_BODY).unwrap();
+            prop_assert!(back.validate().is_ok());
+            prop_assert_eq!(back, m);
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok((_, m)) = decode::<Message>(&bytes, WIRE_MAGIC, MAX_BODY) {
+                let _ = m.validate();
+            }
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(idx in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
+            for (_, m) in samples() {
+                let mut bytes = encode(WIRE_MAGIC, 1, &m, MAX_BODY).unwrap();
+                let i = idx.index(bytes.len());
+                bytes[i] = byte;
+                let c = cut.index(bytes.len() + 1);
+                if let Ok((_, m)) = decode::<Message>(&bytes[..c], WIRE_MAGIC, MAX_BODY) {
+                    let _ = m.validate();
+                }
+            }
+        }
+    }
+}
