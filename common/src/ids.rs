@@ -80,6 +80,7 @@ impl FromStr for TokenId {
 /// One of the two clouds. A node, a VM, a network and a replication stream belong to
 /// exactly one zone, and nothing ever crosses from one to the other.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Zone {
     /// The government extranet and the internet: portals, online approval, licences.
     Extranet,

@@ -10,6 +10,7 @@
 //! memory and fuzzable.
 
 pub mod ids;
+pub mod logging;
 pub mod proto;
 pub mod quic;
 pub mod sdnotify;

@@ -192,6 +192,7 @@ impl Inventory {
 
 /// How a node runs guests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Accel {
     /// Hardware virtualisation through `/dev/kvm`.
     Kvm,

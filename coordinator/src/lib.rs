@@ -1,1 +1,25 @@
-//! placeholder
+//! The Zhengyun site coordinator: the site's thin brain.
+//!
+//! It owns: the site CA and node enrollment ([`daemon`]), desired and observed state in an
+//! embedded redb store ([`store`]), node membership driven by heartbeats ([`membership`],
+//! [`fleet`]), and the HTTPS JSON API ([`api`]) that the `zy` CLI ([`cli`], [`client`]) drives.
+//!
+//! It must never: run guests or touch a node's host (that is the agent's job), hold a lock
+//! across I/O, trust anything a node says about its own identity beyond its certificate, or
+//! log a secret (token secrets are hashed on arrival and never stored).
+
+pub mod api;
+pub mod api_types;
+pub mod config;
+pub mod daemon;
+pub mod fleet;
+pub mod https;
+pub mod membership;
+pub mod server;
+pub mod statedir;
+pub mod store;
+
+pub use server::Coordinator;
+
+pub mod cli;
+pub mod client;

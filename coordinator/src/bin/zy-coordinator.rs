@@ -1,1 +1,172 @@
-fn main(){}
+//! `zy-coordinator`: the site coordinator daemon. Thin: parse, load, run the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use zy_coordinator::config::CoordinatorConfig;
+use zy_coordinator::statedir::StateDir;
+use zy_coordinator::Coordinator;
+
+#[derive(Debug, Parser)]
+#[command(name = "zy-coordinator", version, about = "The Zhengyun site coordinator")]
+struct Args {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a state directory: site CA, server certificate, store, admin API token.
+    Init {
+        #[arg(long, env = "ZY_STATE_DIR", default_value = "/var/lib/zhengyun/coordinator")]
+        state_dir: PathBuf,
+        /// The site's name (a DNS label).
+        #[arg(long, default_value = "site1")]
+        site: String,
+        /// Extra DNS names or IP addresses for the server certificate (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// UDP address agents connect to.
+        #[arg(long, default_value = "0.0.0.0:7400")]
+        daemon_listen: SocketAddr,
+        /// TCP address of the HTTPS API.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        api_listen: SocketAddr,
+        /// The host:port the CLI config should use to reach the API.
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Run the coordinator.
+    Run {
+        #[arg(long, env = "ZY_STATE_DIR", default_value = "/var/lib/zhengyun/coordinator")]
+        state_dir: PathBuf,
+        /// Config file (default: <state-dir>/coordinator.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override the config's daemon_listen.
+        #[arg(long)]
+        daemon_listen: Option<SocketAddr>,
+        /// Override the config's api_listen.
+        #[arg(long)]
+        api_listen: Option<SocketAddr>,
+        /// Log JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zy-coordinator: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zy-coordinator: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    match args.command {
+        Cmd::Init {
+            state_dir,
+            site,
+            sans,
+            daemon_listen,
+            api_listen,
+            advertise,
+        } => {
+            let config = CoordinatorConfig {
+                site,
+                daemon_listen,
+                api_listen,
+                ..CoordinatorConfig::default()
+            };
+            config.validate().map_err(anyhow::Error::msg)?;
+            let advertise = advertise.unwrap_or_else(|| {
+                let port = api_listen.port();
+                if api_listen.ip().is_unspecified() {
+                    format!("127.0.0.1:{port}")
+                } else {
+                    api_listen.to_string()
+                }
+            });
+            let sd = StateDir::new(&state_dir);
+            let out = sd.init(&config, &sans, &advertise)?;
+            println!(
+                "initialised {}\n  CA fingerprint: {}\n  CLI config:     {} (holds the admin token; keep it 0600)\n\nStart it with `zy-coordinator run --state-dir {}`, then\n  export ZY_CONFIG={}\n  zy token create --zone intranet",
+                state_dir.display(),
+                out.ca_fingerprint,
+                out.cli_config.display(),
+                state_dir.display(),
+                out.cli_config.display(),
+            );
+            Ok(())
+        }
+        Cmd::Run {
+            state_dir,
+            config,
+            daemon_listen,
+            api_listen,
+            log_json,
+        } => {
+            zy_common::logging::init(log_json);
+            let sd = StateDir::new(&state_dir);
+            let path = config.unwrap_or_else(|| sd.config());
+            let mut cfg = CoordinatorConfig::load(&path)?;
+            if let Some(a) = daemon_listen {
+                cfg.daemon_listen = a;
+            }
+            if let Some(a) = api_listen {
+                cfg.api_listen = a;
+            }
+            let running = Coordinator::open(sd, cfg)
+                .context("cannot open the coordinator's state")?
+                .start()
+                .await?;
+            zy_common::sdnotify::notify("READY=1");
+            let watchdog = zy_common::sdnotify::watchdog_interval().map(|every| {
+                tokio::spawn(async move {
+                    loop {
+                        zy_common::sdnotify::notify("WATCHDOG=1");
+                        tokio::time::sleep(every).await;
+                    }
+                })
+            });
+            wait_for_signal().await?;
+            zy_common::sdnotify::notify("STOPPING=1");
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+            tokio::time::timeout(Duration::from_secs(10), running.shutdown())
+                .await
+                .context("shutdown took longer than 10s")?;
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

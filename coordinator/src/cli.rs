@@ -1,0 +1,526 @@
+//! The `zy` ops CLI: a client of the coordinator's HTTP API.
+//!
+//! Where it finds the coordinator, in order: flags (`--coordinator`, `--token`, `--ca`),
+//! environment (`ZY_COORDINATOR`, `ZY_TOKEN`, `ZY_CA`), then a config file: `--config`,
+//! `$ZY_CONFIG`, `~/.config/zhengyun/zy.toml`, `/etc/zhengyun/zy.toml`,
+//! `/var/lib/zhengyun/coordinator/zy.toml` (the one `zy-coordinator init` writes).
+//!
+//! Exit codes scripts can rely on: see [`ExitCode`].
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use hyper::{Method, StatusCode};
+use serde::{Deserialize, Serialize};
+use zy_common::ids::Zone;
+use zy_common::time::{ago, now_millis};
+
+use crate::api_types::*;
+use crate::client::{Client, ClientError};
+
+/// Exit codes of `zy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ExitCode {
+    Ok = 0,
+    /// Anything not listed below.
+    Failure = 1,
+    /// Bad arguments or a request the API refused as malformed (HTTP 400).
+    Usage = 2,
+    /// The node or token does not exist (HTTP 404).
+    NotFound = 3,
+    /// The API token is missing or wrong (HTTP 401).
+    Unauthorized = 4,
+    /// The coordinator could not be reached or failed TLS verification.
+    Unreachable = 5,
+    /// The request conflicts with the current state: node not connected, busy (409/503/504).
+    Conflict = 6,
+    /// No usable CLI configuration (coordinator address, token or CA unknown).
+    Config = 7,
+}
+
+/// The Zhengyun ops CLI.
+#[derive(Debug, Parser)]
+#[command(name = "zy", version, about = "Drive a Zhengyun site: nodes and enrollment tokens")]
+pub struct Cli {
+    /// A zy.toml with `coordinator`, `token` and `ca`.
+    #[arg(long, global = true, env = "ZY_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The coordinator's API address, host:port.
+    #[arg(long, global = true, env = "ZY_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// The API token (zya1-...).
+    #[arg(long, global = true, env = "ZY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The site CA certificate (ca.crt) to verify the coordinator with.
+    #[arg(long, global = true, env = "ZY_CA")]
+    pub ca: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Nodes: the servers of the pool.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Bootstrap tokens that enroll new nodes.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Is the coordinator up, and which version is it?
+    Status(JsonFlag),
+}
+
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List every node: zone, state, capacity, live load, last seen.
+    Ls(JsonFlag),
+    /// One node in detail, with its membership history.
+    Show {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Remove a node: its certificate is refused from now on.
+    Remove {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Measure the command round trip to a node's agent.
+    Ping {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a one-time token that enrolls one node of a zone.
+    Create {
+        /// extranet or intranet.
+        #[arg(long)]
+        zone: Zone,
+        /// How long the token stays valid (1m to 30d), e.g. 30m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List tokens and whether they can still be used.
+    Ls(JsonFlag),
+    /// Revoke a token so it can enroll nothing.
+    Revoke {
+        /// The token id (the 16 hex digits after zyj1-).
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try 30m, 1h or 7d)"))?;
+    let secs = d.as_secs();
+    if !TOKEN_TTL_SECS.contains(&secs) {
+        return Err("a token lives between 1m and 30d".into());
+    }
+    Ok(d)
+}
+
+/// The CLI's config file.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliConfig {
+    pub coordinator: Option<String>,
+    pub token: Option<String>,
+    pub ca: Option<PathBuf>,
+}
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+impl CliError {
+    fn config(message: impl Into<String>) -> Self {
+        Self {
+            code: ExitCode::Config,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        let code = match &e {
+            ClientError::Unreachable { .. } | ClientError::Tls { .. } => ExitCode::Unreachable,
+            ClientError::Decode(_) => ExitCode::Failure,
+            ClientError::Api { status, .. } => match *status {
+                StatusCode::BAD_REQUEST => ExitCode::Usage,
+                StatusCode::NOT_FOUND => ExitCode::NotFound,
+                StatusCode::UNAUTHORIZED => ExitCode::Unauthorized,
+                StatusCode::CONFLICT
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::GATEWAY_TIMEOUT => ExitCode::Conflict,
+                _ => ExitCode::Failure,
+            },
+        };
+        Self {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn default_config_paths() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    if let Some(x) = std::env::var_os("XDG_CONFIG_HOME") {
+        v.push(PathBuf::from(x).join("zhengyun/zy.toml"));
+    } else if let Some(home) = std::env::var_os("HOME") {
+        v.push(PathBuf::from(home).join(".config/zhengyun/zy.toml"));
+    }
+    v.push(PathBuf::from("/etc/zhengyun/zy.toml"));
+    v.push(PathBuf::from("/var/lib/zhengyun/coordinator/zy.toml"));
+    v
+}
+
+fn load_config(path: &Path) -> Result<CliConfig, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::config(format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text)
+        .map_err(|e| CliError::config(format!("{} is invalid: {e}", path.display())))
+}
+
+/// Builds a client from flags, environment and config file.
+pub fn client(cli: &Cli) -> Result<Client, CliError> {
+    let file = match &cli.config {
+        Some(p) => load_config(p)?,
+        None => match default_config_paths().into_iter().find(|p| p.exists()) {
+            Some(p) => load_config(&p)?,
+            None => CliConfig::default(),
+        },
+    };
+    let addr = cli.coordinator.clone().or(file.coordinator).ok_or_else(|| {
+        CliError::config("no coordinator address: pass --coordinator host:port, set ZY_COORDINATOR, or point ZY_CONFIG at the zy.toml that `zy-coordinator init` wrote")
+    })?;
+    let token = cli.token.clone().or(file.token);
+    let ca_path = cli.ca.clone().or(file.ca).ok_or_else(|| {
+        CliError::config("no CA certificate: pass --ca <state dir>/ca.crt or set ZY_CA")
+    })?;
+    let pem = std::fs::read_to_string(&ca_path).map_err(|e| {
+        CliError::config(format!("cannot read CA certificate {}: {e}", ca_path.display()))
+    })?;
+    let ca = zy_common::tls::certs_from_pem("CA certificate", &pem)
+        .map_err(|e| CliError::config(format!("{}: {e}", ca_path.display())))?;
+    let tls = zy_common::tls::https_client_config(&ca[0])
+        .map_err(|e| CliError::config(e.to_string()))?;
+    Ok(Client::new(&addr, token, tls))
+}
+
+/// Runs one CLI invocation, printing to stdout; returns the exit code.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    let c = client(&cli)?;
+    match cli.command {
+        Command::Status(j) => {
+            let h: Health = c.call(Method::GET, "/v1/health", None).await?;
+            print(j.json, &h, || {
+                format!(
+                    "coordinator {} at {}: {} (version {}, up {})\n",
+                    h.site,
+                    c.addr(),
+                    h.status,
+                    h.version,
+                    humantime::format_duration(Duration::from_secs(h.uptime_secs))
+                )
+            })
+        }
+        Command::Node(NodeCmd::Ls(j)) => {
+            let nodes: Vec<NodeView> = c.call(Method::GET, "/v1/nodes", None).await?;
+            print(j.json, &nodes, || node_table(&nodes, now_millis()))
+        }
+        Command::Node(NodeCmd::Show { node, json }) => {
+            let d: NodeDetail = c
+                .call(Method::GET, &format!("/v1/nodes/{}", path_segment(&node)?), None)
+                .await?;
+            print(json.json, &d, || node_detail(&d, now_millis()))
+        }
+        Command::Node(NodeCmd::Remove { node, json }) => {
+            let r: RemovedNode = c
+                .call(Method::DELETE, &format!("/v1/nodes/{}", path_segment(&node)?), None)
+                .await?;
+            print(json.json, &r, || {
+                format!(
+                    "removed node {} ({}, {}){}; its certificate is refused from now on\n",
+                    r.name,
+                    r.id,
+                    r.zone,
+                    if r.was_connected { ", disconnected it" } else { "" }
+                )
+            })
+        }
+        Command::Node(NodeCmd::Ping { node, json }) => {
+            let p: PingResult = c
+                .call(Method::POST, &format!("/v1/nodes/{}/ping", path_segment(&node)?), None)
+                .await?;
+            print(json.json, &p, || {
+                format!("{node}: round trip {:.2} ms\n", p.rtt_us as f64 / 1000.0)
+            })
+        }
+        Command::Token(TokenCmd::Create { zone, ttl, json }) => {
+            let body = serde_json::json!({"zone": zone, "ttl_secs": ttl.as_secs()});
+            let t: CreatedToken = c.call(Method::POST, "/v1/tokens", Some(body)).await?;
+            print(json.json, &t, || {
+                format!(
+                    "{}\n\nEnrolls one {} node until {}. On the new server run:\n  zy-agent join <coordinator host>:7400 {}\n",
+                    t.token, t.zone, t.expires_at, t.token
+                )
+            })
+        }
+        Command::Token(TokenCmd::Ls(j)) => {
+            let ts: Vec<TokenView> = c.call(Method::GET, "/v1/tokens", None).await?;
+            print(j.json, &ts, || token_table(&ts))
+        }
+        Command::Token(TokenCmd::Revoke { id, json }) => {
+            let t: TokenView = c
+                .call(Method::DELETE, &format!("/v1/tokens/{}", path_segment(&id)?), None)
+                .await?;
+            print(json.json, &t, || format!("token {} is {}\n", t.id, t.status))
+        }
+    }
+}
+
+/// Rejects path segments that would change the request's path.
+fn path_segment(s: &str) -> Result<&str, CliError> {
+    if s.is_empty()
+        || s.len() > 128
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(CliError {
+            code: ExitCode::Usage,
+            message: format!(
+                "`{}` is not a node name, node id or token id",
+                zy_common::ids::truncate_for_error(s)
+            ),
+        });
+    }
+    Ok(s)
+}
+
+fn print<T: Serialize>(json: bool, v: &T, table: impl FnOnce() -> String) -> Result<(), CliError> {
+    use std::io::Write;
+    let text = if json {
+        let mut s = serde_json::to_string_pretty(v).map_err(|e| CliError {
+            code: ExitCode::Failure,
+            message: e.to_string(),
+        })?;
+        s.push('\n');
+        s
+    } else {
+        table()
+    };
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (zy node ls | head) is not an error worth a message.
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+    Ok(())
+}
+
+/// Bytes in human units (base 1024), e.g. `15.6G`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "K", "M", "G", "T", "P"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < UNITS.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{b}B")
+    } else {
+        format!("{v:.1}{}", UNITS[i])
+    }
+}
+
+/// Renders rows as aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<&str>, out: &mut String| {
+        let n = cells.len();
+        for (i, c) in cells.into_iter().enumerate() {
+            out.push_str(c);
+            if i + 1 < n {
+                out.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        out.push('\n');
+    };
+    line(header.to_vec(), &mut out);
+    for r in rows {
+        line(r.iter().map(String::as_str).collect(), &mut out);
+    }
+    out
+}
+
+fn node_table(nodes: &[NodeView], now: u64) -> String {
+    if nodes.is_empty() {
+        return "no nodes enrolled yet: create a token with `zy token create --zone <zone>` and run `zy-agent join` on the server\n".into();
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let inv = n.inventory.as_ref();
+            vec![
+                n.name.clone(),
+                n.zone.to_string(),
+                n.state.clone(),
+                inv.map(|i| i.cpus.to_string()).unwrap_or("-".into()),
+                inv.map(|i| human_bytes(i.memory_bytes)).unwrap_or("-".into()),
+                inv.map(|i| human_bytes(i.disk_free_bytes)).unwrap_or("-".into()),
+                inv.map(|i| i.accel.as_str().to_string()).unwrap_or("-".into()),
+                n.load
+                    .as_ref()
+                    .map(|l| format!("{:.1}%", l.cpu_percent))
+                    .unwrap_or("-".into()),
+                n.load
+                    .as_ref()
+                    .map(|l| human_bytes(l.mem_used_bytes))
+                    .unwrap_or("-".into()),
+                n.load
+                    .as_ref()
+                    .map(|l| format!("{:.2}", l.load1))
+                    .unwrap_or("-".into()),
+                ago(n.last_seen_ms, now),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "ZONE", "STATE", "CPUS", "MEMORY", "DISK-FREE", "ACCEL", "CPU", "MEM-USED",
+            "LOAD1", "LAST-SEEN",
+        ],
+        &rows,
+    )
+}
+
+fn node_detail(d: &NodeDetail, now: u64) -> String {
+    let n = &d.node;
+    let mut s = format!(
+        "name:        {}\nid:          {}\nzone:        {}\nstate:       {} since {}\nenrolled:    {}\nlast seen:   {}\nconnected:   {}\n",
+        n.name,
+        n.id,
+        n.zone,
+        n.state,
+        n.state_since,
+        n.enrolled_at,
+        ago(n.last_seen_ms, now),
+        n.remote.as_deref().map(|r| format!("yes, from {r}")).unwrap_or("no".into()),
+    );
+    if let Some(i) = &n.inventory {
+        s.push_str(&format!(
+            "hostname:    {}\ncpu:         {} x {}\nmemory:      {}\ndisk:        {} free of {}\naccelerator: {} (kvm usable: {})\nagent:       {}\nkernel:      {}\n",
+            i.hostname,
+            i.cpus,
+            i.cpu_model,
+            human_bytes(i.memory_bytes),
+            human_bytes(i.disk_free_bytes),
+            human_bytes(i.disk_total_bytes),
+            i.accel.as_str(),
+            i.kvm_usable,
+            i.agent_version,
+            i.kernel
+        ));
+    }
+    if let Some(l) = &n.load {
+        s.push_str(&format!(
+            "load:        cpu {:.1}%, memory {} used / {} available, load {:.2} {:.2} {:.2}\nnetwork:     {} received, {} sent\n",
+            l.cpu_percent,
+            human_bytes(l.mem_used_bytes),
+            human_bytes(l.mem_available_bytes),
+            l.load1,
+            l.load5,
+            l.load15,
+            human_bytes(l.net_rx_bytes),
+            human_bytes(l.net_tx_bytes)
+        ));
+    }
+    if !d.transitions.is_empty() {
+        s.push_str("\nmembership history:\n");
+        let rows: Vec<Vec<String>> = d
+            .transitions
+            .iter()
+            .map(|t| vec![t.at.clone(), format!("{} -> {}", t.from, t.to), t.reason.clone()])
+            .collect();
+        s.push_str(&table(&["AT", "CHANGE", "REASON"], &rows));
+    }
+    s
+}
+
+fn token_table(ts: &[TokenView]) -> String {
+    if ts.is_empty() {
+        return "no tokens: `zy token create --zone <zone>` makes one\n".into();
+    }
+    let rows: Vec<Vec<String>> = ts
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.zone.to_string(),
+                t.status.clone(),
+                t.expires_at.clone(),
+                t.used_by.map(|n| n.to_string()).unwrap_or("-".into()),
+            ]
+        })
+        .collect();
+    table(&["ID", "ZONE", "STATUS", "EXPIRES", "USED-BY"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_bounds_and_units() {
+        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_ttl("10s").is_err());
+        assert!(parse_ttl("31d").is_err());
+        assert!(parse_ttl("soon").is_err());
+    }
+
+    #[test]
+    fn path_segments_cannot_escape() {
+        assert!(path_segment("node-1").is_ok());
+        for bad in ["", "../tokens", "a/b", "a?b", "a b"] {
+            assert!(path_segment(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn renders_tables_and_bytes() {
+        assert_eq!(human_bytes(512), "512B");
+        assert_eq!(human_bytes(1536), "1.5K");
+        let t = table(&["A", "BB"], &[vec!["xxx".into(), "y".into()]]);
+        assert_eq!(t, "A    BB\nxxx  y\n");
+    }
+}

@@ -1,0 +1,521 @@
+//! The live view of every node: membership state, inventory, load, and the session that
+//! connects it. Owned in memory, made durable through [`crate::store::Store::apply`] in
+//! batches by the membership monitor.
+//!
+//! Locking: one mutex, held only for map updates, never across an await or I/O.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use zy_common::ids::{NodeId, Zone};
+use zy_common::proto::{
+    CommandKind, Inventory, LoadReport, Message, RefusalCode, Reply, ReplyKind,
+};
+use zy_common::quic::Timings;
+
+use crate::membership::NodeState;
+use crate::store::{NodeRecord, NodeUpdate, RemovedRecord, TransitionRecord};
+
+/// One live connection of a node.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub id: u64,
+    pub remote: SocketAddr,
+    /// Outgoing messages; bounded, so a stuck node cannot eat memory.
+    pub tx: mpsc::Sender<Message>,
+    kick: Arc<watch::Sender<Option<Kick>>>,
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    next_command: Arc<AtomicU64>,
+}
+
+/// Why a session is being closed from outside its task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kick {
+    pub close_code: u32,
+    pub refusal: Option<Refused>,
+    pub reason: String,
+}
+
+impl Session {
+    /// A session with its outgoing queue; the receiver tells the session's task when
+    /// someone else (a removal, a newer connection) wants it closed.
+    pub fn new(
+        id: u64,
+        remote: SocketAddr,
+        tx: mpsc::Sender<Message>,
+    ) -> (Self, watch::Receiver<Option<Kick>>) {
+        let (kick, kicked) = watch::channel(None);
+        let s = Self {
+            id,
+            remote,
+            tx,
+            kick: Arc::new(kick),
+            pending: Arc::default(),
+            next_command: Arc::new(AtomicU64::new(1)),
+        };
+        (s, kicked)
+    }
+
+    /// Asks the session's task to close the connection.
+    pub fn kick(&self, kick: Kick) {
+        let _ = self.kick.send(Some(kick));
+    }
+
+    /// Sends a command and waits for its reply. Refuses at once ("busy") if the node's
+    /// queue is full rather than waiting behind it.
+    pub async fn command(&self, kind: CommandKind, timeout: Duration) -> Result<ReplyKind, CommandError> {
+        let id = self.next_command.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let msg = Message::Command(zy_common::proto::Command { id, kind });
+        if let Err(e) = self.tx.try_send(msg) {
+            lock(&self.pending).remove(&id);
+            return Err(match e {
+                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
+                mpsc::error::TrySendError::Closed(_) => CommandError::Disconnected,
+            });
+        }
+        let reply = tokio::time::timeout(timeout, rx).await;
+        lock(&self.pending).remove(&id);
+        match reply {
+            Ok(Ok(r)) => r.result.map_err(CommandError::Failed),
+            Ok(Err(_)) => Err(CommandError::Disconnected),
+            Err(_) => Err(CommandError::Timeout),
+        }
+    }
+
+    /// Routes a reply to the command waiting for it; unknown ids are ignored.
+    pub fn deliver(&self, reply: Reply) {
+        if let Some(tx) = lock(&self.pending).remove(&reply.id) {
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+/// Why a command to a node did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("the node is not connected")]
+    Disconnected,
+    #[error("the node's command queue is full; try again")]
+    Busy,
+    #[error("the node did not answer in time")]
+    Timeout,
+    #[error("the node failed the command: {0}")]
+    Failed(String),
+}
+
+/// A node as the fleet holds it.
+#[derive(Debug, Clone)]
+pub struct NodeLive {
+    pub record: NodeRecord,
+    pub load: Option<LoadReport>,
+    /// Monotonic time of the last sign of life (report or hello).
+    pub last_report: Instant,
+    /// Wall time of the same, for display.
+    pub last_report_ms: u64,
+    pub session: Option<Session>,
+    pub connected_since_ms: Option<u64>,
+}
+
+/// Why a node's connection is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    nodes: HashMap<NodeId, NodeLive>,
+    removed: HashSet<NodeId>,
+    pending: Vec<NodeUpdate>,
+}
+
+/// Every node of the site.
+#[derive(Debug)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+    timings: Timings,
+    next_session: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Fleet {
+    /// The fleet as the store last knew it. Every node gets a full grace period from
+    /// `now` before silence counts against it: the coordinator was away, not the nodes.
+    pub fn new(
+        records: Vec<NodeRecord>,
+        removed: Vec<RemovedRecord>,
+        timings: Timings,
+        now: Instant,
+    ) -> Self {
+        let nodes = records
+            .into_iter()
+            .map(|record| {
+                let last_report_ms = record.last_seen_ms;
+                (
+                    record.id,
+                    NodeLive {
+                        record,
+                        load: None,
+                        last_report: now,
+                        last_report_ms,
+                        session: None,
+                        connected_since_ms: None,
+                    },
+                )
+            })
+            .collect();
+        Self {
+            inner: Mutex::new(Inner {
+                nodes,
+                removed: removed.into_iter().map(|r| r.id).collect(),
+                pending: Vec::new(),
+            }),
+            timings,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// The timings in force.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether a certificate holder may connect.
+    pub fn admit(&self, id: NodeId, zone: Zone) -> Result<(), Refused> {
+        let inner = lock(&self.inner);
+        if inner.removed.contains(&id) {
+            return Err(Refused {
+                code: RefusalCode::NodeRemoved,
+                message: format!("node {id} was removed from this coordinator; to bring the server back, enroll it again with a new token (zy-agent join)"),
+            });
+        }
+        match inner.nodes.get(&id) {
+            None => Err(Refused {
+                code: RefusalCode::UnknownNode,
+                message: format!("node {id} is not enrolled here"),
+            }),
+            Some(n) if n.record.zone != zone => Err(Refused {
+                code: RefusalCode::BadRequest,
+                message: format!(
+                    "node {id} is enrolled in zone {}, not {zone}",
+                    n.record.zone
+                ),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Records a new enrollment.
+    pub fn insert_enrolled(&self, record: NodeRecord, now: Instant) {
+        let mut inner = lock(&self.inner);
+        let last_report_ms = record.last_seen_ms;
+        inner.nodes.insert(
+            record.id,
+            NodeLive {
+                record,
+                load: None,
+                last_report: now,
+                last_report_ms,
+                session: None,
+                connected_since_ms: None,
+            },
+        );
+    }
+
+    /// A node said Hello: attach its session, take its inventory, mark it alive.
+    /// Returns the session it replaces, for the caller to close.
+    pub fn attach(
+        &self,
+        id: NodeId,
+        session: Session,
+        inventory: Inventory,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Option<Session>, Refused> {
+        let mut inner = lock(&self.inner);
+        let Inner { nodes, pending, .. } = &mut *inner;
+        let Some(node) = nodes.get_mut(&id) else {
+            return Err(Refused {
+                code: RefusalCode::NodeRemoved,
+                message: format!("node {id} was removed"),
+            });
+        };
+        let old = node.session.replace(session);
+        node.connected_since_ms = Some(now_ms);
+        node.record.inventory = Some(inventory.clone());
+        node.last_report = now;
+        node.last_report_ms = now_ms;
+        let transition = revive(node, now_ms, "connected");
+        pending.push(NodeUpdate {
+            node: id,
+            last_seen_ms: now_ms,
+            inventory: Some(inventory),
+            transition,
+        });
+        Ok(old)
+    }
+
+    /// A load report arrived on `session`.
+    pub fn report(&self, id: NodeId, session: u64, load: LoadReport, now: Instant, now_ms: u64) {
+        let mut inner = lock(&self.inner);
+        let Inner { nodes, pending, .. } = &mut *inner;
+        let Some(node) = nodes.get_mut(&id) else {
+            return;
+        };
+        if node.session.as_ref().map(|s| s.id) != Some(session) {
+            return;
+        }
+        node.load = Some(load);
+        node.last_report = now;
+        node.last_report_ms = now_ms;
+        if let Some(t) = revive(node, now_ms, "reporting again") {
+            pending.push(NodeUpdate {
+                node: id,
+                last_seen_ms: now_ms,
+                inventory: None,
+                transition: Some(t),
+            });
+        }
+    }
+
+    /// A session ended. Silence, not the disconnect, drives membership: a node whose link
+    /// flapped is back before anyone notices.
+    pub fn detach(&self, id: NodeId, session: u64) {
+        let mut inner = lock(&self.inner);
+        let Inner { nodes, pending, .. } = &mut *inner;
+        if let Some(node) = nodes.get_mut(&id) {
+            if node.session.as_ref().map(|s| s.id) == Some(session) {
+                node.session = None;
+                node.connected_since_ms = None;
+                pending.push(NodeUpdate {
+                    node: id,
+                    last_seen_ms: node.last_report_ms,
+                    inventory: None,
+                    transition: None,
+                });
+            }
+        }
+    }
+
+    /// Applies silence to every node and returns the updates to make durable (including
+    /// those queued by reports since the last tick).
+    pub fn tick(&self, now: Instant, now_ms: u64) -> Vec<NodeUpdate> {
+        let mut inner = lock(&self.inner);
+        let Inner { nodes, pending, .. } = &mut *inner;
+        for node in nodes.values_mut() {
+            let silence = now.saturating_duration_since(node.last_report);
+            if let Some(to) = node.record.state.on_silence(silence, &self.timings) {
+                let t = TransitionRecord {
+                    node: node.record.id,
+                    from: node.record.state,
+                    to,
+                    at_ms: now_ms,
+                    reason: format!("no report for {:.1}s", silence.as_secs_f32()),
+                };
+                node.record.state = to;
+                node.record.state_since_ms = now_ms;
+                pending.push(NodeUpdate {
+                    node: node.record.id,
+                    last_seen_ms: node.last_report_ms,
+                    inventory: None,
+                    transition: Some(t),
+                });
+            }
+        }
+        std::mem::take(pending)
+    }
+
+    /// Forgets a node and refuses it from now on. Returns its session to close.
+    pub fn remove(&self, id: NodeId) -> Option<Session> {
+        let mut inner = lock(&self.inner);
+        inner.removed.insert(id);
+        inner.nodes.remove(&id).and_then(|n| n.session)
+    }
+
+    /// A copy of every node, sorted by name.
+    pub fn snapshot(&self) -> Vec<NodeLive> {
+        let inner = lock(&self.inner);
+        let mut v: Vec<NodeLive> = inner.nodes.values().cloned().collect();
+        v.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        v
+    }
+
+    /// One node, by id or by name.
+    pub fn find(&self, key: &str) -> Option<NodeLive> {
+        let inner = lock(&self.inner);
+        if let Ok(id) = key.parse::<NodeId>() {
+            return inner.nodes.get(&id).cloned();
+        }
+        inner.nodes.values().find(|n| n.record.name == key).cloned()
+    }
+
+    /// The session of a node, to send it commands.
+    pub fn session(&self, id: NodeId) -> Option<Session> {
+        lock(&self.inner).nodes.get(&id).and_then(|n| n.session.clone())
+    }
+
+    /// Counts of nodes per state.
+    pub fn counts(&self) -> HashMap<NodeState, usize> {
+        let mut out = HashMap::new();
+        for n in lock(&self.inner).nodes.values() {
+            *out.entry(n.record.state).or_default() += 1;
+        }
+        out
+    }
+}
+
+fn revive(node: &mut NodeLive, now_ms: u64, reason: &str) -> Option<TransitionRecord> {
+    let to = node.record.state.on_report()?;
+    let t = TransitionRecord {
+        node: node.record.id,
+        from: node.record.state,
+        to,
+        at_ms: now_ms,
+        reason: reason.to_string(),
+    };
+    node.record.state = to;
+    node.record.state_since_ms = now_ms;
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zy_common::ids::TokenId;
+    use zy_common::proto::Accel;
+
+    fn record(name: &str, zone: Zone) -> NodeRecord {
+        NodeRecord {
+            id: NodeId::new_random(),
+            name: name.into(),
+            zone,
+            state: NodeState::Enrolled,
+            state_since_ms: 0,
+            enrolled_at_ms: 0,
+            token: TokenId([0; 8]),
+            last_seen_ms: 0,
+            inventory: None,
+        }
+    }
+
+    fn inventory(zone: Zone) -> Inventory {
+        Inventory {
+            hostname: "h".into(),
+            cpu_model: "c".into(),
+            cpus: 2,
+            memory_bytes: 1 << 30,
+            disk_total_bytes: 10,
+            disk_free_bytes: 5,
+            kvm_usable: false,
+            accel: Accel::Tcg,
+            zone,
+            agent_version: "0".into(),
+            kernel: "k".into(),
+        }
+    }
+
+    fn session(fleet: &Fleet) -> (Session, mpsc::Receiver<Message>, watch::Receiver<Option<Kick>>) {
+        let (tx, rx) = mpsc::channel(4);
+        let (s, k) = Session::new(fleet.next_session_id(), "127.0.0.1:1".parse().unwrap(), tx);
+        (s, rx, k)
+    }
+
+    fn load(seq: u64) -> LoadReport {
+        LoadReport {
+            seq,
+            cpu_percent: 1.0,
+            mem_used_bytes: 1,
+            mem_available_bytes: 1,
+            load1: 0.0,
+            load5: 0.0,
+            load15: 0.0,
+            net_rx_bytes: 0,
+            net_tx_bytes: 0,
+            disk_free_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn heartbeats_drive_membership_with_a_fake_clock() {
+        let t0 = Instant::now();
+        let r = record("n1", Zone::Intranet);
+        let id = r.id;
+        let fleet = Fleet::new(vec![r], vec![], Timings::default(), t0);
+        assert!(fleet.admit(id, Zone::Extranet).is_err());
+        fleet.admit(id, Zone::Intranet).unwrap();
+        let (s, _rx, _k) = session(&fleet);
+        let sid = s.id;
+        assert!(fleet.attach(id, s, inventory(Zone::Intranet), t0, 0).unwrap().is_none());
+        let ups = fleet.tick(t0, 0);
+        assert_eq!(ups.len(), 1);
+        assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Ready);
+
+        let t = Timings::default();
+        assert!(fleet.tick(t0 + t.suspect_after / 2, 1).is_empty());
+        let ups = fleet.tick(t0 + t.suspect_after, 2);
+        assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Suspect);
+        let ups = fleet.tick(t0 + t.down_after, 3);
+        assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Down);
+        // A report on a stale session id is ignored; on the live one it revives.
+        fleet.report(id, sid + 100, load(1), t0 + t.down_after, 4);
+        assert!(fleet.tick(t0 + t.down_after, 4).is_empty());
+        fleet.report(id, sid, load(2), t0 + t.down_after, 5);
+        let ups = fleet.tick(t0 + t.down_after, 5);
+        assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Ready);
+        assert_eq!(fleet.find("n1").unwrap().load.unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_newer_session_replaces_and_removal_refuses() {
+        let t0 = Instant::now();
+        let r = record("n1", Zone::Extranet);
+        let id = r.id;
+        let fleet = Fleet::new(vec![r], vec![], Timings::default(), t0);
+        let (a, _rxa, _ka) = session(&fleet);
+        let (b, _rxb, _kb) = session(&fleet);
+        let aid = a.id;
+        fleet.attach(id, a, inventory(Zone::Extranet), t0, 0).unwrap();
+        let old = fleet.attach(id, b, inventory(Zone::Extranet), t0, 0).unwrap().unwrap();
+        assert_eq!(old.id, aid);
+        fleet.detach(id, aid);
+        assert!(fleet.session(id).is_some(), "detaching the old session keeps the new one");
+        assert!(fleet.remove(id).is_some());
+        let err = fleet.admit(id, Zone::Extranet).unwrap_err();
+        assert_eq!(err.code, RefusalCode::NodeRemoved);
+    }
+
+    #[tokio::test]
+    async fn commands_are_answered_or_refused_when_busy() {
+        let fleet = Fleet::new(vec![], vec![], Timings::default(), Instant::now());
+        let (s, mut rx, _k) = session(&fleet);
+        let s2 = s.clone();
+        let answer = tokio::spawn(async move {
+            let Some(Message::Command(c)) = rx.recv().await else { panic!("no command") };
+            s2.deliver(Reply { id: c.id, result: Ok(ReplyKind::Pong) });
+            rx
+        });
+        let r = s.command(CommandKind::Ping, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(r, ReplyKind::Pong);
+        let _rx = answer.await.unwrap();
+        for _ in 0..4 {
+            let _ = s.tx.try_send(Message::Command(zy_common::proto::Command { id: 0, kind: CommandKind::Ping }));
+        }
+        assert!(matches!(s.command(CommandKind::Ping, Duration::from_secs(1)).await, Err(CommandError::Busy)));
+    }
+}

@@ -1,0 +1,195 @@
+//! Starting and stopping the coordinator: opens the store, builds the fleet, binds the QUIC
+//! endpoint and the HTTPS API, runs the membership monitor, and shuts down in order.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+use tracing::{error, info};
+use zy_common::ids::TokenId;
+use zy_common::quic;
+use zy_common::time::now_millis;
+use zy_common::tls::{self, SiteCa};
+
+use crate::config::CoordinatorConfig;
+use crate::fleet::Fleet;
+use crate::statedir::{StateDir, StateDirError};
+use crate::store::{ApiTokenRecord, Store, StoreError};
+
+/// How often membership is evaluated and made durable.
+const MONITOR_TICK: Duration = Duration::from_millis(250);
+
+/// Everything a running coordinator holds; shared by the daemon sessions and the API.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub config: CoordinatorConfig,
+    pub state: StateDir,
+    pub store: Arc<Store>,
+    pub fleet: Arc<Fleet>,
+    pub ca: SiteCa,
+    pub api_tokens: RwLock<HashMap<TokenId, ApiTokenRecord>>,
+    pub join_slots: Arc<Semaphore>,
+    pub started: Instant,
+}
+
+/// Why the coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    StateDir(#[from] StateDirError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Addresses actually bound (a port of 0 in the config picks a free one).
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub daemon: SocketAddr,
+    pub api: SocketAddr,
+}
+
+/// A started coordinator; [`Running::shutdown`] stops it in order.
+#[derive(Debug)]
+pub struct Running {
+    pub coord: Arc<Coordinator>,
+    pub bound: Bound,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Coordinator {
+    /// Loads the state directory and opens the store.
+    pub fn open(state: StateDir, config: CoordinatorConfig) -> Result<Self, StartError> {
+        let ca = state.load_ca()?;
+        let store = Store::open(&state.store())?;
+        let fleet = Fleet::new(store.nodes()?, store.removed()?, config.timings, Instant::now());
+        let api_tokens = store
+            .api_tokens()?
+            .into_iter()
+            .map(|t| (t.id, t))
+            .collect();
+        Ok(Self {
+            join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
+            config,
+            state,
+            store: Arc::new(store),
+            fleet: Arc::new(fleet),
+            ca,
+            api_tokens: RwLock::new(api_tokens),
+            started: Instant::now(),
+        })
+    }
+
+    /// Binds both listeners and starts every task.
+    pub async fn start(self) -> Result<Running, StartError> {
+        let coord = Arc::new(self);
+        let server = coord.state.load_server()?;
+        let chain = tls::certs_from_pem("server certificate", &server.cert_pem)?;
+        let key = tls::key_from_pem("server key", &server.key_pem)?;
+
+        let daemon_tls =
+            tls::daemon_server_config(coord.ca.cert_der(), chain.clone(), key.clone_key())?;
+        let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(daemon_tls)
+            .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
+        server_config.transport_config(quic::transport(coord.config.timings.idle_timeout));
+        let endpoint = quinn::Endpoint::server(server_config, coord.config.daemon_listen)
+            .map_err(|source| StartError::Bind {
+                what: "daemon, UDP",
+                addr: coord.config.daemon_listen,
+                source,
+            })?;
+        let daemon_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            what: "daemon, UDP",
+            addr: coord.config.daemon_listen,
+            source,
+        })?;
+
+        let api_tls = tls::https_server_config(chain, key)?;
+        let listener = tokio::net::TcpListener::bind(coord.config.api_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                what: "API, TCP",
+                addr: coord.config.api_listen,
+                source,
+            })?;
+        let api_addr = listener.local_addr().map_err(|source| StartError::Bind {
+            what: "API, TCP",
+            addr: coord.config.api_listen,
+            source,
+        })?;
+
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(crate::daemon::serve(coord.clone(), endpoint.clone())));
+        tasks.push(tokio::spawn(crate::https::serve(
+            listener,
+            Arc::new(api_tls),
+            crate::api::router(coord.clone()),
+        )));
+        tasks.push(tokio::spawn(monitor(coord.clone())));
+        info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
+              nodes = coord.fleet.snapshot().len(), "coordinator started");
+        Ok(Running {
+            coord,
+            bound: Bound {
+                daemon: daemon_addr,
+                api: api_addr,
+            },
+            endpoint,
+            tasks,
+        })
+    }
+}
+
+impl Running {
+    /// Stops accepting, closes every node connection, and makes pending state durable.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(zy_common::proto::close::SHUTDOWN.into(), b"coordinator stopping");
+        for t in &self.tasks {
+            t.abort();
+        }
+        let updates = self.coord.fleet.tick(Instant::now(), now_millis());
+        let store = self.coord.store.clone();
+        match tokio::task::spawn_blocking(move || store.apply(&updates)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "could not save state at shutdown"),
+            Err(e) => error!(error = %e, "could not save state at shutdown"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("coordinator stopped");
+    }
+}
+
+/// Evaluates membership every tick and writes the changes in one transaction.
+async fn monitor(coord: Arc<Coordinator>) {
+    let mut tick = tokio::time::interval(MONITOR_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let updates = coord.fleet.tick(Instant::now(), now_millis());
+        if updates.is_empty() {
+            continue;
+        }
+        for t in updates.iter().filter_map(|u| u.transition.as_ref()) {
+            info!(node = %t.node, from = %t.from, to = %t.to, reason = %t.reason, "membership changed");
+        }
+        let store = coord.store.clone();
+        match tokio::task::spawn_blocking(move || store.apply(&updates)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "could not record membership changes"),
+            Err(e) => error!(error = %e, "membership writer panicked"),
+        }
+    }
+}

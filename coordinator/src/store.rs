@@ -1,0 +1,678 @@
+//! The coordinator's embedded store: desired state and the membership history, in one
+//! redb file.
+//!
+//! Every value is a record frame ([`zy_common::wire`], magic `ZR`): magic, record version,
+//! length, postcard body. The file carries a schema version in its `meta` table; a file from
+//! a newer build is refused, a file from an older one would be converted once here, at open,
+//! and nowhere else.
+//!
+//! What is durable: nodes (identity, zone, state and when it changed, last inventory),
+//! bootstrap and API tokens (hashes only), removed nodes, and every membership transition.
+//! What is not: live load and the exact last-seen instant between transitions; both are
+//! re-reported within a second of an agent reconnecting.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use zy_common::ids::{NodeId, TokenId, Zone};
+use zy_common::proto::Inventory;
+use zy_common::token::SecretHash;
+use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
+
+use crate::membership::NodeState;
+
+/// The schema this build writes and reads.
+pub const SCHEMA_VERSION: u64 = 1;
+/// The record body version this build writes and reads.
+const RECORD_VERSION: u16 = 1;
+/// Bound on one record.
+const MAX_RECORD: u32 = 64 * 1024;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NODES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("nodes");
+const NAMES: TableDefinition<&str, &[u8]> = TableDefinition::new("node_names");
+const REMOVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("removed_nodes");
+const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bootstrap_tokens");
+const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_tokens");
+const TRANSITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("transitions");
+
+/// How many transitions are kept per node; older ones are pruned.
+pub const TRANSITIONS_KEPT: usize = 200;
+
+/// What went wrong with the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("could not open the store at {path}")]
+    Open {
+        path: String,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error("the store was written by a newer coordinator (schema {found}); this build reads schema {SCHEMA_VERSION}")]
+    NewerSchema { found: u64 },
+    #[error("record {key} in table {table} is corrupt")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: FrameError,
+    },
+    #[error("store transaction failed")]
+    Txn(#[from] redb::TransactionError),
+    #[error("store table failed")]
+    Table(#[from] redb::TableError),
+    #[error("store read or write failed")]
+    Storage(#[from] redb::StorageError),
+    #[error("store commit failed")]
+    Commit(#[from] redb::CommitError),
+    #[error("could not encode a record")]
+    Encode(#[source] FrameError),
+}
+
+/// A node as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub zone: Zone,
+    pub state: NodeState,
+    pub state_since_ms: u64,
+    pub enrolled_at_ms: u64,
+    pub token: TokenId,
+    /// Last report as of the last transition or disconnect (not every report).
+    pub last_seen_ms: u64,
+    pub inventory: Option<Inventory>,
+}
+
+/// A bootstrap token as stored: never the secret, only its hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub id: TokenId,
+    pub secret_hash: SecretHash,
+    pub zone: Zone,
+    pub created_at_ms: u64,
+    pub expires_at_ms: u64,
+    pub revoked_at_ms: Option<u64>,
+    /// The node it enrolled, and when.
+    pub used: Option<(NodeId, u64)>,
+    /// Which API token created it.
+    pub created_by: TokenId,
+}
+
+/// What a bootstrap token can still do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenStatus {
+    Valid,
+    Used,
+    Expired,
+    Revoked,
+}
+
+impl TokenRecord {
+    /// The token's status at `now`.
+    pub fn status(&self, now_ms: u64) -> TokenStatus {
+        if self.revoked_at_ms.is_some() {
+            TokenStatus::Revoked
+        } else if self.used.is_some() {
+            TokenStatus::Used
+        } else if now_ms >= self.expires_at_ms {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Valid
+        }
+    }
+}
+
+/// An API token as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub id: TokenId,
+    pub secret_hash: SecretHash,
+    pub name: String,
+    pub created_at_ms: u64,
+}
+
+/// A removed node: its certificate is refused from now on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RemovedRecord {
+    pub id: NodeId,
+    pub name: String,
+    pub zone: Zone,
+    pub removed_at_ms: u64,
+}
+
+/// One membership change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TransitionRecord {
+    pub node: NodeId,
+    pub from: NodeState,
+    pub to: NodeState,
+    pub at_ms: u64,
+    pub reason: String,
+}
+
+/// A node-state update the fleet asks the store to make durable.
+#[derive(Clone, Debug)]
+pub struct NodeUpdate {
+    pub transition: Option<TransitionRecord>,
+    pub node: NodeId,
+    pub last_seen_ms: u64,
+    pub inventory: Option<Inventory>,
+}
+
+/// Why an enrollment was refused, as the store sees it.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("this token was not issued by this coordinator")]
+    UnknownToken,
+    #[error("this token's secret does not match: it is forged or mistyped")]
+    BadSecret,
+    #[error("this token expired at {0}")]
+    Expired(String),
+    #[error("this token was revoked at {0}")]
+    Revoked(String),
+    #[error("this token was already used, by node {node} at {at}: a token enrolls one node; create a new one with `zy token create`")]
+    Used { node: NodeId, at: String },
+    #[error("a node named `{0}` is already enrolled: pick another name with `--name`, or remove the old node with `zy node remove`")]
+    NameInUse(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    wire::encode(RECORD_MAGIC, RECORD_VERSION, v, MAX_RECORD).map_err(StoreError::Encode)
+}
+
+fn decode<T: DeserializeOwned>(
+    table: &'static str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    let corrupt = |source| StoreError::Corrupt {
+        table,
+        key: zy_common::token::hex(key),
+        source,
+    };
+    let (version, v) = wire::decode(bytes, RECORD_MAGIC, MAX_RECORD).map_err(corrupt)?;
+    if version != RECORD_VERSION {
+        return Err(corrupt(FrameError::UnsupportedVersion {
+            got: version,
+            supported: VersionRange {
+                min: RECORD_VERSION,
+                max: RECORD_VERSION,
+            },
+        }));
+    }
+    Ok(v)
+}
+
+/// The store. Cheap to share; redb serialises writers.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    transition_seq: AtomicU64,
+}
+
+impl Store {
+    /// Opens (or creates) the store and checks its schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(|source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let txn = db.begin_write()?;
+        let seq;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get("schema_version")?.map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
+                // Older schemas are converted here, once, when there are any.
+                Some(_) => {}
+            }
+            seq = meta.get("transition_seq")?.map(|v| v.value()).unwrap_or(0);
+            for t in [NODES, REMOVED, TOKENS, API_TOKENS, TRANSITIONS] {
+                txn.open_table(t)?;
+            }
+            txn.open_table(NAMES)?;
+        }
+        txn.commit()?;
+        Ok(Self {
+            db,
+            transition_seq: AtomicU64::new(seq),
+        })
+    }
+
+    /// The schema version in the file.
+    pub fn schema_version(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        Ok(meta.get("schema_version")?.map(|v| v.value()).unwrap_or(0))
+    }
+
+    fn scan<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&[u8], &[u8]>,
+        name: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(def)?;
+        let mut out = Vec::with_capacity(table.len()? as usize);
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(decode(name, k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every enrolled node.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.scan(NODES, "nodes")
+    }
+
+    /// Every removed node.
+    pub fn removed(&self) -> Result<Vec<RemovedRecord>, StoreError> {
+        self.scan(REMOVED, "removed_nodes")
+    }
+
+    /// Every bootstrap token.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
+        self.scan(TOKENS, "bootstrap_tokens")
+    }
+
+    /// Every API token.
+    pub fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
+        self.scan(API_TOKENS, "api_tokens")
+    }
+
+    /// Stores a new bootstrap token.
+    pub fn insert_token(&self, rec: &TokenRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(TOKENS)?
+            .insert(rec.id.0.as_slice(), encode(rec)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Stores a new API token.
+    pub fn insert_api_token(&self, rec: &ApiTokenRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(API_TOKENS)?
+            .insert(rec.id.0.as_slice(), encode(rec)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Revokes a bootstrap token. Returns the record as it now is, or `None` if unknown.
+    pub fn revoke_token(
+        &self,
+        id: TokenId,
+        now_ms: u64,
+    ) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let mut t = txn.open_table(TOKENS)?;
+            let Some(mut rec) = t
+                .get(id.0.as_slice())?
+                .map(|v| decode::<TokenRecord>("bootstrap_tokens", &id.0, v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            if rec.revoked_at_ms.is_none() {
+                rec.revoked_at_ms = Some(now_ms);
+                t.insert(id.0.as_slice(), encode(&rec)?.as_slice())?;
+            }
+            rec
+        };
+        txn.commit()?;
+        Ok(Some(rec))
+    }
+
+    /// Enrolls a node, atomically: checks and spends the token, claims the name, and
+    /// records the node. Nothing is written unless everything passes.
+    pub fn enroll(
+        &self,
+        token: TokenId,
+        secret: SecretHash,
+        node: NodeRecord,
+        now_ms: u64,
+    ) -> Result<NodeRecord, EnrollError> {
+        let txn = self.db.begin_write().map_err(StoreError::from)?;
+        {
+            let mut tokens = txn.open_table(TOKENS).map_err(StoreError::from)?;
+            let mut rec: TokenRecord = match tokens.get(token.0.as_slice()).map_err(StoreError::from)? {
+                Some(v) => decode("bootstrap_tokens", &token.0, v.value())?,
+                None => return Err(EnrollError::UnknownToken),
+            };
+            if rec.secret_hash != secret {
+                return Err(EnrollError::BadSecret);
+            }
+            match rec.status(now_ms) {
+                TokenStatus::Valid => {}
+                TokenStatus::Revoked => {
+                    return Err(EnrollError::Revoked(zy_common::time::rfc3339(
+                        rec.revoked_at_ms.unwrap_or_default(),
+                    )))
+                }
+                TokenStatus::Used => {
+                    let (node, at) = rec.used.unwrap_or((node.id, 0));
+                    return Err(EnrollError::Used {
+                        node,
+                        at: zy_common::time::rfc3339(at),
+                    });
+                }
+                TokenStatus::Expired => {
+                    return Err(EnrollError::Expired(zy_common::time::rfc3339(
+                        rec.expires_at_ms,
+                    )))
+                }
+            }
+            let mut names = txn.open_table(NAMES).map_err(StoreError::from)?;
+            if names.get(node.name.as_str()).map_err(StoreError::from)?.is_some() {
+                return Err(EnrollError::NameInUse(node.name.clone()));
+            }
+            rec.used = Some((node.id, now_ms));
+            tokens
+                .insert(token.0.as_slice(), encode(&rec)?.as_slice())
+                .map_err(StoreError::from)?;
+            names
+                .insert(node.name.as_str(), node.id.as_bytes().as_slice())
+                .map_err(StoreError::from)?;
+            txn.open_table(NODES)
+                .map_err(StoreError::from)?
+                .insert(node.id.as_bytes().as_slice(), encode(&node)?.as_slice())
+                .map_err(StoreError::from)?;
+        }
+        txn.commit().map_err(StoreError::from)?;
+        Ok(node)
+    }
+
+    /// Removes a node: frees its name and remembers it as removed so its certificate is
+    /// refused. Its transitions are kept as history.
+    pub fn remove_node(
+        &self,
+        id: NodeId,
+        now_ms: u64,
+    ) -> Result<Option<RemovedRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut nodes = txn.open_table(NODES)?;
+            let Some(rec) = nodes
+                .remove(id.as_bytes().as_slice())?
+                .map(|v| decode::<NodeRecord>("nodes", id.as_bytes(), v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            txn.open_table(NAMES)?.remove(rec.name.as_str())?;
+            let removed = RemovedRecord {
+                id,
+                name: rec.name,
+                zone: rec.zone,
+                removed_at_ms: now_ms,
+            };
+            txn.open_table(REMOVED)?
+                .insert(id.as_bytes().as_slice(), encode(&removed)?.as_slice())?;
+            removed
+        };
+        txn.commit()?;
+        Ok(Some(removed))
+    }
+
+    /// Makes a batch of node updates durable in one transaction. Updates for nodes that
+    /// are no longer enrolled are dropped.
+    pub fn apply(&self, updates: &[NodeUpdate]) -> Result<(), StoreError> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write()?;
+        {
+            let mut nodes = txn.open_table(NODES)?;
+            let mut transitions = txn.open_table(TRANSITIONS)?;
+            for u in updates {
+                let key = u.node.as_bytes().as_slice();
+                let Some(mut rec) = nodes
+                    .get(key)?
+                    .map(|v| decode::<NodeRecord>("nodes", key, v.value()))
+                    .transpose()?
+                else {
+                    continue;
+                };
+                rec.last_seen_ms = rec.last_seen_ms.max(u.last_seen_ms);
+                if let Some(inv) = &u.inventory {
+                    rec.inventory = Some(inv.clone());
+                }
+                if let Some(t) = &u.transition {
+                    rec.state = t.to;
+                    rec.state_since_ms = t.at_ms;
+                    let seq = self.transition_seq.fetch_add(1, Ordering::Relaxed) + 1;
+                    let mut tkey = Vec::with_capacity(24);
+                    tkey.extend_from_slice(key);
+                    tkey.extend_from_slice(&seq.to_be_bytes());
+                    transitions.insert(tkey.as_slice(), encode(t)?.as_slice())?;
+                }
+                nodes.insert(key, encode(&rec)?.as_slice())?;
+            }
+            for u in updates.iter().filter(|u| u.transition.is_some()) {
+                prune_transitions(&mut transitions, u.node)?;
+            }
+            txn.open_table(META)?
+                .insert("transition_seq", self.transition_seq.load(Ordering::Relaxed))?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The most recent transitions of a node, oldest first.
+    pub fn transitions(
+        &self,
+        node: NodeId,
+        limit: usize,
+    ) -> Result<Vec<TransitionRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TRANSITIONS)?;
+        let (lo, hi) = node_range(node);
+        let mut out = Vec::new();
+        for row in table.range(lo.as_slice()..hi.as_slice())?.rev().take(limit) {
+            let (k, v) = row?;
+            out.push(decode("transitions", k.value(), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn node_range(node: NodeId) -> (Vec<u8>, Vec<u8>) {
+    let mut lo = node.as_bytes().to_vec();
+    lo.extend_from_slice(&[0u8; 8]);
+    let mut hi = node.as_bytes().to_vec();
+    hi.extend_from_slice(&[0xffu8; 8]);
+    (lo, hi)
+}
+
+fn prune_transitions(
+    table: &mut redb::Table<&[u8], &[u8]>,
+    node: NodeId,
+) -> Result<(), StoreError> {
+    let (lo, hi) = node_range(node);
+    let stale: Vec<Vec<u8>> = table
+        .range(lo.as_slice()..hi.as_slice())?
+        .rev()
+        .skip(TRANSITIONS_KEPT)
+        .map(|r| r.map(|(k, _)| k.value().to_vec()))
+        .collect::<Result<_, _>>()?;
+    for k in stale {
+        table.remove(k.as_slice())?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zy_common::token::Secret;
+
+    fn tmp() -> (std::path::PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!(
+            "zy-store-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("zy.redb")).unwrap();
+        (dir, store)
+    }
+
+    fn node(name: &str) -> NodeRecord {
+        NodeRecord {
+            id: NodeId::new_random(),
+            name: name.into(),
+            zone: Zone::Intranet,
+            state: NodeState::Enrolled,
+            state_since_ms: 1,
+            enrolled_at_ms: 1,
+            token: TokenId([0; 8]),
+            last_seen_ms: 0,
+            inventory: None,
+        }
+    }
+
+    fn token(zone: Zone, secret: Secret, expires: u64) -> TokenRecord {
+        TokenRecord {
+            id: TokenId::new_random(),
+            secret_hash: secret.hash(),
+            zone,
+            created_at_ms: 0,
+            expires_at_ms: expires,
+            revoked_at_ms: None,
+            used: None,
+            created_by: TokenId([1; 8]),
+        }
+    }
+
+    #[test]
+    fn enrollment_spends_the_token_once_and_checks_everything() {
+        let (dir, s) = tmp();
+        let secret = Secret::new_random();
+        let t = token(Zone::Intranet, secret, 1_000);
+        s.insert_token(&t).unwrap();
+
+        assert!(matches!(
+            s.enroll(t.id, Secret::new_random().hash(), node("a"), 10),
+            Err(EnrollError::BadSecret)
+        ));
+        assert!(matches!(
+            s.enroll(TokenId::new_random(), secret.hash(), node("a"), 10),
+            Err(EnrollError::UnknownToken)
+        ));
+        assert!(matches!(
+            s.enroll(t.id, secret.hash(), node("a"), 1_000),
+            Err(EnrollError::Expired(_))
+        ));
+        let n = s.enroll(t.id, secret.hash(), node("a"), 10).unwrap();
+        assert!(matches!(
+            s.enroll(t.id, secret.hash(), node("b"), 11),
+            Err(EnrollError::Used { node, .. }) if node == n.id
+        ));
+        // A second token cannot take a name in use, and a failed enrollment spends nothing.
+        let secret2 = Secret::new_random();
+        let t2 = token(Zone::Intranet, secret2, 1_000);
+        s.insert_token(&t2).unwrap();
+        assert!(matches!(
+            s.enroll(t2.id, secret2.hash(), node("a"), 12),
+            Err(EnrollError::NameInUse(_))
+        ));
+        assert_eq!(
+            s.tokens().unwrap().iter().find(|x| x.id == t2.id).unwrap().status(12),
+            TokenStatus::Valid
+        );
+        s.revoke_token(t2.id, 13).unwrap().unwrap();
+        assert!(matches!(
+            s.enroll(t2.id, secret2.hash(), node("c"), 14),
+            Err(EnrollError::Revoked(_))
+        ));
+        assert_eq!(s.nodes().unwrap().len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn transitions_are_recorded_pruned_and_survive_reopen() {
+        let (dir, s) = tmp();
+        let secret = Secret::new_random();
+        let t = token(Zone::Extranet, secret, u64::MAX);
+        s.insert_token(&t).unwrap();
+        let n = s.enroll(t.id, secret.hash(), node("x"), 1).unwrap();
+        let mut state = NodeState::Enrolled;
+        for i in 0..(TRANSITIONS_KEPT + 10) {
+            let to = if state == NodeState::Ready {
+                NodeState::Suspect
+            } else {
+                NodeState::Ready
+            };
+            s.apply(&[NodeUpdate {
+                node: n.id,
+                last_seen_ms: i as u64,
+                inventory: None,
+                transition: Some(TransitionRecord {
+                    node: n.id,
+                    from: state,
+                    to,
+                    at_ms: i as u64,
+                    reason: "test".into(),
+                }),
+            }])
+            .unwrap();
+            state = to;
+        }
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        let ts = s.transitions(n.id, usize::MAX).unwrap();
+        assert_eq!(ts.len(), TRANSITIONS_KEPT);
+        assert_eq!(ts.last().unwrap().to, state);
+        assert_eq!(s.nodes().unwrap()[0].state, state);
+        let removed = s.remove_node(n.id, 99).unwrap().unwrap();
+        assert_eq!(removed.name, "x");
+        assert!(s.nodes().unwrap().is_empty());
+        assert_eq!(s.removed().unwrap().len(), 1);
+        // Updates for a removed node are dropped, not resurrected.
+        s.apply(&[NodeUpdate {
+            node: n.id,
+            last_seen_ms: 100,
+            inventory: None,
+            transition: None,
+        }])
+        .unwrap();
+        assert!(s.nodes().unwrap().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn newer_schema_and_corrupt_records_are_refused() {
+        let (dir, s) = tmp();
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            txn.open_table(NODES)
+                .unwrap()
+                .insert([1u8; 16].as_slice(), b"garbage".as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        assert!(matches!(s.nodes(), Err(StoreError::Corrupt { .. })));
+        drop(s);
+        let err = Store::open(&dir.join("zy.redb")).unwrap_err();
+        assert!(err.to_string().contains("newer"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
