@@ -9,6 +9,7 @@
 //! clocks are read in the protocol logic; callers drive it. That keeps every codec testable in
 //! memory and fuzzable.
 
+pub mod files;
 pub mod ids;
 pub mod logging;
 pub mod proto;

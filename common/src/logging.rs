@@ -1,6 +1,8 @@
 //! Logging setup shared by the daemons: `tracing` to stderr, filtered by `RUST_LOG`
 //! (default `info`), as text or JSON lines.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. `json` writes one JSON object per line (for journald or
@@ -10,7 +12,8 @@ pub fn init(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(false);
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = if json {
         builder.json().try_init()
     } else {

@@ -9,8 +9,7 @@
 //!   zy.toml                 a CLI config with the admin API token (0600)
 //! ```
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use zy_common::ids::TokenId;
@@ -192,24 +191,13 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StateDirError> {
     })
 }
 
-/// Writes a file atomically (temp file, fsync, rename) with `mode` from its creation.
+
+/// Writes a state file atomically with `mode` from its creation.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateDirError> {
-    let err = |source| StateDirError::Write {
+    zy_common::files::write_atomic(path, bytes, mode).map_err(|source| StateDirError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,308 @@
+//! The agent's link to its coordinator: one QUIC connection with mutual TLS, kept up for
+//! as long as the agent runs.
+//!
+//! ```text
+//!   +------------+  connected   +---------+  error / idle timeout  +---------+
+//!   | Connecting | -----------> | Session | ---------------------> | Backoff |
+//!   +------------+              +---------+                        +---------+
+//!         ^                          | Refused (permanent)              |
+//!         |                          v                                  |
+//!         |                     exit (78)                               |
+//!         +-------------------------------------------------------------+
+//! ```
+//!
+//! The node keeps working while the coordinator is away: nothing on the node depends on the
+//! link being up. Reconnection waits grow exponentially with full jitter, so a thousand
+//! agents that lost the same coordinator do not all come back in the same millisecond.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+use zy_common::proto::{
+    close, CommandKind, Hello, Message, RefusalCode, Reply, ReplyKind,
+};
+use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
+
+use crate::config::AgentConfig;
+use crate::host::{self, LoadSampler};
+use crate::identity::Identity;
+use crate::net;
+
+/// A session that ended.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("the coordinator refused this node ({code:?}): {message}")]
+    Refused { code: RefusalCode, message: String },
+    #[error(transparent)]
+    Connect(#[from] net::ConnectError),
+    #[error("the connection to the coordinator was lost: {0}")]
+    Lost(String),
+    #[error("the coordinator broke the protocol: {0}")]
+    Protocol(String),
+    #[error("cannot read this host: {0}")]
+    Host(#[from] host::HostError),
+}
+
+impl LinkError {
+    /// True when retrying cannot help and the agent should stop.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, LinkError::Refused { code, .. } if code.is_permanent())
+    }
+}
+
+/// Exponential backoff with full jitter.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The cap of the next wait (before jitter).
+    pub fn cap(&self) -> Duration {
+        let factor = 1u32.checked_shl(self.attempt.min(20)).unwrap_or(u32::MAX);
+        self.base.saturating_mul(factor).min(self.max)
+    }
+
+    /// The next wait: uniformly random in [cap/2, cap].
+    pub fn next_delay(&mut self, rng: &mut impl Rng) -> Duration {
+        let cap = self.cap();
+        self.attempt = self.attempt.saturating_add(1);
+        let lo = cap / 2;
+        lo + cap.saturating_sub(lo).mul_f64(rng.random::<f64>())
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Keeps the link up until a permanent refusal. Never returns otherwise.
+pub async fn run(config: &AgentConfig, identity: &Identity) -> LinkError {
+    let addr = config
+        .coordinator
+        .clone()
+        .unwrap_or_else(|| identity.node.coordinator.clone());
+    let mut backoff = Backoff::new(Duration::from_millis(200), config.max_backoff);
+    let mut sampler = LoadSampler::new(&config.data_dir);
+    let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
+    loop {
+        let started = Instant::now();
+        let result: Result<Never, LinkError> = async {
+            let target = net::resolve(&addr).await?;
+            let ep = match &endpoint {
+                Some((t, ep)) if *t == target => ep.clone(),
+                _ => {
+                    let ep = net::endpoint(target)?;
+                    endpoint = Some((target, ep.clone()));
+                    ep
+                }
+            };
+            session_inner(config, identity, &ep, target, &mut sampler).await
+        }
+        .await;
+        let result = match result {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        if result.is_permanent() {
+            error!(error = %result, "giving up: the coordinator will not take this node");
+            return result;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(&mut rand::rng());
+        warn!(error = %result, retry_in_ms = delay.as_millis() as u64, "no link to the coordinator; the node keeps running");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Uninhabited: a session only ever ends with an error.
+#[derive(Debug)]
+pub enum Never {}
+
+async fn session_inner(
+    config: &AgentConfig,
+    identity: &Identity,
+    endpoint: &quinn::Endpoint,
+    target: SocketAddr,
+    sampler: &mut LoadSampler,
+) -> Result<Never, LinkError> {
+    let tls = zy_common::tls::daemon_client_config(
+        &identity.ca,
+        identity.chain.clone(),
+        identity.key.clone_key(),
+    )
+    .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let conn = net::connect(endpoint, target, tls, config.idle_timeout).await?;
+    let result = drive(config, identity, &conn, sampler).await;
+    let code = match &result {
+        Err(LinkError::Refused { .. }) => close::REFUSED,
+        Err(LinkError::Protocol(_)) => close::PROTOCOL,
+        _ => close::SHUTDOWN,
+    };
+    conn.close(code.into(), b"agent closing");
+    result
+}
+
+async fn drive(
+    config: &AgentConfig,
+    identity: &Identity,
+    conn: &quinn::Connection,
+    sampler: &mut LoadSampler,
+) -> Result<Never, LinkError> {
+    let lost = |e: quinn::ConnectionError| LinkError::Lost(net::explain(&e));
+    let stream = |e: StreamError| match e {
+        StreamError::Frame(f) => LinkError::Protocol(f.to_string()),
+        StreamError::Version(v) => LinkError::Protocol(v.to_string()),
+        other => LinkError::Lost(other.to_string()),
+    };
+    let (send, recv) = conn.open_bi().await.map_err(lost)?;
+    let mut io = tokio::io::join(recv, send);
+    let version = wire::open_preamble(&mut io, PROTOCOL_VERSIONS)
+        .await
+        .map_err(stream)?;
+    let inventory = host::inventory(&config.data_dir, identity.node.zone, config.accel)?;
+    wire::write_frame(&mut io, version, &Message::Hello(Hello { inventory }))
+        .await
+        .map_err(stream)?;
+    let mut buf = Vec::new();
+    let first: Message = tokio::time::timeout(
+        Duration::from_secs(10),
+        wire::read_frame(&mut io, version, MAX_BODY, &mut buf),
+    )
+    .await
+    .map_err(|_| LinkError::Lost("no welcome within 10s".into()))?
+    .map_err(stream)?;
+    first
+        .validate()
+        .map_err(|e| LinkError::Protocol(e.to_string()))?;
+    let mut interval = match first {
+        Message::Welcome(w) if w.node_id == identity.node.node_id => {
+            Duration::from_millis(w.report_interval_ms.into())
+        }
+        Message::Welcome(w) => {
+            return Err(LinkError::Protocol(format!(
+                "welcomed as node {}, but this is node {}",
+                w.node_id, identity.node.node_id
+            )))
+        }
+        Message::Refused(r) => {
+            return Err(LinkError::Refused {
+                code: r.code,
+                message: r.message,
+            })
+        }
+        other => {
+            return Err(LinkError::Protocol(format!(
+                "expected Welcome, got {}",
+                other.kind()
+            )))
+        }
+    };
+    info!(node = %identity.node.node_id, interval_ms = interval.as_millis() as u64, "connected to the coordinator");
+    let (mut recv, mut send) = io.into_inner();
+
+    // The reader runs on its own so that a half-read frame is never abandoned by select!.
+    let (in_tx, mut in_rx) = mpsc::channel::<Result<Message, LinkError>>(16);
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        loop {
+            let r = wire::read_frame::<Message, _>(&mut recv, version, MAX_BODY, &mut buf)
+                .await
+                .map_err(stream)
+                .and_then(|m| {
+                    m.validate()
+                        .map(|()| m)
+                        .map_err(|e| LinkError::Protocol(e.to_string()))
+                });
+            let stop = r.is_err();
+            if in_tx.send(r).await.is_err() || stop {
+                return;
+            }
+        }
+    });
+    let _reader = AbortOnDrop(reader);
+
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                let load = sampler.sample()?;
+                wire::write_frame(&mut send, version, &Message::Load(load)).await.map_err(stream)?;
+            }
+            msg = in_rx.recv() => {
+                let msg = msg.ok_or_else(|| LinkError::Lost("reader stopped".into()))??;
+                match msg {
+                    Message::Command(c) => {
+                        let result = match c.kind {
+                            CommandKind::Ping => Ok(ReplyKind::Pong),
+                            CommandKind::SetReportInterval { ms } => {
+                                interval = Duration::from_millis(ms.into());
+                                ticker = tokio::time::interval(interval);
+                                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                Ok(ReplyKind::Done)
+                            }
+                        };
+                        debug!(id = c.id, "command handled");
+                        let reply = Message::Reply(Reply { id: c.id, result });
+                        wire::write_frame(&mut send, version, &reply).await.map_err(stream)?;
+                    }
+                    Message::Refused(r) => {
+                        return Err(LinkError::Refused { code: r.code, message: r.message });
+                    }
+                    other => {
+                        return Err(LinkError::Protocol(format!("unexpected {} from the coordinator", other.kind())));
+                    }
+                }
+            }
+            e = conn.closed() => return Err(lost(e)),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_the_cap_and_resets() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut caps = Vec::new();
+        for _ in 0..12 {
+            let cap = b.cap();
+            let d = b.next_delay(&mut rng);
+            assert!(d >= cap / 2 && d <= cap, "{d:?} not within [{:?}, {cap:?}]", cap / 2);
+            caps.push(cap);
+        }
+        assert_eq!(caps[0], Duration::from_millis(200));
+        assert_eq!(caps[1], Duration::from_millis(400));
+        assert_eq!(*caps.last().unwrap(), Duration::from_secs(30));
+        b.reset();
+        assert_eq!(b.cap(), Duration::from_millis(200));
+    }
+}
