@@ -1,0 +1,172 @@
+//! A whole site in a lab run: a coordinator initialised and started in its namespace, and
+//! helpers to enroll and run agents on the nodes and to drive the `zy` CLI.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+use zy_coordinator::api_types::{CreatedToken, NodeDetail, NodeView};
+
+use crate::{bin, wait_for, Lab, API_PORT, COORD_IP, DAEMON_PORT};
+
+/// A site: a lab with its coordinator.
+#[derive(Debug)]
+pub struct Site {
+    pub lab: Lab,
+    pub state: PathBuf,
+}
+
+impl Site {
+    /// A lab with `n` nodes and a running coordinator.
+    pub fn new(n: usize) -> Result<Site> {
+        let lab = Lab::new(n)?;
+        let state = lab.dir.join("coordinator");
+        let out = std::process::Command::new(bin("zy-coordinator"))
+            .args(["init", "--state-dir"])
+            .arg(&state)
+            .args([
+                "--site",
+                "lab",
+                "--daemon-listen",
+                &format!("{COORD_IP}:{DAEMON_PORT}"),
+                "--api-listen",
+                &format!("{COORD_IP}:{API_PORT}"),
+                "--advertise",
+                &format!("{COORD_IP}:{API_PORT}"),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let site = Site { lab, state };
+        site.start_coordinator()?;
+        Ok(site)
+    }
+
+    /// Starts the coordinator and waits until its API answers.
+    pub fn start_coordinator(&self) -> Result<()> {
+        let state = self.state.to_string_lossy().into_owned();
+        self.lab.spawn(
+            &self.lab.coord_ns(),
+            "coordinator",
+            &bin("zy-coordinator"),
+            &["run", "--state-dir", &state],
+        )?;
+        wait_for("the coordinator's API", Duration::from_secs(20), || {
+            self.zy(&["status"]).status.success().then_some(())
+        })
+    }
+
+    /// The CLI config `init` wrote.
+    pub fn cli_config(&self) -> PathBuf {
+        self.state.join("zy.toml")
+    }
+
+    /// Runs `zy` in the coordinator's namespace with the admin config.
+    pub fn zy(&self, args: &[&str]) -> Output {
+        let cfg = self.cli_config().to_string_lossy().into_owned();
+        self.lab.exec(
+            &self.lab.coord_ns(),
+            &bin("zy"),
+            args,
+            &[("ZY_CONFIG", cfg.as_str())],
+        )
+    }
+
+    /// Runs `zy ... --json` and decodes its output.
+    pub fn zy_json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.zy(&a);
+        if !out.status.success() {
+            bail!(
+                "zy {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("zy printed bad JSON")
+    }
+
+    /// A fresh bootstrap token for a zone.
+    pub fn token(&self, zone: &str) -> Result<String> {
+        let t: CreatedToken = self.zy_json(&["token", "create", "--zone", zone, "--ttl", "10m"])?;
+        Ok(t.token)
+    }
+
+    /// Node `i`'s agent data directory.
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.lab.dir.join(format!("agent-n{i}"))
+    }
+
+    /// Runs `zy-agent join` on node `i` with a token.
+    pub fn join_with(&self, i: usize, token: &str) -> Output {
+        let dir = self.agent_dir(i).to_string_lossy().into_owned();
+        let addr = self.lab.daemon_addr().to_string();
+        self.lab.exec(
+            &self.lab.node_ns(i),
+            &bin("zy-agent"),
+            &["--data-dir", &dir, "join", &addr, token, "--name", &format!("n{i}")],
+            &[],
+        )
+    }
+
+    /// Enrolls node `i` in a zone, failing loudly if the join fails.
+    pub fn join(&self, i: usize, zone: &str) -> Result<()> {
+        let token = self.token(zone)?;
+        let out = self.join_with(i, &token);
+        if !out.status.success() {
+            bail!("join of n{i} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    }
+
+    /// Starts node `i`'s agent (process name `agent-n<i>`).
+    pub fn start_agent(&self, i: usize, extra: &[&str]) -> Result<i32> {
+        let dir = self.agent_dir(i).to_string_lossy().into_owned();
+        let mut args = vec!["--data-dir", &dir, "run"];
+        args.extend_from_slice(extra);
+        self.lab.spawn(
+            &self.lab.node_ns(i),
+            &format!("agent-n{i}"),
+            &bin("zy-agent"),
+            &args,
+        )
+    }
+
+    /// Every node, as the API lists them.
+    pub fn nodes(&self) -> Result<Vec<NodeView>> {
+        self.zy_json(&["node", "ls"])
+    }
+
+    /// One node in detail.
+    pub fn node(&self, name: &str) -> Result<NodeDetail> {
+        self.zy_json(&["node", "show", name])
+    }
+
+    /// Waits until a node is in `state` and returns how long that took.
+    pub fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        wait_for(&format!("{name} to be {state}"), timeout, || {
+            self.nodes()
+                .ok()?
+                .into_iter()
+                .find(|n| n.name == name && n.state == state)
+                .map(|_| t0.elapsed())
+        })
+    }
+
+    /// Waits until a node is Ready with a load report newer than `after_seq`.
+    pub fn wait_reporting(&self, name: &str, after_seq: u64, timeout: Duration) -> Result<NodeView> {
+        wait_for(&format!("{name} to report"), timeout, || {
+            self.nodes().ok()?.into_iter().find(|n| {
+                n.name == name
+                    && n.state == "ready"
+                    && n.load.as_ref().is_some_and(|l| l.seq > after_seq)
+            })
+        })
+    }
+}
