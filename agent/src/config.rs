@@ -48,7 +48,10 @@ pub struct AgentConfig {
     #[serde(default)]
     pub accel: AccelChoice,
     /// The longest wait between reconnection attempts.
-    #[serde(default = "default_max_backoff", with = "zy_common::quic::duration_text")]
+    #[serde(
+        default = "default_max_backoff",
+        with = "zy_common::quic::duration_text"
+    )]
     pub max_backoff: Duration,
     /// QUIC idle timeout on the agent's side; the smaller of both sides' applies.
     #[serde(default = "default_idle", with = "zy_common::quic::duration_text")]
@@ -148,7 +151,9 @@ mod tests {
         let c = AgentConfig::parse(p, "accel = \"tcg\"\nmax_backoff = \"5s\"\n").unwrap();
         assert_eq!(c.accel, AccelChoice::Tcg);
         assert_eq!(c.max_backoff, Duration::from_secs(5));
-        let e = AgentConfig::parse(p, "acel = \"tcg\"\n").unwrap_err().to_string();
+        let e = AgentConfig::parse(p, "acel = \"tcg\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("agent.toml") && e.contains("acel"), "{e}");
         assert!(AgentConfig::parse(p, "accel = \"fast\"\n").is_err());
         assert!(AgentConfig::parse(p, "max_backoff = \"0s\"\n").is_err());

@@ -84,7 +84,12 @@ pub fn inventory(
         .unwrap_or_default();
     Ok(Inventory {
         hostname,
-        cpu_model: cpu.model_name(0).unwrap_or("unknown").chars().take(256).collect(),
+        cpu_model: cpu
+            .model_name(0)
+            .unwrap_or("unknown")
+            .chars()
+            .take(256)
+            .collect(),
         cpus: cpu.num_cores().max(1) as u32,
         memory_bytes: mem.mem_total,
         disk_total_bytes: disk_total,
@@ -196,8 +201,14 @@ mod tests {
 
     #[test]
     fn cpu_percent_is_a_clamped_rate() {
-        let a = CpuTicks { busy: 100, total: 1000 };
-        let b = CpuTicks { busy: 150, total: 1100 };
+        let a = CpuTicks {
+            busy: 100,
+            total: 1000,
+        };
+        let b = CpuTicks {
+            busy: 150,
+            total: 1100,
+        };
         assert_eq!(cpu_percent(a, b), 50.0);
         assert_eq!(cpu_percent(b, a), 0.0);
         assert_eq!(cpu_percent(a, a), 0.0);

@@ -41,7 +41,11 @@ pub enum IdentityError {
     #[error("this node is not enrolled ({0} has no identity): run `zy-agent join <coordinator> <token>` first")]
     NotEnrolled(PathBuf),
     #[error("this node is already enrolled as {name} ({id}); to enroll it again, remove it with `zy node remove {name}` and delete {dir}")]
-    AlreadyEnrolled { name: String, id: NodeId, dir: PathBuf },
+    AlreadyEnrolled {
+        name: String,
+        id: NodeId,
+        dir: PathBuf,
+    },
     #[error("cannot read {path}")]
     Read {
         path: PathBuf,
@@ -187,7 +191,6 @@ impl IdentityDir {
         write_file(&self.node(), text.as_bytes(), 0o644)
     }
 }
-
 
 /// Writes a state file atomically with `mode` from its creation.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), IdentityError> {

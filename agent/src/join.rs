@@ -98,7 +98,12 @@ async fn exchange(
     csr: Vec<u8>,
     name: &str,
 ) -> Result<zy_common::proto::JoinAccepted, JoinError> {
-    let proto = |e: wire::StreamError| JoinError::Protocol(e.to_string());
+    let proto = |e: wire::StreamError| {
+        JoinError::Protocol(match e {
+            wire::StreamError::Io(io) => net::explain_text(&io.to_string()),
+            other => other.to_string(),
+        })
+    };
     let (send, recv) = conn
         .open_bi()
         .await
@@ -113,7 +118,9 @@ async fn exchange(
         name: name.to_string(),
         agent_version: zy_common::VERSION.into(),
     });
-    wire::write_frame(&mut io, version, &req).await.map_err(proto)?;
+    wire::write_frame(&mut io, version, &req)
+        .await
+        .map_err(proto)?;
     let mut buf = Vec::new();
     let answer: Message = tokio::time::timeout(
         Duration::from_secs(15),

@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
-use zy_common::proto::{
-    close, CommandKind, Hello, Message, RefusalCode, Reply, ReplyKind,
-};
+use zy_common::proto::{close, CommandKind, Hello, Message, RefusalCode, Reply, ReplyKind};
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
 
 use crate::config::AgentConfig;
@@ -168,7 +166,8 @@ async fn drive(
     let stream = |e: StreamError| match e {
         StreamError::Frame(f) => LinkError::Protocol(f.to_string()),
         StreamError::Version(v) => LinkError::Protocol(v.to_string()),
-        other => LinkError::Lost(other.to_string()),
+        StreamError::Io(io) => LinkError::Lost(net::explain_text(&io.to_string())),
+        StreamError::Closed => LinkError::Lost("the coordinator closed the stream".into()),
     };
     let (send, recv) = conn.open_bi().await.map_err(lost)?;
     let mut io = tokio::io::join(recv, send);
@@ -296,7 +295,11 @@ mod tests {
         for _ in 0..12 {
             let cap = b.cap();
             let d = b.next_delay(&mut rng);
-            assert!(d >= cap / 2 && d <= cap, "{d:?} not within [{:?}, {cap:?}]", cap / 2);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "{d:?} not within [{:?}, {cap:?}]",
+                cap / 2
+            );
             caps.push(cap);
         }
         assert_eq!(caps[0], Duration::from_millis(200));

@@ -52,7 +52,10 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     // One thread: the agent's work is a report a second and a handful of commands.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("zy-agent: cannot start the runtime: {e}");

@@ -33,9 +33,13 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr, ConnectError> {
 /// A client endpoint on an ephemeral port of the right address family.
 pub fn endpoint(target: SocketAddr) -> Result<quinn::Endpoint, ConnectError> {
     let bind: SocketAddr = if target.is_ipv6() {
-        "[::]:0".parse().map_err(|_| ConnectError::Socket(std::io::ErrorKind::InvalidInput.into()))?
+        "[::]:0"
+            .parse()
+            .map_err(|_| ConnectError::Socket(std::io::ErrorKind::InvalidInput.into()))?
     } else {
-        "0.0.0.0:0".parse().map_err(|_| ConnectError::Socket(std::io::ErrorKind::InvalidInput.into()))?
+        "0.0.0.0:0"
+            .parse()
+            .map_err(|_| ConnectError::Socket(std::io::ErrorKind::InvalidInput.into()))?
     };
     quinn::Endpoint::client(bind).map_err(ConnectError::Socket)
 }
@@ -77,18 +81,25 @@ pub async fn connect(
 
 /// Turns a QUIC/TLS failure into a sentence that says what to check.
 pub fn explain(e: &quinn::ConnectionError) -> String {
-    let raw = e.to_string();
-    if raw.contains(PIN_MISMATCH) {
-        return format!("{PIN_MISMATCH}: the token was made by another coordinator, or something is impersonating it ({raw})");
-    }
-    if raw.contains("UnknownIssuer") || raw.contains("BadSignature") {
-        return format!("the coordinator's certificate is not from this node's site CA: is this the right coordinator? ({raw})");
-    }
-    if raw.contains("alert 48") || raw.contains("UnknownCA") || raw.contains("unknown_ca") || raw.contains("BadCertificate") || raw.contains("alert 42") {
-        return format!("the coordinator refused this node's certificate: it was issued by another site CA; enroll the node with a token of this coordinator ({raw})");
-    }
     if matches!(e, quinn::ConnectionError::TimedOut) {
         return "timed out (is the coordinator running and the UDP port open?)".into();
     }
-    raw
+    explain_text(&e.to_string())
+}
+
+/// The same, for an error already rendered as text (stream errors carry the connection's).
+pub fn explain_text(raw: &str) -> String {
+    if raw.contains(PIN_MISMATCH) {
+        return format!("{PIN_MISMATCH}: the token was made by another coordinator, or something is impersonating it ({raw})");
+    }
+    let cert_problem = ["UnknownIssuer", "BadSignature", "certificate", "UnknownCA"]
+        .iter()
+        .any(|k| raw.contains(k));
+    if cert_problem && raw.contains("aborted by peer") {
+        return format!("the coordinator refused this node's certificate: it was not issued by this site's CA; enroll the node with a token of this coordinator ({raw})");
+    }
+    if cert_problem {
+        return format!("the coordinator's certificate is not from this node's site CA: is this the right coordinator? ({raw})");
+    }
+    raw.to_string()
 }

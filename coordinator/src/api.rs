@@ -109,9 +109,7 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/openapi.json", get(openapi))
         .merge(authed)
-        .fallback(|| async {
-            ApiError::not_found("no such API path; see /v1/openapi.json")
-        })
+        .fallback(|| async { ApiError::not_found("no such API path; see /v1/openapi.json") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -264,11 +262,17 @@ async fn ping_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult<P
         ApiError::new(
             StatusCode::CONFLICT,
             "not_connected",
-            format!("node {} is not connected (state {})", n.record.name, n.record.state),
+            format!(
+                "node {} is not connected (state {})",
+                n.record.name, n.record.state
+            ),
         )
     })?;
     let t0 = Instant::now();
-    match session.command(CommandKind::Ping, Duration::from_secs(5)).await {
+    match session
+        .command(CommandKind::Ping, Duration::from_secs(5))
+        .await
+    {
         Ok(_) => Ok(Json(PingResult {
             node: n.record.id,
             rtt_us: t0.elapsed().as_micros() as u64,

@@ -42,7 +42,11 @@ pub enum ExitCode {
 
 /// The Zhengyun ops CLI.
 #[derive(Debug, Parser)]
-#[command(name = "zy", version, about = "Drive a Zhengyun site: nodes and enrollment tokens")]
+#[command(
+    name = "zy",
+    version,
+    about = "Drive a Zhengyun site: nodes and enrollment tokens"
+)]
 pub struct Cli {
     /// A zy.toml with `coordinator`, `token` and `ca`.
     #[arg(long, global = true, env = "ZY_CONFIG")]
@@ -222,12 +226,15 @@ pub fn client(cli: &Cli) -> Result<Client, CliError> {
         CliError::config("no CA certificate: pass --ca <state dir>/ca.crt or set ZY_CA")
     })?;
     let pem = std::fs::read_to_string(&ca_path).map_err(|e| {
-        CliError::config(format!("cannot read CA certificate {}: {e}", ca_path.display()))
+        CliError::config(format!(
+            "cannot read CA certificate {}: {e}",
+            ca_path.display()
+        ))
     })?;
     let ca = zy_common::tls::certs_from_pem("CA certificate", &pem)
         .map_err(|e| CliError::config(format!("{}: {e}", ca_path.display())))?;
-    let tls = zy_common::tls::https_client_config(&ca[0])
-        .map_err(|e| CliError::config(e.to_string()))?;
+    let tls =
+        zy_common::tls::https_client_config(&ca[0]).map_err(|e| CliError::config(e.to_string()))?;
     Ok(Client::new(&addr, token, tls))
 }
 
@@ -254,13 +261,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Node(NodeCmd::Show { node, json }) => {
             let d: NodeDetail = c
-                .call(Method::GET, &format!("/v1/nodes/{}", path_segment(&node)?), None)
+                .call(
+                    Method::GET,
+                    &format!("/v1/nodes/{}", path_segment(&node)?),
+                    None,
+                )
                 .await?;
             print(json.json, &d, || node_detail(&d, now_millis()))
         }
         Command::Node(NodeCmd::Remove { node, json }) => {
             let r: RemovedNode = c
-                .call(Method::DELETE, &format!("/v1/nodes/{}", path_segment(&node)?), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/nodes/{}", path_segment(&node)?),
+                    None,
+                )
                 .await?;
             print(json.json, &r, || {
                 format!(
@@ -268,13 +283,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     r.name,
                     r.id,
                     r.zone,
-                    if r.was_connected { ", disconnected it" } else { "" }
+                    if r.was_connected {
+                        ", disconnected it"
+                    } else {
+                        ""
+                    }
                 )
             })
         }
         Command::Node(NodeCmd::Ping { node, json }) => {
             let p: PingResult = c
-                .call(Method::POST, &format!("/v1/nodes/{}/ping", path_segment(&node)?), None)
+                .call(
+                    Method::POST,
+                    &format!("/v1/nodes/{}/ping", path_segment(&node)?),
+                    None,
+                )
                 .await?;
             print(json.json, &p, || {
                 format!("{node}: round trip {:.2} ms\n", p.rtt_us as f64 / 1000.0)
@@ -296,9 +319,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Token(TokenCmd::Revoke { id, json }) => {
             let t: TokenView = c
-                .call(Method::DELETE, &format!("/v1/tokens/{}", path_segment(&id)?), None)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/tokens/{}", path_segment(&id)?),
+                    None,
+                )
                 .await?;
-            print(json.json, &t, || format!("token {} is {}\n", t.id, t.status))
+            print(json.json, &t, || {
+                format!("token {} is {}\n", t.id, t.status)
+            })
         }
     }
 }
@@ -396,9 +425,12 @@ fn node_table(nodes: &[NodeView], now: u64) -> String {
                 n.zone.to_string(),
                 n.state.clone(),
                 inv.map(|i| i.cpus.to_string()).unwrap_or("-".into()),
-                inv.map(|i| human_bytes(i.memory_bytes)).unwrap_or("-".into()),
-                inv.map(|i| human_bytes(i.disk_free_bytes)).unwrap_or("-".into()),
-                inv.map(|i| i.accel.as_str().to_string()).unwrap_or("-".into()),
+                inv.map(|i| human_bytes(i.memory_bytes))
+                    .unwrap_or("-".into()),
+                inv.map(|i| human_bytes(i.disk_free_bytes))
+                    .unwrap_or("-".into()),
+                inv.map(|i| i.accel.as_str().to_string())
+                    .unwrap_or("-".into()),
                 n.load
                     .as_ref()
                     .map(|l| format!("{:.1}%", l.cpu_percent))
@@ -417,8 +449,17 @@ fn node_table(nodes: &[NodeView], now: u64) -> String {
         .collect();
     table(
         &[
-            "NAME", "ZONE", "STATE", "CPUS", "MEMORY", "DISK-FREE", "ACCEL", "CPU", "MEM-USED",
-            "LOAD1", "LAST-SEEN",
+            "NAME",
+            "ZONE",
+            "STATE",
+            "CPUS",
+            "MEMORY",
+            "DISK-FREE",
+            "ACCEL",
+            "CPU",
+            "MEM-USED",
+            "LOAD1",
+            "LAST-SEEN",
         ],
         &rows,
     )
@@ -470,7 +511,13 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
         let rows: Vec<Vec<String>> = d
             .transitions
             .iter()
-            .map(|t| vec![t.at.clone(), format!("{} -> {}", t.from, t.to), t.reason.clone()])
+            .map(|t| {
+                vec![
+                    t.at.clone(),
+                    format!("{} -> {}", t.from, t.to),
+                    t.reason.clone(),
+                ]
+            })
             .collect();
         s.push_str(&table(&["AT", "CHANGE", "REASON"], &rows));
     }

@@ -20,7 +20,9 @@ const TIMEOUT: Duration = Duration::from_secs(15);
 pub enum ClientError {
     #[error("cannot reach the coordinator at {addr}: {message} (is zy-coordinator running, and is the address right?)")]
     Unreachable { addr: String, message: String },
-    #[error("the coordinator at {addr} failed TLS verification: {message} (is `ca` the site's ca.crt?)")]
+    #[error(
+        "the coordinator at {addr} failed TLS verification: {message} (is `ca` the site's ca.crt?)"
+    )]
     Tls { addr: String, message: String },
     #[error("{message}")]
     Api {
@@ -128,7 +130,10 @@ impl Client {
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, zy_common::tls::SERVER_NAME)
-            .header(hyper::header::USER_AGENT, concat!("zy/", env!("CARGO_PKG_VERSION")));
+            .header(
+                hyper::header::USER_AGENT,
+                concat!("zy/", env!("CARGO_PKG_VERSION")),
+            );
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWrite;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
 use zy_common::ids::NodeId;
@@ -81,9 +80,17 @@ async fn first_message(
     let fut = async {
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let mut io = tokio::io::join(recv, send);
-        let version = wire::answer_preamble(&mut io, PROTOCOL_VERSIONS)
-            .await
-            .map_err(|e| e.to_string())?;
+        let version = match wire::answer_preamble(&mut io, PROTOCOL_VERSIONS).await {
+            Ok(v) => v,
+            Err(e @ StreamError::Version(_)) => {
+                // Our answer names our versions; let it reach the peer before closing.
+                let (_, mut send) = io.into_inner();
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                return Err(e.to_string());
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let mut buf = Vec::new();
         let msg: Message = wire::read_frame(&mut io, version, MAX_BODY, &mut buf)
             .await
@@ -98,15 +105,15 @@ async fn first_message(
 }
 
 /// Sends a refusal, lets the peer read it, and closes.
-async fn refuse<W: AsyncWrite + Unpin>(
+async fn refuse(
     conn: &quinn::Connection,
-    send: &mut W,
+    send: &mut quinn::SendStream,
     version: u16,
     code: RefusalCode,
     message: String,
 ) {
     let msg = Message::Refused(Refusal { code, message });
-    if wire::write_frame(send, version, &msg).await.is_ok() {
+    if wire::write_frame(send, version, &msg).await.is_ok() && send.finish().is_ok() {
         // The peer closes once it has read the refusal; don't wait long for it.
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
     }
@@ -123,8 +130,14 @@ async fn handle_join(coord: &Coordinator, conn: quinn::Connection) {
         }
     };
     let Message::JoinRequest(req) = msg else {
-        warn!(kind = msg.kind(), "unauthenticated peer sent something other than a join");
-        let text = format!("expected JoinRequest, got {}: a node must enroll first", msg.kind());
+        warn!(
+            kind = msg.kind(),
+            "unauthenticated peer sent something other than a join"
+        );
+        let text = format!(
+            "expected JoinRequest, got {}: a node must enroll first",
+            msg.kind()
+        );
         refuse(&conn, &mut send, version, RefusalCode::BadRequest, text).await;
         return;
     };
@@ -151,10 +164,12 @@ async fn enroll(
     coord: &Coordinator,
     req: &JoinRequest,
 ) -> Result<JoinAccepted, (RefusalCode, String)> {
-    let token: BootstrapToken = req
-        .token
-        .parse()
-        .map_err(|e: zy_common::token::TokenFormatError| (RefusalCode::TokenInvalid, e.to_string()))?;
+    let token: BootstrapToken =
+        req.token
+            .parse()
+            .map_err(|e: zy_common::token::TokenFormatError| {
+                (RefusalCode::TokenInvalid, e.to_string())
+            })?;
     if token.ca != CaFingerprint::of(coord.ca.cert_der()) {
         return Err((
             RefusalCode::TokenInvalid,
@@ -273,7 +288,18 @@ async fn handle_node(coord: &Coordinator, conn: quinn::Connection, who: NodeIden
         }
     }
     info!("node connected");
-    let end = run_session(coord, &conn, who.node_id, session, version, send, recv, rx, kicked).await;
+    let end = run_session(
+        coord,
+        &conn,
+        who.node_id,
+        session,
+        version,
+        send,
+        recv,
+        rx,
+        kicked,
+    )
+    .await;
     coord.fleet.detach(who.node_id, sid);
     match end {
         SessionEnd::Closed(reason) => info!(%reason, "node disconnected"),
@@ -363,10 +389,17 @@ async fn run_session(
     end
 }
 
-fn on_message(coord: &Coordinator, node: NodeId, session: &Session, m: Message) -> Result<(), String> {
+fn on_message(
+    coord: &Coordinator,
+    node: NodeId,
+    session: &Session,
+    m: Message,
+) -> Result<(), String> {
     match m {
         Message::Load(load) => {
-            coord.fleet.report(node, session.id, load, Instant::now(), now_millis());
+            coord
+                .fleet
+                .report(node, session.id, load, Instant::now(), now_millis());
             Ok(())
         }
         Message::Reply(reply) => {
@@ -375,7 +408,9 @@ fn on_message(coord: &Coordinator, node: NodeId, session: &Session, m: Message) 
         }
         Message::Event(event) => {
             match event.kind {
-                EventKind::Notice { message } => info!(at_ms = event.at_ms, %message, "node notice"),
+                EventKind::Notice { message } => {
+                    info!(at_ms = event.at_ms, %message, "node notice")
+                }
             }
             Ok(())
         }

@@ -67,7 +67,11 @@ impl Session {
 
     /// Sends a command and waits for its reply. Refuses at once ("busy") if the node's
     /// queue is full rather than waiting behind it.
-    pub async fn command(&self, kind: CommandKind, timeout: Duration) -> Result<ReplyKind, CommandError> {
+    pub async fn command(
+        &self,
+        kind: CommandKind,
+        timeout: Duration,
+    ) -> Result<ReplyKind, CommandError> {
         let id = self.next_command.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
@@ -345,6 +349,7 @@ impl Fleet {
     pub fn remove(&self, id: NodeId) -> Option<Session> {
         let mut inner = lock(&self.inner);
         inner.removed.insert(id);
+        inner.pending.retain(|u| u.node != id);
         inner.nodes.remove(&id).and_then(|n| n.session)
     }
 
@@ -367,7 +372,10 @@ impl Fleet {
 
     /// The session of a node, to send it commands.
     pub fn session(&self, id: NodeId) -> Option<Session> {
-        lock(&self.inner).nodes.get(&id).and_then(|n| n.session.clone())
+        lock(&self.inner)
+            .nodes
+            .get(&id)
+            .and_then(|n| n.session.clone())
     }
 
     /// Counts of nodes per state.
@@ -430,7 +438,13 @@ mod tests {
         }
     }
 
-    fn session(fleet: &Fleet) -> (Session, mpsc::Receiver<Message>, watch::Receiver<Option<Kick>>) {
+    fn session(
+        fleet: &Fleet,
+    ) -> (
+        Session,
+        mpsc::Receiver<Message>,
+        watch::Receiver<Option<Kick>>,
+    ) {
         let (tx, rx) = mpsc::channel(4);
         let (s, k) = Session::new(fleet.next_session_id(), "127.0.0.1:1".parse().unwrap(), tx);
         (s, rx, k)
@@ -461,7 +475,10 @@ mod tests {
         fleet.admit(id, Zone::Intranet).unwrap();
         let (s, _rx, _k) = session(&fleet);
         let sid = s.id;
-        assert!(fleet.attach(id, s, inventory(Zone::Intranet), t0, 0).unwrap().is_none());
+        assert!(fleet
+            .attach(id, s, inventory(Zone::Intranet), t0, 0)
+            .unwrap()
+            .is_none());
         let ups = fleet.tick(t0, 0);
         assert_eq!(ups.len(), 1);
         assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Ready);
@@ -490,11 +507,19 @@ mod tests {
         let (a, _rxa, _ka) = session(&fleet);
         let (b, _rxb, _kb) = session(&fleet);
         let aid = a.id;
-        fleet.attach(id, a, inventory(Zone::Extranet), t0, 0).unwrap();
-        let old = fleet.attach(id, b, inventory(Zone::Extranet), t0, 0).unwrap().unwrap();
+        fleet
+            .attach(id, a, inventory(Zone::Extranet), t0, 0)
+            .unwrap();
+        let old = fleet
+            .attach(id, b, inventory(Zone::Extranet), t0, 0)
+            .unwrap()
+            .unwrap();
         assert_eq!(old.id, aid);
         fleet.detach(id, aid);
-        assert!(fleet.session(id).is_some(), "detaching the old session keeps the new one");
+        assert!(
+            fleet.session(id).is_some(),
+            "detaching the old session keeps the new one"
+        );
         assert!(fleet.remove(id).is_some());
         let err = fleet.admit(id, Zone::Extranet).unwrap_err();
         assert_eq!(err.code, RefusalCode::NodeRemoved);
@@ -506,16 +531,30 @@ mod tests {
         let (s, mut rx, _k) = session(&fleet);
         let s2 = s.clone();
         let answer = tokio::spawn(async move {
-            let Some(Message::Command(c)) = rx.recv().await else { panic!("no command") };
-            s2.deliver(Reply { id: c.id, result: Ok(ReplyKind::Pong) });
+            let Some(Message::Command(c)) = rx.recv().await else {
+                panic!("no command")
+            };
+            s2.deliver(Reply {
+                id: c.id,
+                result: Ok(ReplyKind::Pong),
+            });
             rx
         });
-        let r = s.command(CommandKind::Ping, Duration::from_secs(5)).await.unwrap();
+        let r = s
+            .command(CommandKind::Ping, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(r, ReplyKind::Pong);
         let _rx = answer.await.unwrap();
         for _ in 0..4 {
-            let _ = s.tx.try_send(Message::Command(zy_common::proto::Command { id: 0, kind: CommandKind::Ping }));
+            let _ = s.tx.try_send(Message::Command(zy_common::proto::Command {
+                id: 0,
+                kind: CommandKind::Ping,
+            }));
         }
-        assert!(matches!(s.command(CommandKind::Ping, Duration::from_secs(1)).await, Err(CommandError::Busy)));
+        assert!(matches!(
+            s.command(CommandKind::Ping, Duration::from_secs(1)).await,
+            Err(CommandError::Busy)
+        ));
     }
 }

@@ -73,12 +73,13 @@ impl Coordinator {
     pub fn open(state: StateDir, config: CoordinatorConfig) -> Result<Self, StartError> {
         let ca = state.load_ca()?;
         let store = Store::open(&state.store())?;
-        let fleet = Fleet::new(store.nodes()?, store.removed()?, config.timings, Instant::now());
-        let api_tokens = store
-            .api_tokens()?
-            .into_iter()
-            .map(|t| (t.id, t))
-            .collect();
+        let fleet = Fleet::new(
+            store.nodes()?,
+            store.removed()?,
+            config.timings,
+            Instant::now(),
+        );
+        let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         Ok(Self {
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
             config,
@@ -104,12 +105,13 @@ impl Coordinator {
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
         server_config.transport_config(quic::transport(coord.config.timings.idle_timeout));
-        let endpoint = quinn::Endpoint::server(server_config, coord.config.daemon_listen)
-            .map_err(|source| StartError::Bind {
+        let endpoint = quinn::Endpoint::server(server_config, coord.config.daemon_listen).map_err(
+            |source| StartError::Bind {
                 what: "daemon, UDP",
                 addr: coord.config.daemon_listen,
                 source,
-            })?;
+            },
+        )?;
         let daemon_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             what: "daemon, UDP",
             addr: coord.config.daemon_listen,
@@ -130,14 +132,15 @@ impl Coordinator {
             source,
         })?;
 
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(crate::daemon::serve(coord.clone(), endpoint.clone())));
-        tasks.push(tokio::spawn(crate::https::serve(
-            listener,
-            Arc::new(api_tls),
-            crate::api::router(coord.clone()),
-        )));
-        tasks.push(tokio::spawn(monitor(coord.clone())));
+        let tasks = vec![
+            tokio::spawn(crate::daemon::serve(coord.clone(), endpoint.clone())),
+            tokio::spawn(crate::https::serve(
+                listener,
+                Arc::new(api_tls),
+                crate::api::router(coord.clone()),
+            )),
+            tokio::spawn(monitor(coord.clone())),
+        ];
         info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
               nodes = coord.fleet.snapshot().len(), "coordinator started");
         Ok(Running {
@@ -155,8 +158,10 @@ impl Coordinator {
 impl Running {
     /// Stops accepting, closes every node connection, and makes pending state durable.
     pub async fn shutdown(self) {
-        self.endpoint
-            .close(zy_common::proto::close::SHUTDOWN.into(), b"coordinator stopping");
+        self.endpoint.close(
+            zy_common::proto::close::SHUTDOWN.into(),
+            b"coordinator stopping",
+        );
         for t in &self.tasks {
             t.abort();
         }

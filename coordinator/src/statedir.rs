@@ -44,7 +44,9 @@ pub enum StateDirError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is readable by others (mode {mode:o}); it holds a private key and must be 0600")]
+    #[error(
+        "{path} is readable by others (mode {mode:o}); it holds a private key and must be 0600"
+    )]
     LooseKey { path: PathBuf, mode: u32 },
     #[error(transparent)]
     Tls(#[from] zy_common::tls::TlsError),
@@ -190,7 +192,6 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), StateDirError> {
         }
     })
 }
-
 
 /// Writes a state file atomically with `mode` from its creation.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateDirError> {

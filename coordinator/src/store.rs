@@ -348,10 +348,11 @@ impl Store {
         let txn = self.db.begin_write().map_err(StoreError::from)?;
         {
             let mut tokens = txn.open_table(TOKENS).map_err(StoreError::from)?;
-            let mut rec: TokenRecord = match tokens.get(token.0.as_slice()).map_err(StoreError::from)? {
-                Some(v) => decode("bootstrap_tokens", &token.0, v.value())?,
-                None => return Err(EnrollError::UnknownToken),
-            };
+            let mut rec: TokenRecord =
+                match tokens.get(token.0.as_slice()).map_err(StoreError::from)? {
+                    Some(v) => decode("bootstrap_tokens", &token.0, v.value())?,
+                    None => return Err(EnrollError::UnknownToken),
+                };
             if rec.secret_hash != secret {
                 return Err(EnrollError::BadSecret);
             }
@@ -376,7 +377,11 @@ impl Store {
                 }
             }
             let mut names = txn.open_table(NAMES).map_err(StoreError::from)?;
-            if names.get(node.name.as_str()).map_err(StoreError::from)?.is_some() {
+            if names
+                .get(node.name.as_str())
+                .map_err(StoreError::from)?
+                .is_some()
+            {
                 return Err(EnrollError::NameInUse(node.name.clone()));
             }
             rec.used = Some((node.id, now_ms));
@@ -464,8 +469,10 @@ impl Store {
             for u in updates.iter().filter(|u| u.transition.is_some()) {
                 prune_transitions(&mut transitions, u.node)?;
             }
-            txn.open_table(META)?
-                .insert("transition_seq", self.transition_seq.load(Ordering::Relaxed))?;
+            txn.open_table(META)?.insert(
+                "transition_seq",
+                self.transition_seq.load(Ordering::Relaxed),
+            )?;
         }
         txn.commit()?;
         Ok(())
@@ -591,7 +598,12 @@ mod tests {
             Err(EnrollError::NameInUse(_))
         ));
         assert_eq!(
-            s.tokens().unwrap().iter().find(|x| x.id == t2.id).unwrap().status(12),
+            s.tokens()
+                .unwrap()
+                .iter()
+                .find(|x| x.id == t2.id)
+                .unwrap()
+                .status(12),
             TokenStatus::Valid
         );
         s.revoke_token(t2.id, 13).unwrap().unwrap();

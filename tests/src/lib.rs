@@ -78,8 +78,16 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn pid_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+/// Whether a process runs: exists and is not a zombie (a killed process whose parent is
+/// gone may never be reaped in a container without an init).
+pub fn pid_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// Start time of a process (clock ticks since boot), to tell a reused pid from the owner.
@@ -315,11 +323,14 @@ impl Lab {
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
         let pid = child.id() as i32;
-        self.procs.lock().unwrap_or_else(|p| p.into_inner()).push(Proc {
-            name: name.to_string(),
-            child,
-            log,
-        });
+        self.procs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Proc {
+                name: name.to_string(),
+                child,
+                log,
+            });
         Ok(pid)
     }
 
@@ -336,12 +347,19 @@ impl Lab {
     }
 
     /// Sends a signal to a started process and, for SIGKILL/SIGTERM, reaps it.
-    pub fn signal(&self, name: &str, sig: nix::sys::signal::Signal) -> Option<std::process::ExitStatus> {
+    pub fn signal(
+        &self,
+        name: &str,
+        sig: nix::sys::signal::Signal,
+    ) -> Option<std::process::ExitStatus> {
         let mut procs = self.procs.lock().unwrap_or_else(|p| p.into_inner());
         let idx = procs.iter().rposition(|p| p.name == name)?;
         let pid = procs[idx].pid();
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
-        if matches!(sig, nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGTERM) {
+        if matches!(
+            sig,
+            nix::sys::signal::Signal::SIGKILL | nix::sys::signal::Signal::SIGTERM
+        ) {
             let mut p = procs.remove(idx);
             drop(procs);
             return wait_timeout(&mut p.child, Duration::from_secs(15));
@@ -415,7 +433,10 @@ impl Lab {
             s.spawn(|| -> Result<std::net::TcpStream> {
                 let f = File::open(&path)?;
                 nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
-                Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+                Ok(std::net::TcpStream::connect_timeout(
+                    &addr,
+                    Duration::from_secs(5),
+                )?)
             })
             .join()
             .map_err(|_| anyhow::anyhow!("setns thread panicked"))?
@@ -427,7 +448,9 @@ impl Lab {
             return;
         };
         for e in entries.flatten() {
-            let Ok(f) = File::open(e.path()) else { continue };
+            let Ok(f) = File::open(e.path()) else {
+                continue;
+            };
             let lines: Vec<String> = BufReader::new(f).lines().map_while(Result::ok).collect();
             eprintln!("----- {} (last 40 lines) -----", e.path().display());
             for l in lines.iter().skip(lines.len().saturating_sub(40)) {

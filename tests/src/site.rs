@@ -109,7 +109,15 @@ impl Site {
         self.lab.exec(
             &self.lab.node_ns(i),
             &bin("zy-agent"),
-            &["--data-dir", &dir, "join", &addr, token, "--name", &format!("n{i}")],
+            &[
+                "--data-dir",
+                &dir,
+                "join",
+                &addr,
+                token,
+                "--name",
+                &format!("n{i}"),
+            ],
             &[],
         )
     }
@@ -119,7 +127,10 @@ impl Site {
         let token = self.token(zone)?;
         let out = self.join_with(i, &token);
         if !out.status.success() {
-            bail!("join of n{i} failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "join of n{i} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -160,7 +171,12 @@ impl Site {
     }
 
     /// Waits until a node is Ready with a load report newer than `after_seq`.
-    pub fn wait_reporting(&self, name: &str, after_seq: u64, timeout: Duration) -> Result<NodeView> {
+    pub fn wait_reporting(
+        &self,
+        name: &str,
+        after_seq: u64,
+        timeout: Duration,
+    ) -> Result<NodeView> {
         wait_for(&format!("{name} to report"), timeout, || {
             self.nodes().ok()?.into_iter().find(|n| {
                 n.name == name

@@ -11,7 +11,11 @@ use zy_coordinator::statedir::StateDir;
 use zy_coordinator::Coordinator;
 
 #[derive(Debug, Parser)]
-#[command(name = "zy-coordinator", version, about = "The Zhengyun site coordinator")]
+#[command(
+    name = "zy-coordinator",
+    version,
+    about = "The Zhengyun site coordinator"
+)]
 struct Args {
     #[command(subcommand)]
     command: Cmd,
@@ -21,7 +25,11 @@ struct Args {
 enum Cmd {
     /// Create a state directory: site CA, server certificate, store, admin API token.
     Init {
-        #[arg(long, env = "ZY_STATE_DIR", default_value = "/var/lib/zhengyun/coordinator")]
+        #[arg(
+            long,
+            env = "ZY_STATE_DIR",
+            default_value = "/var/lib/zhengyun/coordinator"
+        )]
         state_dir: PathBuf,
         /// The site's name (a DNS label).
         #[arg(long, default_value = "site1")]
@@ -41,7 +49,11 @@ enum Cmd {
     },
     /// Run the coordinator.
     Run {
-        #[arg(long, env = "ZY_STATE_DIR", default_value = "/var/lib/zhengyun/coordinator")]
+        #[arg(
+            long,
+            env = "ZY_STATE_DIR",
+            default_value = "/var/lib/zhengyun/coordinator"
+        )]
         state_dir: PathBuf,
         /// Config file (default: <state-dir>/coordinator.toml).
         #[arg(long)]
