@@ -128,11 +128,12 @@ pub struct LoadSampler {
 }
 
 impl LoadSampler {
-    /// A sampler for a node whose data lives in `data_dir`.
+    /// A sampler for a node whose data lives in `data_dir`. Takes a first CPU sample so
+    /// that the first report already carries a rate.
     pub fn new(data_dir: &Path) -> Self {
         Self {
             data_dir: data_dir.to_path_buf(),
-            prev: None,
+            prev: Self::cpu_ticks().ok(),
             seq: 0,
         }
     }
