@@ -115,7 +115,10 @@ fn text(what: &str, s: &str, max: usize) -> Result<(), FrameError> {
 
 fn blob(what: &str, b: &[u8]) -> Result<(), FrameError> {
     if b.is_empty() || b.len() > MAX_DER {
-        return invalid(format!("{what} is {} bytes, not within 1..={MAX_DER}", b.len()));
+        return invalid(format!(
+            "{what} is {} bytes, not within 1..={MAX_DER}",
+            b.len()
+        ));
     }
     Ok(())
 }
@@ -239,7 +242,10 @@ pub struct LoadReport {
 impl LoadReport {
     fn validate(&self) -> Result<(), FrameError> {
         if !(self.cpu_percent.is_finite() && (0.0..=100.0).contains(&self.cpu_percent)) {
-            return invalid(format!("cpu percent {} is outside 0..=100", self.cpu_percent));
+            return invalid(format!(
+                "cpu percent {} is outside 0..=100",
+                self.cpu_percent
+            ));
         }
         for (name, v) in [
             ("load1", self.load1),
@@ -533,16 +539,18 @@ mod tests {
                 kind: EventKind::Notice { message: m },
             })
         });
-        let join = ("[a-z0-9-]{1,200}", proptest::collection::vec(any::<u8>(), 1..2000)).prop_map(
-            |(t, csr)| {
+        let join = (
+            "[a-z0-9-]{1,200}",
+            proptest::collection::vec(any::<u8>(), 1..2000),
+        )
+            .prop_map(|(t, csr)| {
                 Message::JoinRequest(JoinRequest {
                     token: t,
                     csr_der: csr,
                     name: "n1".into(),
                     agent_version: "0.1.0".into(),
                 })
-            },
-        );
+            });
         let cmd = (any::<u64>(), 100u32..=60_000).prop_map(|(id, ms)| {
             Message::Command(Command {
                 id,

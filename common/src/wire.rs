@@ -282,9 +282,15 @@ pub async fn open_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut S,
     ours: VersionRange,
 ) -> Result<u16, StreamError> {
-    io.write_all(&Preamble { range: ours, chosen: 0 }.to_bytes())
-        .await
-        .map_err(StreamError::Io)?;
+    io.write_all(
+        &Preamble {
+            range: ours,
+            chosen: 0,
+        }
+        .to_bytes(),
+    )
+    .await
+    .map_err(StreamError::Io)?;
     io.flush().await.map_err(StreamError::Io)?;
     let mut b = [0u8; PREAMBLE_LEN];
     io.read_exact(&mut b).await.map_err(io_or_closed)?;
@@ -311,9 +317,15 @@ pub async fn answer_preamble<S: AsyncRead + AsyncWrite + Unpin>(
     let theirs = Preamble::parse(&b)?.range;
     let result = negotiate(ours, theirs);
     let chosen = result.unwrap_or(0);
-    io.write_all(&Preamble { range: ours, chosen }.to_bytes())
-        .await
-        .map_err(StreamError::Io)?;
+    io.write_all(
+        &Preamble {
+            range: ours,
+            chosen,
+        }
+        .to_bytes(),
+    )
+    .await
+    .map_err(StreamError::Io)?;
     io.flush().await.map_err(StreamError::Io)?;
     Ok(result?)
 }
@@ -387,7 +399,10 @@ mod tests {
         let c = VersionRange { min: 4, max: 4 };
         let err = negotiate(a, c).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("versions 1 to 3") && msg.contains("version 4"), "{msg}");
+        assert!(
+            msg.contains("versions 1 to 3") && msg.contains("version 4"),
+            "{msg}"
+        );
     }
 
     #[tokio::test]
@@ -414,7 +429,10 @@ mod tests {
         let r: Result<u32, _> = read_frame(&mut b, 1, MAX_BODY, &mut buf).await;
         assert!(matches!(
             r,
-            Err(StreamError::Frame(FrameError::WrongVersion { got: 2, expected: 1 }))
+            Err(StreamError::Frame(FrameError::WrongVersion {
+                got: 2,
+                expected: 1
+            }))
         ));
     }
 
