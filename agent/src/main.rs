@@ -127,20 +127,13 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             let identity = IdentityDir::new(&cfg.data_dir).load()?;
             info!(node = %identity.node.node_id, name = %identity.node.name, zone = %identity.node.zone, "agent starting");
             zy_common::sdnotify::notify("READY=1");
-            if let Some(every) = zy_common::sdnotify::watchdog_interval() {
-                tokio::spawn(async move {
-                    loop {
-                        zy_common::sdnotify::notify("WATCHDOG=1");
-                        tokio::time::sleep(every).await;
-                    }
-                });
-            }
+            let _watchdog = zy_common::sdnotify::spawn_watchdog();
             tokio::select! {
                 e = zy_agent::link::run(&cfg, &identity) => {
                     eprintln!("zy-agent: {e}");
                     Ok(zy_agent::EXIT_REFUSED)
                 }
-                r = wait_for_signal() => {
+                r = async { zy_common::sdnotify::shutdown_signal().await.context("cannot watch for SIGTERM") } => {
                     r?;
                     info!("agent stopping");
                     Ok(0)
@@ -159,15 +152,4 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }

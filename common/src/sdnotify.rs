@@ -1,5 +1,6 @@
 //! The systemd notify protocol (`Type=notify`, `WatchdogSec=`), without a dependency:
-//! one datagram to `$NOTIFY_SOCKET`. Outside systemd every call is a no-op.
+//! one datagram to `$NOTIFY_SOCKET`. Outside systemd every call is a no-op. Also the
+//! signals that stop a daemon.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
@@ -34,4 +35,27 @@ pub fn watchdog_interval() -> Option<Duration> {
         }
     }
     Some(Duration::from_micros(usec / 2))
+}
+
+/// Pings the systemd watchdog at half the period systemd asked for, if it asked.
+pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+    let every = watchdog_interval()?;
+    Some(tokio::spawn(async move {
+        loop {
+            notify("WATCHDOG=1");
+            tokio::time::sleep(every).await;
+        }
+    }))
+}
+
+/// Resolves at the first SIGTERM or SIGINT: how both daemons learn to stop.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
 }

@@ -126,6 +126,20 @@ pub struct NodeLive {
     pub connected_since_ms: Option<u64>,
 }
 
+impl NodeLive {
+    /// A node not connected yet, whose silence counts from `now`.
+    fn fresh(record: NodeRecord, now: Instant) -> Self {
+        Self {
+            last_report_ms: record.last_seen_ms,
+            record,
+            load: None,
+            last_report: now,
+            session: None,
+            connected_since_ms: None,
+        }
+    }
+}
+
 /// Why a node's connection is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
@@ -164,20 +178,7 @@ impl Fleet {
     ) -> Self {
         let nodes = records
             .into_iter()
-            .map(|record| {
-                let last_report_ms = record.last_seen_ms;
-                (
-                    record.id,
-                    NodeLive {
-                        record,
-                        load: None,
-                        last_report: now,
-                        last_report_ms,
-                        session: None,
-                        connected_since_ms: None,
-                    },
-                )
-            })
+            .map(|record| (record.id, NodeLive::fresh(record, now)))
             .collect();
         Self {
             inner: Mutex::new(Inner {
@@ -227,19 +228,9 @@ impl Fleet {
 
     /// Records a new enrollment.
     pub fn insert_enrolled(&self, record: NodeRecord, now: Instant) {
-        let mut inner = lock(&self.inner);
-        let last_report_ms = record.last_seen_ms;
-        inner.nodes.insert(
-            record.id,
-            NodeLive {
-                record,
-                load: None,
-                last_report: now,
-                last_report_ms,
-                session: None,
-                connected_since_ms: None,
-            },
-        );
+        lock(&self.inner)
+            .nodes
+            .insert(record.id, NodeLive::fresh(record, now));
     }
 
     /// A node said Hello: attach its session, take its inventory, mark it alive.

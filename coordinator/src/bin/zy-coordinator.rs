@@ -151,15 +151,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .start()
                 .await?;
             zy_common::sdnotify::notify("READY=1");
-            let watchdog = zy_common::sdnotify::watchdog_interval().map(|every| {
-                tokio::spawn(async move {
-                    loop {
-                        zy_common::sdnotify::notify("WATCHDOG=1");
-                        tokio::time::sleep(every).await;
-                    }
-                })
-            });
-            wait_for_signal().await?;
+            let watchdog = zy_common::sdnotify::spawn_watchdog();
+            zy_common::sdnotify::shutdown_signal()
+                .await
+                .context("cannot watch for SIGTERM")?;
             zy_common::sdnotify::notify("STOPPING=1");
             if let Some(w) = watchdog {
                 w.abort();
@@ -170,15 +165,4 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
 }
