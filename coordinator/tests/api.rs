@@ -1,0 +1,213 @@
+//! The HTTP API in-process on loopback: every kind of bad request gets a clear JSON error
+//! with the right status, and nothing is written.
+
+use hyper::{Method, StatusCode};
+use zy_coordinator::api_types::{CreatedToken, Health, TokenView};
+use zy_coordinator::client::{Client, ClientError};
+use zy_coordinator::config::CoordinatorConfig;
+use zy_coordinator::statedir::StateDir;
+use zy_coordinator::Coordinator;
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn start() -> (TempDir, zy_coordinator::server::Running, Client, String) {
+    let dir = TempDir(std::env::temp_dir().join(format!("zy-api-test-{}", rand::random::<u64>())));
+    let config = CoordinatorConfig {
+        daemon_listen: "127.0.0.1:0".parse().unwrap(),
+        api_listen: "127.0.0.1:0".parse().unwrap(),
+        ..CoordinatorConfig::default()
+    };
+    let sd = StateDir::new(&dir.0);
+    let out = sd.init(&config, &[], "unused").unwrap();
+    let running = Coordinator::open(sd.clone(), config)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let ca = std::fs::read_to_string(sd.ca_cert()).unwrap();
+    let ca = zy_common::tls::certs_from_pem("ca", &ca).unwrap().remove(0);
+    let tls = zy_common::tls::https_client_config(&ca).unwrap();
+    let token = out.admin_token.to_string();
+    let client = Client::new(&running.bound.api.to_string(), Some(token.clone()), tls);
+    (dir, running, client, token)
+}
+
+fn api_err(e: ClientError) -> (StatusCode, String, String) {
+    match e {
+        ClientError::Api {
+            status,
+            code,
+            message,
+        } => (status, code, message),
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let (_dir, running, c, _token) = start().await;
+    let h: Health = c.call(Method::GET, "/v1/health", None).await.unwrap();
+    assert_eq!(h.status, "ok");
+
+    let cases: Vec<(Method, &str, Option<serde_json::Value>, StatusCode, &str)> = vec![
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({"zone": "moon", "ttl_secs": 600})),
+            StatusCode::BAD_REQUEST,
+            "unknown variant",
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({"zone": "intranet", "ttl_secs": 5})),
+            StatusCode::BAD_REQUEST,
+            "outside",
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({"zone": "intranet", "ttl_secs": 600, "admin": true})),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!("garbage")),
+            StatusCode::BAD_REQUEST,
+            "bad token request",
+        ),
+        (
+            Method::POST,
+            "/v1/tokens",
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad token request",
+        ),
+        (
+            Method::GET,
+            "/v1/nodes/nope",
+            None,
+            StatusCode::NOT_FOUND,
+            "no node",
+        ),
+        (
+            Method::DELETE,
+            "/v1/nodes/nope",
+            None,
+            StatusCode::NOT_FOUND,
+            "no node",
+        ),
+        (
+            Method::POST,
+            "/v1/nodes/nope/ping",
+            None,
+            StatusCode::NOT_FOUND,
+            "no node",
+        ),
+        (
+            Method::DELETE,
+            "/v1/tokens/xyz",
+            None,
+            StatusCode::BAD_REQUEST,
+            "not a token id",
+        ),
+        (
+            Method::DELETE,
+            "/v1/tokens/0011223344556677",
+            None,
+            StatusCode::NOT_FOUND,
+            "no token",
+        ),
+        (
+            Method::GET,
+            "/v1/nowhere",
+            None,
+            StatusCode::NOT_FOUND,
+            "no such API path",
+        ),
+        (
+            Method::PUT,
+            "/v1/nodes",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "does not take that method",
+        ),
+    ];
+    for (method, path, body, status, want) in cases {
+        let e = c
+            .call::<serde_json::Value>(method.clone(), path, body)
+            .await
+            .unwrap_err();
+        let (got, _code, message) = api_err(e);
+        assert_eq!(got, status, "{method} {path}: {message}");
+        assert!(
+            message.contains(want),
+            "{method} {path}: `{message}` lacks `{want}`"
+        );
+    }
+    // An oversized body is refused before it is read whole.
+    let huge = serde_json::json!({"zone": "intranet", "ttl_secs": 600, "pad": "x".repeat(200_000)});
+    let (status, ..) = api_err(
+        c.call::<serde_json::Value>(Method::POST, "/v1/tokens", Some(huge))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let tokens: Vec<TokenView> = c.call(Method::GET, "/v1/tokens", None).await.unwrap();
+    assert!(tokens.is_empty(), "no bad request wrote anything");
+
+    let t: CreatedToken = c
+        .call(
+            Method::POST,
+            "/v1/tokens",
+            Some(serde_json::json!({"zone": "extranet", "ttl_secs": 600})),
+        )
+        .await
+        .unwrap();
+    assert!(t.token.starts_with("zyj1-"));
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_route_but_health_and_the_document_needs_a_valid_token() {
+    let (_dir, running, c, token) = start().await;
+    let addr = running.bound.api.to_string();
+    let ca = std::fs::read_to_string(running.coord.state.ca_cert()).unwrap();
+    let ca = zy_common::tls::certs_from_pem("ca", &ca).unwrap().remove(0);
+    let tls = || zy_common::tls::https_client_config(&ca).unwrap();
+    let mut wrong = token.clone();
+    let last = wrong.pop().unwrap();
+    wrong.push(if last == '0' { '1' } else { '0' });
+    for bad in [None, Some("garbage".to_string()), Some(wrong)] {
+        let anon = Client::new(&addr, bad, tls());
+        for (m, p) in zy_coordinator::api::ROUTES {
+            let method: Method = m.to_uppercase().parse().unwrap();
+            let path = p
+                .replace("{node}", "n1")
+                .replace("{id}", "0011223344556677");
+            let r = anon
+                .call::<serde_json::Value>(method, &path, Some(serde_json::json!({})))
+                .await;
+            if *p == "/v1/health" || *p == "/v1/openapi.json" {
+                assert!(r.is_ok(), "{m} {p} is public");
+            } else {
+                let (status, code, _) = api_err(r.unwrap_err());
+                assert_eq!(
+                    (status, code.as_str()),
+                    (StatusCode::UNAUTHORIZED, "unauthorized"),
+                    "{m} {p}"
+                );
+            }
+        }
+    }
+    let doc: serde_json::Value = c.call(Method::GET, "/v1/openapi.json", None).await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    running.shutdown().await;
+}
