@@ -26,6 +26,8 @@ use crate::Coordinator;
 
 /// How long a peer has to open its stream and say its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an enrollment waits for a free slot before it is turned away.
+const JOIN_QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outgoing messages queued per node before commands are refused as busy.
 const SESSION_QUEUE: usize = 64;
 
@@ -51,9 +53,15 @@ pub async fn serve(coord: Arc<Coordinator>, endpoint: quinn::Endpoint) {
                 .and_then(|certs| certs.first().map(|c| NodeIdentity::from_cert(c)));
             match identity {
                 None => {
-                    let Ok(_permit) = coord.join_slots.clone().try_acquire_owned() else {
-                        warn!(%remote, "too many enrollments in flight; dropping one");
-                        conn.close(close::REFUSED.into(), b"busy");
+                    // Enrollments beyond the limit wait their turn, up to a bound.
+                    let slot = tokio::time::timeout(
+                        JOIN_QUEUE_TIMEOUT,
+                        coord.join_slots.clone().acquire_owned(),
+                    )
+                    .await;
+                    let Ok(Ok(_permit)) = slot else {
+                        warn!(%remote, "too many enrollments in flight for too long; dropping one");
+                        conn.close(close::REFUSED.into(), b"coordinator busy enrolling; retry");
                         return;
                     };
                     let span = tracing::info_span!("join", %remote);
@@ -177,13 +185,11 @@ async fn enroll(
         ));
     }
     let store = coord.store.clone();
-    let lookup = tokio::task::spawn_blocking(move || store.tokens())
+    let id = token.id;
+    let zone = tokio::task::spawn_blocking(move || store.token(id))
         .await
         .map_err(|e| (RefusalCode::Internal, e.to_string()))?
-        .map_err(|e| (RefusalCode::Internal, e.to_string()))?;
-    let zone = lookup
-        .iter()
-        .find(|t| t.id == token.id)
+        .map_err(|e| (RefusalCode::Internal, e.to_string()))?
         .map(|t| t.zone)
         .ok_or((
             RefusalCode::TokenInvalid,

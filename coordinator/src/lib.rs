@@ -18,6 +18,7 @@ pub mod membership;
 pub mod server;
 pub mod statedir;
 pub mod store;
+mod sys;
 
 pub use server::Coordinator;
 

@@ -18,6 +18,10 @@ use crate::fleet::Fleet;
 use crate::statedir::{StateDir, StateDirError};
 use crate::store::{ApiTokenRecord, Store, StoreError};
 
+/// Socket buffers of the daemon port: a reconnect storm of thousands of agents arrives at
+/// once, and the kernel's default (~208 KiB) drops handshakes.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
 /// How often membership is evaluated and made durable.
 const MONITOR_TICK: Duration = Duration::from_millis(250);
 
@@ -105,18 +109,21 @@ impl Coordinator {
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
         server_config.transport_config(quic::transport(coord.config.timings.idle_timeout));
-        let endpoint = quinn::Endpoint::server(server_config, coord.config.daemon_listen).map_err(
-            |source| StartError::Bind {
-                what: "daemon, UDP",
-                addr: coord.config.daemon_listen,
-                source,
-            },
-        )?;
-        let daemon_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+        let bind_err = |source| StartError::Bind {
             what: "daemon, UDP",
             addr: coord.config.daemon_listen,
             source,
-        })?;
+        };
+        let socket = std::net::UdpSocket::bind(coord.config.daemon_listen).map_err(bind_err)?;
+        crate::sys::grow_socket_buffers(&socket, UDP_BUFFER_BYTES);
+        let daemon_addr = socket.local_addr().map_err(bind_err)?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_err)?;
 
         let api_tls = tls::https_server_config(chain, key)?;
         let listener = tokio::net::TcpListener::bind(coord.config.api_listen)

@@ -287,6 +287,16 @@ impl Store {
         self.scan(TOKENS, "bootstrap_tokens")
     }
 
+    /// One bootstrap token, by id.
+    pub fn token(&self, id: TokenId) -> Result<Option<TokenRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOKENS)?;
+        table
+            .get(id.0.as_slice())?
+            .map(|v| decode("bootstrap_tokens", &id.0, v.value()))
+            .transpose()
+    }
+
     /// Every API token.
     pub fn api_tokens(&self) -> Result<Vec<ApiTokenRecord>, StoreError> {
         self.scan(API_TOKENS, "api_tokens")
