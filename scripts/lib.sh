@@ -43,3 +43,24 @@ ensure_base() {
     ensure_packages ip:iproute2 cc:gcc pkg-config:pkg-config
     ensure_rust
 }
+
+# QEMU 10 from bookworm-backports (bookworm's own 7.2 would also replace the machine's
+# qemu-utils 10). The backports line reuses the Debian mirror this machine already uses.
+ensure_qemu() {
+    if command -v qemu-system-x86_64 >/dev/null 2>&1; then
+        local major
+        major=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\).*/\1/p' | head -1)
+        [[ "${major:-0}" -ge 8 ]] && return 0
+    fi
+    if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        local uri
+        uri=$(awk '/^URIs:/{u=$2} /^Suites:/ && / bookworm( |$)/{print u; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+        [[ -n "$uri" ]] || uri=$(awk '$1=="deb" && $3=="bookworm"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+        [[ -n "$uri" ]] || die "cannot find this machine's Debian mirror to add bookworm-backports"
+        printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" \
+            > /etc/apt/sources.list.d/zy-backports.sources
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq -t bookworm-backports --no-install-recommends qemu-system-x86 qemu-utils >/dev/null
+}

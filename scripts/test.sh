@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The test command: installs what a fresh Debian 12 machine lacks, then runs the whole suite:
-# formatting, lints, unit and property tests, and the lab tests (real binaries in network
-# namespaces). Run as root. CI runs exactly this (.ci/run).
+# formatting, lints, unit and property tests, real QEMU guests (TCG where KVM is unusable),
+# and the lab tests (real binaries in network namespaces). Run as root. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/lib.sh
 
 need_root
 ensure_base
+ensure_qemu
+bash images/make-test-guest.sh
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy 2>/dev/null || true
 
 start=$(date +%s)

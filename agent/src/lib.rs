@@ -15,6 +15,7 @@ pub mod join;
 pub mod link;
 pub mod net;
 mod sys;
+pub mod vm;
 
 /// The exit code of an agent the coordinator permanently refused (sysexits EX_CONFIG):
 /// systemd's `RestartPreventExitStatus=78` keeps it from restarting in a loop.

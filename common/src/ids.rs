@@ -47,6 +47,33 @@ impl FromStr for NodeId {
     }
 }
 
+/// The identity of a VM, minted by the coordinator when the VM is asked for. It names the
+/// VM's QEMU process (`-uuid`), its files on the node and its records everywhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VmId(pub Uuid);
+
+impl VmId {
+    /// A fresh random VM id.
+    pub fn new_random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for VmId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| IdError::BadVmId(truncate_for_error(s)))
+    }
+}
+
 /// The public half of a bootstrap token: names the token in listings and revocations.
 /// The secret half is never stored, only its hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -123,6 +150,8 @@ impl FromStr for Zone {
 pub enum IdError {
     #[error("`{0}` is not a node id (expected a UUID such as 0f8e6c1a-...)")]
     BadNodeId(String),
+    #[error("`{0}` is not a VM id (expected a UUID)")]
+    BadVmId(String),
     #[error("`{0}` is not a token id (expected 16 hex digits)")]
     BadTokenId(String),
     #[error("unknown zone `{0}`: the zones are `extranet` and `intranet`")]

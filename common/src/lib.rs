@@ -20,7 +20,7 @@ pub mod tls;
 pub mod token;
 pub mod wire;
 
-pub use ids::{NodeId, TokenId, Zone};
+pub use ids::{NodeId, TokenId, VmId, Zone};
 
 /// The version of this build, reported by agents in their inventory.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

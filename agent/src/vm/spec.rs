@@ -1,0 +1,309 @@
+//! A VM as the agent runs it: a typed spec, and the QEMU command line built from it.
+//!
+//! Building the command line is pure (no I/O), so every argument can be checked in a unit
+//! test; values that reach QEMU's option parser are validated first, since a comma in a path
+//! would start a new option.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use zy_common::proto::Accel;
+use zy_common::VmId;
+
+/// Bounds a spec must stay within.
+pub const MAX_VCPUS: u32 = 64;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_MEMORY_MIB: u64 = 1024 * 1024;
+
+/// How a VM boots.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Boot {
+    /// A kernel and initramfs given directly (the test guest).
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// The first disk's boot loader.
+    Disk,
+}
+
+/// One disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
+}
+
+/// One NIC, on a tap device the network layer made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    pub tap: String,
+    pub mac: [u8; 6],
+}
+
+/// Everything QEMU needs to run one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub id: VmId,
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub accel: Accel,
+    pub boot: Boot,
+    pub disks: Vec<DiskSpec>,
+    pub nics: Vec<NicSpec>,
+}
+
+/// A spec that QEMU must not see.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("{0} vCPUs is outside 1..={MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("{0} MiB of memory is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}")]
+    Memory(u64),
+    #[error("{what} `{value}` cannot be passed to QEMU (commas, control characters or non-UTF-8)")]
+    Unsafe { what: &'static str, value: String },
+    #[error("disk format `{0}` is not qcow2 or raw")]
+    Format(String),
+    #[error("a VM booting from disk needs a disk")]
+    NoDisk,
+}
+
+/// Where a VM's files live on the node.
+#[derive(Clone, Debug)]
+pub struct VmPaths {
+    pub dir: PathBuf,
+}
+
+impl VmPaths {
+    /// The files of VM `id` under the agent's data directory.
+    pub fn new(data_dir: &Path, id: VmId) -> Self {
+        Self {
+            dir: data_dir.join("vms").join(id.to_string()),
+        }
+    }
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+    pub fn console_sock(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+}
+
+fn safe_path<'a>(what: &'static str, p: &'a Path) -> Result<&'a str, SpecError> {
+    let s = p.to_str().ok_or_else(|| SpecError::Unsafe {
+        what,
+        value: p.display().to_string(),
+    })?;
+    safe(what, s)
+}
+
+fn safe<'a>(what: &'static str, s: &'a str) -> Result<&'a str, SpecError> {
+    if s.contains(',') || s.chars().any(char::is_control) {
+        return Err(SpecError::Unsafe {
+            what,
+            value: zy_common::ids::truncate_for_error(s),
+        });
+    }
+    Ok(s)
+}
+
+impl VmSpec {
+    /// Checks the spec before anything is made for it.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(SpecError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(SpecError::Memory(self.memory_mib));
+        }
+        zy_common::ids::validate_name(&self.name).map_err(|_| SpecError::Unsafe {
+            what: "name",
+            value: zy_common::ids::truncate_for_error(&self.name),
+        })?;
+        for d in &self.disks {
+            safe_path("disk path", &d.path)?;
+            if d.format != "qcow2" && d.format != "raw" {
+                return Err(SpecError::Format(d.format.clone()));
+            }
+        }
+        for n in &self.nics {
+            safe("tap name", &n.tap)?;
+        }
+        match &self.boot {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                safe_path("kernel", kernel)?;
+                if let Some(i) = initrd {
+                    safe_path("initrd", i)?;
+                }
+                if cmdline.chars().any(char::is_control) {
+                    return Err(SpecError::Unsafe {
+                        what: "kernel command line",
+                        value: zy_common::ids::truncate_for_error(cmdline),
+                    });
+                }
+            }
+            Boot::Disk if self.disks.is_empty() => return Err(SpecError::NoDisk),
+            Boot::Disk => {}
+        }
+        Ok(())
+    }
+
+    /// QEMU's arguments (without the program). Validates first.
+    pub fn qemu_args(&self, paths: &VmPaths) -> Result<Vec<String>, SpecError> {
+        self.validate()?;
+        let dir = safe_path("VM directory", &paths.dir)?;
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        push(&["-name", &format!("guest={},debug-threads=on", self.name)]);
+        push(&["-uuid", &self.id.to_string()]);
+        push(&["-machine", &format!("q35,accel={accel}")]);
+        push(&["-cpu", cpu]);
+        push(&["-smp", &self.vcpus.to_string()]);
+        push(&["-m", &self.memory_mib.to_string()]);
+        push(&["-nodefaults", "-no-user-config", "-nographic"]);
+        push(&["-qmp", &format!("unix:{dir}/qmp.sock,server=on,wait=off")]);
+        push(&[
+            "-chardev",
+            &format!("socket,id=console,path={dir}/console.sock,server=on,wait=off"),
+        ]);
+        push(&["-serial", "chardev:console"]);
+        push(&["-pidfile", &format!("{dir}/qemu.pid")]);
+        if let Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } = &self.boot
+        {
+            push(&["-kernel", safe_path("kernel", kernel)?]);
+            if let Some(i) = initrd {
+                push(&["-initrd", safe_path("initrd", i)?]);
+            }
+            push(&["-append", cmdline]);
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let path = safe_path("disk path", &d.path)?;
+            push(&[
+                "-blockdev",
+                &format!("driver=file,filename={path},node-name=file{i},cache.direct=off"),
+            ]);
+            push(&[
+                "-blockdev",
+                &format!("driver={},file=file{i},node-name=disk{i}", d.format),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "virtio-blk-pci,drive=disk{i},id=disk{i}{}",
+                    if i == 0 && self.boot == Boot::Disk {
+                        ",bootindex=0"
+                    } else {
+                        ""
+                    }
+                ),
+            ]);
+        }
+        for (i, n) in self.nics.iter().enumerate() {
+            let m = n.mac;
+            push(&[
+                "-netdev",
+                &format!("tap,id=nic{i},ifname={},script=no,downscript=no", n.tap),
+            ]);
+            push(&[
+                "-device",
+                &format!(
+                    "virtio-net-pci,netdev=nic{i},id=nic{i},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+            ]);
+        }
+        Ok(a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: VmId::new_random(),
+            name: "web-1".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            accel: Accel::Tcg,
+            boot: Boot::Kernel {
+                kernel: "/img/vmlinuz".into(),
+                initrd: Some("/img/initramfs.gz".into()),
+                cmdline: "console=ttyS0 zy.name=web-1".into(),
+            },
+            disks: vec![DiskSpec {
+                path: "/d/root.qcow2".into(),
+                format: "qcow2".into(),
+            }],
+            nics: vec![NicSpec {
+                tap: "zyt0".into(),
+                mac: [0x52, 0x54, 0, 1, 2, 3],
+            }],
+        }
+    }
+
+    #[test]
+    fn builds_a_tcg_command_line() {
+        let s = spec();
+        let args = s
+            .qemu_args(&VmPaths { dir: "/v/x".into() })
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains("-machine q35,accel=tcg -cpu max -smp 2 -m 256"),
+            "{args}"
+        );
+        assert!(args.contains("-qmp unix:/v/x/qmp.sock,server=on,wait=off"));
+        assert!(args.contains("virtio-net-pci,netdev=nic0,id=nic0,mac=52:54:00:01:02:03"));
+        assert!(args.contains("driver=qcow2,file=file0,node-name=disk0"));
+        assert!(args.contains("-append console=ttyS0 zy.name=web-1"));
+    }
+
+    #[test]
+    fn refuses_what_qemu_must_not_see() {
+        let mut s = spec();
+        s.vcpus = 0;
+        assert_eq!(s.validate(), Err(SpecError::Vcpus(0)));
+        let mut s = spec();
+        s.memory_mib = 1 << 40;
+        assert!(matches!(s.validate(), Err(SpecError::Memory(_))));
+        let mut s = spec();
+        s.disks[0].path = "/d/a,driver=raw".into();
+        assert!(matches!(s.validate(), Err(SpecError::Unsafe { .. })));
+        let mut s = spec();
+        s.disks[0].format = "vmdk".into();
+        assert!(matches!(s.validate(), Err(SpecError::Format(_))));
+        let mut s = spec();
+        s.name = "Bad Name".into();
+        assert!(s.validate().is_err());
+        let mut s = spec();
+        s.boot = Boot::Disk;
+        s.disks.clear();
+        assert_eq!(s.validate(), Err(SpecError::NoDisk));
+    }
+}
