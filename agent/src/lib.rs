@@ -14,6 +14,7 @@ pub mod identity;
 pub mod join;
 pub mod link;
 pub mod net;
+pub mod netdev;
 mod sys;
 pub mod vm;
 

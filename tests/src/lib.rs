@@ -443,6 +443,21 @@ impl Lab {
         })
     }
 
+    /// Runs `f` on a thread inside a namespace, with a tokio runtime of its own (so that
+    /// sockets, netlink included, are opened in that namespace).
+    pub fn run_in<T: Send>(&self, ns: &str, f: impl FnOnce() -> T + Send) -> T {
+        let path = PathBuf::from("/var/run/netns").join(ns);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let file = File::open(&path).expect("open the namespace");
+                nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+                f()
+            })
+            .join()
+            .expect("namespace thread panicked")
+        })
+    }
+
     fn print_logs(&self) {
         let Ok(entries) = std::fs::read_dir(self.dir.join("logs")) else {
             return;
