@@ -5,7 +5,8 @@
 #   <out>/initramfs.gz     busybox + the virtio modules + an /init that configures the guest
 #                          from the kernel command line
 #
-# The guest reads `zy.name=`, `zy.ip=<addr>/<len>` and `zy.gw=` from /proc/cmdline, brings
+# The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=` (and, for tests,
+# `zy.poweroff_after=<seconds>`) from /proc/cmdline, brings
 # eth0 up with that address (it then answers ping), powers off cleanly on an ACPI power
 # button press (QMP system_powerdown), prints `ZY-READY <name>` on the serial console, and
 # keeps a shell on the console.
@@ -85,6 +86,7 @@ for arg in $(cat /proc/cmdline); do
         zy.name=*) ZY_name="${arg#zy.name=}" ;;
         zy.ip=*) ZY_ip="${arg#zy.ip=}" ;;
         zy.gw=*) ZY_gw="${arg#zy.gw=}" ;;
+        zy.poweroff_after=*) ZY_poweroff_after="${arg#zy.poweroff_after=}" ;;
     esac
 done
 hostname "$ZY_name"
@@ -101,6 +103,10 @@ printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /tmp/acpid.log
 echo "ZY-READY $ZY_name"
+# Tests of guest-initiated poweroff ask for one on the command line.
+if [ -n "$ZY_poweroff_after" ]; then
+    (sleep "$ZY_poweroff_after"; echo "ZY-POWEROFF $ZY_name"; poweroff -f) &
+fi
 while true; do
     setsid cttyhack sh
 done

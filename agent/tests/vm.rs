@@ -119,7 +119,7 @@ async fn a_crash_is_noticed_with_the_last_console_lines() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(10), l.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(10), l.proc.exited())
         .await
         .unwrap()
         .unwrap();
@@ -155,4 +155,159 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
     };
     let err = runner::launch(&qemu(), &gone, &paths).await.unwrap_err();
     assert!(err.to_string().contains("exited at start"), "{err}");
+}
+
+mod manager {
+    use super::*;
+    use tokio::sync::{mpsc, oneshot};
+    use zy_agent::vm::actor::{Ctx, Request};
+    use zy_agent::vm::manager::VmManager;
+    use zy_common::vm::VmState;
+
+    fn ctx(dir: &std::path::Path) -> (Ctx, mpsc::Receiver<zy_agent::vm::actor::VmEvent>) {
+        let (tx, rx) = mpsc::channel(64);
+        (
+            Ctx {
+                qemu: qemu(),
+                data_dir: dir.to_path_buf(),
+                events: tx,
+            },
+            rx,
+        )
+    }
+
+    async fn wait_state(h: &zy_agent::vm::actor::VmHandle, want: &str) -> Option<i32> {
+        let t0 = Instant::now();
+        loop {
+            let s = h.status.borrow().clone();
+            if s.state.name() == want {
+                return s.pid;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "VM is {} not {want}",
+                s.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn vms_outlive_the_agent_and_are_reattached_or_restarted() {
+        let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmm-{}", rand::random::<u64>())));
+        let (c, _events) = ctx(&tmp.0);
+        let m = VmManager::recover(c.clone()).await;
+        let s = spec("vm-keep", None);
+        let id = s.id;
+        let paths = VmPaths::new(&tmp.0, id);
+        let h = m.create(s.clone(), true).unwrap();
+        let pid = wait_state(&h, "running").await.unwrap();
+        wait_console(
+            &paths.console_log(),
+            "ZY-READY vm-keep",
+            Duration::from_secs(120),
+        )
+        .await;
+        assert!(matches!(
+            m.create(s, true),
+            Err(zy_agent::vm::manager::CreateError::Exists(_))
+        ));
+
+        // The "agent" goes away: its actors end, QEMU does not.
+        drop(h);
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(runner::is_qemu_of(pid, id), "QEMU outlived the agent");
+
+        // A new agent finds the same process, running and controllable.
+        let m = VmManager::recover(c.clone()).await;
+        let h = m.get(id).unwrap();
+        assert_eq!(wait_state(&h, "running").await, Some(pid));
+        let (tx, rx) = oneshot::channel();
+        h.send(Request::Stop {
+            grace: Duration::from_secs(30),
+            reply: tx,
+        })
+        .unwrap();
+        assert_eq!(rx.await.unwrap().unwrap(), StopHow::Graceful);
+        drop(h);
+        drop(m);
+
+        // Stopped stays stopped across a restart; started again, then lost while the agent
+        // is away, it is started anew by the next agent.
+        let m = VmManager::recover(c.clone()).await;
+        let h = m.get(id).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.state(), VmState::Stopped);
+        let (tx, rx) = oneshot::channel();
+        h.send(Request::Start(tx)).unwrap();
+        rx.await.unwrap().unwrap();
+        let pid2 = wait_state(&h, "running").await.unwrap();
+        drop(h);
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid2),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let m = VmManager::recover(c).await;
+        let h = m.get(id).unwrap();
+        let pid3 = wait_state(&h, "running").await.unwrap();
+        assert_ne!(pid3, pid2);
+
+        // Delete stops it and leaves nothing behind.
+        let (tx, rx) = oneshot::channel();
+        h.send(Request::Delete(tx)).unwrap();
+        rx.await.unwrap().unwrap();
+        m.forget(id);
+        assert!(!paths.dir.exists());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!runner::is_qemu_of(pid3, id));
+    }
+
+    #[tokio::test]
+    async fn a_crash_and_a_guest_poweroff_are_told_apart() {
+        let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmm-{}", rand::random::<u64>())));
+        let (c, mut events) = ctx(&tmp.0);
+        let m = VmManager::recover(c).await;
+        let a = m.create(spec("vm-crash", None), true).unwrap();
+        let mut off = spec("vm-off", None);
+        if let Boot::Kernel { cmdline, .. } = &mut off.boot {
+            cmdline.push_str(" zy.poweroff_after=3");
+        }
+        let b = m.create(off, true).unwrap();
+        let pa = wait_state(&a, "running").await.unwrap();
+        wait_state(&b, "running").await;
+        for (h, name) in [(&a, "vm-crash"), (&b, "vm-off")] {
+            wait_console(
+                &VmPaths::new(&tmp.0, h.id).console_log(),
+                &format!("ZY-READY {name}"),
+                Duration::from_secs(120),
+            )
+            .await;
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pa),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_state(&a, "failed").await;
+        let reason = a.state().to_string();
+        assert!(
+            reason.contains("QEMU died") && reason.contains("ZY-READY vm-crash"),
+            "{reason}"
+        );
+        // The other guest powers itself off (zy.poweroff_after): noticed as a stop.
+        wait_state(&b, "stopped").await;
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push((e.id, e.status.state.name()));
+        }
+        assert!(
+            seen.contains(&(a.id, "failed")) && seen.contains(&(b.id, "stopped")),
+            "{seen:?}"
+        );
+    }
 }

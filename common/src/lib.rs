@@ -18,6 +18,7 @@ pub mod sdnotify;
 pub mod time;
 pub mod tls;
 pub mod token;
+pub mod vm;
 pub mod wire;
 
 pub use ids::{NodeId, TokenId, VmId, Zone};

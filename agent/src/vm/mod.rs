@@ -10,9 +10,15 @@
 //!
 //! - [`spec`]: the typed spec and the QEMU command line built from it (pure).
 //! - [`qmp`]: the QMP client.
-//! - [`runner`]: starting a QEMU process, its capped console log, and stopping it
-//!   (ACPI powerdown, then `quit`, then SIGKILL).
+//! - [`runner`]: starting a QEMU process, its capped console log, stopping it (ACPI
+//!   powerdown, then `quit`, then SIGKILL), and re-attaching to it after an agent restart.
+//! - [`record`]: what the node keeps per VM so that it can re-attach.
+//! - [`actor`]: one task per VM owning its state; requests through a bounded channel.
+//! - [`manager`]: every VM of the node; recovery at agent start.
 
+pub mod actor;
+pub mod manager;
 pub mod qmp;
+pub mod record;
 pub mod runner;
 pub mod spec;

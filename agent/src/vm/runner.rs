@@ -42,14 +42,107 @@ pub enum RunError {
     Qmp(#[from] QmpError),
 }
 
-/// A QEMU process this agent started.
+/// A QEMU process: one this agent started (its child), or one it found running after its
+/// own restart (someone else's child now, watched through `/proc`).
+#[derive(Debug)]
+pub enum Proc {
+    Child(tokio::process::Child),
+    Foreign(i32),
+}
+
+impl Proc {
+    /// Waits until the process is gone; the exit status when it was our child.
+    pub async fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        match self {
+            Proc::Child(c) => c.wait().await.ok(),
+            Proc::Foreign(pid) => {
+                while pid_is_qemu_alive(*pid) {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether it has exited, without waiting.
+    pub fn has_exited(&mut self) -> bool {
+        match self {
+            Proc::Child(c) => c.try_wait().ok().flatten().is_some(),
+            Proc::Foreign(pid) => !pid_is_qemu_alive(*pid),
+        }
+    }
+
+    fn kill(&mut self) {
+        match self {
+            Proc::Child(c) => {
+                let _ = c.start_kill();
+            }
+            Proc::Foreign(pid) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn pid_is_qemu_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
+}
+
+/// Whether `pid` is the QEMU of VM `id` (its command line carries `-uuid <id>`).
+pub fn is_qemu_of(pid: i32, id: zy_common::VmId) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = id.to_string();
+    let mut args = cmdline.split(|b| *b == 0);
+    while let Some(a) = args.next() {
+        if a == b"-uuid" {
+            return args.next() == Some(want.as_bytes());
+        }
+    }
+    false
+}
+
+/// A running QEMU and its QMP session.
 #[derive(Debug)]
 pub struct Launched {
     pub pid: i32,
-    pub child: tokio::process::Child,
+    pub proc: Proc,
     pub qmp: Qmp,
-    /// From spawn to QMP reporting `running`.
+    /// From spawn to QMP reporting `running` (zero when re-attached).
     pub startup: Duration,
+}
+
+/// Finds a VM's QEMU after an agent restart: its pid file names a live process whose
+/// command line carries the VM's id, and its QMP socket answers. `None` if it is not running.
+pub async fn attach(spec: &VmSpec, paths: &VmPaths) -> Result<Option<Launched>, RunError> {
+    let Ok(text) = std::fs::read_to_string(paths.pidfile()) else {
+        return Ok(None);
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return Ok(None);
+    };
+    if !pid_is_qemu_alive(pid) || !is_qemu_of(pid, spec.id) {
+        return Ok(None);
+    }
+    let qmp = Qmp::connect(&paths.qmp()).await?;
+    tokio::spawn(copy_console(paths.console_sock(), paths.console_log()));
+    Ok(Some(Launched {
+        pid,
+        proc: Proc::Foreign(pid),
+        qmp,
+        startup: Duration::ZERO,
+    }))
 }
 
 /// Starts QEMU for `spec` and waits until QMP says it runs.
@@ -113,19 +206,20 @@ pub async fn launch(qemu: &Path, spec: &VmSpec, paths: &VmPaths) -> Result<Launc
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     tokio::spawn(copy_console(paths.console_sock(), paths.console_log()));
-    let mut launched = Launched {
-        pid,
-        child,
-        qmp,
-        startup: Duration::ZERO,
-    };
-    let status = match launched.qmp.status().await {
+    let mut qmp = qmp;
+    let status = match qmp.status().await {
         Ok(s) => s,
         Err(e) => {
-            return Err(early_exit(&mut launched.child, &stderr_path)
+            return Err(early_exit(&mut child, &stderr_path)
                 .await
                 .unwrap_or(e.into()))
         }
+    };
+    let mut launched = Launched {
+        pid,
+        proc: Proc::Child(child),
+        qmp,
+        startup: Duration::ZERO,
     };
     if status != "running" {
         warn!(%status, "QEMU is not running after start");
@@ -214,23 +308,23 @@ pub enum StopHow {
 
 /// Stops a VM: ACPI powerdown, up to `grace`; then `quit`; then SIGKILL.
 pub async fn stop(l: &mut Launched, grace: Duration) -> StopHow {
-    if l.child.try_wait().ok().flatten().is_some() {
+    if l.proc.has_exited() {
         return StopHow::AlreadyGone;
     }
     if l.qmp.execute("system_powerdown", None).await.is_ok()
-        && tokio::time::timeout(grace, l.child.wait()).await.is_ok()
+        && tokio::time::timeout(grace, l.proc.exited()).await.is_ok()
     {
         return StopHow::Graceful;
     }
     let _ = l.qmp.execute("quit", None).await;
-    if tokio::time::timeout(Duration::from_secs(3), l.child.wait())
+    if tokio::time::timeout(Duration::from_secs(3), l.proc.exited())
         .await
         .is_ok()
     {
         return StopHow::Quit;
     }
-    let _ = l.child.start_kill();
-    let _ = l.child.wait().await;
+    l.proc.kill();
+    let _ = tokio::time::timeout(Duration::from_secs(5), l.proc.exited()).await;
     StopHow::Killed
 }
 

@@ -97,7 +97,7 @@ impl VmPaths {
         self.dir.join("qemu.pid")
     }
     pub fn record(&self) -> PathBuf {
-        self.dir.join("vm.json")
+        self.dir.join("vm.rec")
     }
 }
 

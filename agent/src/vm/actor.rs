@@ -1,0 +1,257 @@
+//! One task per VM owns its state and its QEMU process; everything else talks to it through
+//! a small bounded channel. A dispatcher that finds the channel full answers "busy" at once,
+//! so one stuck VM (a QEMU that ignores QMP) never stalls the node.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{info, warn};
+use zy_common::time::now_millis;
+use zy_common::vm::VmState;
+use zy_common::VmId;
+
+use super::record::{Desired, VmRecord};
+use super::runner::{self, Launched, StopHow};
+use super::spec::VmPaths;
+
+/// Requests an actor takes.
+#[derive(Debug)]
+pub enum Request {
+    Start(oneshot::Sender<Result<(), String>>),
+    Stop {
+        grace: Duration,
+        reply: oneshot::Sender<Result<StopHow, String>>,
+    },
+    /// Stops the VM if it runs and removes every file of it.
+    Delete(oneshot::Sender<Result<(), String>>),
+}
+
+/// A VM's state as its actor last published it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmStatus {
+    pub state: VmState,
+    pub pid: Option<i32>,
+    pub startup: Option<Duration>,
+    pub since_ms: u64,
+}
+
+/// A state change, for the link to report.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmEvent {
+    pub id: VmId,
+    pub status: VmStatus,
+}
+
+/// What every actor shares.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub qemu: PathBuf,
+    pub data_dir: PathBuf,
+    /// State changes; full means the link is away and the coordinator will get the whole
+    /// picture on reconnect anyway, so events are dropped rather than waited for.
+    pub events: mpsc::Sender<VmEvent>,
+}
+
+/// How others reach a VM's actor.
+#[derive(Clone, Debug)]
+pub struct VmHandle {
+    pub id: VmId,
+    tx: mpsc::Sender<Request>,
+    pub status: watch::Receiver<VmStatus>,
+}
+
+/// The actor's queue is full.
+#[derive(Debug, thiserror::Error)]
+#[error("VM {0} is busy with an earlier request; try again")]
+pub struct Busy(pub VmId);
+
+impl VmHandle {
+    /// Hands a request to the actor without waiting for room.
+    pub fn send(&self, r: Request) -> Result<(), Busy> {
+        self.tx.try_send(r).map_err(|_| Busy(self.id))
+    }
+
+    /// The current state.
+    pub fn state(&self) -> VmState {
+        self.status.borrow().state.clone()
+    }
+}
+
+/// Starts a VM's actor. `live` is its QEMU if one was found running.
+pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
+    let (tx, rx) = mpsc::channel(4);
+    let initial = VmStatus {
+        state: if live.is_some() {
+            VmState::Running
+        } else {
+            VmState::Stopped
+        },
+        pid: live.as_ref().map(|l| l.pid),
+        startup: None,
+        since_ms: now_millis(),
+    };
+    let (state_tx, state_rx) = watch::channel(initial);
+    let id = rec.spec.id;
+    tokio::spawn(
+        Actor {
+            ctx,
+            rec,
+            live,
+            state: state_tx,
+        }
+        .run(rx),
+    );
+    VmHandle {
+        id,
+        tx,
+        status: state_rx,
+    }
+}
+
+struct Actor {
+    ctx: Ctx,
+    rec: VmRecord,
+    live: Option<Launched>,
+    state: watch::Sender<VmStatus>,
+}
+
+impl Actor {
+    fn paths(&self) -> VmPaths {
+        VmPaths::new(&self.ctx.data_dir, self.rec.spec.id)
+    }
+
+    fn set(&self, state: VmState) {
+        let status = VmStatus {
+            state,
+            pid: self.live.as_ref().map(|l| l.pid),
+            startup: self.live.as_ref().map(|l| l.startup),
+            since_ms: now_millis(),
+        };
+        info!(vm = %self.rec.spec.id, name = %self.rec.spec.name, state = %status.state, "VM state");
+        let _ = self.ctx.events.try_send(VmEvent {
+            id: self.rec.spec.id,
+            status: status.clone(),
+        });
+        self.state.send_replace(status);
+    }
+
+    fn want(&mut self, desired: Desired) {
+        if self.rec.desired != desired {
+            self.rec.desired = desired;
+            if let Err(e) = self.rec.save(&self.paths()) {
+                warn!(vm = %self.rec.spec.id, error = %e, "cannot record the VM's desired state");
+            }
+        }
+    }
+
+    async fn start(&mut self) -> Result<(), String> {
+        self.want(Desired::Running);
+        self.set(VmState::Starting);
+        match runner::launch(&self.ctx.qemu, &self.rec.spec, &self.paths()).await {
+            Ok(l) => {
+                self.live = Some(l);
+                self.set(VmState::Running);
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                self.set(VmState::Failed(reason.clone()));
+                Err(reason)
+            }
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        // Reconcile: start what should run and does not.
+        if self.live.is_none() && self.rec.desired == Desired::Running {
+            let _ = self.start().await;
+        }
+        loop {
+            let Some(live) = self.live.as_mut() else {
+                match rx.recv().await {
+                    // The agent is stopping: the VM's state stays as it is.
+                    None => return,
+                    Some(Request::Start(reply)) => {
+                        let _ = reply.send(self.start().await);
+                    }
+                    Some(Request::Stop { reply, .. }) => {
+                        self.want(Desired::Stopped);
+                        let _ = reply.send(Ok(StopHow::AlreadyGone));
+                    }
+                    Some(Request::Delete(reply)) => {
+                        let _ = reply.send(self.delete().await);
+                        return;
+                    }
+                }
+                continue;
+            };
+            tokio::select! {
+                req = rx.recv() => match req {
+                    // The agent is stopping; QEMU keeps running and is re-attached later.
+                    None => return,
+                    Some(Request::Start(reply)) => { let _ = reply.send(Ok(())); }
+                    Some(Request::Stop { grace, reply }) => {
+                        let how = self.stop(grace).await;
+                        let _ = reply.send(Ok(how));
+                    }
+                    Some(Request::Delete(reply)) => {
+                        self.stop(Duration::from_secs(10)).await;
+                        let _ = reply.send(self.delete().await);
+                        return;
+                    }
+                },
+                status = live.proc.exited() => self.exited(status).await,
+            }
+        }
+    }
+
+    async fn stop(&mut self, grace: Duration) -> StopHow {
+        self.want(Desired::Stopped);
+        self.set(VmState::Stopping);
+        let how = match self.live.as_mut() {
+            Some(l) => runner::stop(l, grace).await,
+            None => StopHow::AlreadyGone,
+        };
+        self.live = None;
+        self.set(VmState::Stopped);
+        how
+    }
+
+    /// QEMU is gone without being asked: the guest powered off, or QEMU died.
+    async fn exited(&mut self, status: Option<std::process::ExitStatus>) {
+        let Some(mut l) = self.live.take() else {
+            return;
+        };
+        let mut guest_poweroff = false;
+        // Events QEMU sent before it went are still in the socket.
+        while let Ok(Ok(ev)) =
+            tokio::time::timeout(Duration::from_millis(200), l.qmp.next_event()).await
+        {
+            if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
+                guest_poweroff = true;
+            }
+        }
+        if guest_poweroff {
+            self.want(Desired::Stopped);
+            self.set(VmState::Stopped);
+            return;
+        }
+        let tail = runner::console_tail(&self.paths().console_log(), 10).join(" | ");
+        let how = status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "it exited".to_string());
+        self.set(VmState::Failed(format!(
+            "QEMU died ({how}); last console lines: {tail}"
+        )));
+    }
+
+    async fn delete(&mut self) -> Result<(), String> {
+        let dir = self.paths().dir;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Every VM of the node: creates them, finds them again after an agent restart, and routes
+//! requests to their actors.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tracing::{error, info, warn};
+use zy_common::time::now_millis;
+use zy_common::VmId;
+
+use super::actor::{self, Ctx, VmHandle};
+use super::record::{Desired, VmRecord};
+use super::runner;
+use super::spec::{SpecError, VmPaths, VmSpec};
+
+/// Why a VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum CreateError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("VM {0} already exists on this node")]
+    Exists(VmId),
+    #[error("cannot make the VM's directory {path}")]
+    Files {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Record(#[from] super::record::RecordError),
+}
+
+/// The node's VMs.
+#[derive(Debug)]
+pub struct VmManager {
+    ctx: Ctx,
+    vms: Mutex<HashMap<VmId, VmHandle>>,
+}
+
+impl VmManager {
+    /// Finds every VM recorded under the data directory, re-attaches to the QEMU processes
+    /// still running, and starts those that should run and do not.
+    pub async fn recover(ctx: Ctx) -> Self {
+        let mut vms = HashMap::new();
+        let dir = ctx.data_dir.join("vms");
+        let entries = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        for entry in entries {
+            let path = VmPaths { dir: entry.path() }.record();
+            let rec = match VmRecord::load(&path) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Never delete what cannot be read: ops decide.
+                    error!(error = %e, "skipping a VM whose record cannot be read");
+                    continue;
+                }
+            };
+            let paths = VmPaths::new(&ctx.data_dir, rec.spec.id);
+            let live = match runner::attach(&rec.spec, &paths).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(vm = %rec.spec.id, error = %e, "found QEMU but could not attach; it will be treated as stopped");
+                    None
+                }
+            };
+            if let Some(l) = &live {
+                info!(vm = %rec.spec.id, pid = l.pid, "re-attached to a running VM");
+            }
+            let id = rec.spec.id;
+            vms.insert(id, actor::spawn(ctx.clone(), rec, live));
+        }
+        Self {
+            ctx,
+            vms: Mutex::new(vms),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, VmHandle>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new VM and starts its actor (which starts it when `start`).
+    pub fn create(&self, spec: VmSpec, start: bool) -> Result<VmHandle, CreateError> {
+        spec.validate()?;
+        let mut vms = self.lock();
+        if vms.contains_key(&spec.id) {
+            return Err(CreateError::Exists(spec.id));
+        }
+        let paths = VmPaths::new(&self.ctx.data_dir, spec.id);
+        std::fs::create_dir_all(&paths.dir).map_err(|source| CreateError::Files {
+            path: paths.dir.display().to_string(),
+            source,
+        })?;
+        let rec = VmRecord {
+            spec,
+            desired: if start {
+                Desired::Running
+            } else {
+                Desired::Stopped
+            },
+            created_at_ms: now_millis(),
+        };
+        if let Err(e) = rec.save(&paths) {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e.into());
+        }
+        let id = rec.spec.id;
+        let handle = actor::spawn(self.ctx.clone(), rec, None);
+        vms.insert(id, handle.clone());
+        Ok(handle)
+    }
+
+    /// A VM's handle.
+    pub fn get(&self, id: VmId) -> Option<VmHandle> {
+        self.lock().get(&id).cloned()
+    }
+
+    /// Every VM's handle.
+    pub fn list(&self) -> Vec<VmHandle> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Forgets a deleted VM.
+    pub fn forget(&self, id: VmId) {
+        self.lock().remove(&id);
+    }
+}
