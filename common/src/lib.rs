@@ -9,8 +9,10 @@
 //! clocks are read in the protocol logic; callers drive it. That keeps every codec testable in
 //! memory and fuzzable.
 
+pub mod blob;
 pub mod files;
 pub mod ids;
+pub mod image;
 pub mod logging;
 pub mod proto;
 pub mod quic;

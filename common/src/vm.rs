@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 /// Where a VM stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase", tag = "state", content = "reason")]
+#[serde(rename_all = "lowercase")]
 pub enum VmState {
     /// Asked for; not placed or not yet taken up by its node.
     Pending,

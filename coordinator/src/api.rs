@@ -41,6 +41,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tokens"),
     ("post", "/v1/tokens"),
     ("delete", "/v1/tokens/{id}"),
+    ("put", "/v1/blobs"),
+    ("get", "/v1/images"),
+    ("post", "/v1/images"),
+    ("get", "/v1/images/{name}"),
+    ("delete", "/v1/images/{name}"),
 ];
 
 /// An API error.
@@ -52,20 +57,20 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             code,
             message: message.into(),
         }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
-    fn internal(e: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(e: impl std::fmt::Display) -> Self {
         warn!(error = %e, "API request failed inside the coordinator");
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -104,6 +109,18 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/nodes/{node}/ping", post(ping_node))
         .route("/v1/tokens", get(list_tokens).post(create_token))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route(
+            "/v1/blobs",
+            axum::routing::put(crate::images::put_blob).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/v1/images",
+            get(crate::images::list_images).post(crate::images::create_image),
+        )
+        .route(
+            "/v1/images/{name}",
+            get(crate::images::show_image).delete(crate::images::delete_image),
+        )
         .layer(middleware::from_fn_with_state(coord.clone(), authenticate));
     Router::new()
         .route("/v1/health", get(health))

@@ -72,8 +72,42 @@ pub enum Command {
     /// Bootstrap tokens that enroll new nodes.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Images VMs boot from.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Is the coordinator up, and which version is it?
     Status(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Upload an image: a disk image (FILE), or a kernel with --kernel.
+    Import {
+        /// A disk image (qcow2 or raw).
+        file: Option<PathBuf>,
+        /// The image's name.
+        #[arg(long)]
+        name: String,
+        /// A kernel to boot directly (instead of a disk image).
+        #[arg(long, conflicts_with = "file")]
+        kernel: Option<PathBuf>,
+        /// The initramfs that goes with --kernel.
+        #[arg(long, requires = "kernel")]
+        initrd: Option<PathBuf>,
+        /// The base kernel command line that goes with --kernel.
+        #[arg(long, requires = "kernel")]
+        cmdline: Option<String>,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List images.
+    Ls(JsonFlag),
+    /// Delete an image.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -313,6 +347,61 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )
             })
         }
+        Command::Image(ImageCmd::Import {
+            file,
+            name,
+            kernel,
+            initrd,
+            cmdline,
+            json,
+        }) => {
+            use crate::images::{BlobView, ImageView};
+            let body = match (file, kernel) {
+                (Some(f), None) => {
+                    let b: BlobView = c.upload("/v1/blobs", &f).await?;
+                    serde_json::json!({"name": name, "disk": b.hash})
+                }
+                (None, Some(k)) => {
+                    let kb: BlobView = c.upload("/v1/blobs", &k).await?;
+                    let ib = match initrd {
+                        Some(i) => Some(c.upload::<BlobView>("/v1/blobs", &i).await?.hash),
+                        None => None,
+                    };
+                    serde_json::json!({"name": name, "kernel": kb.hash, "initrd": ib, "cmdline": cmdline})
+                }
+                _ => {
+                    return Err(CliError {
+                        code: ExitCode::Usage,
+                        message:
+                            "give a disk image FILE, or --kernel (with --initrd and --cmdline)"
+                                .into(),
+                    })
+                }
+            };
+            let img: ImageView = c.call(Method::POST, "/v1/images", Some(body)).await?;
+            print(json.json, &img, || {
+                format!(
+                    "imported image {} ({})\n",
+                    img.name,
+                    human_bytes(img.size_bytes)
+                )
+            })
+        }
+        Command::Image(ImageCmd::Ls(j)) => {
+            let images: Vec<crate::images::ImageView> =
+                c.call(Method::GET, "/v1/images", None).await?;
+            print(j.json, &images, || image_table(&images))
+        }
+        Command::Image(ImageCmd::Rm { name, json }) => {
+            let img: crate::images::ImageView = c
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/images/{}", path_segment(&name)?),
+                    None,
+                )
+                .await?;
+            print(json.json, &img, || format!("deleted image {}\n", img.name))
+        }
         Command::Token(TokenCmd::Ls(j)) => {
             let ts: Vec<TokenView> = c.call(Method::GET, "/v1/tokens", None).await?;
             print(j.json, &ts, || token_table(&ts))
@@ -522,6 +611,48 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
         s.push_str(&table(&["AT", "CHANGE", "REASON"], &rows));
     }
     s
+}
+
+fn image_table(images: &[crate::images::ImageView]) -> String {
+    use zy_common::image::ImageKind;
+    if images.is_empty() {
+        return "no images: `zy image import FILE --name N` uploads one\n".into();
+    }
+    let rows: Vec<Vec<String>> = images
+        .iter()
+        .map(|i| {
+            let (kind, detail) = match &i.kind {
+                ImageKind::Disk {
+                    format,
+                    virtual_size,
+                    ..
+                } => (
+                    "disk",
+                    format!(
+                        "{}, {} virtual",
+                        format.as_str(),
+                        human_bytes(*virtual_size)
+                    ),
+                ),
+                ImageKind::Kernel { initrd, .. } => (
+                    "kernel",
+                    if initrd.is_some() {
+                        "with initramfs".to_string()
+                    } else {
+                        String::new()
+                    },
+                ),
+            };
+            vec![
+                i.name.clone(),
+                kind.into(),
+                human_bytes(i.size_bytes),
+                detail,
+                i.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(&["NAME", "KIND", "SIZE", "DETAIL", "CREATED"], &rows)
 }
 
 fn token_table(ts: &[TokenView]) -> String {

@@ -70,12 +70,52 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> Result<T, ClientError> {
-        let (status, bytes) = tokio::time::timeout(TIMEOUT, self.raw(method, path, body))
+        let (body, json) = match body {
+            Some(v) => (Full::new(Bytes::from(v.to_string())), true),
+            None => (Full::new(Bytes::new()), false),
+        };
+        let answer = tokio::time::timeout(TIMEOUT, self.raw(method, path, body, json))
             .await
             .map_err(|_| ClientError::Unreachable {
                 addr: self.addr.clone(),
                 message: "no answer within 15s".into(),
             })??;
+        self.decode(answer)
+    }
+
+    /// Uploads a file as a raw body (`PUT`), streaming it, and decodes the JSON answer.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &std::path::Path,
+    ) -> Result<T, ClientError> {
+        let f = tokio::fs::File::open(file)
+            .await
+            .map_err(|e| ClientError::Decode(format!("cannot read {}: {e}", file.display())))?;
+        let stream = futures_util::stream::unfold(f, |mut f| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 256 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((
+                        Ok::<_, std::io::Error>(hyper::body::Frame::data(Bytes::from(buf))),
+                        f,
+                    ))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        let body = http_body_util::StreamBody::new(stream);
+        let answer = self.raw(Method::PUT, path, body, false).await?;
+        self.decode(answer)
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        (status, bytes): (StatusCode, Bytes),
+    ) -> Result<T, ClientError> {
         if status.is_success() {
             serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()))
         } else {
@@ -97,12 +137,18 @@ impl Client {
         }
     }
 
-    async fn raw(
+    async fn raw<B>(
         &self,
         method: Method,
         path: &str,
-        body: Option<serde_json::Value>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+        body: B,
+        json: bool,
+    ) -> Result<(StatusCode, Bytes), ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let unreachable = |message: String| ClientError::Unreachable {
             addr: self.addr.clone(),
             message,
@@ -137,13 +183,9 @@ impl Client {
         if let Some(t) = &self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let body = match body {
-            Some(v) => {
-                req = req.header(hyper::header::CONTENT_TYPE, "application/json");
-                Full::new(Bytes::from(v.to_string()))
-            }
-            None => Full::new(Bytes::new()),
-        };
+        if json {
+            req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
         let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
         let resp = sender
             .send_request(req)

@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod fleet;
 pub mod https;
+pub mod images;
 pub mod membership;
 pub mod server;
 pub mod statedir;

@@ -36,6 +36,8 @@ pub struct Coordinator {
     pub api_tokens: RwLock<HashMap<TokenId, ApiTokenRecord>>,
     pub join_slots: Arc<Semaphore>,
     pub started: Instant,
+    /// Image files and other content-addressed blobs.
+    pub blobs: zy_common::blob::BlobDir,
 }
 
 /// Why the coordinator could not start.
@@ -47,6 +49,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Blobs(#[from] zy_common::blob::BlobError),
     #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: &'static str,
@@ -84,7 +88,9 @@ impl Coordinator {
             Instant::now(),
         );
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
+        let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
         Ok(Self {
+            blobs,
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
             config,
             state,

@@ -7,6 +7,7 @@
 //!   server.crt server.key   the coordinator's certificate chain and key (key 0600)
 //!   zy.redb                 the store
 //!   zy.toml                 a CLI config with the admin API token (0600)
+//!   blobs/<blake3>          image files, named by the hash of their content
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
@@ -85,6 +86,9 @@ impl StateDir {
     }
     pub fn store(&self) -> PathBuf {
         self.root.join("zy.redb")
+    }
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
     }
     pub fn cli_config(&self) -> PathBuf {
         self.root.join("zy.toml")

@@ -38,6 +38,7 @@ const REMOVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("removed_nod
 const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bootstrap_tokens");
 const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_tokens");
 const TRANSITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("transitions");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 
 /// How many transitions are kept per node; older ones are pruned.
 pub const TRANSITIONS_KEPT: usize = 200;
@@ -133,6 +134,15 @@ pub struct ApiTokenRecord {
     pub id: TokenId,
     pub secret_hash: SecretHash,
     pub name: String,
+    pub created_at_ms: u64,
+}
+
+/// An image as stored: its name and how it boots, by blob hash.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    pub kind: zy_common::image::ImageKind,
+    pub size_bytes: u64,
     pub created_at_ms: u64,
 }
 
@@ -242,6 +252,7 @@ impl Store {
                 txn.open_table(t)?;
             }
             txn.open_table(NAMES)?;
+            txn.open_table(IMAGES)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -285,6 +296,54 @@ impl Store {
     /// Every bootstrap token.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.scan(TOKENS, "bootstrap_tokens")
+    }
+
+    /// Every image, by name.
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(IMAGES)?;
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            out.push(decode("images", k.value().as_bytes(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// One image.
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(IMAGES)?;
+        table
+            .get(name)?
+            .map(|v| decode("images", name.as_bytes(), v.value()))
+            .transpose()
+    }
+
+    /// Adds an image; `false` if the name is taken.
+    pub fn insert_image(&self, rec: &ImageRecord) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = txn.open_table(IMAGES)?;
+            if t.get(rec.name.as_str())?.is_some() {
+                return Ok(false);
+            }
+            t.insert(rec.name.as_str(), encode(rec)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
+    /// Removes an image record; returns it if it existed.
+    pub fn remove_image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = txn
+            .open_table(IMAGES)?
+            .remove(name)?
+            .map(|v| decode("images", name.as_bytes(), v.value()))
+            .transpose()?;
+        txn.commit()?;
+        Ok(rec)
     }
 
     /// One bootstrap token, by id.

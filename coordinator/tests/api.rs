@@ -211,3 +211,100 @@ async fn every_route_but_health_and_the_document_needs_a_valid_token() {
     assert_eq!(doc["openapi"], "3.1.0");
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
+    use zy_coordinator::images::{BlobView, ImageView};
+    let (dir, running, c, _token) = start().await;
+    let file = dir.0.join("kernel.bin");
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let b: BlobView = c.upload("/v1/blobs", &file).await.unwrap();
+    assert_eq!(b.hash, zy_common::blob::BlobHash::of(&bytes));
+    assert_eq!(b.size, bytes.len() as u64);
+
+    let img: ImageView = c
+        .call(
+            Method::POST,
+            "/v1/images",
+            Some(serde_json::json!({"name": "k1", "kernel": b.hash, "cmdline": "console=ttyS0"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(img.size_bytes, bytes.len() as u64);
+    let bad: Vec<(serde_json::Value, StatusCode, &str)> = vec![
+        (
+            serde_json::json!({"name": "k1", "kernel": b.hash}),
+            StatusCode::CONFLICT,
+            "exists",
+        ),
+        (
+            serde_json::json!({"name": "k2", "kernel": "00".repeat(32)}),
+            StatusCode::BAD_REQUEST,
+            "not stored here",
+        ),
+        (
+            serde_json::json!({"name": "k3", "kernel": b.hash, "disk": b.hash}),
+            StatusCode::BAD_REQUEST,
+            "exactly one",
+        ),
+        (
+            serde_json::json!({"name": "Bad Name", "kernel": b.hash}),
+            StatusCode::BAD_REQUEST,
+            "bad node name",
+        ),
+        (
+            serde_json::json!({"name": "k4", "disk": b.hash, "cmdline": "x"}),
+            StatusCode::BAD_REQUEST,
+            "go with a kernel",
+        ),
+        (
+            serde_json::json!({"name": "k5", "kernel": "xyz"}),
+            StatusCode::BAD_REQUEST,
+            "bad image request",
+        ),
+    ];
+    for (body, status, want) in bad {
+        let (got, _, msg) = api_err(
+            c.call::<serde_json::Value>(Method::POST, "/v1/images", Some(body.clone()))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(got, status, "{body}: {msg}");
+        assert!(msg.contains(want), "{body}: `{msg}` lacks `{want}`");
+    }
+    // A qcow2 disk image is recognised with its virtual size.
+    let q = dir.0.join("d.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&q)
+        .arg("1G")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let qb: BlobView = c.upload("/v1/blobs", &q).await.unwrap();
+    let disk: ImageView = c
+        .call(
+            Method::POST,
+            "/v1/images",
+            Some(serde_json::json!({"name": "d1", "disk": qb.hash})),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        disk.kind,
+        zy_common::image::ImageKind::Disk {
+            format: zy_common::image::DiskFormat::Qcow2,
+            virtual_size: 1073741824,
+            ..
+        }
+    ));
+    let list: Vec<ImageView> = c.call(Method::GET, "/v1/images", None).await.unwrap();
+    assert_eq!(list.len(), 2);
+
+    // Deleting removes the image and the blob nothing else uses.
+    let _: ImageView = c.call(Method::DELETE, "/v1/images/k1", None).await.unwrap();
+    assert!(!running.coord.blobs.has(&b.hash));
+    assert!(running.coord.blobs.has(&qb.hash));
+    running.shutdown().await;
+}

@@ -1,0 +1,241 @@
+//! Images over the API: blobs are uploaded as raw bodies and named by their BLAKE3 hash;
+//! an image names one or more blobs and says how they boot.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+use zy_common::blob::{BlobError, BlobHash};
+use zy_common::image::{DiskFormat, ImageKind};
+use zy_common::time::{now_millis, rfc3339};
+
+use crate::api::ApiError;
+use crate::store::ImageRecord;
+use crate::Coordinator;
+
+/// The largest blob accepted (an image file).
+pub const MAX_BLOB: u64 = 64 << 30;
+
+/// `PUT /v1/blobs`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BlobView {
+    pub hash: BlobHash,
+    pub size: u64,
+}
+
+/// `POST /v1/images`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateImage {
+    pub name: String,
+    /// A disk image: the blob holding it (format and size are read from it).
+    pub disk: Option<BlobHash>,
+    /// A kernel image: the kernel's blob, and optionally an initramfs and a command line.
+    pub kernel: Option<BlobHash>,
+    pub initrd: Option<BlobHash>,
+    pub cmdline: Option<String>,
+}
+
+/// An image as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImageView {
+    pub name: String,
+    pub kind: ImageKind,
+    pub size_bytes: u64,
+    pub created_at: String,
+}
+
+fn view(r: &ImageRecord) -> ImageView {
+    ImageView {
+        name: r.name.clone(),
+        kind: r.kind.clone(),
+        size_bytes: r.size_bytes,
+        created_at: rfc3339(r.created_at_ms),
+    }
+}
+
+fn blob_err(e: BlobError) -> ApiError {
+    match e {
+        BlobError::TooLarge { .. } => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", e.to_string())
+        }
+        other => ApiError::internal(other),
+    }
+}
+
+/// Streams a request body into the blob store.
+pub async fn put_blob(
+    State(coord): State<Arc<Coordinator>>,
+    body: Body,
+) -> Result<(StatusCode, Json<BlobView>), ApiError> {
+    let mut writer = coord.blobs.writer(MAX_BLOB).map_err(blob_err)?;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("the upload broke off: {e}")))?;
+        tokio::task::block_in_place(|| writer.write(&chunk)).map_err(blob_err)?;
+    }
+    if writer.is_empty() {
+        return Err(ApiError::bad_request("an empty blob is not an image"));
+    }
+    let (hash, size) = tokio::task::block_in_place(|| writer.finish(None)).map_err(blob_err)?;
+    info!(%hash, size, "blob stored");
+    Ok((StatusCode::CREATED, Json(BlobView { hash, size })))
+}
+
+pub async fn list_images(
+    State(coord): State<Arc<Coordinator>>,
+) -> Result<Json<Vec<ImageView>>, ApiError> {
+    let store = coord.store.clone();
+    let images = tokio::task::spawn_blocking(move || store.images())
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(Json(images.iter().map(view).collect()))
+}
+
+pub async fn show_image(
+    State(coord): State<Arc<Coordinator>>,
+    Path(name): Path<String>,
+) -> Result<Json<ImageView>, ApiError> {
+    let store = coord.store.clone();
+    let n = name.clone();
+    tokio::task::spawn_blocking(move || store.image(&n))
+        .await
+        .map_err(ApiError::internal)??
+        .map(|r| Json(view(&r)))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no image `{}`; `zy image ls` lists them",
+                zy_common::ids::truncate_for_error(&name)
+            ))
+        })
+}
+
+pub async fn create_image(
+    State(coord): State<Arc<Coordinator>>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<ImageView>), ApiError> {
+    let req: CreateImage = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("bad image request: {e}")))?;
+    zy_common::ids::validate_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let need = |h: BlobHash| -> Result<u64, ApiError> {
+        coord.blobs.size(&h).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "blob {h} is not stored here: upload it first (PUT /v1/blobs)"
+            ))
+        })
+    };
+    let (kind, size) = match (&req.disk, &req.kernel) {
+        (Some(disk), None) => {
+            if req.initrd.is_some() || req.cmdline.is_some() {
+                return Err(ApiError::bad_request(
+                    "initrd and cmdline go with a kernel image, not a disk image",
+                ));
+            }
+            let len = need(*disk)?;
+            let mut head = vec![0u8; 64];
+            let n = {
+                use std::io::Read;
+                let mut f =
+                    std::fs::File::open(coord.blobs.path(disk)).map_err(ApiError::internal)?;
+                f.read(&mut head).map_err(ApiError::internal)?
+            };
+            let (format, virtual_size) = DiskFormat::sniff(&head[..n], len);
+            if virtual_size == 0 {
+                return Err(ApiError::bad_request(
+                    "the disk image has a virtual size of 0",
+                ));
+            }
+            (
+                ImageKind::Disk {
+                    blob: *disk,
+                    format,
+                    virtual_size,
+                },
+                len,
+            )
+        }
+        (None, Some(kernel)) => {
+            let mut size = need(*kernel)?;
+            if let Some(i) = req.initrd {
+                size += need(i)?;
+            }
+            let cmdline = req.cmdline.clone().unwrap_or_default();
+            if cmdline.len() > 2048 || cmdline.chars().any(char::is_control) {
+                return Err(ApiError::bad_request(
+                    "the command line must be under 2 KiB of printable text",
+                ));
+            }
+            (
+                ImageKind::Kernel {
+                    kernel: *kernel,
+                    initrd: req.initrd,
+                    cmdline,
+                },
+                size,
+            )
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `disk` (a disk image) or `kernel` (a kernel image)",
+            ))
+        }
+    };
+    let rec = ImageRecord {
+        name: req.name.clone(),
+        kind,
+        size_bytes: size,
+        created_at_ms: now_millis(),
+    };
+    let store = coord.store.clone();
+    let r = rec.clone();
+    let inserted = tokio::task::spawn_blocking(move || store.insert_image(&r))
+        .await
+        .map_err(ApiError::internal)??;
+    if !inserted {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!(
+                "an image named `{}` exists; pick another name or delete it first",
+                req.name
+            ),
+        ));
+    }
+    info!(name = %rec.name, "image created");
+    Ok((StatusCode::CREATED, Json(view(&rec))))
+}
+
+pub async fn delete_image(
+    State(coord): State<Arc<Coordinator>>,
+    Path(name): Path<String>,
+) -> Result<Json<ImageView>, ApiError> {
+    let store = coord.store.clone();
+    let n = name.clone();
+    let rec = tokio::task::spawn_blocking(move || store.remove_image(&n))
+        .await
+        .map_err(ApiError::internal)??
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no image `{}`",
+                zy_common::ids::truncate_for_error(&name)
+            ))
+        })?;
+    // Blobs still named by another image stay.
+    let store = coord.store.clone();
+    let others = tokio::task::spawn_blocking(move || store.images())
+        .await
+        .map_err(ApiError::internal)??;
+    for b in rec.kind.blobs() {
+        if !others.iter().any(|o| o.kind.blobs().contains(&b)) {
+            coord.blobs.remove(&b).map_err(blob_err)?;
+        }
+    }
+    info!(name = %rec.name, "image deleted");
+    Ok(Json(view(&rec)))
+}
