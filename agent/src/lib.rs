@@ -16,6 +16,7 @@ pub mod link;
 pub mod net;
 pub mod netdev;
 mod sys;
+pub mod uplink;
 pub mod vm;
 
 /// The exit code of an agent the coordinator permanently refused (sysexits EX_CONFIG):

@@ -18,6 +18,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::BlobHash;
 use crate::ids::{validate_name, NodeId, Zone};
 use crate::wire::FrameError;
 
@@ -38,6 +39,14 @@ pub enum Message {
     Reply(Reply),
     Event(Event),
     Refused(Refusal),
+    /// Agent → coordinator, first frame of a stream of its own: send me this blob.
+    FetchBlob(BlobHash),
+    /// Coordinator → agent on a fetch stream: the blob follows, `size` raw bytes, then the
+    /// stream ends. (Or a `Refused` with `NotFound`.)
+    BlobHeader {
+        hash: BlobHash,
+        size: u64,
+    },
 }
 
 impl Message {
@@ -53,6 +62,8 @@ impl Message {
             Message::Reply(_) => "Reply",
             Message::Event(_) => "Event",
             Message::Refused(_) => "Refused",
+            Message::FetchBlob(_) => "FetchBlob",
+            Message::BlobHeader { .. } => "BlobHeader",
         }
     }
 
@@ -95,6 +106,7 @@ impl Message {
                 EventKind::Notice { message } => text("notice", message, MAX_TEXT),
             },
             Message::Refused(r) => text("refusal", &r.message, MAX_TEXT),
+            Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
         }
     }
 }
@@ -324,6 +336,8 @@ pub enum RefusalCode {
     NameInUse,
     BadRequest,
     Internal,
+    /// The thing asked for does not exist here.
+    NotFound,
 }
 
 impl RefusalCode {
@@ -460,6 +474,14 @@ mod tests {
                     code: RefusalCode::NodeRemoved,
                     message: "gone".into(),
                 }),
+            ),
+            ("fetch_blob", Message::FetchBlob(BlobHash([7; 32]))),
+            (
+                "blob_header",
+                Message::BlobHeader {
+                    hash: BlobHash([7; 32]),
+                    size: 1 << 20,
+                },
             ),
         ]
     }

@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
 use zy_common::ids::NodeId;
@@ -294,6 +295,7 @@ async fn handle_node(coord: &Coordinator, conn: quinn::Connection, who: NodeIden
         }
     }
     info!("node connected");
+    tokio::spawn(serve_streams(coord.blobs.clone(), conn.clone(), version));
     let end = run_session(
         coord,
         &conn,
@@ -312,6 +314,72 @@ async fn handle_node(coord: &Coordinator, conn: quinn::Connection, who: NodeIden
         SessionEnd::Protocol(reason) => warn!(%reason, "node broke the protocol; closed"),
         SessionEnd::Kicked(reason) => info!(%reason, "session closed by the coordinator"),
     }
+}
+
+/// Serves the streams a node opens besides its control stream: blob fetches.
+async fn serve_streams(blobs: zy_common::blob::BlobDir, conn: quinn::Connection, version: u16) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let blobs = blobs.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_fetch(&blobs, send, recv, version).await {
+                debug!(error = %e, "blob stream ended with an error");
+            }
+        });
+    }
+}
+
+async fn serve_fetch(
+    blobs: &zy_common::blob::BlobDir,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    version: u16,
+) -> Result<(), String> {
+    let mut buf = Vec::new();
+    let first: Message = tokio::time::timeout(
+        FIRST_MESSAGE_TIMEOUT,
+        wire::read_frame(&mut recv, version, MAX_BODY, &mut buf),
+    )
+    .await
+    .map_err(|_| "no request in time".to_string())?
+    .map_err(|e| e.to_string())?;
+    let Message::FetchBlob(hash) = first else {
+        let msg = Message::Refused(Refusal {
+            code: RefusalCode::BadRequest,
+            message: format!(
+                "a stream of its own carries FetchBlob, not {}",
+                first.kind()
+            ),
+        });
+        let _ = wire::write_frame(&mut send, version, &msg).await;
+        let _ = send.finish();
+        return Err("unexpected first message on a stream".into());
+    };
+    let Some(size) = blobs.size(&hash) else {
+        let msg = Message::Refused(Refusal {
+            code: RefusalCode::NotFound,
+            message: format!("no blob {hash} here"),
+        });
+        let _ = wire::write_frame(&mut send, version, &msg).await;
+        let _ = send.finish();
+        return Ok(());
+    };
+    let mut file = tokio::fs::File::open(blobs.path(&hash))
+        .await
+        .map_err(|e| e.to_string())?;
+    wire::write_frame(&mut send, version, &Message::BlobHeader { hash, size })
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = tokio::io::copy(&mut (&mut file).take(size), &mut send)
+        .await
+        .map_err(|e| e.to_string())?;
+    if sent != size {
+        send.reset(1u32.into()).ok();
+        return Err(format!("blob {hash} shrank while being sent"));
+    }
+    send.finish().map_err(|e| e.to_string())?;
+    // Keep the stream until the peer has it all.
+    let _ = send.stopped().await;
+    Ok(())
 }
 
 enum SessionEnd {

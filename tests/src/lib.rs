@@ -522,4 +522,5 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+pub mod peer;
 pub mod site;

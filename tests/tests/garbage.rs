@@ -11,8 +11,9 @@ use zy_common::proto::*;
 use zy_common::tls::{self, CaFingerprint};
 use zy_common::wire::{self, Preamble, VersionRange, PROTOCOL_VERSIONS, WIRE_MAGIC};
 use zy_coordinator::statedir::StateDir;
+use zy_lab::peer::{client, endpoint_in, inventory};
 use zy_lab::site::Site;
-use zy_lab::{wait_for, Lab};
+use zy_lab::wait_for;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -50,22 +51,6 @@ fn join_request(name: &str) -> Message {
         name: name.into(),
         agent_version: "0".into(),
     })
-}
-
-fn inventory(zone: zy_common::Zone) -> Inventory {
-    Inventory {
-        hostname: "garbage".into(),
-        cpu_model: "x".into(),
-        cpus: 1,
-        memory_bytes: 1 << 30,
-        disk_total_bytes: 1 << 30,
-        disk_free_bytes: 1 << 29,
-        kvm_usable: false,
-        accel: Accel::Tcg,
-        zone,
-        agent_version: "0".into(),
-        kernel: "k".into(),
-    }
 }
 
 /// What a stranger sends on an unauthenticated connection, case `i`.
@@ -164,31 +149,6 @@ fn load() -> LoadReport {
     }
 }
 
-fn endpoint_in(
-    lab: &Lab,
-    ns: &str,
-    server: Option<quinn::ServerConfig>,
-    port: u16,
-) -> quinn::Endpoint {
-    let sock = lab
-        .udp_socket_in(ns, format!("0.0.0.0:{port}").parse().unwrap())
-        .unwrap();
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        sock,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .unwrap()
-}
-
-fn client(tls: rustls::ClientConfig) -> quinn::ClientConfig {
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut c = quinn::ClientConfig::new(Arc::new(crypto));
-    c.transport_config(zy_common::quic::transport(Duration::from_secs(5)));
-    c
-}
-
 /// Sends bytes on a new connection's stream and reads whatever comes back.
 async fn poke(
     ep: &quinn::Endpoint,
@@ -276,7 +236,7 @@ fn garbage_frames_leave_both_daemons_healthy() {
         assert_eq!(version_answers, 100);
 
         // 100 rounds of garbage from an enrolled node after a proper hello.
-        let id = zy_lab_identity(&site, 3);
+        let id = zy_lab::peer::node_identity(&site, 3);
         for i in 0..100 {
             let bytes = node_case(i, &mut rand::rng());
             let cfg =
@@ -515,26 +475,4 @@ fn garbage_frames_leave_both_daemons_healthy() {
         site.wait_reporting("n1", seq0 + 4, T).ok()
     })
     .unwrap();
-}
-
-/// Loads node `i`'s certificate chain and key from its agent directory.
-fn zy_lab_identity(
-    site: &Site,
-    i: usize,
-) -> (
-    Vec<rustls::pki_types::CertificateDer<'static>>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    let dir = site.agent_dir(i).join("identity");
-    let chain = tls::certs_from_pem(
-        "node",
-        &std::fs::read_to_string(dir.join("node.crt")).unwrap(),
-    )
-    .unwrap();
-    let key = tls::key_from_pem(
-        "key",
-        &std::fs::read_to_string(dir.join("node.key")).unwrap(),
-    )
-    .unwrap();
-    (chain, key)
 }

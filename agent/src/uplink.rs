@@ -1,0 +1,113 @@
+//! What the rest of the agent uses of the link: the live connection (when there is one)
+//! and blob fetches over streams of their own.
+
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::watch;
+use zy_common::blob::{BlobDir, BlobError, BlobHash};
+use zy_common::proto::{Message, RefusalCode};
+use zy_common::wire::{self, MAX_BODY};
+
+/// The largest blob a node accepts.
+pub const MAX_BLOB: u64 = 64 << 30;
+
+/// A connection and the protocol version negotiated on it.
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub conn: quinn::Connection,
+    pub version: u16,
+}
+
+/// The link's current connection, as seen by others.
+#[derive(Clone, Debug)]
+pub struct Uplink {
+    rx: watch::Receiver<Option<Conn>>,
+}
+
+/// Why a fetch failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("no connection to the coordinator within {0:?}")]
+    NoLink(Duration),
+    #[error("the coordinator has no blob {0}")]
+    NotFound(BlobHash),
+    #[error("fetching blob {hash} failed: {message}")]
+    Transfer { hash: BlobHash, message: String },
+    #[error(transparent)]
+    Blob(#[from] BlobError),
+}
+
+impl Uplink {
+    /// A pair: the link publishes, others read.
+    pub fn new() -> (watch::Sender<Option<Conn>>, Self) {
+        let (tx, rx) = watch::channel(None);
+        (tx, Self { rx })
+    }
+
+    /// Waits for a connection.
+    pub async fn conn(&self, timeout: Duration) -> Result<Conn, FetchError> {
+        let mut rx = self.rx.clone();
+        let got = tokio::time::timeout(timeout, rx.wait_for(|c| c.is_some())).await;
+        match got {
+            Ok(Ok(c)) => Ok(c.clone().ok_or(FetchError::NoLink(timeout))?),
+            _ => Err(FetchError::NoLink(timeout)),
+        }
+    }
+
+    /// Makes sure `hash` is in `dir`, fetching it if not.
+    pub async fn ensure_blob(&self, hash: BlobHash, dir: &BlobDir) -> Result<(), FetchError> {
+        if dir.has(&hash) {
+            return Ok(());
+        }
+        let c = self.conn(Duration::from_secs(60)).await?;
+        fetch_blob(&c, hash, dir).await
+    }
+}
+
+/// Fetches one blob over a new stream into `dir`, verifying it against its hash.
+pub async fn fetch_blob(c: &Conn, hash: BlobHash, dir: &BlobDir) -> Result<(), FetchError> {
+    let fail = |message: String| FetchError::Transfer { hash, message };
+    let (mut send, mut recv) = c.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+    wire::write_frame(&mut send, c.version, &Message::FetchBlob(hash))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = send.finish();
+    let mut buf = Vec::new();
+    let head: Message = tokio::time::timeout(
+        Duration::from_secs(30),
+        wire::read_frame(&mut recv, c.version, MAX_BODY, &mut buf),
+    )
+    .await
+    .map_err(|_| fail("no answer in 30s".into()))?
+    .map_err(|e| fail(e.to_string()))?;
+    let size = match head {
+        Message::BlobHeader { hash: h, size } if h == hash => size,
+        Message::Refused(r) if r.code == RefusalCode::NotFound => {
+            return Err(FetchError::NotFound(hash))
+        }
+        other => return Err(fail(format!("unexpected {}", other.kind()))),
+    };
+    if size > MAX_BLOB {
+        return Err(fail(format!(
+            "{size} bytes is over the limit of {MAX_BLOB}"
+        )));
+    }
+    let mut w = dir.writer(MAX_BLOB)?;
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut left = size;
+    while left > 0 {
+        let want = chunk.len().min(left as usize);
+        let n = AsyncReadExt::read(&mut recv, &mut chunk[..want])
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if n == 0 {
+            return Err(fail(format!("the stream ended {left} bytes short")));
+        }
+        // A short synchronous write: the agent's runtime is single-threaded by design.
+        w.write(&chunk[..n])?;
+        left -= n as u64;
+    }
+    w.finish(Some(hash))?;
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! Nodes fetch image blobs from the coordinator by hash over QUIC, verified on arrival.
+
+use std::time::Duration;
+
+use zy_agent::uplink::{fetch_blob, Conn, FetchError};
+use zy_common::blob::{BlobDir, BlobHash};
+use zy_common::proto::{Message, RefusalCode};
+use zy_common::wire;
+use zy_coordinator::images::ImageView;
+use zy_lab::peer::{connect_as_node, endpoint_in};
+use zy_lab::site::Site;
+
+#[test]
+fn nodes_fetch_blobs_by_hash_and_verify_them() {
+    let site = Site::new(1).unwrap();
+    site.join(1, "intranet").unwrap();
+    let file = site.lab.dir.join("kernel.bin");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+    let img: ImageView = site
+        .zy_json(&[
+            "image",
+            "import",
+            "--kernel",
+            file.to_str().unwrap(),
+            "--name",
+            "k1",
+        ])
+        .unwrap();
+    let hash = zy_common::image::ImageKind::blobs(&img.kind)[0];
+    assert_eq!(hash, BlobHash::of(&bytes));
+    let table = String::from_utf8(site.zy(&["image", "ls"]).stdout).unwrap();
+    assert!(table.contains("k1") && table.contains("kernel"), "{table}");
+
+    let cache = BlobDir::open(&site.lab.dir.join("cache")).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ep = endpoint_in(&site.lab, &site.lab.node_ns(1), None, 0);
+        let (conn, version, _send, _recv) =
+            connect_as_node(&site, &ep, 1, zy_common::Zone::Intranet).await;
+        let c = Conn {
+            conn: conn.clone(),
+            version,
+        };
+        fetch_blob(&c, hash, &cache).await.unwrap();
+        assert_eq!(std::fs::read(cache.path(&hash)).unwrap(), bytes);
+        let unknown = BlobHash([9; 32]);
+        assert!(matches!(
+            fetch_blob(&c, unknown, &cache).await,
+            Err(FetchError::NotFound(_))
+        ));
+        assert!(!cache.has(&unknown));
+        // Something other than a fetch on a stream of its own is refused; the session lives.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        wire::write_frame(&mut send, version, &Message::Load(load()))
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        let m: Message = wire::read_frame(&mut recv, version, wire::MAX_BODY, &mut buf)
+            .await
+            .unwrap();
+        assert!(matches!(m, Message::Refused(r) if r.code == RefusalCode::BadRequest));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(conn.close_reason().is_none());
+    });
+}
+
+fn load() -> zy_common::proto::LoadReport {
+    zy_common::proto::LoadReport {
+        seq: 1,
+        cpu_percent: 0.0,
+        mem_used_bytes: 0,
+        mem_available_bytes: 0,
+        load1: 0.0,
+        load5: 0.0,
+        load15: 0.0,
+        net_rx_bytes: 0,
+        net_tx_bytes: 0,
+        disk_free_bytes: 0,
+    }
+}
