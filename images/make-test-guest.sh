@@ -6,7 +6,7 @@
 #                          from the kernel command line
 #
 # The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=` (and, for tests,
-# `zy.poweroff_after=<seconds>`) from /proc/cmdline, brings
+# `zy.poweroff_after=<seconds>`, `zy.probe=<ip>,<ip>`) from /proc/cmdline, brings
 # eth0 up with that address (it then answers ping), powers off cleanly on an ACPI power
 # button press (QMP system_powerdown), prints `ZY-READY <name>` on the serial console, and
 # keeps a shell on the console.
@@ -87,6 +87,7 @@ for arg in $(cat /proc/cmdline); do
         zy.ip=*) ZY_ip="${arg#zy.ip=}" ;;
         zy.gw=*) ZY_gw="${arg#zy.gw=}" ;;
         zy.poweroff_after=*) ZY_poweroff_after="${arg#zy.poweroff_after=}" ;;
+        zy.probe=*) ZY_probe="${arg#zy.probe=}" ;;
     esac
 done
 hostname "$ZY_name"
@@ -103,6 +104,15 @@ printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /tmp/acpid.log
 echo "ZY-READY $ZY_name"
+# Tests of the network ask the guest to ping addresses and say what answered.
+if [ -n "$ZY_probe" ]; then
+    (while true; do
+        for ip in $(echo "$ZY_probe" | tr , ' '); do
+            if ping -c 1 -W 1 "$ip" >/dev/null 2>&1; then echo "ZY-PING $ip ok"; else echo "ZY-PING $ip fail"; fi
+        done
+        sleep 1
+    done) &
+fi
 # Tests of guest-initiated poweroff ask for one on the command line.
 if [ -n "$ZY_poweroff_after" ]; then
     (sleep "$ZY_poweroff_after"; echo "ZY-POWEROFF $ZY_name"; poweroff -f) &

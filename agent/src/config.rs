@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub coordinator: Option<String>,
     #[serde(default)]
     pub accel: AccelChoice,
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: PathBuf,
     /// The longest wait between reconnection attempts.
     #[serde(
         default = "default_max_backoff",
@@ -61,6 +64,9 @@ pub struct AgentConfig {
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
 }
+fn default_qemu() -> PathBuf {
+    PathBuf::from("/usr/bin/qemu-system-x86_64")
+}
 fn default_max_backoff() -> Duration {
     Duration::from_secs(30)
 }
@@ -74,6 +80,7 @@ impl Default for AgentConfig {
             data_dir: default_data_dir(),
             coordinator: None,
             accel: AccelChoice::Auto,
+            qemu: default_qemu(),
             max_backoff: default_max_backoff(),
             idle_timeout: default_idle(),
         }

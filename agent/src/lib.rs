@@ -15,6 +15,7 @@ pub mod join;
 pub mod link;
 pub mod net;
 pub mod netdev;
+pub mod node;
 mod sys;
 pub mod uplink;
 pub mod vm;

@@ -16,18 +16,24 @@
 //! agents that lost the same coordinator do not all come back in the same millisecond.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
-use zy_common::proto::{close, CommandKind, Hello, Message, RefusalCode, Reply, ReplyKind};
+use zy_common::proto::{
+    close, CommandKind, Event, EventKind, Hello, Message, RefusalCode, Reply, ReplyKind, VmInfo,
+};
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
 
 use crate::config::AgentConfig;
 use crate::host::{self, LoadSampler};
 use crate::identity::Identity;
 use crate::net;
+use crate::node::Node;
+use crate::uplink::Conn;
+use crate::vm::actor::VmEvent;
 
 /// A session that ended.
 #[derive(Debug, thiserror::Error)]
@@ -88,7 +94,13 @@ impl Backoff {
 }
 
 /// Keeps the link up until a permanent refusal. Never returns otherwise.
-pub async fn run(config: &AgentConfig, identity: &Identity) -> LinkError {
+pub async fn run(
+    config: &AgentConfig,
+    identity: &Identity,
+    node: Arc<Node>,
+    published: watch::Sender<Option<Conn>>,
+    mut events: mpsc::Receiver<VmEvent>,
+) -> LinkError {
     let addr = config
         .coordinator
         .clone()
@@ -108,7 +120,17 @@ pub async fn run(config: &AgentConfig, identity: &Identity) -> LinkError {
                     ep
                 }
             };
-            session_inner(config, identity, &ep, target, &mut sampler).await
+            session_inner(
+                config,
+                identity,
+                &ep,
+                target,
+                &mut sampler,
+                &node,
+                &published,
+                &mut events,
+            )
+            .await
         }
         .await;
         let result = match result {
@@ -132,12 +154,16 @@ pub async fn run(config: &AgentConfig, identity: &Identity) -> LinkError {
 #[derive(Debug)]
 pub enum Never {}
 
+#[allow(clippy::too_many_arguments)]
 async fn session_inner(
     config: &AgentConfig,
     identity: &Identity,
     endpoint: &quinn::Endpoint,
     target: SocketAddr,
     sampler: &mut LoadSampler,
+    node: &Arc<Node>,
+    published: &watch::Sender<Option<Conn>>,
+    events: &mut mpsc::Receiver<VmEvent>,
 ) -> Result<Never, LinkError> {
     let tls = zy_common::tls::daemon_client_config(
         &identity.ca,
@@ -146,7 +172,8 @@ async fn session_inner(
     )
     .map_err(|e| LinkError::Protocol(e.to_string()))?;
     let conn = net::connect(endpoint, target, tls, config.idle_timeout).await?;
-    let result = drive(config, identity, &conn, sampler).await;
+    let result = drive(config, identity, &conn, sampler, node, published, events).await;
+    published.send_replace(None);
     let code = match &result {
         Err(LinkError::Refused { .. }) => close::REFUSED,
         Err(LinkError::Protocol(_)) => close::PROTOCOL,
@@ -161,6 +188,9 @@ async fn drive(
     identity: &Identity,
     conn: &quinn::Connection,
     sampler: &mut LoadSampler,
+    node: &Arc<Node>,
+    published: &watch::Sender<Option<Conn>>,
+    events: &mut mpsc::Receiver<VmEvent>,
 ) -> Result<Never, LinkError> {
     let lost = |e: quinn::ConnectionError| LinkError::Lost(net::explain(&e));
     let stream = |e: StreamError| match e {
@@ -214,6 +244,17 @@ async fn drive(
     };
     info!(node = %identity.node.node_id, interval_ms = interval.as_millis() as u64, "connected to the coordinator");
     let (mut recv, mut send) = io.into_inner();
+    // The full picture first; changes from before it are stale.
+    while events.try_recv().is_ok() {}
+    wire::write_frame(&mut send, version, &Message::VmReport(node.report()))
+        .await
+        .map_err(stream)?;
+    published.send_replace(Some(Conn {
+        conn: conn.clone(),
+        version,
+    }));
+    // Replies of VM commands, which run as tasks of their own.
+    let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
 
     // The reader runs on its own so that a half-read frame is never abandoned by select!.
     let (in_tx, mut in_rx) = mpsc::channel::<Result<Message, LinkError>>(16);
@@ -256,6 +297,16 @@ async fn drive(
                                 ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                                 Ok(ReplyKind::Done)
                             }
+                            vm_command => {
+                                let node = node.clone();
+                                let tx = reply_tx.clone();
+                                let id = c.id;
+                                tokio::spawn(async move {
+                                    let result = node.handle(vm_command).await;
+                                    let _ = tx.send(Reply { id, result }).await;
+                                });
+                                continue;
+                            }
                         };
                         debug!(id = c.id, "command handled");
                         let reply = Message::Reply(Reply { id: c.id, result });
@@ -268,6 +319,17 @@ async fn drive(
                         return Err(LinkError::Protocol(format!("unexpected {} from the coordinator", other.kind())));
                     }
                 }
+            }
+            Some(reply) = reply_rx.recv() => {
+                wire::write_frame(&mut send, version, &Message::Reply(reply)).await.map_err(stream)?;
+            }
+            Some(ev) = events.recv() => {
+                let info = VmInfo { id: ev.id, name: node.vms.get(ev.id).map(|h| h.name).unwrap_or_default(), state: ev.status.state, pid: ev.status.pid.map(|p| p as u32) };
+                if info.name.is_empty() {
+                    continue;
+                }
+                let msg = Message::Event(Event { at_ms: ev.status.since_ms, kind: EventKind::Vm(info) });
+                wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
             }
             e = conn.closed() => return Err(lost(e)),
         }

@@ -128,8 +128,20 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             info!(node = %identity.node.node_id, name = %identity.node.name, zone = %identity.node.zone, "agent starting");
             zy_common::sdnotify::notify("READY=1");
             let _watchdog = zy_common::sdnotify::spawn_watchdog();
+            std::fs::create_dir_all(&cfg.data_dir)
+                .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+            let accel =
+                zy_agent::host::inventory(&cfg.data_dir, identity.node.zone, cfg.accel)?.accel;
+            let (published, uplink) = zy_agent::uplink::Uplink::new();
+            let (node, events) =
+                zy_agent::node::Node::start(cfg.qemu.clone(), &cfg.data_dir, accel, uplink).await?;
+            info!(
+                vms = node.vms.list().len(),
+                accel = accel.as_str(),
+                "VMs recovered"
+            );
             tokio::select! {
-                e = zy_agent::link::run(&cfg, &identity) => {
+                e = zy_agent::link::run(&cfg, &identity, node, published, events) => {
                     eprintln!("zy-agent: {e}");
                     Ok(zy_agent::EXIT_REFUSED)
                 }

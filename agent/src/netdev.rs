@@ -57,7 +57,7 @@ pub enum NetdevError {
 }
 
 /// One virtual network on this node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     pub vni: u32,
     pub zone: Zone,

@@ -171,6 +171,7 @@ mod manager {
                 qemu: qemu(),
                 data_dir: dir.to_path_buf(),
                 events: tx,
+                netdev: None,
             },
             rx,
         )
@@ -200,7 +201,7 @@ mod manager {
         let s = spec("vm-keep", None);
         let id = s.id;
         let paths = VmPaths::new(&tmp.0, id);
-        let h = m.create(s.clone(), true).unwrap();
+        let h = m.create(s.clone(), vec![], true).unwrap();
         let pid = wait_state(&h, "running").await.unwrap();
         wait_console(
             &paths.console_log(),
@@ -209,7 +210,7 @@ mod manager {
         )
         .await;
         assert!(matches!(
-            m.create(s, true),
+            m.create(s, vec![], true),
             Err(zy_agent::vm::manager::CreateError::Exists(_))
         ));
 
@@ -272,12 +273,12 @@ mod manager {
         let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmm-{}", rand::random::<u64>())));
         let (c, mut events) = ctx(&tmp.0);
         let m = VmManager::recover(c).await;
-        let a = m.create(spec("vm-crash", None), true).unwrap();
+        let a = m.create(spec("vm-crash", None), vec![], true).unwrap();
         let mut off = spec("vm-off", None);
         if let Boot::Kernel { cmdline, .. } = &mut off.boot {
             cmdline.push_str(" zy.poweroff_after=3");
         }
-        let b = m.create(off, true).unwrap();
+        let b = m.create(off, vec![], true).unwrap();
         let pa = wait_state(&a, "running").await.unwrap();
         wait_state(&b, "running").await;
         for (h, name) in [(&a, "vm-crash"), (&b, "vm-off")] {

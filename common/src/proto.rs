@@ -19,7 +19,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::blob::BlobHash;
-use crate::ids::{validate_name, NodeId, Zone};
+use crate::ids::{validate_name, NodeId, VmId, Zone};
+use crate::image::ImageKind;
+use crate::vm::VmState;
 use crate::wire::FrameError;
 
 /// Longest free-text string carried in a message (reasons, notices, CPU models).
@@ -47,6 +49,8 @@ pub enum Message {
         hash: BlobHash,
         size: u64,
     },
+    /// Agent → coordinator after Welcome: every VM the node has.
+    VmReport(Vec<VmInfo>),
 }
 
 impl Message {
@@ -64,6 +68,7 @@ impl Message {
             Message::Refused(_) => "Refused",
             Message::FetchBlob(_) => "FetchBlob",
             Message::BlobHeader { .. } => "BlobHeader",
+            Message::VmReport(_) => "VmReport",
         }
     }
 
@@ -97,6 +102,10 @@ impl Message {
                 CommandKind::SetReportInterval { ms } => {
                     invalid(format!("report interval {ms} ms is outside 100..=60000"))
                 }
+                CommandKind::CreateVm(vm) => vm.validate(),
+                CommandKind::StartVm(_) | CommandKind::DeleteVm(_) => Ok(()),
+                CommandKind::StopVm { grace_ms, .. } if *grace_ms <= 600_000 => Ok(()),
+                CommandKind::StopVm { .. } => invalid("stop grace over 10 minutes".into()),
             },
             Message::Reply(r) => match &r.result {
                 Ok(_) => Ok(()),
@@ -104,9 +113,16 @@ impl Message {
             },
             Message::Event(e) => match &e.kind {
                 EventKind::Notice { message } => text("notice", message, MAX_TEXT),
+                EventKind::Vm(info) => info.validate(),
             },
             Message::Refused(r) => text("refusal", &r.message, MAX_TEXT),
             Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
+            Message::VmReport(vms) => {
+                if vms.len() > 10_000 {
+                    return invalid(format!("{} VMs on one node is not plausible", vms.len()));
+                }
+                vms.iter().try_for_each(VmInfo::validate)
+            }
         }
     }
 }
@@ -133,6 +149,43 @@ fn blob(what: &str, b: &[u8]) -> Result<(), FrameError> {
         ));
     }
     Ok(())
+}
+
+impl WireVm {
+    fn validate(&self) -> Result<(), FrameError> {
+        validate_name(&self.name).map_err(|e| FrameError::Invalid(e.to_string()))?;
+        if !(1..=64).contains(&self.vcpus) {
+            return invalid(format!("{} vCPUs is outside 1..=64", self.vcpus));
+        }
+        if !(64..=1024 * 1024).contains(&self.memory_mib) {
+            return invalid(format!("{} MiB is outside 64..=1048576", self.memory_mib));
+        }
+        if self.disk_gib > 64 * 1024 {
+            return invalid(format!("a {} GiB disk is over 64 TiB", self.disk_gib));
+        }
+        if self.nics.len() > 8 {
+            return invalid("more than 8 NICs".into());
+        }
+        for n in &self.nics {
+            if n.vni == 0 || n.vni > 0x00ff_ffff || n.prefix > 30 || n.peers.len() > 4096 {
+                return invalid("a NIC with an impossible network".into());
+            }
+        }
+        if let ImageKind::Kernel { cmdline, .. } = &self.image {
+            text("cmdline", cmdline, 2048)?;
+        }
+        Ok(())
+    }
+}
+
+impl VmInfo {
+    fn validate(&self) -> Result<(), FrameError> {
+        validate_name(&self.name).map_err(|e| FrameError::Invalid(e.to_string()))?;
+        if let VmState::Failed(r) = &self.state {
+            text("failure reason", r, 4 * MAX_TEXT)?;
+        }
+        Ok(())
+    }
 }
 
 /// Sent by an agent that is not enrolled yet, on a connection without a client certificate.
@@ -285,7 +338,56 @@ pub enum CommandKind {
     /// Answer at once: measures the round trip.
     Ping,
     /// Report load at another interval from now on.
-    SetReportInterval { ms: u32 },
+    SetReportInterval {
+        ms: u32,
+    },
+    /// Make a VM (fetch its image, make its disk and ports) and start it if asked.
+    CreateVm(WireVm),
+    StartVm(VmId),
+    StopVm {
+        id: VmId,
+        grace_ms: u32,
+    },
+    /// Stop the VM if it runs and remove everything of it from the node.
+    DeleteVm(VmId),
+}
+
+/// A VM as the coordinator hands it to a node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WireVm {
+    pub id: VmId,
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size of the VM's own disk; 0 for none (a kernel image needs no disk).
+    pub disk_gib: u64,
+    pub image: ImageKind,
+    pub nics: Vec<WireNic>,
+    pub start: bool,
+}
+
+/// One NIC of a VM and the network it joins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireNic {
+    pub vni: u32,
+    /// This node's underlay address, as the coordinator sees it (the VXLAN source).
+    pub local: std::net::Ipv4Addr,
+    pub mac: [u8; 6],
+    pub ip: std::net::Ipv4Addr,
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The underlay addresses of the other nodes of this network.
+    pub peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// A VM as a node reports it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: VmId,
+    pub name: String,
+    pub state: VmState,
+    pub pid: Option<u32>,
 }
 
 /// An agent's answer to a [`Command`].
@@ -315,6 +417,8 @@ pub struct Event {
 pub enum EventKind {
     /// A free-text notice worth showing ops.
     Notice { message: String },
+    /// A VM changed state.
+    Vm(VmInfo),
 }
 
 /// A refusal, sent just before the sender closes the connection.

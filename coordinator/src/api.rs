@@ -46,6 +46,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/images"),
     ("get", "/v1/images/{name}"),
     ("delete", "/v1/images/{name}"),
+    ("get", "/v1/vms"),
+    ("post", "/v1/vms"),
+    ("get", "/v1/vms/{vm}"),
+    ("delete", "/v1/vms/{vm}"),
+    ("post", "/v1/vms/{vm}/start"),
+    ("post", "/v1/vms/{vm}/stop"),
+    ("post", "/v1/vms/{vm}/restart"),
 ];
 
 /// An API error.
@@ -57,6 +64,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The sentence for people.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -117,6 +129,14 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             "/v1/images",
             get(crate::images::list_images).post(crate::images::create_image),
         )
+        .route("/v1/vms", get(crate::vms::list).post(crate::vms::create))
+        .route(
+            "/v1/vms/{vm}",
+            get(crate::vms::show).delete(crate::vms::delete),
+        )
+        .route("/v1/vms/{vm}/start", post(crate::vms::start))
+        .route("/v1/vms/{vm}/stop", post(crate::vms::stop))
+        .route("/v1/vms/{vm}/restart", post(crate::vms::restart))
         .route(
             "/v1/images/{name}",
             get(crate::images::show_image).delete(crate::images::delete_image),

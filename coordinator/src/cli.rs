@@ -72,11 +72,74 @@ pub enum Command {
     /// Bootstrap tokens that enroll new nodes.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Images VMs boot from.
     #[command(subcommand)]
     Image(ImageCmd),
     /// Is the coordinator up, and which version is it?
     Status(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Create a VM: it is placed on a node of its zone and started.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// extranet or intranet.
+        #[arg(long)]
+        zone: Zone,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        memory: u64,
+        /// Size of the VM's disk in GiB (0: none, or the image's size).
+        #[arg(long, default_value_t = 0)]
+        disk: u64,
+        /// The image to boot (`zy image ls`).
+        #[arg(long)]
+        image: String,
+        /// Create it stopped.
+        #[arg(long)]
+        stopped: bool,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// List VMs.
+    Ls(JsonFlag),
+    /// One VM in detail.
+    Show {
+        vm: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Start a stopped VM.
+    Start {
+        vm: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop a VM (ACPI powerdown, then quit, then kill).
+    Stop {
+        vm: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Stop and start a VM.
+    Restart {
+        vm: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete a VM and everything of it on its node.
+    Delete {
+        vm: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +450,57 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )
             })
         }
+        Command::Vm(VmCmd::Create {
+            name,
+            zone,
+            vcpus,
+            memory,
+            disk,
+            image,
+            stopped,
+            json,
+        }) => {
+            let body = serde_json::json!({"name": name, "zone": zone, "vcpus": vcpus,
+                "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped});
+            let v: crate::vms::VmView = c.call(Method::POST, "/v1/vms", Some(body)).await?;
+            print(json.json, &v, || {
+                format!(
+                    "VM {} ({}) placed on {} with address {}; `zy vm show {}` follows it\n",
+                    v.name,
+                    v.id,
+                    v.node.as_deref().unwrap_or("-"),
+                    v.ip,
+                    v.name
+                )
+            })
+        }
+        Command::Vm(VmCmd::Ls(j)) => {
+            let vms: Vec<crate::vms::VmView> = c.call(Method::GET, "/v1/vms", None).await?;
+            print(j.json, &vms, || vm_table(&vms))
+        }
+        Command::Vm(VmCmd::Show { vm, json }) => {
+            let v: crate::vms::VmView = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/vms/{}", path_segment(&vm)?),
+                    None,
+                )
+                .await?;
+            print(json.json, &v, || vm_detail(&v))
+        }
+        Command::Vm(VmCmd::Start { vm, json }) => vm_action(&c, "start", &vm, json.json).await,
+        Command::Vm(VmCmd::Stop { vm, json }) => vm_action(&c, "stop", &vm, json.json).await,
+        Command::Vm(VmCmd::Restart { vm, json }) => vm_action(&c, "restart", &vm, json.json).await,
+        Command::Vm(VmCmd::Delete { vm, json }) => {
+            let v: crate::vms::VmView = c
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/vms/{}", path_segment(&vm)?),
+                    None,
+                )
+                .await?;
+            print(json.json, &v, || format!("deleted VM {}\n", v.name))
+        }
         Command::Image(ImageCmd::Ls(j)) => {
             let images: Vec<crate::images::ImageView> =
                 c.call(Method::GET, "/v1/images", None).await?;
@@ -609,6 +723,69 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
             })
             .collect();
         s.push_str(&table(&["AT", "CHANGE", "REASON"], &rows));
+    }
+    s
+}
+
+async fn vm_action(c: &Client, action: &str, vm: &str, json: bool) -> Result<(), CliError> {
+    let v: crate::vms::VmView = c
+        .call(
+            Method::POST,
+            &format!("/v1/vms/{}/{action}", path_segment(vm)?),
+            None,
+        )
+        .await?;
+    print(json, &v, || format!("VM {} is {}\n", v.name, v.state))
+}
+
+fn vm_table(vms: &[crate::vms::VmView]) -> String {
+    if vms.is_empty() {
+        return "no VMs: `zy vm create --name N --zone Z --image I` makes one\n".into();
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                v.zone.to_string(),
+                v.state.clone(),
+                v.node.clone().unwrap_or("-".into()),
+                v.ip.to_string(),
+                v.vcpus.to_string(),
+                format!("{}M", v.memory_mib),
+                v.image.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "ZONE", "STATE", "NODE", "ADDRESS", "VCPUS", "MEMORY", "IMAGE",
+        ],
+        &rows,
+    )
+}
+
+fn vm_detail(v: &crate::vms::VmView) -> String {
+    let mut s = format!(
+        "name:      {}\nid:        {}\nzone:      {}\nstate:     {} since {} (wanted: {:?})\nnode:      {}\naddress:   {} (mac {})\nsize:      {} vCPU, {} MiB, {} GiB disk\nimage:     {}\nqemu pid:  {}\ncreated:   {}\n",
+        v.name,
+        v.id,
+        v.zone,
+        v.state,
+        v.state_since,
+        v.desired,
+        v.node.as_deref().unwrap_or("-"),
+        v.ip,
+        v.mac,
+        v.vcpus,
+        v.memory_mib,
+        v.disk_gib,
+        v.image,
+        v.pid.map(|p| p.to_string()).unwrap_or("-".into()),
+        v.created_at
+    );
+    if let Some(r) = &v.reason {
+        s.push_str(&format!("reason:    {r}\n"));
     }
     s
 }

@@ -238,7 +238,7 @@ async fn enroll(
     })
 }
 
-async fn handle_node(coord: &Coordinator, conn: quinn::Connection, who: NodeIdentity) {
+async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: NodeIdentity) {
     let (version, msg, mut send, recv) = match first_message(&conn).await {
         Ok(x) => x,
         Err(e) => {
@@ -390,7 +390,7 @@ enum SessionEnd {
 
 #[allow(clippy::too_many_arguments)]
 async fn run_session(
-    coord: &Coordinator,
+    coord: &Arc<Coordinator>,
     conn: &quinn::Connection,
     node: NodeId,
     session: Session,
@@ -464,7 +464,7 @@ async fn run_session(
 }
 
 fn on_message(
-    coord: &Coordinator,
+    coord: &Arc<Coordinator>,
     node: NodeId,
     session: &Session,
     m: Message,
@@ -480,10 +480,19 @@ fn on_message(
             session.deliver(reply);
             Ok(())
         }
+        Message::VmReport(report) => {
+            let coord = coord.clone();
+            tokio::spawn(async move { crate::vms::on_report(&coord, node, report).await });
+            Ok(())
+        }
         Message::Event(event) => {
             match event.kind {
                 EventKind::Notice { message } => {
                     info!(at_ms = event.at_ms, %message, "node notice")
+                }
+                EventKind::Vm(vm) => {
+                    let coord = coord.clone();
+                    tokio::spawn(async move { crate::vms::on_event(&coord, node, vm).await });
                 }
             }
             Ok(())

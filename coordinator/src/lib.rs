@@ -16,10 +16,12 @@ pub mod fleet;
 pub mod https;
 pub mod images;
 pub mod membership;
+pub mod placement;
 pub mod server;
 pub mod statedir;
 pub mod store;
 mod sys;
+pub mod vms;
 
 pub use server::Coordinator;
 

@@ -38,6 +38,8 @@ pub struct Coordinator {
     pub started: Instant,
     /// Image files and other content-addressed blobs.
     pub blobs: zy_common::blob::BlobDir,
+    /// The site's VMs.
+    pub vms: crate::vms::Vms,
 }
 
 /// Why the coordinator could not start.
@@ -89,7 +91,9 @@ impl Coordinator {
         );
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
+        let vms = crate::vms::Vms::new(store.vms()?);
         Ok(Self {
+            vms,
             blobs,
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
             config,

@@ -39,6 +39,7 @@ const TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("bootstrap_to
 const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_tokens");
 const TRANSITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("transitions");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const VMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vms");
 
 /// How many transitions are kept per node; older ones are pruned.
 pub const TRANSITIONS_KEPT: usize = 200;
@@ -143,6 +144,35 @@ pub struct ImageRecord {
     pub name: String,
     pub kind: zy_common::image::ImageKind,
     pub size_bytes: u64,
+    pub created_at_ms: u64,
+}
+
+/// Whether a VM should run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmDesired {
+    Running,
+    Stopped,
+}
+
+/// A VM as stored: what was asked for, where it was placed, and what its node last said.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRec {
+    pub id: zy_common::VmId,
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: String,
+    pub boot: zy_common::image::ImageKind,
+    pub node: Option<NodeId>,
+    pub desired: VmDesired,
+    pub state: zy_common::vm::VmState,
+    pub state_since_ms: u64,
+    pub mac: [u8; 6],
+    pub ip: std::net::Ipv4Addr,
+    pub pid: Option<u32>,
     pub created_at_ms: u64,
 }
 
@@ -253,6 +283,7 @@ impl Store {
             }
             txn.open_table(NAMES)?;
             txn.open_table(IMAGES)?;
+            txn.open_table(VMS)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -296,6 +327,28 @@ impl Store {
     /// Every bootstrap token.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>, StoreError> {
         self.scan(TOKENS, "bootstrap_tokens")
+    }
+
+    /// Every VM.
+    pub fn vms(&self) -> Result<Vec<VmRec>, StoreError> {
+        self.scan(VMS, "vms")
+    }
+
+    /// Writes a VM (new or changed).
+    pub fn put_vm(&self, vm: &VmRec) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(VMS)?
+            .insert(vm.id.0.as_bytes().as_slice(), encode(vm)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Forgets a VM.
+    pub fn remove_vm(&self, id: zy_common::VmId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(VMS)?.remove(id.0.as_bytes().as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     /// Every image, by name.

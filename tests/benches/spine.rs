@@ -1116,6 +1116,8 @@ async fn sim_agent(
                             ticker = tokio::time::interval(Duration::from_millis(ms.into()));
                             Ok(ReplyKind::Done)
                         }
+                        // Simulated agents run no VMs.
+                        _ => Err("this simulated node runs no VMs".to_string()),
                     };
                     let reply = Message::Reply(Reply { id: c.id, result });
                     if let Err(err) = wire::write_frame(&mut send, version, &reply).await {

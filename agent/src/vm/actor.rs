@@ -51,12 +51,15 @@ pub struct Ctx {
     /// State changes; full means the link is away and the coordinator will get the whole
     /// picture on reconnect anyway, so events are dropped rather than waited for.
     pub events: mpsc::Sender<VmEvent>,
+    /// Netlink, to join taps to their networks (none in tests without networks).
+    pub netdev: Option<crate::netdev::Netdev>,
 }
 
 /// How others reach a VM's actor.
 #[derive(Clone, Debug)]
 pub struct VmHandle {
     pub id: VmId,
+    pub name: String,
     tx: mpsc::Sender<Request>,
     pub status: watch::Receiver<VmStatus>,
 }
@@ -93,6 +96,7 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
     };
     let (state_tx, state_rx) = watch::channel(initial);
     let id = rec.spec.id;
+    let name = rec.spec.name.clone();
     tokio::spawn(
         Actor {
             ctx,
@@ -104,6 +108,7 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
     );
     VmHandle {
         id,
+        name,
         tx,
         status: state_rx,
     }
@@ -151,6 +156,14 @@ impl Actor {
         match runner::launch(&self.ctx.qemu, &self.rec.spec, &self.paths()).await {
             Ok(l) => {
                 self.live = Some(l);
+                if let Err(e) = self.plug().await {
+                    // A VM without its network is not what was asked for.
+                    self.stop(Duration::from_secs(5)).await;
+                    self.want(Desired::Running);
+                    let reason = format!("cannot join its network: {e}");
+                    self.set(VmState::Failed(reason.clone()));
+                    return Err(reason);
+                }
                 self.set(VmState::Running);
                 Ok(())
             }
@@ -162,7 +175,34 @@ impl Actor {
         }
     }
 
+    /// Joins each tap (made by QEMU) to its network; idempotent.
+    async fn plug(&self) -> Result<(), crate::netdev::NetdevError> {
+        let Some(nd) = &self.ctx.netdev else {
+            return Ok(());
+        };
+        for (tap, seg) in &self.rec.ports {
+            nd.ensure_segment(seg).await?;
+            nd.attach(tap, seg).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes networks no VM uses any more (the taps went with QEMU).
+    async fn unplug(&self) {
+        let Some(nd) = &self.ctx.netdev else { return };
+        for (_, seg) in &self.rec.ports {
+            if let Err(e) = nd.release_segment(seg).await {
+                warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        if self.live.is_some() {
+            if let Err(e) = self.plug().await {
+                warn!(vm = %self.rec.spec.id, error = %e, "re-attached VM cannot rejoin its network");
+            }
+        }
         // Reconcile: start what should run and does not.
         if self.live.is_none() && self.rec.desired == Desired::Running {
             let _ = self.start().await;
@@ -214,6 +254,7 @@ impl Actor {
             None => StopHow::AlreadyGone,
         };
         self.live = None;
+        self.unplug().await;
         self.set(VmState::Stopped);
         how
     }
@@ -232,6 +273,7 @@ impl Actor {
                 guest_poweroff = true;
             }
         }
+        self.unplug().await;
         if guest_poweroff {
             self.want(Desired::Stopped);
             self.set(VmState::Stopped);

@@ -79,7 +79,12 @@ impl VmManager {
     }
 
     /// Records a new VM and starts its actor (which starts it when `start`).
-    pub fn create(&self, spec: VmSpec, start: bool) -> Result<VmHandle, CreateError> {
+    pub fn create(
+        &self,
+        spec: VmSpec,
+        ports: Vec<(String, crate::netdev::Segment)>,
+        start: bool,
+    ) -> Result<VmHandle, CreateError> {
         spec.validate()?;
         let mut vms = self.lock();
         if vms.contains_key(&spec.id) {
@@ -98,6 +103,7 @@ impl VmManager {
                 Desired::Stopped
             },
             created_at_ms: now_millis(),
+            ports,
         };
         if let Err(e) = rec.save(&paths) {
             let _ = std::fs::remove_dir_all(&paths.dir);
@@ -117,6 +123,11 @@ impl VmManager {
     /// Every VM's handle.
     pub fn list(&self) -> Vec<VmHandle> {
         self.lock().values().cloned().collect()
+    }
+
+    /// The data directory the VMs live under.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.ctx.data_dir
     }
 
     /// Forgets a deleted VM.

@@ -26,6 +26,8 @@ pub struct VmRecord {
     pub spec: VmSpec,
     pub desired: Desired,
     pub created_at_ms: u64,
+    /// The network each NIC's tap joins, by tap name.
+    pub ports: Vec<(String, crate::netdev::Segment)>,
 }
 
 /// A record that cannot be used.

@@ -1,0 +1,305 @@
+//! The node's side of VM commands: turns a VM as the coordinator describes it into a VM on
+//! this node (image blobs fetched and verified, disk made, network joined) and routes
+//! start/stop/delete to the VM's actor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::warn;
+use zy_common::blob::BlobDir;
+use zy_common::image::ImageKind;
+use zy_common::proto::{Accel, CommandKind, ReplyKind, VmInfo, WireVm};
+use zy_common::time::now_millis;
+use zy_common::vm::VmState;
+use zy_common::VmId;
+
+use crate::netdev::Segment;
+use crate::uplink::Uplink;
+use crate::vm::actor::{Ctx, Request, VmEvent, VmStatus};
+use crate::vm::manager::VmManager;
+use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
+
+/// Everything VM commands need.
+#[derive(Debug)]
+pub struct Node {
+    pub vms: VmManager,
+    pub uplink: Uplink,
+    pub cache: BlobDir,
+    pub accel: Accel,
+    events: mpsc::Sender<VmEvent>,
+}
+
+impl Node {
+    /// Recovers the node's VMs and returns the node and the stream of VM state changes.
+    pub async fn start(
+        ctx_qemu: std::path::PathBuf,
+        data_dir: &std::path::Path,
+        accel: Accel,
+        uplink: Uplink,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), zy_common::blob::BlobError> {
+        let (tx, rx) = mpsc::channel(256);
+        let netdev = match crate::netdev::Netdev::new() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warn!(error = %e, "no netlink: VMs will have no networks");
+                None
+            }
+        };
+        let ctx = Ctx {
+            qemu: ctx_qemu,
+            data_dir: data_dir.to_path_buf(),
+            events: tx.clone(),
+            netdev,
+        };
+        let cache = BlobDir::open(&data_dir.join("images"))?;
+        let vms = VmManager::recover(ctx).await;
+        Ok((
+            Arc::new(Self {
+                vms,
+                uplink,
+                cache,
+                accel,
+                events: tx,
+            }),
+            rx,
+        ))
+    }
+
+    /// Every VM and its state, for the coordinator on (re)connect.
+    pub fn report(&self) -> Vec<VmInfo> {
+        self.vms
+            .list()
+            .into_iter()
+            .map(|h| {
+                let s = h.status.borrow().clone();
+                VmInfo {
+                    id: h.id,
+                    name: h.name.clone(),
+                    state: s.state,
+                    pid: s.pid.map(|p| p as u32),
+                }
+            })
+            .collect()
+    }
+
+    /// Carries out a VM command.
+    pub async fn handle(&self, kind: CommandKind) -> Result<ReplyKind, String> {
+        match kind {
+            CommandKind::CreateVm(vm) => self.create(vm).await.map(|()| ReplyKind::Done),
+            CommandKind::StartVm(id) => {
+                let h = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| format!("no VM {id} on this node"))?;
+                let (tx, rx) = oneshot::channel();
+                h.send(Request::Start(tx)).map_err(|e| e.to_string())?;
+                rx.await
+                    .map_err(|_| "the VM's actor stopped".to_string())??;
+                Ok(ReplyKind::Done)
+            }
+            CommandKind::StopVm { id, grace_ms } => {
+                let h = self
+                    .vms
+                    .get(id)
+                    .ok_or_else(|| format!("no VM {id} on this node"))?;
+                let (tx, rx) = oneshot::channel();
+                h.send(Request::Stop {
+                    grace: Duration::from_millis(grace_ms.into()),
+                    reply: tx,
+                })
+                .map_err(|e| e.to_string())?;
+                rx.await
+                    .map_err(|_| "the VM's actor stopped".to_string())??;
+                Ok(ReplyKind::Done)
+            }
+            CommandKind::DeleteVm(id) => {
+                let Some(h) = self.vms.get(id) else {
+                    // Deleting what is not here is done already.
+                    return Ok(ReplyKind::Done);
+                };
+                let (tx, rx) = oneshot::channel();
+                h.send(Request::Delete(tx)).map_err(|e| e.to_string())?;
+                rx.await
+                    .map_err(|_| "the VM's actor stopped".to_string())??;
+                self.vms.forget(id);
+                Ok(ReplyKind::Done)
+            }
+            CommandKind::Ping | CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),
+        }
+    }
+
+    fn emit(&self, id: VmId, state: VmState) {
+        let _ = self.events.try_send(VmEvent {
+            id,
+            status: VmStatus {
+                state,
+                pid: None,
+                startup: None,
+                since_ms: now_millis(),
+            },
+        });
+    }
+
+    async fn create(&self, vm: WireVm) -> Result<(), String> {
+        if self.vms.get(vm.id).is_some() {
+            return Ok(());
+        }
+        self.emit(vm.id, VmState::Creating);
+        let paths = VmPaths::new(self.vms.data_dir(), vm.id);
+        let result = self.prepare(&vm, &paths).await;
+        let (spec, ports) = match result {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing half-made stays behind.
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                self.emit(vm.id, VmState::Failed(e.clone()));
+                return Err(e);
+            }
+        };
+        self.vms
+            .create(spec, ports, vm.start)
+            .map(|_| ())
+            .map_err(|e| {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+                e.to_string()
+            })
+    }
+
+    async fn prepare(
+        &self,
+        vm: &WireVm,
+        paths: &VmPaths,
+    ) -> Result<(VmSpec, Vec<(String, Segment)>), String> {
+        for blob in vm.image.blobs() {
+            self.uplink
+                .ensure_blob(blob, &self.cache)
+                .await
+                .map_err(|e| format!("cannot get the image: {e}"))?;
+        }
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(|e| format!("cannot make {}: {e}", paths.dir.display()))?;
+        let mut disks = Vec::new();
+        let boot = match &vm.image {
+            ImageKind::Disk { blob, format, .. } => {
+                let disk = paths.dir.join("disk0.qcow2");
+                let size = (vm.disk_gib > 0).then(|| format!("{}G", vm.disk_gib));
+                qemu_img_overlay(
+                    &self.cache.path(blob),
+                    format.as_str(),
+                    &disk,
+                    size.as_deref(),
+                )?;
+                disks.push(DiskSpec {
+                    path: disk,
+                    format: "qcow2".into(),
+                });
+                Boot::Disk
+            }
+            ImageKind::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                if vm.disk_gib > 0 {
+                    let disk = paths.dir.join("disk0.qcow2");
+                    qemu_img_empty(&disk, vm.disk_gib)?;
+                    disks.push(DiskSpec {
+                        path: disk,
+                        format: "qcow2".into(),
+                    });
+                }
+                let mut line = format!("{cmdline} zy.name={}", vm.name);
+                if let Some(n) = vm.nics.first() {
+                    line.push_str(&format!(" zy.ip={}/{}", n.ip, n.prefix));
+                    if let Some(gw) = n.gateway {
+                        line.push_str(&format!(" zy.gw={gw}"));
+                    }
+                }
+                Boot::Kernel {
+                    kernel: self.cache.path(kernel),
+                    initrd: initrd.map(|i| self.cache.path(&i)),
+                    cmdline: line.trim().to_string(),
+                }
+            }
+        };
+        let short: String = vm
+            .id
+            .to_string()
+            .chars()
+            .filter(|c| *c != '-')
+            .take(8)
+            .collect();
+        let mut nics = Vec::new();
+        let mut ports = Vec::new();
+        for (i, n) in vm.nics.iter().enumerate() {
+            let tap = format!("zyt{short}{i}");
+            nics.push(NicSpec {
+                tap: tap.clone(),
+                mac: n.mac,
+            });
+            ports.push((
+                tap,
+                Segment {
+                    vni: n.vni,
+                    zone: vm.zone,
+                    local: n.local,
+                    peers: n.peers.iter().copied().collect(),
+                    underlay_mtu: 1500,
+                },
+            ));
+        }
+        let spec = VmSpec {
+            id: vm.id,
+            name: vm.name.clone(),
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            accel: self.accel,
+            boot,
+            disks,
+            nics,
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok((spec, ports))
+    }
+}
+
+fn qemu_img(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "qemu-img {} failed: {}",
+            args.first().copied().unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// A qcow2 overlay on a base image (grown to `size` if given).
+fn qemu_img_overlay(
+    base: &std::path::Path,
+    format: &str,
+    disk: &std::path::Path,
+    size: Option<&str>,
+) -> Result<(), String> {
+    let base = base.to_string_lossy();
+    let disk = disk.to_string_lossy();
+    let mut args = vec![
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", format, &disk,
+    ];
+    if let Some(s) = size {
+        args.push(s);
+    }
+    qemu_img(&args)
+}
+
+/// A fresh, empty qcow2 disk.
+fn qemu_img_empty(disk: &std::path::Path, gib: u64) -> Result<(), String> {
+    let disk = disk.to_string_lossy();
+    qemu_img(&["create", "-q", "-f", "qcow2", &disk, &format!("{gib}G")])
+}

@@ -1,0 +1,236 @@
+//! VMs end to end: images uploaded, VMs placed by zone, booted by real QEMU (TCG here) on
+//! real nodes, same-zone VMs on different nodes reaching each other over VXLAN, the other
+//! zone out of reach, VMs surviving an agent's kill -9, and nothing left after delete.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use zy_coordinator::vms::VmView;
+use zy_lab::site::Site;
+use zy_lab::wait_for;
+
+const BOOT: Duration = Duration::from_secs(120);
+
+fn guest() -> (String, String) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out");
+    let k = dir.join("vmlinuz");
+    assert!(
+        k.exists(),
+        "build the test guest first: images/make-test-guest.sh"
+    );
+    (
+        k.to_string_lossy().into(),
+        dir.join("initramfs.gz").to_string_lossy().into(),
+    )
+}
+
+fn vm(site: &Site, name: &str) -> VmView {
+    site.zy_json(&["vm", "show", name]).unwrap()
+}
+
+fn wait_vm(site: &Site, name: &str, state: &str) -> VmView {
+    wait_for(&format!("{name} to be {state}"), BOOT, || {
+        let v = vm(site, name);
+        if v.state == "failed" && state != "failed" {
+            panic!("{name} failed: {:?}", v.reason);
+        }
+        (v.state == state).then_some(v)
+    })
+    .unwrap()
+}
+
+fn console(site: &Site, node: usize, v: &VmView) -> String {
+    let log = site
+        .agent_dir(node)
+        .join("vms")
+        .join(v.id.to_string())
+        .join("console.log");
+    std::fs::read_to_string(log).unwrap_or_default()
+}
+
+#[test]
+fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
+    let site = Site::new(3).unwrap();
+    site.join(1, "intranet").unwrap();
+    site.join(2, "intranet").unwrap();
+    site.join(3, "extranet").unwrap();
+    for i in 1..=3 {
+        site.start_agent(i, &[]).unwrap();
+        site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))
+            .unwrap();
+    }
+    let (kernel, initrd) = guest();
+    let import = |name: &str, cmdline: &str| {
+        let out = site.zy(&[
+            "image",
+            "import",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            cmdline,
+            "--name",
+            name,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    import("guest", "console=ttyS0 quiet");
+    // Same kernel, same blobs (stored once): a guest that pings its intranet peer and the
+    // extranet VM's address.
+    import(
+        "prober",
+        "console=ttyS0 quiet zy.probe=10.220.0.3,10.210.0.2",
+    );
+
+    let create = |name: &str, zone: &str, image: &str| {
+        let out = site.zy(&[
+            "vm", "create", "--name", name, "--zone", zone, "--memory", "256", "--image", image,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    create("a1", "intranet", "prober"); // 10.220.0.2, on the intranet node with most room
+    create("a2", "intranet", "guest"); // 10.220.0.3, on the other intranet node
+    create("b1", "extranet", "guest"); // 10.210.0.2, on n3
+    let a1 = wait_vm(&site, "a1", "running");
+    let a2 = wait_vm(&site, "a2", "running");
+    let b1 = wait_vm(&site, "b1", "running");
+    assert_eq!(
+        b1.node.as_deref(),
+        Some("n3"),
+        "zones place on their own nodes"
+    );
+    assert_ne!(
+        a1.node, a2.node,
+        "the two intranet VMs are on different nodes"
+    );
+    assert_eq!(
+        (a1.ip.to_string(), a2.ip.to_string()),
+        ("10.220.0.2".into(), "10.220.0.3".into())
+    );
+    let node_of = |v: &VmView| v.node.as_deref().unwrap()[1..].parse::<usize>().unwrap();
+
+    // Same zone across nodes: reached. The other zone: never.
+    wait_for("a1 to reach a2 across nodes", BOOT, || {
+        console(&site, node_of(&a1), &a1)
+            .contains("ZY-PING 10.220.0.3 ok")
+            .then_some(())
+    })
+    .unwrap();
+    let log = console(&site, node_of(&a1), &a1);
+    assert!(
+        log.contains("ZY-PING 10.210.0.2 fail") && !log.contains("ZY-PING 10.210.0.2 ok"),
+        "{log}"
+    );
+
+    // kill -9 of an agent: its VM keeps running with the same QEMU, and stays controllable.
+    let n = node_of(&a2);
+    let pid = a2.pid.unwrap();
+    site.lab.signal(&format!("agent-n{n}"), Signal::SIGKILL);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(zy_lab::pid_alive(pid as i32), "QEMU outlived its agent");
+    site.start_agent(n, &[]).unwrap();
+    site.wait_state(&format!("n{n}"), "ready", Duration::from_secs(30))
+        .unwrap();
+    let again = wait_vm(&site, "a2", "running");
+    assert_eq!(again.pid, Some(pid));
+    let out = site.zy(&["vm", "stop", "a2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_vm(&site, "a2", "stopped");
+    assert!(!zy_lab::pid_alive(pid as i32));
+    let out = site.zy(&["vm", "start", "a2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_vm(&site, "a2", "running");
+
+    // Delete leaves no process, tap, bridge or file behind.
+    let b1_pid = vm(&site, "b1").pid.unwrap();
+    let out = site.zy(&["vm", "delete", "b1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!site.zy(&["vm", "show", "b1"]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!zy_lab::pid_alive(b1_pid as i32));
+    assert!(!site
+        .agent_dir(3)
+        .join("vms")
+        .join(b1.id.to_string())
+        .exists());
+    let links = std::process::Command::new("ip")
+        .args(["-n", &site.lab.node_ns(3), "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links.contains("zybr") && !links.contains("zyvx") && !links.contains("zyt"),
+        "{links}"
+    );
+
+    // Bad input gets a clear refusal and makes nothing.
+    for (args, want) in [
+        (
+            vec!["--name", "x1", "--zone", "intranet", "--image", "nope"],
+            "no image",
+        ),
+        (
+            vec!["--name", "a1", "--zone", "intranet", "--image", "guest"],
+            "exists",
+        ),
+        (
+            vec![
+                "--name", "Bad_Name", "--zone", "intranet", "--image", "guest",
+            ],
+            "VM name",
+        ),
+        (
+            vec![
+                "--name", "x2", "--zone", "intranet", "--image", "guest", "--vcpus", "0",
+            ],
+            "vCPUs",
+        ),
+        (
+            vec![
+                "--name", "x3", "--zone", "intranet", "--image", "guest", "--memory", "99999999",
+            ],
+            "memory",
+        ),
+        (
+            vec![
+                "--name", "x4", "--zone", "intranet", "--image", "guest", "--memory", "1000000",
+            ],
+            "no node of zone intranet has room",
+        ),
+    ] {
+        let mut a = vec!["vm", "create"];
+        a.extend(args);
+        let out = site.zy(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want), "{a:?}: {err}");
+    }
+    let names: Vec<String> = site
+        .zy_json::<Vec<VmView>>(&["vm", "ls"])
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    assert_eq!(names, vec!["a1", "a2"]);
+}
