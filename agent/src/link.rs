@@ -253,6 +253,9 @@ async fn drive(
         conn: conn.clone(),
         version,
     }));
+    // Streams the coordinator opens: console readers.
+    let streams = tokio::spawn(serve_streams(conn.clone(), version, node.clone()));
+    let _streams = AbortOnDrop(streams);
     // Replies of VM commands, which run as tasks of their own.
     let (reply_tx, mut reply_rx) = mpsc::channel::<Reply>(64);
 
@@ -333,6 +336,32 @@ async fn drive(
             }
             e = conn.closed() => return Err(lost(e)),
         }
+    }
+}
+
+/// Serves streams the coordinator opens (consoles) until the connection ends.
+async fn serve_streams(conn: quinn::Connection, version: u16, node: Arc<Node>) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let first = tokio::time::timeout(
+                Duration::from_secs(10),
+                wire::read_frame::<Message, _>(&mut recv, version, MAX_BODY, &mut buf),
+            )
+            .await;
+            let Ok(Ok(Message::Console { id, lines, follow })) = first else {
+                let _ = send.reset(1u32.into());
+                return;
+            };
+            if node.vms.get(id).is_none() {
+                let _ = send.reset(2u32.into());
+                return;
+            }
+            let log = crate::vm::spec::VmPaths::new(node.vms.data_dir(), id).console_log();
+            let _ = crate::vm::console::serve(&mut send, &log, lines, follow).await;
+            let _ = send.finish();
+        });
     }
 }
 

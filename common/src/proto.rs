@@ -51,6 +51,14 @@ pub enum Message {
     },
     /// Agent → coordinator after Welcome: every VM the node has.
     VmReport(Vec<VmInfo>),
+    /// Coordinator → agent, first frame of a stream the coordinator opens: send this VM's
+    /// console, its last `lines` lines and then, if `follow`, what it prints as it prints it.
+    /// The agent answers with raw console bytes (or a `Refused`) until either side stops.
+    Console {
+        id: VmId,
+        lines: u32,
+        follow: bool,
+    },
 }
 
 impl Message {
@@ -69,6 +77,7 @@ impl Message {
             Message::FetchBlob(_) => "FetchBlob",
             Message::BlobHeader { .. } => "BlobHeader",
             Message::VmReport(_) => "VmReport",
+            Message::Console { .. } => "Console",
         }
     }
 
@@ -117,6 +126,8 @@ impl Message {
             },
             Message::Refused(r) => text("refusal", &r.message, MAX_TEXT),
             Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
+            Message::Console { lines, .. } if *lines <= 100_000 => Ok(()),
+            Message::Console { .. } => invalid("more than 100000 console lines".into()),
             Message::VmReport(vms) => {
                 if vms.len() > 10_000 {
                     return invalid(format!("{} VMs on one node is not plausible", vms.len()));

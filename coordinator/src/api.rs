@@ -53,6 +53,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{vm}/start"),
     ("post", "/v1/vms/{vm}/stop"),
     ("post", "/v1/vms/{vm}/restart"),
+    ("get", "/v1/vms/{vm}/console"),
 ];
 
 /// An API error.
@@ -137,6 +138,7 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/vms/{vm}/start", post(crate::vms::start))
         .route("/v1/vms/{vm}/stop", post(crate::vms::stop))
         .route("/v1/vms/{vm}/restart", post(crate::vms::restart))
+        .route("/v1/vms/{vm}/console", get(crate::vms::console))
         .route(
             "/v1/images/{name}",
             get(crate::images::show_image).delete(crate::images::delete_image),

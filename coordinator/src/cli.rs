@@ -134,6 +134,16 @@ pub enum VmCmd {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Show a VM's serial console (from its node); --follow keeps streaming it.
+    Console {
+        vm: String,
+        /// Keep printing what the guest prints, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last lines to show first.
+        #[arg(long, default_value_t = 100)]
+        lines: u32,
+    },
     /// Delete a VM and everything of it on its node.
     Delete {
         vm: String,
@@ -491,6 +501,15 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Vm(VmCmd::Start { vm, json }) => vm_action(&c, "start", &vm, json.json).await,
         Command::Vm(VmCmd::Stop { vm, json }) => vm_action(&c, "stop", &vm, json.json).await,
         Command::Vm(VmCmd::Restart { vm, json }) => vm_action(&c, "restart", &vm, json.json).await,
+        Command::Vm(VmCmd::Console { vm, follow, lines }) => {
+            let path = format!(
+                "/v1/vms/{}/console?lines={lines}&follow={follow}",
+                path_segment(&vm)?
+            );
+            let mut out = std::io::stdout().lock();
+            c.stream_to(&path, &mut out).await?;
+            Ok(())
+        }
         Command::Vm(VmCmd::Delete { vm, json }) => {
             let v: crate::vms::VmView = c
                 .call(

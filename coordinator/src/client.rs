@@ -112,6 +112,40 @@ impl Client {
         self.decode(answer)
     }
 
+    /// A GET whose body is streamed to `out` as it arrives (no time limit: a followed
+    /// console runs until interrupted).
+    pub async fn stream_to(
+        &self,
+        path: &str,
+        out: &mut (impl std::io::Write + ?Sized),
+    ) -> Result<(), ClientError> {
+        let resp = self
+            .send(Method::GET, path, Full::new(Bytes::new()), false)
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))?
+                .to_bytes();
+            return self
+                .decode::<serde_json::Value>((status, bytes))
+                .map(|_| ());
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ClientError::Decode(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                if out.write_all(&data).and_then(|()| out.flush()).is_err() {
+                    // The reader went away (`| head`): done.
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn decode<T: DeserializeOwned>(
         &self,
         (status, bytes): (StatusCode, Bytes),
@@ -144,6 +178,32 @@ impl Client {
         body: B,
         json: bool,
     ) -> Result<(StatusCode, Bytes), ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let resp = self.send(method, path, body, json).await?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                addr: self.addr.clone(),
+                message: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn send<B>(
+        &self,
+        method: Method,
+        path: &str,
+        body: B,
+        json: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
     where
         B: hyper::body::Body + Send + 'static,
         B::Data: Send,
@@ -187,17 +247,9 @@ impl Client {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
-        let resp = sender
+        sender
             .send_request(req)
             .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .to_bytes();
-        Ok((status, bytes))
+            .map_err(|e| unreachable(e.to_string()))
     }
 }

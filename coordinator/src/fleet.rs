@@ -28,6 +28,8 @@ pub struct Session {
     /// Outgoing messages; bounded, so a stuck node cannot eat memory.
     pub tx: mpsc::Sender<Message>,
     kick: Arc<watch::Sender<Option<Kick>>>,
+    /// The QUIC connection, to open streams to the node (absent in tests without QUIC).
+    pub conn: Option<quinn::Connection>,
     pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
     next_command: Arc<AtomicU64>,
 }
@@ -54,10 +56,17 @@ impl Session {
             remote,
             tx,
             kick: Arc::new(kick),
+            conn: None,
             pending: Arc::default(),
             next_command: Arc::new(AtomicU64::new(1)),
         };
         (s, kicked)
+    }
+
+    /// The same session, with its QUIC connection.
+    pub fn with_conn(mut self, conn: quinn::Connection) -> Self {
+        self.conn = Some(conn);
+        self
     }
 
     /// Asks the session's task to close the connection.

@@ -580,3 +580,98 @@ mod tests {
         assert_eq!(allocate_ip(tiny, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
     }
 }
+
+/// `GET /v1/vms/{vm}/console?lines=N&follow=true`: the VM's console from its node, as plain
+/// text, streamed while `follow` holds.
+pub async fn console(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    let (mut lines, mut follow) = (100u32, false);
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("lines", v)) => {
+                lines = v.parse().ok().filter(|n| *n <= 100_000).ok_or_else(|| {
+                    ApiError::bad_request("lines must be a number within 0..=100000")
+                })?
+            }
+            Some(("follow", v)) => {
+                follow = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("follow must be true or false"))?
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter `{}`: the console takes lines and follow",
+                    zy_common::ids::truncate_for_error(pair)
+                )))
+            }
+        }
+    }
+    let v = {
+        let mut vms = coord.vms.inner.lock().await;
+        find(&mut vms, &key)?.clone()
+    };
+    let conn = v
+        .node
+        .and_then(|n| coord.fleet.session(n))
+        .and_then(|s| s.conn)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_connected",
+                "the VM's node is not connected",
+            )
+        })?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "node_unreachable",
+            e.to_string(),
+        )
+    })?;
+    // The version is the one every session speaks today; streams reuse it.
+    let version = zy_common::wire::PROTOCOL_VERSIONS.max;
+    zy_common::wire::write_frame(
+        &mut send,
+        version,
+        &zy_common::proto::Message::Console {
+            id: v.id,
+            lines,
+            follow,
+        },
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "node_unreachable",
+            e.to_string(),
+        )
+    })?;
+    let _ = send.finish();
+    let stream = futures_util::stream::unfold(recv, |mut recv| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), recv))
+            }
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), recv)),
+        }
+    });
+    Ok(axum::response::Response::builder()
+        .header(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(ApiError::internal)?)
+}

@@ -132,6 +132,40 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         "{log}"
     );
 
+    // The console comes from the node through the coordinator, whole or followed.
+    let out = site.zy(&["vm", "console", "a1", "--lines", "500"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("ZY-READY a1"),
+        "{text}"
+    );
+    let cfg = site.cli_config().to_string_lossy().into_owned();
+    let followed = site.lab.exec(
+        &site.lab.coord_ns(),
+        std::path::Path::new("/usr/bin/timeout"),
+        &[
+            "4",
+            zy_lab::bin("zy").to_str().unwrap(),
+            "vm",
+            "console",
+            "a1",
+            "--lines",
+            "0",
+            "--follow",
+        ],
+        &[("ZY_CONFIG", cfg.as_str())],
+    );
+    let text = String::from_utf8_lossy(&followed.stdout);
+    assert_eq!(
+        followed.status.code(),
+        Some(124),
+        "follow runs until stopped"
+    );
+    assert!(
+        text.contains("ZY-PING 10.220.0.3 ok"),
+        "new lines arrive while following: {text}"
+    );
+
     // kill -9 of an agent: its VM keeps running with the same QEMU, and stays controllable.
     let n = node_of(&a2);
     let pid = a2.pid.unwrap();

@@ -17,6 +17,7 @@
 //! - [`manager`]: every VM of the node; recovery at agent start.
 
 pub mod actor;
+pub mod console;
 pub mod manager;
 pub mod qmp;
 pub mod record;
