@@ -667,11 +667,11 @@ pub async fn console(
             Err(e) => Some((Err(std::io::Error::other(e)), recv)),
         }
     });
-    Ok(axum::response::Response::builder()
+    axum::response::Response::builder()
         .header(
             axum::http::header::CONTENT_TYPE,
             "text/plain; charset=utf-8",
         )
         .body(axum::body::Body::from_stream(stream))
-        .map_err(ApiError::internal)?)
+        .map_err(ApiError::internal)
 }
