@@ -556,31 +556,6 @@ pub async fn delete(
     Ok(Json(view(&coord, &v)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zones_never_share_a_network_and_addresses_are_unique() {
-        let (e, i) = (zone_net(Zone::Extranet), zone_net(Zone::Intranet));
-        assert_ne!(e.vni, i.vni);
-        assert_ne!(e.base, i.base);
-        let mut taken = Vec::new();
-        for _ in 0..300 {
-            let ip = allocate_ip(i, &taken).unwrap();
-            assert!(!taken.contains(&ip));
-            taken.push(ip);
-        }
-        assert_eq!(taken[0], Ipv4Addr::new(10, 220, 0, 2));
-        let tiny = ZoneNet {
-            vni: 1,
-            base: Ipv4Addr::new(10, 0, 0, 0),
-            prefix: 30,
-        };
-        assert_eq!(allocate_ip(tiny, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
-    }
-}
-
 /// `GET /v1/vms/{vm}/console?lines=N&follow=true`: the VM's console from its node, as plain
 /// text, streamed while `follow` holds.
 pub async fn console(
@@ -674,4 +649,29 @@ pub async fn console(
         )
         .body(axum::body::Body::from_stream(stream))
         .map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zones_never_share_a_network_and_addresses_are_unique() {
+        let (e, i) = (zone_net(Zone::Extranet), zone_net(Zone::Intranet));
+        assert_ne!(e.vni, i.vni);
+        assert_ne!(e.base, i.base);
+        let mut taken = Vec::new();
+        for _ in 0..300 {
+            let ip = allocate_ip(i, &taken).unwrap();
+            assert!(!taken.contains(&ip));
+            taken.push(ip);
+        }
+        assert_eq!(taken[0], Ipv4Addr::new(10, 220, 0, 2));
+        let tiny = ZoneNet {
+            vni: 1,
+            base: Ipv4Addr::new(10, 0, 0, 0),
+            prefix: 30,
+        };
+        assert_eq!(allocate_ip(tiny, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
+    }
 }
