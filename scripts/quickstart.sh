@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Quick start: a one-machine Zhengyun cloud. Installs what a fresh Debian 12 machine lacks,
 # builds, then starts a coordinator and two nodes, each in its own network namespace joined
-# by a backbone bridge, enrolls both nodes and shows `zy node ls`.
+# by a backbone bridge, enrolls both nodes, shows `zy node ls`, and boots two VMs (the small
+# test guest, under KVM or TCG) on the two nodes that ping each other over VXLAN.
 #
 #   scripts/quickstart.sh          start (or show, if already up)
 #   scripts/quickstart.sh down     stop everything and remove every namespace, link and file
@@ -65,6 +66,8 @@ up() {
         return
     fi
     ensure_base
+    ensure_qemu
+    bash images/make-test-guest.sh
     echo "building (release)..."
     cargo build --release --bins --locked
     rm -rf "$QS"
@@ -105,19 +108,35 @@ up() {
     for i in $(seq $NODES); do
         wait_until 30 "node$i to report" sh -c "ZY_CONFIG='$QS/coordinator/zy.toml' '$BIN/zy' node show node$i --json | grep -q '\"seq\"'"
     done
-    trap - ERR
 
     echo
     zy node ls
+    echo
+    echo "booting two VMs, one on each node..."
+    zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz \
+        --cmdline "console=ttyS0 quiet" --name guest >/dev/null
+    # The same kernel with a command line that makes the guest ping its neighbour.
+    zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz \
+        --cmdline "console=ttyS0 quiet zy.probe=10.220.0.3" --name pinger >/dev/null
+    zy vm create --name vm1 --zone intranet --memory 256 --image pinger >/dev/null
+    zy vm create --name vm2 --zone intranet --memory 256 --image guest >/dev/null
+    wait_until 180 "vm1 to reach vm2" sh -c "ZY_CONFIG='$QS/coordinator/zy.toml' '$BIN/zy' vm console vm1 --lines 200 | grep -q 'ZY-PING 10.220.0.3 ok'"
+    trap - ERR
+    zy vm ls
+    echo
+    echo "vm1's console (it pings vm2 on the other node):"
+    zy vm console vm1 --lines 200 | grep ZY- | tail -3
     cat <<MSG
 
 A one-machine Zhengyun cloud is up: a coordinator and two nodes, each in its own network
-namespace. Drive it with the zy CLI:
+namespace, and two VMs that reach each other across the nodes. Drive it with the zy CLI:
 
   export ZY_CONFIG=$QS/coordinator/zy.toml PATH=$BIN:\$PATH
   zy node ls
+  zy vm ls
+  zy vm console vm1 --follow
+  zy vm create --name vm3 --zone intranet --memory 256 --image guest
   zy node show node1
-  zy token create --zone extranet
 
 Logs are in $QS/logs. Stop it and remove everything with:
 
