@@ -54,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{vm}/stop"),
     ("post", "/v1/vms/{vm}/restart"),
     ("get", "/v1/vms/{vm}/console"),
+    ("get", "/v1/events"),
 ];
 
 /// An API error.
@@ -139,6 +140,7 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/vms/{vm}/stop", post(crate::vms::stop))
         .route("/v1/vms/{vm}/restart", post(crate::vms::restart))
         .route("/v1/vms/{vm}/console", get(crate::vms::console))
+        .route("/v1/events", get(crate::events::stream))
         .route(
             "/v1/images/{name}",
             get(crate::images::show_image).delete(crate::images::delete_image),

@@ -78,6 +78,8 @@ pub enum Command {
     /// Images VMs boot from.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Follow the site's events (node membership, VM states) live, until interrupted.
+    Events(JsonFlag),
     /// Is the coordinator up, and which version is it?
     Status(JsonFlag),
 }
@@ -362,6 +364,19 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 )
             })
         }
+        Command::Events(j) => {
+            let mut out = std::io::stdout().lock();
+            if j.json {
+                c.stream_to("/v1/events", &mut out).await?;
+            } else {
+                let mut w = EventPrinter {
+                    out,
+                    buf: Vec::new(),
+                };
+                c.stream_to("/v1/events", &mut w).await?;
+            }
+            Ok(())
+        }
         Command::Node(NodeCmd::Ls(j)) => {
             let nodes: Vec<NodeView> = c.call(Method::GET, "/v1/nodes", None).await?;
             print(j.json, &nodes, || node_table(&nodes, now_millis()))
@@ -551,6 +566,34 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 format!("token {} is {}\n", t.id, t.status)
             })
         }
+    }
+}
+
+/// Turns NDJSON events into lines for people.
+struct EventPrinter<W: std::io::Write> {
+    out: W,
+    buf: Vec<u8>,
+}
+
+impl<W: std::io::Write> std::io::Write for EventPrinter<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        while let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            let text = match serde_json::from_slice::<crate::events::SiteEvent>(&line) {
+                Ok(e) => format!(
+                    "{}  {:<4}  {:<16} {:<9} {}\n",
+                    e.at, e.kind, e.name, e.state, e.detail
+                ),
+                Err(_) => String::from_utf8_lossy(&line).into_owned(),
+            };
+            self.out.write_all(text.as_bytes())?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
     }
 }
 

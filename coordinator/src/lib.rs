@@ -12,6 +12,7 @@ pub mod api;
 pub mod api_types;
 pub mod config;
 pub mod daemon;
+pub mod events;
 pub mod fleet;
 pub mod https;
 pub mod images;

@@ -40,6 +40,8 @@ pub struct Coordinator {
     pub blobs: zy_common::blob::BlobDir,
     /// The site's VMs.
     pub vms: crate::vms::Vms,
+    /// The live event stream.
+    pub events: crate::events::Events,
 }
 
 /// Why the coordinator could not start.
@@ -93,6 +95,7 @@ impl Coordinator {
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
         let vms = crate::vms::Vms::new(store.vms()?);
         Ok(Self {
+            events: crate::events::Events::default(),
             vms,
             blobs,
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
@@ -206,6 +209,18 @@ async fn monitor(coord: Arc<Coordinator>) {
         }
         for t in updates.iter().filter_map(|u| u.transition.as_ref()) {
             info!(node = %t.node, from = %t.from, to = %t.to, reason = %t.reason, "membership changed");
+            let name = coord
+                .fleet
+                .find(&t.node.to_string())
+                .map(|n| n.record.name)
+                .unwrap_or_default();
+            coord.events.publish(
+                "node",
+                t.node.to_string(),
+                name,
+                t.to.to_string(),
+                format!("{} -> {}: {}", t.from, t.to, t.reason),
+            );
         }
         let store = coord.store.clone();
         match tokio::task::spawn_blocking(move || store.apply(&updates)).await {

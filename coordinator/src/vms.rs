@@ -258,6 +258,16 @@ async fn set_state(coord: &Coordinator, id: VmId, from: NodeId, state: VmState, 
         return;
     }
     info!(vm = %id, name = %v.name, state = %state, "VM state reported");
+    coord.events.publish(
+        "vm",
+        id.to_string(),
+        v.name.clone(),
+        state.name().into(),
+        match &state {
+            VmState::Failed(r) => r.clone(),
+            _ => format!("{} -> {}", v.state.name(), state.name()),
+        },
+    );
     v.state = state;
     v.pid = pid;
     v.state_since_ms = now_millis();

@@ -60,6 +60,17 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))
             .unwrap();
     }
+    // Someone follows the site's events throughout.
+    let cfg = site.cli_config().to_string_lossy().into_owned();
+    site.lab
+        .spawn_env(
+            &site.lab.coord_ns(),
+            "events",
+            &zy_lab::bin("zy"),
+            &["events", "--json"],
+            &[("ZY_CONFIG", cfg.as_str())],
+        )
+        .unwrap();
     let (kernel, initrd) = guest();
     let import = |name: &str, cmdline: &str| {
         let out = site.zy(&[
@@ -139,7 +150,6 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         out.status.success() && text.contains("ZY-READY a1"),
         "{text}"
     );
-    let cfg = site.cli_config().to_string_lossy().into_owned();
     let followed = site.lab.exec(
         &site.lab.coord_ns(),
         std::path::Path::new("/usr/bin/timeout"),
