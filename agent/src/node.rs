@@ -51,6 +51,7 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             events: tx.clone(),
             netdev,
+            cgroups: crate::vm::limits::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")),
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
         let vms = VmManager::recover(ctx).await;

@@ -172,6 +172,9 @@ mod manager {
                 data_dir: dir.to_path_buf(),
                 events: tx,
                 netdev: None,
+                cgroups: zy_agent::vm::limits::Cgroups::detect(std::path::Path::new(
+                    "/sys/fs/cgroup",
+                )),
             },
             rx,
         )
@@ -209,6 +212,31 @@ mod manager {
             Duration::from_secs(120),
         )
         .await;
+        // Its CPU and memory are limited by a cgroup of its own (v1 here, v2 in production).
+        let cg = c.cgroups.clone();
+        let dirs = cg.dirs(id);
+        assert!(!dirs.is_empty(), "this host has usable cgroups");
+        for d in &dirs {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+            assert!(
+                procs.lines().any(|l| l == pid.to_string()),
+                "{} holds {procs}",
+                d.display()
+            );
+        }
+        match &cg {
+            zy_agent::vm::limits::Cgroups::V1(_) => {
+                let quota = std::fs::read_to_string(dirs[0].join("cpu.cfs_quota_us")).unwrap();
+                assert_eq!(quota.trim(), "100000");
+                let mem = std::fs::read_to_string(dirs[1].join("memory.limit_in_bytes")).unwrap();
+                assert_eq!(mem.trim().parse::<u64>().unwrap(), (256 + 256) << 20);
+            }
+            zy_agent::vm::limits::Cgroups::V2(_) => {
+                let max = std::fs::read_to_string(dirs[0].join("cpu.max")).unwrap();
+                assert_eq!(max.trim(), "100000 100000");
+            }
+            zy_agent::vm::limits::Cgroups::None => unreachable!(),
+        }
         assert!(matches!(
             m.create(s, vec![], true),
             Err(zy_agent::vm::manager::CreateError::Exists(_))
@@ -231,6 +259,10 @@ mod manager {
         })
         .unwrap();
         assert_eq!(rx.await.unwrap().unwrap(), StopHow::Graceful);
+        assert!(
+            cg.dirs(id).iter().all(|d| !d.exists()),
+            "its cgroups went with it"
+        );
         drop(h);
         drop(m);
 

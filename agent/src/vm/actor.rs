@@ -53,6 +53,8 @@ pub struct Ctx {
     pub events: mpsc::Sender<VmEvent>,
     /// Netlink, to join taps to their networks (none in tests without networks).
     pub netdev: Option<crate::netdev::Netdev>,
+    /// Where CPU and memory limits go.
+    pub cgroups: super::limits::Cgroups,
 }
 
 /// How others reach a VM's actor.
@@ -155,6 +157,14 @@ impl Actor {
         self.set(VmState::Starting);
         match runner::launch(&self.ctx.qemu, &self.rec.spec, &self.paths()).await {
             Ok(l) => {
+                let spec = &self.rec.spec;
+                if let Err(e) = self
+                    .ctx
+                    .cgroups
+                    .apply(spec.id, l.pid, spec.vcpus, spec.memory_mib)
+                {
+                    warn!(vm = %spec.id, error = %e, "the VM runs without CPU and memory limits");
+                }
                 self.live = Some(l);
                 if let Err(e) = self.plug().await {
                     // A VM without its network is not what was asked for.
@@ -255,6 +265,7 @@ impl Actor {
         };
         self.live = None;
         self.unplug().await;
+        self.ctx.cgroups.remove(self.rec.spec.id);
         self.set(VmState::Stopped);
         how
     }
@@ -274,6 +285,7 @@ impl Actor {
             }
         }
         self.unplug().await;
+        self.ctx.cgroups.remove(self.rec.spec.id);
         if guest_poweroff {
             self.want(Desired::Stopped);
             self.set(VmState::Stopped);

@@ -18,6 +18,7 @@
 
 pub mod actor;
 pub mod console;
+pub mod limits;
 pub mod manager;
 pub mod qmp;
 pub mod record;
