@@ -27,9 +27,25 @@ fn qemu() -> PathBuf {
     PathBuf::from("/usr/bin/qemu-system-x86_64")
 }
 
+/// A test's directory; on drop (a failing test included) every QEMU whose command line
+/// points into it is killed, then the directory is removed.
 struct TempDir(PathBuf);
 impl Drop for TempDir {
     fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
