@@ -24,6 +24,7 @@ use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 #[derive(Debug)]
 pub struct Node {
     pub vms: VmManager,
+    netdev: Option<crate::netdev::Netdev>,
     pub uplink: Uplink,
     pub cache: BlobDir,
     pub accel: Accel,
@@ -50,7 +51,7 @@ impl Node {
             qemu: ctx_qemu,
             data_dir: data_dir.to_path_buf(),
             events: tx.clone(),
-            netdev,
+            netdev: netdev.clone(),
             cgroups: crate::vm::limits::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")),
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
@@ -58,6 +59,7 @@ impl Node {
         Ok((
             Arc::new(Self {
                 vms,
+                netdev,
                 uplink,
                 cache,
                 accel,
@@ -124,6 +126,20 @@ impl Node {
                 rx.await
                     .map_err(|_| "the VM's actor stopped".to_string())??;
                 self.vms.forget(id);
+                Ok(ReplyKind::Done)
+            }
+            CommandKind::SyncPeers { vni, peers } => {
+                let Some(nd) = &self.netdev else {
+                    return Ok(ReplyKind::Done);
+                };
+                let vxlan = format!("zyvx{vni}");
+                if nd.link(&vxlan).await.map_err(|e| e.to_string())?.is_none() {
+                    // No VM of that network here: nothing to update.
+                    return Ok(ReplyKind::Done);
+                }
+                nd.sync_peers(&vxlan, &peers.into_iter().collect())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok(ReplyKind::Done)
             }
             CommandKind::Ping | CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),

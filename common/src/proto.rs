@@ -115,6 +115,14 @@ impl Message {
                 CommandKind::StartVm(_) | CommandKind::DeleteVm(_) => Ok(()),
                 CommandKind::StopVm { grace_ms, .. } if *grace_ms <= 600_000 => Ok(()),
                 CommandKind::StopVm { .. } => invalid("stop grace over 10 minutes".into()),
+                CommandKind::SyncPeers { vni, peers }
+                    if *vni > 0 && *vni <= 0x00ff_ffff && peers.len() <= 4096 =>
+                {
+                    Ok(())
+                }
+                CommandKind::SyncPeers { .. } => {
+                    invalid("a network with an impossible VNI or peer list".into())
+                }
             },
             Message::Reply(r) => match &r.result {
                 Ok(_) => Ok(()),
@@ -361,6 +369,12 @@ pub enum CommandKind {
     },
     /// Stop the VM if it runs and remove everything of it from the node.
     DeleteVm(VmId),
+    /// The nodes of a network changed: its segment on this node (if any) now floods to
+    /// exactly these peers.
+    SyncPeers {
+        vni: u32,
+        peers: Vec<std::net::Ipv4Addr>,
+    },
 }
 
 /// A VM as the coordinator hands it to a node.

@@ -286,6 +286,10 @@ pub async fn on_event(coord: &Arc<Coordinator>, node: NodeId, info: VmInfo) {
 /// A node's whole picture on connect: states are taken, and VMs placed on the node that it
 /// does not have are handed to it again.
 pub async fn on_report(coord: &Arc<Coordinator>, node: NodeId, report: Vec<VmInfo>) {
+    // A node (re)connected, perhaps from a new address: its zone's segments must know.
+    if let Some(n) = coord.fleet.find(&node.to_string()) {
+        sync_peers(coord, n.record.zone).await;
+    }
     for info in &report {
         set_state(coord, info.id, node, info.state.clone(), info.pid).await;
     }
@@ -301,6 +305,39 @@ pub async fn on_report(coord: &Arc<Coordinator>, node: NodeId, report: Vec<VmInf
     for v in missing {
         let coord = coord.clone();
         tokio::spawn(async move { hand_over(&coord, v.id).await });
+    }
+}
+
+/// Tells every connected node of a zone who its network peers are now, so that a segment
+/// made before a node joined learns of it.
+pub async fn sync_peers(coord: &Arc<Coordinator>, zone: Zone) {
+    let nodes: Vec<(NodeId, Ipv4Addr)> = coord
+        .fleet
+        .snapshot()
+        .into_iter()
+        .filter(|n| n.record.zone == zone)
+        .filter_map(|n| node_ip(coord, n.record.id).map(|ip| (n.record.id, ip)))
+        .collect();
+    let vni = zone_net(zone).vni;
+    for (id, ip) in &nodes {
+        let peers: Vec<Ipv4Addr> = nodes
+            .iter()
+            .filter(|(_, p)| p != ip)
+            .map(|(_, p)| *p)
+            .collect();
+        if let Some(s) = coord.fleet.session(*id) {
+            tokio::spawn(async move {
+                if let Err(e) = s
+                    .command(
+                        CommandKind::SyncPeers { vni, peers },
+                        Duration::from_secs(30),
+                    )
+                    .await
+                {
+                    warn!(node = %s.remote, error = %e, "cannot update a node's network peers");
+                }
+            });
+        }
     }
 }
 

@@ -179,6 +179,49 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
     // kill -9 of an agent: its VM keeps running with the same QEMU, and stays controllable.
     let n = node_of(&a2);
     let pid = a2.pid.unwrap();
+    // Meanwhile the other intranet node forgets its peer; the reconnecting agent's report
+    // makes the coordinator tell every node of the zone its peers again.
+    let m = node_of(&a1);
+    let fdb = |node: usize| {
+        let out = std::process::Command::new("bridge")
+            .args([
+                "-n",
+                &site.lab.node_ns(node),
+                "fdb",
+                "show",
+                "dev",
+                "zyvx20",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let peer = site.lab.node_ip(n).to_string();
+    assert!(
+        fdb(m).contains(&format!("00:00:00:00:00:00 dst {peer} ")),
+        "{}",
+        fdb(m)
+    );
+    zy_lab::sh(
+        "bridge",
+        &[
+            "-n",
+            &site.lab.node_ns(m),
+            "fdb",
+            "del",
+            "00:00:00:00:00:00",
+            "dev",
+            "zyvx20",
+            "dst",
+            &peer,
+        ],
+    )
+    .unwrap();
+    assert!(
+        !fdb(m).contains(&format!("00:00:00:00:00:00 dst {peer} ")),
+        "{}",
+        fdb(m)
+    );
     site.lab.signal(&format!("agent-n{n}"), Signal::SIGKILL);
     std::thread::sleep(Duration::from_millis(500));
     assert!(zy_lab::pid_alive(pid as i32), "QEMU outlived its agent");
@@ -187,6 +230,12 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         .unwrap();
     let again = wait_vm(&site, "a2", "running");
     assert_eq!(again.pid, Some(pid));
+    wait_for("the peer to be restored", Duration::from_secs(30), || {
+        fdb(m)
+            .contains(&format!("00:00:00:00:00:00 dst {peer} "))
+            .then_some(())
+    })
+    .unwrap();
     let out = site.zy(&["vm", "stop", "a2"]);
     assert!(
         out.status.success(),
