@@ -50,6 +50,23 @@ fn nodes_fetch_blobs_by_hash_and_verify_them() {
             Err(FetchError::NotFound(_))
         ));
         assert!(!cache.has(&unknown));
+        // A blob corrupted at the coordinator (disk rot, tampering) is refused on arrival and
+        // never lands in the cache.
+        let stored = site.state.join("blobs").join(hash.to_string());
+        let mut bad = bytes.clone();
+        bad[1000] ^= 0xff;
+        std::fs::write(&stored, &bad).unwrap();
+        cache.remove(&hash).unwrap();
+        let err = fetch_blob(&c, hash, &cache).await.unwrap_err();
+        assert!(err.to_string().contains("corrupt or tampered"), "{err}");
+        assert!(!cache.has(&hash));
+        assert_eq!(
+            std::fs::read_dir(site.lab.dir.join("cache"))
+                .unwrap()
+                .count(),
+            0,
+            "no partial file left"
+        );
         // Something other than a fetch on a stream of its own is refused; the session lives.
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         wire::write_frame(&mut send, version, &Message::Load(load()))
