@@ -1,0 +1,1795 @@
+//! The VM benchmark: how long a VM takes to start through the whole stack (API, coordinator,
+//! node, QEMU, guest), and what the agent costs with many VMs on its node. Run as root (the
+//! lab builds network namespaces), after building the release binaries:
+//!
+//! ```text
+//! scripts/bench.sh        # cargo build --release --bins && ... cargo bench -p zy-lab --bench vms
+//! ZY_BENCH_ONLY_VMS=1 scripts/bench.sh   # this bench alone
+//! ```
+//!
+//! Figures (none is asserted; nothing fails on slowness):
+//!
+//! 1. One VM at a time: a lab site with two nodes of the intranet zone, the test guest
+//!    (`images/make-test-guest.sh`) imported with `zy image import`, and N VMs created one
+//!    after another through `POST /v1/vms`, each deleted once its guest printed `ZY-READY`.
+//!    Per VM: request to QEMU running, to the guest's readiness marker, and the split between
+//!    our own overhead and QEMU's own start-up (a bare QEMU with the same command line,
+//!    spawned by the bench) and the guest's boot.
+//! 2. N VMs at once across the two nodes: created back to back, time until all run and all
+//!    printed `ZY-READY`.
+//! 3. The agent with N VMs on its node (a one-node site): VmRSS and CPU.
+//!
+//! The figures are printed and written into `docs/PERFORMANCE.md` between the markers
+//! `<!-- bench:vms:begin -->` and `<!-- bench:vms:end -->` (added after the spine section when
+//! missing; nothing else in the file is touched).
+//!
+//! Environment (all optional):
+//!
+//! | variable                  | default      | meaning                                          |
+//! |---------------------------|--------------|--------------------------------------------------|
+//! | `ZY_BENCH_VMS`            | 20           | VMs one after another (figure 1), and the default of the next two |
+//! | `ZY_BENCH_VMS_BURST`      | above        | VMs at once across two nodes (figure 2)          |
+//! | `ZY_BENCH_VMS_NODE`       | above        | VMs on the one node of figure 3                  |
+//! | `ZY_BENCH_VMS_MEMORY`     | 128          | MiB of memory per VM                             |
+//! | `ZY_BENCH_VMS_WINDOW`     | 30           | agent CPU window with the VMs running, seconds   |
+//! | `ZY_BENCH_VMS_SETTLE`     | 5            | pause before the idle and the loaded measurement |
+//! | `ZY_BENCH_VMS_QEMU_REF`   | ZY_BENCH_VMS | bare QEMU starts for the reference (one before each VM of figure 1) |
+//! | `ZY_BENCH_VMS_PAUSE_MS`   | 1000         | pause between `ZY-READY` and a VM's deletion     |
+//! | `ZY_BENCH_VMS_TIMEOUT`    | 240          | seconds a VM (or a batch) may take to boot       |
+//! | `ZY_BENCH_VMS_ONLY`       | all          | comma list of `seq`, `burst`, `agent`            |
+//! | `ZY_BENCH_WRITE`          | 1 unless ZY_BENCH_VMS_ONLY | 0 to leave docs/PERFORMANCE.md alone |
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use zy_common::time::{now_millis, rfc3339};
+use zy_common::{tls, VmId, Zone};
+use zy_coordinator::client::Client;
+use zy_coordinator::vms::{CreateVm, VmView};
+use zy_lab::site::Site;
+use zy_lab::{bin_dir, pid_alive, API_PORT, COORD_IP};
+
+const BEGIN: &str = "<!-- bench:vms:begin -->";
+const END: &str = "<!-- bench:vms:end -->";
+const SPINE_END: &str = "<!-- bench:spine:end -->";
+const MIB: f64 = 1024.0 * 1024.0;
+/// What one QEMU costs beyond its guest's memory, for the free-memory check.
+const QEMU_OVERHEAD_MIB: u64 = 96;
+/// Memory left to everything else when deciding how many VMs fit.
+const HOST_RESERVE_MIB: u64 = 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Settings, machine, results
+
+#[derive(Debug, Clone)]
+struct Settings {
+    seq: usize,
+    burst: usize,
+    node_vms: usize,
+    memory_mib: u64,
+    window_secs: u64,
+    settle_secs: u64,
+    qemu_refs: usize,
+    /// Pause between a VM's `ZY-READY` and its deletion.
+    pause: Duration,
+    timeout: Duration,
+    only: Option<Vec<String>>,
+    write_docs: bool,
+    /// The variables of this bench that were set, for the record.
+    overrides: Vec<String>,
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let seq = env_u64("ZY_BENCH_VMS").unwrap_or(20).max(1) as usize;
+        let only: Option<Vec<String>> = std::env::var("ZY_BENCH_VMS_ONLY").ok().map(|v| {
+            v.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        });
+        let write_docs = match std::env::var("ZY_BENCH_WRITE").ok().as_deref() {
+            Some("0") => false,
+            Some(_) => true,
+            None => only.is_none(),
+        };
+        let mut overrides: Vec<String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("ZY_BENCH_VMS") || k == "ZY_BENCH_WRITE")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        overrides.sort();
+        Self {
+            seq,
+            burst: env_u64("ZY_BENCH_VMS_BURST").map_or(seq, |v| v.max(1) as usize),
+            node_vms: env_u64("ZY_BENCH_VMS_NODE").map_or(seq, |v| v.max(1) as usize),
+            memory_mib: env_u64("ZY_BENCH_VMS_MEMORY").unwrap_or(128).max(64),
+            window_secs: env_u64("ZY_BENCH_VMS_WINDOW").unwrap_or(30).max(1),
+            settle_secs: env_u64("ZY_BENCH_VMS_SETTLE").unwrap_or(5),
+            qemu_refs: env_u64("ZY_BENCH_VMS_QEMU_REF").map_or(seq, |v| v as usize),
+            pause: Duration::from_millis(env_u64("ZY_BENCH_VMS_PAUSE_MS").unwrap_or(1000)),
+            timeout: Duration::from_secs(env_u64("ZY_BENCH_VMS_TIMEOUT").unwrap_or(240).max(10)),
+            only,
+            write_docs,
+            overrides,
+        }
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| s == section))
+    }
+}
+
+/// The machine, as /proc describes it.
+#[derive(Debug, Clone)]
+struct Machine {
+    cpu_model: String,
+    logical_cpus: usize,
+    mem_total_kib: u64,
+    kernel: String,
+    qemu: String,
+}
+
+impl Machine {
+    fn read() -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let logical_cpus = cpuinfo
+            .lines()
+            .filter(|l| l.starts_with("processor"))
+            .count();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let mem_total_kib = status_kib(&meminfo, "MemTotal:").unwrap_or(0);
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let qemu = Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .ok()
+            .and_then(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .map(|l| l.trim().to_string())
+            })
+            .unwrap_or_else(|| "QEMU not found".into());
+        Self {
+            cpu_model,
+            logical_cpus,
+            mem_total_kib,
+            kernel,
+            qemu,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}, {} logical CPUs, {:.1} GiB RAM, Linux {}",
+            self.cpu_model,
+            self.logical_cpus,
+            self.mem_total_kib as f64 / 1024.0 / 1024.0,
+            self.kernel
+        )
+    }
+}
+
+/// One line of the figures table.
+#[derive(Debug, Clone)]
+struct Row {
+    figure: String,
+    value: String,
+    target: String,
+}
+
+#[derive(Debug, Default)]
+struct Results {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+    /// The accelerator the nodes reported (TCG here without usable KVM).
+    accel: Option<String>,
+}
+
+impl Results {
+    fn row(&mut self, figure: impl Into<String>, value: impl Into<String>, target: &str) {
+        let r = Row {
+            figure: figure.into(),
+            value: value.into(),
+            target: target.to_string(),
+        };
+        println!("  {:<66} {:<52} {}", r.figure, r.value, r.target);
+        self.rows.push(r);
+    }
+
+    fn note(&mut self, text: impl Into<String>) {
+        let t = text.into();
+        println!("  note: {t}");
+        self.notes.push(t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clocks, /proc and logs
+
+/// Wall-clock time in µs since the Unix epoch.
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn clock_us(clock: nix::libc::clockid_t) -> i64 {
+    let mut ts = nix::libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives on this frame.
+    let rc = unsafe { nix::libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    ts.tv_sec * 1_000_000 + ts.tv_nsec / 1000
+}
+
+/// Wall clock minus CLOCK_BOOTTIME (the clock of a process's start time in /proc), in µs.
+fn boot_offset_us() -> i64 {
+    let a = clock_us(nix::libc::CLOCK_REALTIME);
+    let b = clock_us(nix::libc::CLOCK_BOOTTIME);
+    let c = clock_us(nix::libc::CLOCK_REALTIME);
+    (a + c) / 2 - b
+}
+
+fn clk_tck() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|v| *v > 0)
+        .unwrap_or(100) as f64
+}
+
+fn stat_fields(pid: &str) -> Result<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let after = stat
+        .rsplit_once(')')
+        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?
+        .1;
+    // `after` starts at field 3 of proc(5).
+    Ok(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// utime + stime of a process (all its threads, live and exited), in clock ticks.
+fn cpu_ticks(pid: &str) -> Result<u64> {
+    let f = stat_fields(pid)?;
+    let utime: u64 = f.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
+    let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
+    Ok(utime + stime)
+}
+
+/// When a process was forked, as wall-clock µs, to one clock tick (field 22, starttime).
+fn proc_start_us(pid: u32, boot_offset: i64) -> Option<u64> {
+    let ticks: u64 = stat_fields(&pid.to_string()).ok()?.get(19)?.parse().ok()?;
+    let since_boot = (ticks as f64 / clk_tck() * 1e6) as i64;
+    u64::try_from(since_boot + boot_offset).ok()
+}
+
+/// Busy clock ticks of the whole machine, all CPUs (everything in the `cpu` line of
+/// /proc/stat but idle and iowait).
+fn machine_busy_ticks() -> u64 {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    v.iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| *x)
+        .sum()
+}
+
+/// Time on CPU of every live thread of a process, in ns (`/proc/<pid>/task/*/schedstat`).
+fn sched_ns(pid: &str) -> Result<u64> {
+    let mut total = 0u64;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let text = std::fs::read_to_string(t?.path().join("schedstat")).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    ticks: u64,
+    sched: u64,
+    machine: u64,
+    at: Instant,
+}
+
+impl CpuSample {
+    fn take(pid: &str) -> Result<Self> {
+        Ok(Self {
+            ticks: cpu_ticks(pid)?,
+            sched: sched_ns(pid).unwrap_or(0),
+            machine: machine_busy_ticks(),
+            at: Instant::now(),
+        })
+    }
+}
+
+/// CPU used between two samples.
+#[derive(Debug, Clone, Copy)]
+struct CpuUse {
+    wall_s: f64,
+    cpu_s: f64,
+    pct: f64,
+    sched_pct: f64,
+    machine_pct: f64,
+}
+
+impl CpuUse {
+    fn between(a: &CpuSample, b: &CpuSample) -> Self {
+        let wall_s = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
+        let cpu_s = b.ticks.saturating_sub(a.ticks) as f64 / clk_tck();
+        Self {
+            wall_s,
+            cpu_s,
+            pct: cpu_s / wall_s * 100.0,
+            sched_pct: b.sched.saturating_sub(a.sched) as f64 / 1e9 / wall_s * 100.0,
+            machine_pct: b.machine.saturating_sub(a.machine) as f64 / clk_tck() / wall_s * 100.0,
+        }
+    }
+}
+
+fn status_kib(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Memory of a process from /proc/<pid>/status, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mem {
+    rss: u64,
+    hwm: u64,
+    anon: u64,
+    file: u64,
+    threads: u64,
+}
+
+impl Mem {
+    fn read(pid: &str) -> Result<Self> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .with_context(|| format!("cannot read /proc/{pid}/status"))?;
+        Ok(Self {
+            rss: status_kib(&s, "VmRSS:").unwrap_or(0),
+            hwm: status_kib(&s, "VmHWM:").unwrap_or(0),
+            anon: status_kib(&s, "RssAnon:").unwrap_or(0),
+            file: status_kib(&s, "RssFile:").unwrap_or(0),
+            threads: status_kib(&s, "Threads:").unwrap_or(0),
+        })
+    }
+}
+
+fn mem_available_kib() -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    status_kib(&text, "MemAvailable:").unwrap_or(0)
+}
+
+fn open_fds(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 * 1024.0 / MIB)
+}
+
+/// A file's modification time, in wall-clock µs.
+fn mtime_us(path: &Path) -> Option<u64> {
+    let t = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_micros() as u64)
+}
+
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The UTC timestamp that starts a log line of the agent or the coordinator
+/// (`2026-11-29T12:07:46.123456Z  INFO ...`), in µs since the epoch.
+fn log_ts_us(line: &str) -> Option<u64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
+    let mut digits: String = frac.chars().take(6).collect();
+    while digits.len() < 6 {
+        digits.push('0');
+    }
+    let us: i64 = digits.parse().ok()?;
+    let secs = days_from_civil(y, mo, da) * 86_400 + h * 3600 + mi * 60 + s;
+    u64::try_from(secs * 1_000_000 + us).ok()
+}
+
+/// The time of the first line of `log` that contains every one of `needles`.
+fn log_time(log: &str, needles: &[&str]) -> Option<u64> {
+    log.lines()
+        .find(|l| needles.iter().all(|n| l.contains(n)))
+        .and_then(log_ts_us)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics
+
+/// The q-quantile (0..=1) by linear interpolation between the closest ranks.
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let pos = q * (s.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
+}
+
+fn fmt_ms(ms: f64) -> String {
+    if !ms.is_finite() {
+        "n/a".into()
+    } else if ms.abs() >= 10_000.0 {
+        format!("{:.1} s", ms / 1000.0)
+    } else if ms.abs() >= 1000.0 {
+        format!("{:.2} s", ms / 1000.0)
+    } else if ms.abs() >= 10.0 {
+        format!("{ms:.0} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+/// `p50 / p95 / max (n)` of a set of milliseconds.
+fn dist(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "n/a (no samples: log lines not found?)".into();
+    }
+    format!(
+        "p50 {} / p95 {} / max {} (n = {})",
+        fmt_ms(quantile(v, 0.5)),
+        fmt_ms(quantile(v, 0.95)),
+        fmt_ms(quantile(v, 1.0)),
+        v.len()
+    )
+}
+
+/// Milliseconds from `a` to `b` (wall-clock µs), when both are known.
+fn span(a: Option<u64>, b: Option<u64>) -> Option<f64> {
+    Some((b? as i64 - a? as i64) as f64 / 1000.0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// One VM's timeline
+
+/// Everything measured about one VM, as wall-clock µs.
+#[derive(Debug, Clone, Default)]
+struct VmRun {
+    name: String,
+    id: String,
+    /// Node index (1-based).
+    node: usize,
+    pid: Option<u32>,
+    /// Just before `POST /v1/vms` (a fresh TLS connection, as the CLI makes).
+    req: u64,
+    /// Its 202 answer.
+    resp: u64,
+    /// Coordinator log: `VM placed`.
+    placed: Option<u64>,
+    /// Agent log: the VM's actor is `starting` (just before it spawns QEMU).
+    starting: Option<u64>,
+    /// QEMU's fork, from /proc/<pid>/stat (one clock tick of resolution).
+    forked: Option<u64>,
+    /// QEMU's pid file (written early in QEMU's start-up): its mtime.
+    pidfile: Option<u64>,
+    /// Agent log: `running` (QMP answered `running`, network plugged).
+    running_agent: Option<u64>,
+    /// Coordinator log: the node's `running` report recorded (visible in the API from then).
+    running_coord: Option<u64>,
+    /// The bench saw `ZY-READY <name>` in the console log.
+    ready: Option<u64>,
+    /// `DELETE /v1/vms/{id}` round trip.
+    delete_ms: Option<f64>,
+}
+
+impl VmRun {
+    fn dir(&self, site: &Site) -> PathBuf {
+        site.agent_dir(self.node).join("vms").join(&self.id)
+    }
+
+    fn console_ready(&self, site: &Site) -> bool {
+        let want = format!("ZY-READY {}", self.name);
+        std::fs::read(self.dir(site).join("console.log"))
+            .map(|b| String::from_utf8_lossy(&b).contains(&want))
+            .unwrap_or(false)
+    }
+}
+
+/// Fills in what the coordinator's and the agents' logs say about each VM.
+fn fill_from_logs(site: &Site, runs: &mut [VmRun]) {
+    let coord = site.lab.log("coordinator");
+    let agents: Vec<String> = (1..=site.lab.n_nodes)
+        .map(|i| site.lab.log(&format!("agent-n{i}")))
+        .collect();
+    for r in runs {
+        let vm = format!("vm={}", r.id);
+        r.placed = log_time(&coord, &["VM placed", &vm]);
+        r.running_coord = log_time(&coord, &["VM state reported", &vm, "state=running"]);
+        if let Some(a) = agents.get(r.node.wrapping_sub(1)) {
+            r.starting = log_time(a, &["VM state", &vm, "state=starting"]);
+            r.running_agent = log_time(a, &["VM state", &vm, "state=running"]);
+        }
+    }
+}
+
+fn collect(runs: &[VmRun], f: impl Fn(&VmRun) -> Option<f64>) -> Vec<f64> {
+    runs.iter().filter_map(f).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API
+
+/// Lets `Client::call` take its method without this crate naming the HTTP types.
+fn method<M: std::str::FromStr>(m: &str) -> M
+where
+    M::Err: std::fmt::Debug,
+{
+    m.parse().expect("a valid HTTP method")
+}
+
+/// An API client with the admin token and CA that `zy-coordinator init` wrote; it must be
+/// used from a thread inside the coordinator's namespace.
+fn api_client(site: &Site) -> Result<Client> {
+    let cfg = std::fs::read_to_string(site.cli_config())?;
+    let token = cfg
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("token = "))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .ok_or_else(|| anyhow!("no admin token in zy.toml"))?;
+    let pem = std::fs::read_to_string(site.state.join("ca.crt"))?;
+    let ca = tls::certs_from_pem("CA certificate", &pem)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("empty ca.crt"))?;
+    Ok(Client::new(
+        &format!("{COORD_IP}:{API_PORT}"),
+        Some(token),
+        tls::https_client_config(&ca)?,
+    ))
+}
+
+async fn api_create(api: &Client, name: &str, memory_mib: u64) -> Result<VmView> {
+    let body = serde_json::to_value(CreateVm {
+        name: name.to_string(),
+        zone: Zone::Intranet,
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 0,
+        image: "guest".into(),
+        start: true,
+    })?;
+    api.call(method("POST"), "/v1/vms", Some(body))
+        .await
+        .with_context(|| format!("create {name}"))
+}
+
+async fn api_list(api: &Client) -> Result<Vec<VmView>> {
+    Ok(api.call(method("GET"), "/v1/vms", None).await?)
+}
+
+async fn api_delete(api: &Client, key: &str) -> Result<VmView> {
+    api.call(method("DELETE"), &format!("/v1/vms/{key}"), None)
+        .await
+        .with_context(|| format!("delete {key}"))
+}
+
+fn node_index(v: &VmView) -> Result<usize> {
+    v.node
+        .as_deref()
+        .and_then(|n| n.strip_prefix('n'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| anyhow!("{} was placed on no lab node ({:?})", v.name, v.node))
+}
+
+/// How long a batch may go without one more VM printing `ZY-READY` before the rest count
+/// as stuck.
+const STALL: Duration = Duration::from_secs(60);
+
+/// VMs started together, and what is known of those that never printed `ZY-READY`.
+#[derive(Debug, Default)]
+struct Batch {
+    runs: Vec<VmRun>,
+    /// One line per stuck VM: its state, process, console and log.
+    stuck: Vec<String>,
+}
+
+impl Batch {
+    /// The batch, or an error naming the stuck VMs.
+    fn complete(self) -> Result<Vec<VmRun>> {
+        if self.stuck.is_empty() {
+            Ok(self.runs)
+        } else {
+            bail!(
+                "{} of {} VMs printed no ZY-READY: {}",
+                self.stuck.len(),
+                self.runs.len(),
+                self.stuck.join(" || ")
+            )
+        }
+    }
+}
+
+/// Printable text, at most `max` characters from its end.
+fn tail_text(bytes: &[u8], max: usize) -> String {
+    let text: String = String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let skip = text.chars().count().saturating_sub(max);
+    text.chars().skip(skip).collect()
+}
+
+/// What is known of a VM that never printed `ZY-READY`.
+fn diagnose(site: &Site, r: &VmRun, v: Option<&VmView>) -> String {
+    let dir = r.dir(site);
+    let console = std::fs::read(dir.join("console.log")).unwrap_or_default();
+    let stderr = std::fs::read(dir.join("qemu.stderr")).unwrap_or_default();
+    let vm = format!("vm={}", r.id);
+    let agent: Vec<String> = site
+        .lab
+        .log(&format!("agent-n{}", r.node))
+        .lines()
+        .filter(|l| l.contains(&vm))
+        .map(|l| tail_text(l.as_bytes(), 200))
+        .collect();
+    let pid = v.and_then(|v| v.pid);
+    format!(
+        "{} on n{}: state {}{}, pid {:?} ({}), console.log {} bytes ending `{}`, qemu.stderr `{}`, agent log: {}",
+        r.name,
+        r.node,
+        v.map_or("unlisted", |v| v.state.as_str()),
+        v.and_then(|v| v.reason.as_deref())
+            .map(|x| format!(" ({x})"))
+            .unwrap_or_default(),
+        pid,
+        if pid.is_some_and(|p| pid_alive(p as i32)) {
+            "alive"
+        } else {
+            "not running"
+        },
+        console.len(),
+        tail_text(&console, 300),
+        tail_text(&stderr, 300),
+        agent.join(" / ")
+    )
+}
+
+/// Creates the VMs back to back, then waits until each printed `ZY-READY` on its console
+/// (checked every `poll`); the API is asked every 500 ms only, for failures, so as not to
+/// load the coordinator while it works. Stops waiting at the timeout, or when no VM got
+/// ready for [`STALL`] while some did; the rest are then described in `stuck`. Fills in
+/// pids, fork times and pid files while the VMs run, and the log times.
+async fn start_vms(
+    site: &Site,
+    api: &Client,
+    s: &Settings,
+    names: &[String],
+    boot_offset: i64,
+) -> Result<Batch> {
+    let poll = Duration::from_millis(if names.len() <= 2 { 10 } else { 25 });
+    let mut runs = Vec::with_capacity(names.len());
+    for name in names {
+        let req = now_us();
+        let v = api_create(api, name, s.memory_mib).await?;
+        let resp = now_us();
+        runs.push(VmRun {
+            name: name.clone(),
+            id: v.id.to_string(),
+            node: node_index(&v)?,
+            req,
+            resp,
+            ..VmRun::default()
+        });
+    }
+    let deadline = Instant::now() + s.timeout;
+    let mut next_api = Instant::now() + Duration::from_millis(500);
+    let mut progress = Instant::now();
+    let mut given_up = false;
+    loop {
+        let mut waiting = 0;
+        for r in runs.iter_mut().filter(|r| r.ready.is_none()) {
+            if r.console_ready(site) {
+                r.ready = Some(now_us());
+                progress = Instant::now();
+            } else {
+                waiting += 1;
+            }
+        }
+        if waiting == 0 {
+            break;
+        }
+        if Instant::now() >= next_api {
+            next_api += Duration::from_millis(500);
+            for v in api_list(api).await? {
+                if v.state == "failed" && runs.iter().any(|r| r.id == v.id.to_string()) {
+                    bail!("{} failed: {}", v.name, v.reason.unwrap_or_default());
+                }
+            }
+        }
+        let stalled = waiting < runs.len() && progress.elapsed() > STALL;
+        if Instant::now() > deadline || stalled {
+            eprintln!(
+                "[vms] giving up on {waiting} of {} VMs ({})",
+                runs.len(),
+                if stalled {
+                    format!("none got ready in the last {STALL:?}")
+                } else {
+                    format!("timeout of {:?}", s.timeout)
+                }
+            );
+            given_up = true;
+            break;
+        }
+        tokio::time::sleep(poll).await;
+    }
+    let views = api_list(api).await?;
+    let mut stuck = Vec::new();
+    for r in &mut runs {
+        let v = views.iter().find(|v| v.id.to_string() == r.id);
+        if r.ready.is_none() {
+            let d = diagnose(site, r, v);
+            eprintln!("[vms] stuck: {d}");
+            stuck.push(d);
+        } else if v.is_none_or(|v| v.state != "running") {
+            bail!(
+                "{} printed ZY-READY but is `{}`",
+                r.name,
+                v.map_or("unlisted", |v| v.state.as_str())
+            );
+        }
+        r.pid = v.and_then(|v| v.pid);
+        if let Some(pid) = r.pid {
+            r.forked = proc_start_us(pid, boot_offset);
+        }
+        r.pidfile = mtime_us(&r.dir(site).join("qemu.pid"));
+    }
+    debug_assert_eq!(given_up, !stuck.is_empty());
+    fill_from_logs(site, &mut runs);
+    Ok(Batch { runs, stuck })
+}
+
+/// After `pause`, deletes the VMs, all at once, and waits until their QEMU processes are
+/// gone. Returns the wall time of the deletes.
+///
+/// The pause is there because the test guest prints `ZY-READY` right after starting busybox
+/// `acpid`, which daemonizes before it opens the power button's input device: a delete
+/// (ACPI power-off first) right after `ZY-READY` can be missed by the guest and then waits
+/// the agent's whole 10 s grace before QEMU is told to quit.
+async fn delete_vms(api: &Client, runs: &mut [VmRun], pause: Duration) -> Result<Duration> {
+    tokio::time::sleep(pause).await;
+    let t0 = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for (i, r) in runs.iter().enumerate() {
+        let (api, id) = (api.clone(), r.id.clone());
+        set.spawn(async move {
+            let t = Instant::now();
+            let res = api_delete(&api, &id).await;
+            (i, res.map(|_| t.elapsed()))
+        });
+    }
+    let mut failed = Vec::new();
+    while let Some(j) = set.join_next().await {
+        let (i, res) = j?;
+        match res {
+            Ok(d) => runs[i].delete_ms = Some(d.as_secs_f64() * 1000.0),
+            Err(e) => failed.push(format!("{}: {e:#}", runs[i].name)),
+        }
+    }
+    let took = t0.elapsed();
+    if !failed.is_empty() {
+        bail!("deletes failed: {}", failed.join("; "));
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while runs
+        .iter()
+        .filter_map(|r| r.pid)
+        .any(|p| pid_alive(p as i32))
+    {
+        if Instant::now() > deadline {
+            bail!("QEMU processes outlived their VMs' deletion");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(took)
+}
+
+/// Delete a batch and record it; a failure is a note, not the end of the bench.
+async fn delete_batch(
+    api: &Client,
+    runs: &mut [VmRun],
+    pause: Duration,
+    what: &str,
+    res: &mut Results,
+) {
+    match delete_vms(api, runs, pause).await {
+        Ok(d) => println!(
+            "[{what}] deleted {} VMs in {:.2} s",
+            runs.len(),
+            d.as_secs_f64()
+        ),
+        Err(e) => res.note(format!("{what}: deleting the VMs failed: {e:#}")),
+    }
+}
+
+/// How many VMs of `memory_mib` fit in the memory available now.
+fn fit_in_memory(want: usize, memory_mib: u64, what: &str, res: &mut Results) -> usize {
+    let avail = mem_available_kib() / 1024;
+    let per = memory_mib + QEMU_OVERHEAD_MIB;
+    let fit = (avail.saturating_sub(HOST_RESERVE_MIB) / per) as usize;
+    println!(
+        "[{what}] {avail} MiB available; {want} VMs need about {} MiB",
+        want as u64 * per
+    );
+    if fit < want {
+        res.note(format!(
+            "{what}: only {fit} VMs of {memory_mib} MiB fit in the {avail} MiB available (counting {QEMU_OVERHEAD_MIB} MiB per QEMU and keeping {HOST_RESERVE_MIB} MiB), not {want}; ran {}",
+            fit.max(1)
+        ));
+        return fit.max(1);
+    }
+    want
+}
+
+// ---------------------------------------------------------------------------------------------
+// A bare QEMU, for QEMU's own start-up
+
+#[derive(Debug, Default)]
+struct QemuRef {
+    /// `Command::spawn` returned.
+    spawn_ms: Vec<f64>,
+    /// QEMU wrote its pid file (mtime minus the spawn time).
+    pidfile_ms: Vec<f64>,
+    /// QMP greeting, capabilities negotiated, `query-status` answered `running`.
+    running_ms: Vec<f64>,
+}
+
+impl QemuRef {
+    fn push(&mut self, (spawn, pidfile, running): (f64, f64, f64)) {
+        self.spawn_ms.push(spawn);
+        self.pidfile_ms.push(pidfile);
+        self.running_ms.push(running);
+    }
+}
+
+/// The command line the agent gave a running VM, to start the same QEMU bare.
+#[derive(Debug, Clone)]
+struct QemuTemplate {
+    program: String,
+    args: Vec<String>,
+    /// The VM's directory, as it appears in the arguments.
+    vm_dir: String,
+    node: usize,
+}
+
+impl QemuTemplate {
+    /// Reads a running VM's command line from /proc.
+    fn of(site: &Site, vm: &VmRun) -> Result<Self> {
+        let pid = vm.pid.ok_or_else(|| anyhow!("no pid for {}", vm.name))?;
+        let raw = std::fs::read(format!("/proc/{pid}/cmdline"))?;
+        let mut args: Vec<String> = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.is_empty() {
+            bail!("empty QEMU command line");
+        }
+        let program = args.remove(0);
+        let vm_dir = vm.dir(site).to_string_lossy().into_owned();
+        if !args.iter().any(|a| a.contains(&vm_dir)) {
+            bail!("the QEMU command line does not name the VM's directory: {args:?}");
+        }
+        Ok(Self {
+            program,
+            args,
+            vm_dir,
+            node: vm.node,
+        })
+    }
+
+    /// Starts QEMU with the template's arguments (its own directory, uuid and tap name swapped
+    /// for fresh ones) inside the same node namespace, and times it from spawn to QMP
+    /// `running`; it is killed at once. Returns the ms to spawn, pid file and QMP `running`.
+    fn run(&self, site: &Site, i: usize) -> Result<(f64, f64, f64)> {
+        let dir = site.lab.dir.join(format!("qemu-ref-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let d = dir.to_string_lossy().into_owned();
+        let mut a = Vec::with_capacity(self.args.len());
+        let mut it = self.args.iter();
+        while let Some(x) = it.next() {
+            if x == "-uuid" {
+                it.next();
+                a.push(x.clone());
+                a.push(VmId::new_random().to_string());
+                continue;
+            }
+            let mut x = x.replace(&self.vm_dir, &d);
+            if let Some(p) = x.find("ifname=") {
+                let start = p + "ifname=".len();
+                let end = x[start..].find(',').map_or(x.len(), |e| start + e);
+                x.replace_range(start..end, &format!("zyref{i}"));
+            }
+            a.push(x);
+        }
+        let r = site.lab.run_in(&site.lab.node_ns(self.node), || {
+            bare_qemu(&self.program, &a, &dir)
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = r?;
+        println!(
+            "[seq] bare QEMU {i}: spawn {:.1} ms, pid file {:.1} ms, QMP running {:.1} ms",
+            r.0, r.1, r.2
+        );
+        Ok(r)
+    }
+}
+
+fn bare_qemu(program: &str, args: &[String], dir: &Path) -> Result<(f64, f64, f64)> {
+    let stderr_path = dir.join("qemu.stderr");
+    let stderr = std::fs::File::create(&stderr_path)?;
+    let t0_us = now_us();
+    let t0 = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .process_group(0)
+        .spawn()
+        .context("cannot start QEMU")?;
+    let spawned = t0.elapsed().as_secs_f64() * 1000.0;
+    let result = qmp_running(&mut child, &dir.join("qmp.sock"), t0, &stderr_path);
+    let _ = child.kill();
+    let _ = child.wait();
+    let running = result?;
+    let pidfile = mtime_us(&dir.join("qemu.pid"))
+        .map(|m| (m as f64 - t0_us as f64) / 1000.0)
+        .unwrap_or(f64::NAN);
+    Ok((spawned, pidfile, running))
+}
+
+/// Connects to QMP as soon as it accepts (trying every millisecond), negotiates, and asks
+/// for the status; returns the ms since `t0` when it answered `running`.
+fn qmp_running(
+    child: &mut std::process::Child,
+    sock: &Path,
+    t0: Instant,
+    stderr: &Path,
+) -> Result<f64> {
+    let deadline = t0 + Duration::from_secs(15);
+    let stream = loop {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "QEMU exited ({st}): {}",
+                std::fs::read_to_string(stderr).unwrap_or_default().trim()
+            );
+        }
+        if let Ok(s) = UnixStream::connect(sock) {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("QEMU opened no QMP socket within 15 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = stream.try_clone()?;
+    let mut rd = BufReader::new(stream);
+    let mut greeting = String::new();
+    rd.read_line(&mut greeting)?;
+    if !greeting.contains("QMP") {
+        bail!("no QMP greeting: {greeting}");
+    }
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")?;
+    qmp_return(&mut rd)?;
+    w.write_all(b"{\"execute\":\"query-status\"}\n")?;
+    let status = qmp_return(&mut rd)?;
+    let at = t0.elapsed().as_secs_f64() * 1000.0;
+    if status["status"] != "running" {
+        bail!("QEMU is {status} after start");
+    }
+    Ok(at)
+}
+
+fn qmp_return(rd: &mut impl BufRead) -> Result<serde_json::Value> {
+    loop {
+        let mut line = String::new();
+        if rd.read_line(&mut line)? == 0 {
+            bail!("QMP closed");
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(r) = v.get("return") {
+            return Ok(r.clone());
+        }
+        if let Some(e) = v.get("error") {
+            bail!("QMP error: {e}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lab
+
+fn guest() -> Result<(String, String)> {
+    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images");
+    let dir = images.join("out");
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
+    if !k.exists() || !i.exists() {
+        println!(
+            "[guest] {} is missing: running images/make-test-guest.sh",
+            k.display()
+        );
+        let st = Command::new("bash")
+            .arg(images.join("make-test-guest.sh"))
+            .status()
+            .context("cannot run images/make-test-guest.sh")?;
+        if !st.success() || !k.exists() {
+            bail!("images/make-test-guest.sh failed ({st}); build the test guest first");
+        }
+    }
+    Ok((
+        k.to_string_lossy().into_owned(),
+        i.to_string_lossy().into_owned(),
+    ))
+}
+
+/// A site with `n` intranet nodes, their agents Ready, and the test guest imported as `guest`.
+fn site_with_guest(n: usize, res: &mut Results) -> Result<Site> {
+    let (kernel, initrd) = guest()?;
+    let site = Site::new(n)?;
+    for i in 1..=n {
+        site.join(i, "intranet")?;
+        site.start_agent(i, &[])?;
+    }
+    for i in 1..=n {
+        site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))?;
+    }
+    let out = site.zy(&[
+        "image",
+        "import",
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--cmdline",
+        "console=ttyS0 quiet",
+        "--name",
+        "guest",
+    ]);
+    if !out.status.success() {
+        bail!(
+            "zy image import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if res.accel.is_none() {
+        res.accel = site
+            .nodes()?
+            .into_iter()
+            .find_map(|n| n.inventory.map(|i| format!("{:?}", i.accel)));
+    }
+    Ok(site)
+}
+
+/// Kills QEMU processes whose command line names a run's directory (there should be none
+/// once its site is dropped) and says so.
+fn kill_leftover_qemu(dir: &Path, what: &str, res: &mut Results) {
+    let pattern = dir.to_string_lossy().into_owned();
+    let Ok(out) = Command::new("pgrep").arg("-f").arg(&pattern).output() else {
+        res.note(format!(
+            "{what}: pgrep is missing, leftover QEMU processes not checked"
+        ));
+        return;
+    };
+    let pids: Vec<i32> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &i32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim_start().starts_with("qemu"))
+        })
+        .collect();
+    if pids.is_empty() {
+        println!("[{what}] no QEMU process of {pattern} left");
+        return;
+    }
+    for p in &pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    res.note(format!(
+        "{what}: {} QEMU process(es) of the run outlived the lab and were killed: {pids:?}",
+        pids.len()
+    ));
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures 1 and 2: two nodes
+
+fn two_node_figures(s: &Settings, res: &mut Results, boot_offset: i64) -> Result<()> {
+    println!("[lab] building a site with two intranet nodes");
+    let site = site_with_guest(2, res)?;
+    let dir = site.lab.dir.clone();
+    let r = site.lab.run_in(&site.lab.coord_ns(), || -> Result<()> {
+        let rt = runtime()?;
+        let api = api_client(&site)?;
+        rt.block_on(two_nodes(&site, &api, s, res, boot_offset))
+    });
+    drop(site);
+    kill_leftover_qemu(&dir, "two-node site", res);
+    r
+}
+
+async fn two_nodes(
+    site: &Site,
+    api: &Client,
+    s: &Settings,
+    res: &mut Results,
+    boot_offset: i64,
+) -> Result<()> {
+    // Warm-up: one VM per node (placement puts the second on the emptier node) so that each
+    // node has the image in its cache; its QEMU command line serves the bare-QEMU reference.
+    println!("[warm-up] one VM per node");
+    let mut warm = start_vms(site, api, s, &names("warm", 2), boot_offset)
+        .await?
+        .complete()?;
+    let template = match QemuTemplate::of(site, &warm[0]) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            res.note(format!("no bare QEMU reference: {e:#}"));
+            None
+        }
+    };
+    delete_batch(api, &mut warm, s.pause, "warm-up", res).await;
+
+    if s.runs("seq") {
+        if let Err(e) = sequential(site, api, s, res, boot_offset, template.as_ref()).await {
+            eprintln!("[seq] failed: {e:#}");
+            res.row("VMs one after another", format!("failed: {e:#}"), "—");
+        }
+    }
+    if s.runs("burst") {
+        if let Err(e) = burst_two_nodes(site, api, s, res, boot_offset).await {
+            eprintln!("[burst] failed: {e:#}");
+            res.row(
+                format!("{} VMs at once across two nodes", s.burst),
+                format!("failed: {e:#}"),
+                "—",
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn sequential(
+    site: &Site,
+    api: &Client,
+    s: &Settings,
+    res: &mut Results,
+    boot_offset: i64,
+    template: Option<&QemuTemplate>,
+) -> Result<()> {
+    let n = s.seq;
+    println!("[seq] {n} VMs, one after another, each deleted once ready, each after a bare QEMU");
+    let mut runs: Vec<VmRun> = Vec::with_capacity(n);
+    let mut qref = QemuRef::default();
+    let mut ref_failed = None;
+    for (i, name) in names("seq", n).into_iter().enumerate() {
+        // A bare QEMU just before each VM, so that both see the same machine.
+        if let (Some(t), true) = (template, i < s.qemu_refs) {
+            match t.run(site, i) {
+                Ok(r) => qref.push(r),
+                Err(e) => ref_failed = Some(format!("{e:#}")),
+            }
+        }
+        let mut one = start_vms(site, api, s, std::slice::from_ref(&name), boot_offset)
+            .await?
+            .complete()?;
+        delete_vms(api, &mut one, s.pause).await?;
+        let r = one.remove(0);
+        println!(
+            "[seq] {name} on n{}: 202 after {}, running after {} (agent) / {} (coordinator), ZY-READY after {}, deleted in {}",
+            r.node,
+            fmt_ms((r.resp - r.req) as f64 / 1000.0),
+            fmt_ms(span(Some(r.req), r.running_agent).unwrap_or(f64::NAN)),
+            fmt_ms(span(Some(r.req), r.running_coord).unwrap_or(f64::NAN)),
+            fmt_ms(span(Some(r.req), r.ready).unwrap_or(f64::NAN)),
+            fmt_ms(r.delete_ms.unwrap_or(f64::NAN)),
+        );
+        runs.push(r);
+    }
+    let on = |i: usize| runs.iter().filter(|r| r.node == i).count();
+    let req = |f: fn(&VmRun) -> Option<u64>| collect(&runs, |r| span(Some(r.req), f(r)));
+    if let Some(e) = ref_failed {
+        res.note(format!("a bare QEMU reference run failed: {e}"));
+    }
+    let to_running = req(|r| r.running_agent);
+    let qemu_own = quantile(&qref.running_ms, 0.5);
+    let overhead: Vec<f64> = to_running.iter().map(|t| t - qemu_own).collect();
+    let m = s.memory_mib;
+    res.row(
+        format!("One at a time ({n} VMs, {m} MiB, 1 vCPU; n1: {}, n2: {}): API answer to `POST /v1/vms` (202)", on(1), on(2)),
+        dist(&collect(&runs, |r| Some((r.resp - r.req) as f64 / 1000.0))),
+        "—",
+    );
+    res.row(
+        "Request → QEMU running (agent's `running`: QMP said `running`, network plugged)",
+        dist(&to_running),
+        "—",
+    );
+    res.row(
+        "Request → `running` recorded by the coordinator (shown by the API)",
+        dist(&req(|r| r.running_coord)),
+        "—",
+    );
+    res.row(
+        "Request → `ZY-READY` on the guest's console",
+        dist(&req(|r| r.ready)),
+        "—",
+    );
+    res.row(
+        "**Our own overhead**: request → agent's `running`, minus bare QEMU's spawn → QMP `running` (p50 of the reference)",
+        if qref.running_ms.is_empty() {
+            "n/a (no QEMU reference)".to_string()
+        } else {
+            dist(&overhead)
+        },
+        "≤ 100 ms p50",
+    );
+    res.row(
+        "· request → VM placed (coordinator log)",
+        dist(&req(|r| r.placed)),
+        "—",
+    );
+    res.row(
+        "· placed → agent's `starting` (command to the node, image check, VM record, actor)",
+        dist(&collect(&runs, |r| span(r.placed, r.starting))),
+        "—",
+    );
+    res.row(
+        "· request → agent's `starting` (all of the control plane, before QEMU is spawned)",
+        dist(&req(|r| r.starting)),
+        "—",
+    );
+    res.row(
+        "· agent's `starting` → QEMU's pid file written (spawn, QEMU's exec and early init)",
+        dist(&collect(&runs, |r| span(r.starting, r.pidfile))),
+        "—",
+    );
+    res.row(
+        "· bare QEMU reference, same: spawn → pid file",
+        dist(&qref.pidfile_ms),
+        "—",
+    );
+    res.row(
+        "· QEMU's pid file → agent's `running` (QEMU init, QMP handshake and status, network plug)",
+        dist(&collect(&runs, |r| span(r.pidfile, r.running_agent))),
+        "—",
+    );
+    let ref_rest: Vec<f64> = qref
+        .running_ms
+        .iter()
+        .zip(&qref.pidfile_ms)
+        .map(|(r, p)| r - p)
+        .collect();
+    res.row(
+        "· bare QEMU reference, same: pid file → QMP `running`",
+        dist(&ref_rest),
+        "—",
+    );
+    res.row(
+        "· bare QEMU reference, whole: spawn → QMP `running`",
+        dist(&qref.running_ms),
+        "—",
+    );
+    res.row(
+        "· agent's `running` → coordinator records it",
+        dist(&collect(&runs, |r| span(r.running_agent, r.running_coord))),
+        "—",
+    );
+    res.row(
+        "Guest boot: agent's `running` → `ZY-READY` (TCG)",
+        dist(&collect(&runs, |r| span(r.running_agent, r.ready))),
+        "—",
+    );
+    res.row(
+        "`DELETE /v1/vms/{vm}` answered (ACPI power-off, files removed)",
+        dist(&collect(&runs, |r| r.delete_ms)),
+        "—",
+    );
+    res.note(format!(
+        "one at a time: request → QEMU forked (/proc/<pid>/stat field 22, whose 10 ms ticks round down, so this can read up to 10 ms early) {}; agent's `starting` → QEMU forked, same caveat, {}; bare QEMU's `Command::spawn` returned after {}",
+        dist(&req(|r| r.forked)),
+        dist(&collect(&runs, |r| span(r.starting, r.forked))),
+        dist(&qref.spawn_ms)
+    ));
+    let slow_deletes = runs
+        .iter()
+        .filter(|r| r.delete_ms.is_some_and(|d| d > 5000.0))
+        .count();
+    if slow_deletes > 0 {
+        res.note(format!(
+            "one at a time: {slow_deletes} of {n} deletes took over 5 s: the guest missed the ACPI power button and the agent waited its 10 s grace before telling QEMU to quit"
+        ));
+    }
+    Ok(())
+}
+
+async fn burst_two_nodes(
+    site: &Site,
+    api: &Client,
+    s: &Settings,
+    res: &mut Results,
+    boot_offset: i64,
+) -> Result<()> {
+    let n = fit_in_memory(s.burst, s.memory_mib, "burst", res);
+    println!("[burst] {n} VMs at once across two nodes");
+    let a = CpuSample::take("self")?;
+    let mut batch = start_vms(site, api, s, &names("burst", n), boot_offset).await?;
+    let b = CpuSample::take("self")?;
+    let busy = CpuUse::between(&a, &b);
+    burst_rows(
+        &batch,
+        &format!("{n} VMs at once, two nodes"),
+        site,
+        busy,
+        res,
+    );
+    delete_batch(api, &mut batch.runs, s.pause, "burst", res).await;
+    Ok(())
+}
+
+/// The rows of a batch started at once.
+fn burst_rows(batch: &Batch, label: &str, site: &Site, busy: CpuUse, res: &mut Results) {
+    let runs = &batch.runs;
+    let first = runs.iter().map(|r| r.req).min().unwrap_or(0);
+    let last_req = runs.iter().map(|r| r.resp).max().unwrap_or(0);
+    let all = |f: fn(&VmRun) -> Option<u64>| -> String {
+        let v: Vec<u64> = runs.iter().filter_map(f).collect();
+        match v.iter().max() {
+            Some(last) if v.len() == runs.len() => fmt_ms((last - first) as f64 / 1000.0),
+            Some(last) => format!(
+                "never: only {} of {} (the {}th after {}; see the notes)",
+                v.len(),
+                runs.len(),
+                v.len(),
+                fmt_ms((last - first) as f64 / 1000.0)
+            ),
+            None => "n/a".into(),
+        }
+    };
+    let per_node: Vec<String> = (1..=site.lab.n_nodes)
+        .map(|i| format!("n{i}: {}", runs.iter().filter(|r| r.node == i).count()))
+        .collect();
+    let qemu_rss: u64 = runs
+        .iter()
+        .filter_map(|r| r.pid)
+        .filter_map(|p| Mem::read(&p.to_string()).ok())
+        .map(|m| m.rss)
+        .sum();
+    res.row(
+        format!("{label}: first request → all running (agent logs)"),
+        all(|r| r.running_agent),
+        "—",
+    );
+    res.row(
+        format!("{label}: first request → all `running` in the API (coordinator log)"),
+        all(|r| r.running_coord),
+        "—",
+    );
+    res.row(
+        format!("{label}: first request → all printed `ZY-READY`"),
+        all(|r| r.ready),
+        "—",
+    );
+    res.row(
+        format!("{label}, per VM: request → agent's `starting`"),
+        dist(&collect(runs, |r| span(Some(r.req), r.starting))),
+        "—",
+    );
+    res.row(
+        format!("{label}, per VM: request → QEMU running (agent)"),
+        dist(&collect(runs, |r| span(Some(r.req), r.running_agent))),
+        "—",
+    );
+    res.row(
+        format!("{label}, per VM: request → `ZY-READY`"),
+        dist(&collect(runs, |r| span(Some(r.req), r.ready))),
+        "—",
+    );
+    for d in &batch.stuck {
+        res.note(format!("{label}: never printed `ZY-READY`: {d}"));
+    }
+    res.note(format!(
+        "{label}: placement {}; the {} requests were sent back to back in {}; the whole machine was busy {:.0} % of one core (of {} % for all CPUs) from the first request to the last `ZY-READY` (or to giving up on the rest); the QEMU processes' VmRSS summed to {} ({} per VM) at that point",
+        per_node.join(", "),
+        runs.len(),
+        fmt_ms((last_req - first) as f64 / 1000.0),
+        busy.machine_pct,
+        100 * std::thread::available_parallelism().map_or(1, |p| p.get()),
+        mib(qemu_rss),
+        mib(qemu_rss / runs.len().max(1) as u64),
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figure 3: the agent with N VMs
+
+fn agent_figures(s: &Settings, res: &mut Results, boot_offset: i64) -> Result<()> {
+    println!("[agent] building a site with one node");
+    let site = site_with_guest(1, res)?;
+    let dir = site.lab.dir.clone();
+    let pid = site
+        .lab
+        .pid("agent-n1")
+        .ok_or_else(|| anyhow!("no agent pid"))?;
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let r = if comm.trim() != "zy-agent" {
+        Err(anyhow!("pid {pid} is `{}`, not zy-agent", comm.trim()))
+    } else {
+        site.lab.run_in(&site.lab.coord_ns(), || -> Result<()> {
+            let rt = runtime()?;
+            let api = api_client(&site)?;
+            rt.block_on(one_node(&site, &api, s, res, pid, boot_offset))
+        })
+    };
+    drop(site);
+    kill_leftover_qemu(&dir, "one-node site", res);
+    r
+}
+
+async fn one_node(
+    site: &Site,
+    api: &Client,
+    s: &Settings,
+    res: &mut Results,
+    pid: i32,
+    boot_offset: i64,
+) -> Result<()> {
+    let p = pid.to_string();
+    tokio::time::sleep(Duration::from_secs(s.settle_secs)).await;
+    let idle = Mem::read(&p)?;
+    let idle_fds = open_fds(&p);
+    println!("[agent] idle: VmRSS {}", mib(idle.rss));
+    let mut warm = start_vms(site, api, s, &names("warm", 1), boot_offset)
+        .await?
+        .complete()?;
+    delete_batch(api, &mut warm, s.pause, "agent warm-up", res).await;
+
+    let n = fit_in_memory(s.node_vms, s.memory_mib, "agent", res);
+    println!("[agent] {n} VMs at once on one node");
+    let a = CpuSample::take(&p)?;
+    let ma = CpuSample::take("self")?;
+    let mut batch = start_vms(site, api, s, &names("vm", n), boot_offset).await?;
+    let b = CpuSample::take(&p)?;
+    let mb = CpuSample::take("self")?;
+    let starting = CpuUse::between(&a, &b);
+    burst_rows(
+        &batch,
+        &format!("{n} VMs at once, one node"),
+        site,
+        CpuUse::between(&ma, &mb),
+        res,
+    );
+
+    println!(
+        "[agent] {n} VMs running; settle {} s, then a {} s window on pid {pid}",
+        s.settle_secs, s.window_secs
+    );
+    tokio::time::sleep(Duration::from_secs(s.settle_secs)).await;
+    let a = CpuSample::take(&p)?;
+    tokio::time::sleep(Duration::from_secs(s.window_secs)).await;
+    let b = CpuSample::take(&p)?;
+    let mem = Mem::read(&p)?;
+    let fds = open_fds(&p);
+    let running = api_list(api)
+        .await?
+        .iter()
+        .filter(|v| v.state == "running")
+        .count();
+    let window = CpuUse::between(&a, &b);
+    res.row(
+        "Agent RSS before any VM (VmRSS)",
+        format!(
+            "{} (anon {}, file {})",
+            mib(idle.rss),
+            mib(idle.anon),
+            mib(idle.file)
+        ),
+        "—",
+    );
+    res.row(
+        format!("Agent RSS with {n} VMs running (VmRSS)"),
+        format!(
+            "{} (anon {}, file {})",
+            mib(mem.rss),
+            mib(mem.anon),
+            mib(mem.file)
+        ),
+        "≤ 25 MiB",
+    );
+    res.row(
+        format!("Agent peak RSS, through starting {n} VMs (VmHWM)"),
+        mib(mem.hwm),
+        "—",
+    );
+    res.row(
+        format!("Agent CPU while starting {n} VMs (first request → last `ZY-READY`)"),
+        format!(
+            "{:.0} ms CPU in {:.1} s ({:.2} % of one core; scheduler run time {:.2} %)",
+            starting.cpu_s * 1000.0,
+            starting.wall_s,
+            starting.pct,
+            starting.sched_pct
+        ),
+        "—",
+    );
+    res.row(
+        format!(
+            "Agent CPU with {n} VMs running ({} s window)",
+            s.window_secs
+        ),
+        format!(
+            "{:.3} % of one core ({:.0} ms CPU; scheduler run time {:.3} %)",
+            window.pct,
+            window.cpu_s * 1000.0,
+            window.sched_pct
+        ),
+        "—",
+    );
+    res.note(format!(
+        "agent with {n} VMs: {running} reported running by the API at the end of the window; {} thread(s) (idle: {}); {fds} open file descriptors (idle: {idle_fds}); the whole machine was busy {:.0} % of one core during the window (the guests{})",
+        mem.threads,
+        idle.threads,
+        window.machine_pct,
+        if batch.stuck.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} of them stuck as noted above: a panicked guest keeps its TCG vCPU spinning",
+                batch.stuck.len()
+            )
+        }
+    ));
+    delete_batch(api, &mut batch.runs, Duration::ZERO, "agent", res).await;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+fn section_text(s: &Settings, m: &Machine, res: &Results, started: u64, took: Duration) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "## VM benchmark\n");
+    let _ = writeln!(
+        t,
+        "Written by the benchmark itself; edit the bench (`tests/benches/vms.rs`), not this section.\n"
+    );
+    let _ = writeln!(t, "- **Machine:** {}", m.describe());
+    let _ = writeln!(
+        t,
+        "- **Hypervisor:** {}, accelerator {} (as the nodes reported it; no usable KVM means TCG, so guests boot far slower than they would under KVM)",
+        m.qemu,
+        res.accel.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        t,
+        "- **Date:** {} (the run took {:.0} s)",
+        rfc3339(started),
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        t,
+        "- **Command:** `cargo bench -p zy-lab --bench vms` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`; `ZY_BENCH_ONLY_VMS=1 scripts/bench.sh` runs this bench alone){}",
+        if s.overrides.is_empty() {
+            String::new()
+        } else {
+            format!(", with `{}`", s.overrides.join(" "))
+        }
+    );
+    let _ = writeln!(
+        t,
+        "- **Settings:** {} VMs one after another, {} at once across two nodes, {} on one node for the agent; {} MiB and 1 vCPU each, the test guest (`images/make-test-guest.sh`: a Debian kernel and a busybox initramfs, `console=ttyS0 quiet`); {} bare QEMU starts; agent window {} s after {} s of settling.\n",
+        s.seq, s.burst, s.node_vms, s.memory_mib, s.qemu_refs.min(s.seq), s.window_secs, s.settle_secs
+    );
+    let _ = writeln!(t, "| Figure | Measured | Target |");
+    let _ = writeln!(t, "|---|---|---|");
+    for r in &res.rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} |",
+            r.figure.replace('|', "\\|"),
+            r.value.replace('|', "\\|"),
+            r.target
+        );
+    }
+    let _ = writeln!(t);
+    if !res.notes.is_empty() {
+        let _ = writeln!(t, "Notes from this run:\n");
+        for n in &res.notes {
+            let _ = writeln!(t, "- {n}");
+        }
+        let _ = writeln!(t);
+    }
+    let _ = writeln!(t, "### Method\n");
+    let _ = writeln!(
+        t,
+        "No figure is asserted and nothing fails on slowness. p50 and p95 interpolate linearly between the closest ranks. Every VM goes through the real path: a lab site (network namespaces, the real `zy-coordinator`, `zy-agent` and `zy` release binaries), nodes enrolled in the intranet zone with `zy-agent join`, the test guest imported with `zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz --cmdline \"console=ttyS0 quiet\" --name guest`, and VMs created with `POST /v1/vms` (the `zy` CLI's HTTPS client, a fresh TLS connection per request as the CLI makes, from a thread of the bench inside the coordinator's namespace). `POST /v1/vms` answers 202 once the VM is placed; the coordinator then hands it to the node, whose agent checks the image in its cache, writes the VM's record, spawns QEMU, waits for QMP to answer `query-status` with `running`, joins the tap to the zone's bridge and VXLAN, and reports `running`. A VM is ready when the bench sees `ZY-READY <name>` (printed by the guest's init) in the console log the agent keeps (`<agent dir>/vms/<id>/console.log`), polled every 10 ms (25 ms for batches); the API is only asked every 500 ms, to notice failures, so as not to load the coordinator while it works.\n"
+    );
+    let _ = writeln!(
+        t,
+        "Timestamps, all wall clock on the same machine: the bench's own around each request; the coordinator's log lines `VM placed` and `VM state reported … state=running` and the agent's `VM state … state=starting` / `state=running` (µs timestamps; the agent logs `starting` just before it prepares and spawns QEMU, and `running` once QMP said `running` and the network is plugged); QEMU's fork time from `/proc/<pid>/stat` (field 22, in clock ticks of 1/{} s since boot, turned into wall time through CLOCK_BOOTTIME; too coarse for the table, so only in a note); the modification time of QEMU's pid file, which QEMU writes early in its start-up (file times have the kernel's coarse clock, about one scheduler tick). The API's `state_since` has one-second resolution, and the agent's own measure of spawn → QMP `running` (`Launched.startup`) is not reported anywhere, so neither is used.\n",
+        clk_tck()
+    );
+    let _ = writeln!(
+        t,
+        "1. **One at a time.** A site with two nodes. Warm-up first (not counted): one VM per node, so that both nodes hold the image in their cache, then deleted. The bare QEMU reference takes the command line the agent gave a warm-up VM (from `/proc/<pid>/cmdline`), swaps in a fresh directory, uuid and tap name, and runs it from a thread of the bench in the same node namespace, once just before each VM: the time from spawn to the pid file, and to QMP answering `query-status` with `running` (connecting every 1 ms; QEMU is killed at once). That is QEMU's own start-up; **our own overhead** is each VM's request → agent's `running` minus the reference's p50. The VMs are created one after another, each deleted (`DELETE /v1/vms/{{vm}}`, timed) {} ms after it printed `ZY-READY`, so each starts on an otherwise idle site (the pause: the test guest starts busybox `acpid` just before it prints the marker, and `acpid` opens the power button's input device only after it daemonizes, so a delete at once, which tries an ACPI power-off first, can be missed by the guest and wait the agent's whole 10 s grace); both nodes being empty, placement (most free memory, then name) puts every one on n1, and each is the only VM of its zone there, so its start includes making the zone's bridge and VXLAN device (removed again on delete). Guest boot is the agent's `running` → `ZY-READY`, under TCG.",
+        s.pause.as_millis()
+    );
+    let _ = writeln!(
+        t,
+        "2. **At once.** On the same site, after the free-memory check (MemAvailable against the VMs' memory plus {QEMU_OVERHEAD_MIB} MiB per QEMU, keeping {HOST_RESERVE_MIB} MiB), the VMs are created back to back (each request waits for the previous 202), spread by placement over both nodes; the figures run from the first request to the last VM's `running` (agent and coordinator logs) and to the last `ZY-READY`. A batch stops waiting after {}, or once no VM got ready for {} s while some did; a VM that never printed the marker is then left out of the per-VM figures and described in the notes (state, process, console tail, QEMU's stderr, its agent log lines). Machine CPU is the busy ticks of `/proc/stat` over that time. The VMs are then deleted, all at once.",
+        fmt_ms(s.timeout.as_secs_f64() * 1000.0),
+        STALL.as_secs()
+    );
+    let _ = writeln!(
+        t,
+        "3. **The agent with N VMs.** A site with one node, so that all VMs land on it. After settling, the agent's VmRSS with no VM; a warm-up VM (image into the cache) is started and deleted; then N VMs are started at once as in 2 (its rows), the agent's CPU (utime + stime from `/proc/<pid>/stat`, and the scheduler's run time from `/proc/<pid>/task/*/schedstat`) is taken over the start, and, after settling, over the window with all N running; VmRSS (RssAnon and RssFile, the latter mostly the mapped binary) and VmHWM are read from `/proc/<pid>/status` at the end of the window."
+    );
+    let _ = writeln!(
+        t,
+        "\nEach lab site is dropped at the end (its processes killed, namespaces and files removed), after which the bench looks for QEMU processes whose command line names the run's directory (`pgrep -f`) and kills any it finds; a note above says so if it had to."
+    );
+    t
+}
+
+fn write_docs(text: &str) -> Result<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("docs")
+        .join("PERFORMANCE.md");
+    let block = format!("{BEGIN}\n{text}{END}");
+    let old = std::fs::read_to_string(&path).ok();
+    let new = match old {
+        Some(old) => match (old.find(BEGIN), old.find(END)) {
+            (Some(b), Some(e)) if e > b => {
+                format!("{}{block}{}", &old[..b], &old[e + END.len()..])
+            }
+            _ => match old.find(SPINE_END) {
+                // Right after the spine section.
+                Some(e) => {
+                    let at = e + SPINE_END.len();
+                    format!("{}\n\n{block}{}", &old[..at], &old[at..])
+                }
+                None => {
+                    let sep = if old.ends_with('\n') { "\n" } else { "\n\n" };
+                    format!("{old}{sep}{block}\n")
+                }
+            },
+        },
+        None => format!(
+            "# Performance\n\nMeasured figures of Zhengyun. The sections between the `bench:` markers are written by the benchmarks (`scripts/bench.sh`); the rest of this file is free text.\n\n{block}\n"
+        ),
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&path, new)?;
+    Ok(path)
+}
+
+fn main() {
+    let s = Settings::from_env();
+    let m = Machine::read();
+    let started = now_millis();
+    let t0 = Instant::now();
+    let boot_offset = boot_offset_us();
+    println!("VM benchmark on {}; {}", m.describe(), m.qemu);
+    println!("binaries from {}", bin_dir().display());
+    println!("settings: {s:?}");
+    let mut res = Results::default();
+
+    if s.runs("seq") || s.runs("burst") {
+        if let Err(e) = two_node_figures(&s, &mut res, boot_offset) {
+            eprintln!("[two nodes] failed: {e:#}");
+            res.row(
+                "Two-node figures (one at a time, at once)",
+                format!("failed: {e:#}"),
+                "—",
+            );
+        }
+    }
+    if s.runs("agent") {
+        if let Err(e) = agent_figures(&s, &mut res, boot_offset) {
+            eprintln!("[agent] failed: {e:#}");
+            res.row(
+                format!("Agent with {} VMs", s.node_vms),
+                format!("failed: {e:#}"),
+                "—",
+            );
+        }
+    }
+
+    let took = t0.elapsed();
+    let text = section_text(&s, &m, &res, started, took);
+    println!("\n{text}");
+    if s.write_docs {
+        match write_docs(&text) {
+            Ok(p) => println!("wrote {}", p.canonicalize().unwrap_or(p).display()),
+            Err(e) => eprintln!("could not write docs/PERFORMANCE.md: {e:#}"),
+        }
+    } else {
+        println!("docs/PERFORMANCE.md left alone (ZY_BENCH_VMS_ONLY or ZY_BENCH_WRITE=0)");
+    }
+}
