@@ -103,6 +103,14 @@ mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /tmp/acpid.log
+# Ready means ready to be stopped too: wait (up to 2 s) until acpid listens to the button.
+i=0
+while [ $i -lt 20 ]; do
+    p=$(pidof acpid)
+    [ -n "$p" ] && ls -l "/proc/$p/fd" 2>/dev/null | grep -q input/event && break
+    usleep 100000
+    i=$((i + 1))
+done
 echo "ZY-READY $ZY_name"
 # Tests of the network ask the guest to ping addresses and say what answered.
 if [ -n "$ZY_probe" ]; then

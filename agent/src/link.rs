@@ -327,10 +327,7 @@ async fn drive(
                 wire::write_frame(&mut send, version, &Message::Reply(reply)).await.map_err(stream)?;
             }
             Some(ev) = events.recv() => {
-                let info = VmInfo { id: ev.id, name: node.vms.get(ev.id).map(|h| h.name).unwrap_or_default(), state: ev.status.state, pid: ev.status.pid.map(|p| p as u32) };
-                if info.name.is_empty() {
-                    continue;
-                }
+                let info = VmInfo { id: ev.id, name: ev.name, state: ev.status.state, pid: ev.status.pid.map(|p| p as u32) };
                 let msg = Message::Event(Event { at_ms: ev.status.since_ms, kind: EventKind::Vm(info) });
                 wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
             }

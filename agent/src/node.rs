@@ -146,9 +146,10 @@ impl Node {
         }
     }
 
-    fn emit(&self, id: VmId, state: VmState) {
+    fn emit(&self, id: VmId, name: &str, state: VmState) {
         let _ = self.events.try_send(VmEvent {
             id,
+            name: name.to_string(),
             status: VmStatus {
                 state,
                 pid: None,
@@ -162,7 +163,7 @@ impl Node {
         if self.vms.get(vm.id).is_some() {
             return Ok(());
         }
-        self.emit(vm.id, VmState::Creating);
+        self.emit(vm.id, &vm.name, VmState::Creating);
         let paths = VmPaths::new(self.vms.data_dir(), vm.id);
         let result = self.prepare(&vm, &paths).await;
         let (spec, ports) = match result {
@@ -170,7 +171,7 @@ impl Node {
             Err(e) => {
                 // Nothing half-made stays behind.
                 let _ = std::fs::remove_dir_all(&paths.dir);
-                self.emit(vm.id, VmState::Failed(e.clone()));
+                self.emit(vm.id, &vm.name, VmState::Failed(e.clone()));
                 return Err(e);
             }
         };

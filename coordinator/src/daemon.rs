@@ -402,6 +402,17 @@ async fn run_session(
     mut kicked: watch::Receiver<Option<Kick>>,
 ) -> SessionEnd {
     // The writer owns the send half; on stop it drains what is queued (a refusal) first.
+    // VM reports and events are applied by one task, in the order the node sent them.
+    let (vm_tx, mut vm_rx) = mpsc::channel::<VmUpdate>(1024);
+    let vm_coord = coord.clone();
+    tokio::spawn(async move {
+        while let Some(u) = vm_rx.recv().await {
+            match u {
+                VmUpdate::Report(r) => crate::vms::on_report(&vm_coord, node, r).await,
+                VmUpdate::Event(e) => crate::vms::on_event(&vm_coord, node, e).await,
+            }
+        }
+    });
     let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
     let writer = tokio::spawn(async move {
         loop {
@@ -428,7 +439,7 @@ async fn run_session(
             r = wire::read_frame::<Message, _>(&mut recv, version, MAX_BODY, &mut buf) => {
                 let err = match r {
                     Ok(m) => match m.validate() {
-                        Ok(()) => match on_message(coord, node, &session, m) {
+                        Ok(()) => match on_message(coord, node, &session, &vm_tx, m) {
                             Ok(()) => continue,
                             Err(e) => e,
                         },
@@ -464,10 +475,17 @@ async fn run_session(
     end
 }
 
+/// A VM change from a node, applied in order.
+enum VmUpdate {
+    Report(Vec<zy_common::proto::VmInfo>),
+    Event(zy_common::proto::VmInfo),
+}
+
 fn on_message(
     coord: &Arc<Coordinator>,
     node: NodeId,
     session: &Session,
+    vm_tx: &mpsc::Sender<VmUpdate>,
     m: Message,
 ) -> Result<(), String> {
     match m {
@@ -481,19 +499,18 @@ fn on_message(
             session.deliver(reply);
             Ok(())
         }
-        Message::VmReport(report) => {
-            let coord = coord.clone();
-            tokio::spawn(async move { crate::vms::on_report(&coord, node, report).await });
-            Ok(())
-        }
+        Message::VmReport(report) => vm_tx
+            .try_send(VmUpdate::Report(report))
+            .map_err(|_| "too many VM updates at once".to_string()),
         Message::Event(event) => {
             match event.kind {
                 EventKind::Notice { message } => {
                     info!(at_ms = event.at_ms, %message, "node notice")
                 }
                 EventKind::Vm(vm) => {
-                    let coord = coord.clone();
-                    tokio::spawn(async move { crate::vms::on_event(&coord, node, vm).await });
+                    return vm_tx
+                        .try_send(VmUpdate::Event(vm))
+                        .map_err(|_| "too many VM updates at once".to_string());
                 }
             }
             Ok(())

@@ -91,12 +91,12 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    import("guest", "console=ttyS0 quiet");
+    import("guest", "console=ttyS0 quiet no_timer_check");
     // Same kernel, same blobs (stored once): a guest that pings its intranet peer and the
     // extranet VM's address.
     import(
         "prober",
-        "console=ttyS0 quiet zy.probe=10.220.0.3,10.210.0.2",
+        "console=ttyS0 quiet no_timer_check zy.probe=10.220.0.3,10.210.0.2",
     );
 
     let create = |name: &str, zone: &str, image: &str| {

@@ -40,6 +40,7 @@ pub struct VmStatus {
 #[derive(Clone, Debug, PartialEq)]
 pub struct VmEvent {
     pub id: VmId,
+    pub name: String,
     pub status: VmStatus,
 }
 
@@ -138,6 +139,7 @@ impl Actor {
         info!(vm = %self.rec.spec.id, name = %self.rec.spec.name, state = %status.state, "VM state");
         let _ = self.ctx.events.try_send(VmEvent {
             id: self.rec.spec.id,
+            name: self.rec.spec.name.clone(),
             status: status.clone(),
         });
         self.state.send_replace(status);
@@ -246,7 +248,8 @@ impl Actor {
                         let _ = reply.send(Ok(how));
                     }
                     Some(Request::Delete(reply)) => {
-                        self.stop(Duration::from_secs(10)).await;
+                        // Its disk is about to be discarded: no need to wait for the guest.
+                        self.stop(Duration::ZERO).await;
                         let _ = reply.send(self.delete().await);
                         return;
                     }
