@@ -126,14 +126,30 @@ fn delete_netns(ns: &str) {
     let _ = Command::new("ip").args(["netns", "del", ns]).output();
 }
 
+/// Serialises reaping and building runs within one test process (tests run on threads).
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
 /// Removes every run whose owner process is gone: its processes, namespaces and files.
 /// Returns the runs reaped.
 pub fn reap_stale() -> Vec<String> {
+    let _guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    reap_stale_locked()
+}
+
+fn reap_stale_locked() -> Vec<String> {
     let root = lab_root();
     let mut reaped = Vec::new();
     let owner_alive = |run: &str| -> bool {
-        let Ok(text) = std::fs::read_to_string(root.join(run).join("owner")) else {
-            return false;
+        let dir = root.join(run);
+        let Ok(text) = std::fs::read_to_string(dir.join("owner")) else {
+            // A run another process is creating right now has its directory a moment
+            // before its owner file: leave young ones alone.
+            let young = std::fs::metadata(&dir)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(60));
+            return young;
         };
         let mut it = text.split_whitespace();
         let (Some(pid), Some(start)) = (
@@ -210,7 +226,8 @@ impl Lab {
         if !is_root() {
             bail!("the lab needs root (network namespaces): run the test command as root");
         }
-        reap_stale();
+        let _guard = LAB_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        reap_stale_locked();
         let run = loop {
             let r = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
             if !lab_root().join(&r).exists() {
@@ -220,9 +237,11 @@ impl Lab {
         let dir = lab_root().join(&run);
         std::fs::create_dir_all(dir.join("logs"))?;
         let me = std::process::id() as i32;
-        std::fs::write(
-            dir.join("owner"),
-            format!("{me} {}\n", pid_start_time(me).unwrap_or(0)),
+        // Atomically: a reaper must never read half an owner file.
+        zy_common::files::write_atomic(
+            &dir.join("owner"),
+            format!("{me} {}\n", pid_start_time(me).unwrap_or(0)).as_bytes(),
+            0o644,
         )?;
         let mut lab = Lab {
             run,
