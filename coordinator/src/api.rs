@@ -94,6 +94,22 @@ impl ApiError {
     }
 }
 
+/// How a command to a node failed, as the API answers it: the node said no (409), it is
+/// busy (503), or it did not answer (504).
+impl From<CommandError> for ApiError {
+    fn from(e: CommandError) -> Self {
+        match e {
+            CommandError::Failed(m) => Self::new(StatusCode::CONFLICT, "node_refused", m),
+            CommandError::Busy => Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
+            CommandError::Disconnected | CommandError::Timeout => Self::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "node_unreachable",
+                e.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         Self::internal(e)
@@ -318,16 +334,7 @@ async fn ping_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult<P
             node: n.record.id,
             rtt_us: t0.elapsed().as_micros() as u64,
         })),
-        Err(e @ CommandError::Busy) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "node_unreachable",
-            e.to_string(),
-        )),
+        Err(e) => Err(e.into()),
     }
 }
 

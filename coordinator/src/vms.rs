@@ -21,7 +21,6 @@ use zy_common::vm::VmState;
 use zy_common::{NodeId, VmId, Zone};
 
 use crate::api::ApiError;
-use crate::fleet::CommandError;
 use crate::membership::NodeState;
 use crate::placement::{self, Demand, NodeCap};
 use crate::store::{VmDesired, VmRec};
@@ -227,20 +226,11 @@ async fn command(
             "the VM's node is not connected; try again when it is Ready",
         )
     })?;
-    match session.command(kind, Duration::from_secs(600)).await {
-        Ok(_) => Ok(()),
-        Err(CommandError::Failed(e)) => Err(ApiError::new(StatusCode::CONFLICT, "node_refused", e)),
-        Err(e @ CommandError::Busy) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            e.to_string(),
-        )),
-        Err(e) => Err(ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "node_unreachable",
-            e.to_string(),
-        )),
-    }
+    session
+        .command(kind, Duration::from_secs(600))
+        .await
+        .map(|_| ())
+        .map_err(ApiError::from)
 }
 
 /// Records a state a node reported.
