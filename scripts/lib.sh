@@ -44,6 +44,22 @@ ensure_base() {
     ensure_rust
 }
 
+# A real systemd for the lab's systemd node: systemd-nspawn boots the host's own OS
+# statelessly in a container. systemd-container must match the host's systemd exactly (any
+# other version would upgrade systemd itself); dbus provides the container's system bus;
+# busctl, journalctl and nsenter are how the tests look inside.
+ensure_nspawn() {
+    ensure_packages nsenter:util-linux busctl:systemd
+    if ! command -v systemd-nspawn >/dev/null 2>&1 || ! command -v dbus-daemon >/dev/null 2>&1; then
+        local v
+        v=$(dpkg-query -W -f='${Version}' systemd)
+        echo "installing: systemd-container=$v dbus"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "systemd-container=$v" dbus >/dev/null
+    fi
+}
+
 # QEMU 10 from bookworm-backports (bookworm's own 7.2 would also replace the machine's
 # qemu-utils 10). The backports line reuses the Debian mirror this machine already uses.
 ensure_qemu() {

@@ -9,6 +9,7 @@ source scripts/lib.sh
 need_root
 ensure_base
 ensure_qemu
+ensure_nspawn
 bash images/make-test-guest.sh
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy 2>/dev/null || true
 

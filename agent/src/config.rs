@@ -35,6 +35,20 @@ impl std::str::FromStr for AccelChoice {
     }
 }
 
+/// Who runs the QEMU processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum SupervisorChoice {
+    /// systemd transient units where the host was booted with systemd and its bus answers,
+    /// the agent itself otherwise.
+    #[default]
+    Auto,
+    /// systemd or refuse to start.
+    Systemd,
+    /// The agent itself, limits through cgroups.
+    Direct,
+}
+
 /// Everything `zy-agent run` reads.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -47,6 +61,8 @@ pub struct AgentConfig {
     pub coordinator: Option<String>,
     #[serde(default)]
     pub accel: AccelChoice,
+    #[serde(default)]
+    pub supervisor: SupervisorChoice,
     /// The QEMU binary.
     #[serde(default = "default_qemu")]
     pub qemu: PathBuf,
@@ -80,6 +96,7 @@ impl Default for AgentConfig {
             data_dir: default_data_dir(),
             coordinator: None,
             accel: AccelChoice::Auto,
+            supervisor: SupervisorChoice::Auto,
             qemu: default_qemu(),
             max_backoff: default_max_backoff(),
             idle_timeout: default_idle(),
@@ -163,6 +180,9 @@ mod tests {
             .to_string();
         assert!(e.contains("agent.toml") && e.contains("acel"), "{e}");
         assert!(AgentConfig::parse(p, "accel = \"fast\"\n").is_err());
+        let c = AgentConfig::parse(p, "supervisor = \"systemd\"\n").unwrap();
+        assert_eq!(c.supervisor, SupervisorChoice::Systemd);
+        assert!(AgentConfig::parse(p, "supervisor = \"init\"\n").is_err());
         assert!(AgentConfig::parse(p, "max_backoff = \"0s\"\n").is_err());
         assert!(AgentConfig::parse(p, "data_dir = \"rel\"\n").is_err());
         assert!(AgentConfig::load(Path::new("/nonexistent/agent.toml"), false).is_ok());

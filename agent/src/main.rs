@@ -132,12 +132,23 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                 .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
             let accel =
                 zy_agent::host::inventory(&cfg.data_dir, identity.node.zone, cfg.accel)?.accel;
+            let supervisor = zy_agent::node::supervisor(cfg.supervisor)
+                .await
+                .context("cannot use systemd for VMs (set supervisor = \"direct\" in agent.toml to run them without it)")?;
+            let supervised_by = supervisor.as_str();
             let (published, uplink) = zy_agent::uplink::Uplink::new();
-            let (node, events) =
-                zy_agent::node::Node::start(cfg.qemu.clone(), &cfg.data_dir, accel, uplink).await?;
+            let (node, events) = zy_agent::node::Node::start(
+                cfg.qemu.clone(),
+                &cfg.data_dir,
+                accel,
+                supervisor,
+                uplink,
+            )
+            .await?;
             info!(
                 vms = node.vms.list().len(),
                 accel = accel.as_str(),
+                supervisor = supervised_by,
                 "VMs recovered"
             );
             tokio::select! {

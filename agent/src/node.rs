@@ -31,12 +31,39 @@ pub struct Node {
     events: mpsc::Sender<VmEvent>,
 }
 
+/// Finds who will run QEMU on this host, as the config asks.
+pub async fn supervisor(
+    choice: crate::config::SupervisorChoice,
+) -> Result<crate::vm::runner::Supervisor, crate::vm::systemd::SystemdError> {
+    use crate::config::SupervisorChoice;
+    use crate::vm::runner::Supervisor;
+    use crate::vm::systemd::{self, Systemd};
+    let direct = || {
+        Supervisor::Direct(crate::vm::limits::Cgroups::detect(std::path::Path::new(
+            "/sys/fs/cgroup",
+        )))
+    };
+    match choice {
+        SupervisorChoice::Direct => Ok(direct()),
+        SupervisorChoice::Systemd => Ok(Supervisor::Systemd(Systemd::connect().await?)),
+        SupervisorChoice::Auto if !systemd::booted() => Ok(direct()),
+        SupervisorChoice::Auto => match Systemd::connect().await {
+            Ok(sd) => Ok(Supervisor::Systemd(sd)),
+            Err(e) => {
+                warn!(error = %e, "systemd runs but cannot be reached; the agent supervises QEMU itself");
+                Ok(direct())
+            }
+        },
+    }
+}
+
 impl Node {
     /// Recovers the node's VMs and returns the node and the stream of VM state changes.
     pub async fn start(
         ctx_qemu: std::path::PathBuf,
         data_dir: &std::path::Path,
         accel: Accel,
+        supervisor: crate::vm::runner::Supervisor,
         uplink: Uplink,
     ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), zy_common::blob::BlobError> {
         let (tx, rx) = mpsc::channel(256);
@@ -52,7 +79,7 @@ impl Node {
             data_dir: data_dir.to_path_buf(),
             events: tx.clone(),
             netdev: netdev.clone(),
-            cgroups: crate::vm::limits::Cgroups::detect(std::path::Path::new("/sys/fs/cgroup")),
+            supervisor,
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
         let vms = VmManager::recover(ctx).await;
@@ -171,7 +198,7 @@ impl Node {
             Err(e) => {
                 // Nothing half-made stays behind.
                 let _ = std::fs::remove_dir_all(&paths.dir);
-                self.emit(vm.id, &vm.name, VmState::Failed(e.clone()));
+                self.emit(vm.id, &vm.name, VmState::failed(e.clone()));
                 return Err(e);
             }
         };

@@ -23,6 +23,13 @@ fn guest() -> (PathBuf, PathBuf) {
     (k, i)
 }
 
+/// The agent as QEMU's parent (the systemd path is tested in a real systemd, in the lab).
+fn direct() -> runner::Supervisor {
+    runner::Supervisor::Direct(zy_agent::vm::limits::Cgroups::detect(std::path::Path::new(
+        "/sys/fs/cgroup",
+    )))
+}
+
 fn qemu() -> PathBuf {
     PathBuf::from("/usr/bin/qemu-system-x86_64")
 }
@@ -105,7 +112,9 @@ async fn boots_reports_running_and_powers_off_gracefully() {
     assert!(out.status.success());
     let s = spec("vm-test-1", Some(disk));
     let paths = VmPaths::new(&tmp.0, s.id);
-    let mut l = runner::launch(&qemu(), &s, &paths).await.unwrap();
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+        .await
+        .unwrap();
     assert_eq!(l.qmp.status().await.unwrap(), "running");
     wait_console(
         &paths.console_log(),
@@ -128,7 +137,9 @@ async fn a_crash_is_noticed_with_the_last_console_lines() {
     let tmp = TempDir(std::env::temp_dir().join(format!("zy-vm-{}", rand::random::<u64>())));
     let s = spec("vm-test-2", None);
     let paths = VmPaths::new(&tmp.0, s.id);
-    let mut l = runner::launch(&qemu(), &s, &paths).await.unwrap();
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+        .await
+        .unwrap();
     wait_console(&paths.console_log(), "ZY-READY", Duration::from_secs(120)).await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(l.pid),
@@ -139,7 +150,7 @@ async fn a_crash_is_noticed_with_the_last_console_lines() {
         .await
         .unwrap()
         .unwrap();
-    assert!(!status.success());
+    assert!(status.contains("SIGKILL"), "{status}");
     let tail = runner::console_tail(&paths.console_log(), 20);
     assert!(
         tail.iter().any(|l| l.contains("ZY-READY vm-test-2")),
@@ -154,13 +165,20 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
     let tmp = TempDir(std::env::temp_dir().join(format!("zy-vm-{}", rand::random::<u64>())));
     let s = spec("vm-test-3", None);
     let paths = VmPaths::new(&tmp.0, s.id);
-    let err = runner::launch(std::path::Path::new("/nonexistent/qemu"), &s, &paths)
-        .await
-        .unwrap_err();
+    let err = runner::launch(
+        std::path::Path::new("/nonexistent/qemu"),
+        &s,
+        &paths,
+        &direct(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("not installed"), "{err}");
     let mut bad = s.clone();
     bad.vcpus = 1000;
-    assert!(runner::launch(&qemu(), &bad, &paths).await.is_err());
+    assert!(runner::launch(&qemu(), &bad, &paths, &direct())
+        .await
+        .is_err());
     assert!(!paths.dir.exists(), "nothing was made for a refused spec");
     // A kernel that is not there: QEMU exits at once, and says why.
     let mut gone = s.clone();
@@ -169,7 +187,9 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
         initrd: None,
         cmdline: String::new(),
     };
-    let err = runner::launch(&qemu(), &gone, &paths).await.unwrap_err();
+    let err = runner::launch(&qemu(), &gone, &paths, &direct())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("exited at start"), "{err}");
 }
 
@@ -188,9 +208,7 @@ mod manager {
                 data_dir: dir.to_path_buf(),
                 events: tx,
                 netdev: None,
-                cgroups: zy_agent::vm::limits::Cgroups::detect(std::path::Path::new(
-                    "/sys/fs/cgroup",
-                )),
+                supervisor: direct(),
             },
             rx,
         )
@@ -229,7 +247,9 @@ mod manager {
         )
         .await;
         // Its CPU and memory are limited by a cgroup of its own (v1 here, v2 in production).
-        let cg = c.cgroups.clone();
+        let runner::Supervisor::Direct(cg) = c.supervisor.clone() else {
+            unreachable!("these tests supervise QEMU directly")
+        };
         let dirs = cg.dirs(id);
         assert!(!dirs.is_empty(), "this host has usable cgroups");
         for d in &dirs {

@@ -29,7 +29,30 @@ pub enum VmState {
     Failed(String),
 }
 
+/// The longest failure reason carried (the wire allows this much).
+pub const MAX_REASON: usize = 4 * crate::proto::MAX_TEXT;
+
 impl VmState {
+    /// A failure, its reason made fit to travel and to print: control characters (a
+    /// guest's console is full of escape sequences) become spaces, and an over-long reason
+    /// keeps its end (the console's last lines), cut at a character boundary.
+    pub fn failed(reason: impl Into<String>) -> Self {
+        let clean: String = reason
+            .into()
+            .chars()
+            .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+            .collect();
+        if clean.len() <= MAX_REASON {
+            return VmState::Failed(clean);
+        }
+        let head: String = clean.chars().take(200).collect();
+        let mut cut = clean.len() - (MAX_REASON - head.len() - 5);
+        while !clean.is_char_boundary(cut) {
+            cut += 1;
+        }
+        VmState::Failed(format!("{head} ... {}", &clean[cut..]))
+    }
+
     /// The lower-case name used in listings.
     pub fn name(&self) -> &'static str {
         match self {
@@ -50,5 +73,33 @@ impl std::fmt::Display for VmState {
             VmState::Failed(r) => write!(f, "failed: {r}"),
             other => f.write_str(other.name()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_failure_reason_is_fit_to_send(s in ".{0,6000}", pad in 0usize..6000) {
+            let reason = format!("{}{s}", "\u{1b}[0m\u{e9}".repeat(pad / 8));
+            let VmState::Failed(r) = VmState::failed(reason.clone()) else { unreachable!() };
+            prop_assert!(r.len() <= MAX_REASON);
+            prop_assert!(!r.chars().any(|c| c.is_control() && c != '\n'));
+            if reason.len() <= MAX_REASON && !reason.chars().any(char::is_control) {
+                prop_assert_eq!(r, reason);
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_reason_keeps_its_start_and_its_end() {
+        let long = format!("QEMU died: {} last line", "x".repeat(10_000));
+        let VmState::Failed(r) = VmState::failed(long) else {
+            unreachable!()
+        };
+        assert!(r.starts_with("QEMU died") && r.ends_with("last line") && r.contains(" ... "));
     }
 }

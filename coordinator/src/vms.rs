@@ -345,7 +345,7 @@ async fn hand_over(coord: &Arc<Coordinator>, id: VmId) {
     };
     if let Err(e) = result {
         warn!(vm = %id, error = %e, "the node could not take the VM");
-        set_state(coord, id, node, VmState::Failed(e), None).await;
+        set_state(coord, id, node, VmState::failed(e), None).await;
     }
 }
 

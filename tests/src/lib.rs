@@ -541,5 +541,6 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+pub mod nspawn;
 pub mod peer;
 pub mod site;

@@ -54,8 +54,8 @@ pub struct Ctx {
     pub events: mpsc::Sender<VmEvent>,
     /// Netlink, to join taps to their networks (none in tests without networks).
     pub netdev: Option<crate::netdev::Netdev>,
-    /// Where CPU and memory limits go.
-    pub cgroups: super::limits::Cgroups,
+    /// Who runs QEMU and holds its limits: systemd or the agent itself.
+    pub supervisor: runner::Supervisor,
 }
 
 /// How others reach a VM's actor.
@@ -157,23 +157,22 @@ impl Actor {
     async fn start(&mut self) -> Result<(), String> {
         self.want(Desired::Running);
         self.set(VmState::Starting);
-        match runner::launch(&self.ctx.qemu, &self.rec.spec, &self.paths()).await {
+        let launched = runner::launch(
+            &self.ctx.qemu,
+            &self.rec.spec,
+            &self.paths(),
+            &self.ctx.supervisor,
+        )
+        .await;
+        match launched {
             Ok(l) => {
-                let spec = &self.rec.spec;
-                if let Err(e) = self
-                    .ctx
-                    .cgroups
-                    .apply(spec.id, l.pid, spec.vcpus, spec.memory_mib)
-                {
-                    warn!(vm = %spec.id, error = %e, "the VM runs without CPU and memory limits");
-                }
                 self.live = Some(l);
                 if let Err(e) = self.plug().await {
                     // A VM without its network is not what was asked for.
                     self.stop(Duration::from_secs(5)).await;
                     self.want(Desired::Running);
                     let reason = format!("cannot join its network: {e}");
-                    self.set(VmState::Failed(reason.clone()));
+                    self.set(VmState::failed(reason.clone()));
                     return Err(reason);
                 }
                 self.set(VmState::Running);
@@ -181,7 +180,7 @@ impl Actor {
             }
             Err(e) => {
                 let reason = e.to_string();
-                self.set(VmState::Failed(reason.clone()));
+                self.set(VmState::failed(reason.clone()));
                 Err(reason)
             }
         }
@@ -268,13 +267,13 @@ impl Actor {
         };
         self.live = None;
         self.unplug().await;
-        self.ctx.cgroups.remove(self.rec.spec.id);
+        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
         self.set(VmState::Stopped);
         how
     }
 
     /// QEMU is gone without being asked: the guest powered off, or QEMU died.
-    async fn exited(&mut self, status: Option<std::process::ExitStatus>) {
+    async fn exited(&mut self, status: Option<String>) {
         let Some(mut l) = self.live.take() else {
             return;
         };
@@ -288,17 +287,15 @@ impl Actor {
             }
         }
         self.unplug().await;
-        self.ctx.cgroups.remove(self.rec.spec.id);
+        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
         if guest_poweroff {
             self.want(Desired::Stopped);
             self.set(VmState::Stopped);
             return;
         }
         let tail = runner::console_tail(&self.paths().console_log(), 10).join(" | ");
-        let how = status
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "it exited".to_string());
-        self.set(VmState::Failed(format!(
+        let how = status.unwrap_or_else(|| "it exited".to_string());
+        self.set(VmState::failed(format!(
             "QEMU died ({how}); last console lines: {tail}"
         )));
     }

@@ -55,7 +55,7 @@ impl VmManager {
                 }
             };
             let paths = VmPaths::new(&ctx.data_dir, rec.spec.id);
-            let live = match runner::attach(&rec.spec, &paths).await {
+            let live = match runner::attach(&rec.spec, &paths, &ctx.supervisor).await {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(vm = %rec.spec.id, error = %e, "found QEMU but could not attach; it will be treated as stopped");

@@ -24,3 +24,4 @@ pub mod qmp;
 pub mod record;
 pub mod runner;
 pub mod spec;
+pub mod systemd;

@@ -13,8 +13,11 @@ use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tracing::{debug, warn};
 
+use super::limits::Cgroups;
 use super::qmp::{Qmp, QmpError};
 use super::spec::{SpecError, VmPaths, VmSpec};
+use super::systemd::{Systemd, SystemdError};
+use zy_common::VmId;
 
 /// Console log size before it is rotated (one old log is kept: at most twice this on disk).
 pub const CONSOLE_CAP: u64 = 1024 * 1024;
@@ -40,25 +43,64 @@ pub enum RunError {
     NoQmp(Duration),
     #[error(transparent)]
     Qmp(#[from] QmpError),
+    #[error(transparent)]
+    Systemd(#[from] SystemdError),
 }
 
-/// A QEMU process: one this agent started (its child), or one it found running after its
-/// own restart (someone else's child now, watched through `/proc`).
+/// Who is QEMU's parent.
+#[derive(Clone, Debug)]
+pub enum Supervisor {
+    /// The agent itself, with limits through cgroups (hosts without systemd).
+    Direct(Cgroups),
+    /// systemd: each QEMU is a transient unit in the VM slice.
+    Systemd(Systemd),
+}
+
+impl Supervisor {
+    /// A short name for logs and the node's inventory.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Supervisor::Direct(_) => "direct",
+            Supervisor::Systemd(_) => "systemd",
+        }
+    }
+
+    /// Removes what the supervisor kept for a VM whose QEMU is gone.
+    pub async fn cleanup(&self, id: VmId) {
+        match self {
+            Supervisor::Direct(cg) => cg.remove(id),
+            Supervisor::Systemd(sd) => sd.forget(id).await,
+        }
+    }
+}
+
+/// A QEMU process: one this agent started (its child), one systemd runs as a unit for it,
+/// or one it found running after its own restart (someone else's child now, watched
+/// through `/proc`).
 #[derive(Debug)]
 pub enum Proc {
     Child(tokio::process::Child),
+    Unit { pid: i32, sd: Systemd, id: VmId },
     Foreign(i32),
 }
 
+async fn gone(pid: i32) {
+    while pid_is_qemu_alive(pid) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 impl Proc {
-    /// Waits until the process is gone; the exit status when it was our child.
-    pub async fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    /// Waits until the process is gone; how it ended, when that can be known.
+    pub async fn exited(&mut self) -> Option<String> {
         match self {
-            Proc::Child(c) => c.wait().await.ok(),
+            Proc::Child(c) => c.wait().await.ok().map(|s| s.to_string()),
+            Proc::Unit { pid, sd, id } => {
+                gone(*pid).await;
+                sd.ended(*id).await
+            }
             Proc::Foreign(pid) => {
-                while pid_is_qemu_alive(*pid) {
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
+                gone(*pid).await;
                 None
             }
         }
@@ -68,22 +110,29 @@ impl Proc {
     pub fn has_exited(&mut self) -> bool {
         match self {
             Proc::Child(c) => c.try_wait().ok().flatten().is_some(),
-            Proc::Foreign(pid) => !pid_is_qemu_alive(*pid),
+            Proc::Unit { pid, .. } | Proc::Foreign(pid) => !pid_is_qemu_alive(*pid),
         }
     }
 
-    fn kill(&mut self) {
-        match self {
+    async fn kill(&mut self) {
+        let pid = match self {
             Proc::Child(c) => {
                 let _ = c.start_kill();
+                return;
             }
-            Proc::Foreign(pid) => {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(*pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+            Proc::Unit { pid, sd, id } => match sd.kill(*id).await {
+                Ok(()) => return,
+                Err(e) => {
+                    warn!(vm = %id, error = %e, "systemd cannot kill the VM's unit; killing QEMU");
+                    *pid
+                }
+            },
+            Proc::Foreign(pid) => *pid,
+        };
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
 }
 
@@ -125,7 +174,11 @@ pub struct Launched {
 
 /// Finds a VM's QEMU after an agent restart: its pid file names a live process whose
 /// command line carries the VM's id, and its QMP socket answers. `None` if it is not running.
-pub async fn attach(spec: &VmSpec, paths: &VmPaths) -> Result<Option<Launched>, RunError> {
+pub async fn attach(
+    spec: &VmSpec,
+    paths: &VmPaths,
+    sup: &Supervisor,
+) -> Result<Option<Launched>, RunError> {
     let Ok(text) = std::fs::read_to_string(paths.pidfile()) else {
         return Ok(None);
     };
@@ -137,16 +190,30 @@ pub async fn attach(spec: &VmSpec, paths: &VmPaths) -> Result<Option<Launched>, 
     }
     let qmp = Qmp::connect(&paths.qmp()).await?;
     tokio::spawn(copy_console(paths.console_sock(), paths.console_log()));
+    // A QEMU started before the agent moved to systemd is not a unit: watch it by pid.
+    let proc = match sup {
+        Supervisor::Systemd(sd) if sd.main_pid(spec.id).await == Some(pid) => Proc::Unit {
+            pid,
+            sd: sd.clone(),
+            id: spec.id,
+        },
+        _ => Proc::Foreign(pid),
+    };
     Ok(Some(Launched {
         pid,
-        proc: Proc::Foreign(pid),
+        proc,
         qmp,
         startup: Duration::ZERO,
     }))
 }
 
 /// Starts QEMU for `spec` and waits until QMP says it runs.
-pub async fn launch(qemu: &Path, spec: &VmSpec, paths: &VmPaths) -> Result<Launched, RunError> {
+pub async fn launch(
+    qemu: &Path,
+    spec: &VmSpec,
+    paths: &VmPaths,
+    sup: &Supervisor,
+) -> Result<Launched, RunError> {
     let args = spec.qemu_args(paths)?;
     if !qemu.exists() {
         return Err(RunError::QemuMissing(qemu.to_path_buf()));
@@ -165,27 +232,53 @@ pub async fn launch(qemu: &Path, spec: &VmSpec, paths: &VmPaths) -> Result<Launc
     let stderr_path = paths.dir.join("qemu.stderr");
     let stderr = std::fs::File::create(&stderr_path).map_err(files(&stderr_path))?;
     let t0 = Instant::now();
-    let mut cmd = std::process::Command::new(qemu);
-    cmd.args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
-        .process_group(0);
-    let mut child = tokio::process::Command::from(cmd)
-        .kill_on_drop(false)
-        .spawn()
-        .map_err(RunError::Spawn)?;
-    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let (pid, mut proc) = match sup {
+        Supervisor::Direct(cgroups) => {
+            let mut cmd = std::process::Command::new(qemu);
+            cmd.args(&args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr)
+                .process_group(0);
+            let child = tokio::process::Command::from(cmd)
+                .kill_on_drop(false)
+                .spawn()
+                .map_err(RunError::Spawn)?;
+            let pid = child.id().map(|p| p as i32).unwrap_or(0);
+            if let Err(e) = cgroups.apply(spec.id, pid, spec.vcpus, spec.memory_mib) {
+                warn!(vm = %spec.id, error = %e, "the VM runs without CPU and memory limits");
+            }
+            (pid, Proc::Child(child))
+        }
+        Supervisor::Systemd(sd) => {
+            drop(stderr);
+            let mut argv = vec![qemu.display().to_string()];
+            argv.extend(args);
+            let what = format!("Zhengyun VM {} ({})", spec.name, spec.id);
+            let pid = sd
+                .start(
+                    spec.id,
+                    &what,
+                    &argv,
+                    &stderr_path,
+                    spec.vcpus,
+                    spec.memory_mib,
+                )
+                .await?;
+            let proc = Proc::Unit {
+                pid,
+                sd: sd.clone(),
+                id: spec.id,
+            };
+            (pid, proc)
+        }
+    };
 
     // Wait for the QMP socket, noticing an early exit (bad kernel path, busy tap...).
     let deadline = t0 + Duration::from_secs(15);
     let qmp = loop {
-        if let Some(status) = child.try_wait().map_err(RunError::Spawn)? {
-            let text = std::fs::read_to_string(&stderr_path).unwrap_or_default();
-            return Err(RunError::EarlyExit {
-                status: status.to_string(),
-                stderr: text.trim().chars().take(2000).collect(),
-            });
+        if proc.has_exited() {
+            return Err(early_exit(&mut proc, &stderr_path).await);
         }
         if paths.qmp().exists() {
             match Qmp::connect(&paths.qmp()).await {
@@ -193,14 +286,14 @@ pub async fn launch(qemu: &Path, spec: &VmSpec, paths: &VmPaths) -> Result<Launc
                 Err(QmpError::Connect { .. }) => {}
                 // QEMU opens QMP before it checks everything; if it is gone, say why.
                 Err(e) => {
-                    return Err(early_exit(&mut child, &stderr_path)
+                    return Err(gone_within(&mut proc, &stderr_path)
                         .await
                         .unwrap_or(e.into()))
                 }
             }
         }
         if Instant::now() > deadline {
-            let _ = child.start_kill();
+            proc.kill().await;
             return Err(RunError::NoQmp(Duration::from_secs(15)));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -210,35 +303,44 @@ pub async fn launch(qemu: &Path, spec: &VmSpec, paths: &VmPaths) -> Result<Launc
     let status = match qmp.status().await {
         Ok(s) => s,
         Err(e) => {
-            return Err(early_exit(&mut child, &stderr_path)
+            return Err(gone_within(&mut proc, &stderr_path)
                 .await
                 .unwrap_or(e.into()))
         }
     };
-    let mut launched = Launched {
-        pid,
-        proc: Proc::Child(child),
-        qmp,
-        startup: Duration::ZERO,
-    };
     if status != "running" {
         warn!(%status, "QEMU is not running after start");
     }
-    launched.startup = t0.elapsed();
-    Ok(launched)
+    Ok(Launched {
+        pid,
+        proc,
+        qmp,
+        startup: t0.elapsed(),
+    })
 }
 
-/// If QEMU exited (or does within a moment), the error that says why, from its stderr.
-async fn early_exit(child: &mut tokio::process::Child, stderr: &Path) -> Option<RunError> {
-    let status = tokio::time::timeout(Duration::from_secs(2), child.wait())
+/// The error for a QEMU that has exited: how, and what it said on stderr.
+async fn early_exit(proc: &mut Proc, stderr: &Path) -> RunError {
+    let status = proc
+        .exited()
         .await
-        .ok()?
-        .ok()?;
+        .unwrap_or_else(|| "it exited".to_string());
     let text = std::fs::read_to_string(stderr).unwrap_or_default();
-    Some(RunError::EarlyExit {
-        status: status.to_string(),
+    RunError::EarlyExit {
+        status,
         stderr: text.trim().chars().take(2000).collect(),
-    })
+    }
+}
+
+/// If QEMU exits within a moment, the error that says why.
+async fn gone_within(proc: &mut Proc, stderr: &Path) -> Option<RunError> {
+    for _ in 0..40 {
+        if proc.has_exited() {
+            return Some(early_exit(proc, stderr).await);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
 }
 
 /// Copies the serial console into a size-capped log until QEMU closes it.
@@ -323,7 +425,7 @@ pub async fn stop(l: &mut Launched, grace: Duration) -> StopHow {
     {
         return StopHow::Quit;
     }
-    l.proc.kill();
+    l.proc.kill().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), l.proc.exited()).await;
     StopHow::Killed
 }
