@@ -2,17 +2,23 @@
 # Builds the small test guest that the lab tests and the quick start boot:
 #
 #   <out>/vmlinuz          a Debian kernel, taken from its package without installing it
-#   <out>/initramfs.gz     busybox + the virtio modules + an /init that configures the guest
-#                          from the kernel command line
+#   <out>/initramfs.gz     busybox + the virtio and FAT modules + an /init that configures
+#                          the guest from the kernel command line or a cloud-init seed
+#   <out>/disk.qcow2       the same guest as a bootable disk image (FAT, SYSLINUX), which
+#                          has no address on its command line: it must come from the seed
 #
 # The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=` (and, for tests,
-# `zy.poweroff_after=<seconds>`, `zy.probe=<ip>,<ip>`) from /proc/cmdline, brings
-# eth0 up with that address (it then answers ping), powers off cleanly on an ACPI power
-# button press (QMP system_powerdown), prints `ZY-READY <name>` on the serial console, and
-# keeps a shell on the console.
+# `zy.poweroff_after=<seconds>`, `zy.probe=<ip>,<ip>`) from /proc/cmdline. Without `zy.ip`
+# it looks for a cloud-init NoCloud seed (a FAT disk holding meta-data and network-config)
+# and takes its name, address, gateway and MTU from there, printing `ZY-SEED <instance-id>`.
+# Booted from the disk image, it prints `ZY-DISK base=<text>` (a file of the image) and
+# `ZY-DISK boots=<n>` (a file it appends to at each boot: writes reach the VM's overlay).
+# It brings eth0 up with its address (it then answers ping) and prints `ZY-NET <addr> mtu <n>`,
+# powers off cleanly on an ACPI power button press (QMP system_powerdown), prints
+# `ZY-READY <name>` on the serial console, and keeps a shell on the console.
 #
 # Usage: images/make-test-guest.sh [out dir]   (default: images/out; skipped if up to date)
-# Needs apt (downloads two .deb files; installs nothing) and gzip.
+# Needs apt (downloads a few .deb files; installs nothing), gzip and qemu-img.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here/out}"
@@ -28,7 +34,7 @@ if [[ -z "$kpkg" ]]; then
 fi
 [[ -n "$kpkg" ]] || { echo "make-test-guest: cannot find the Debian kernel package" >&2; exit 1; }
 want="$kpkg $(sha256sum "$0" | cut -c1-16)"
-if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -s "$out/vmlinuz" && -s "$out/initramfs.gz" ]]; then
+if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" && -s "$out/vmlinuz" && -s "$out/initramfs.gz" && -s "$out/disk.qcow2" ]]; then
     exit 0
 fi
 
@@ -37,9 +43,10 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 # apt's sandbox user cannot write to a root-owned temp dir; download as root there.
 chmod 0777 "$work"
-apt-get download -qq "$kpkg" busybox-static 2>/dev/null
+apt-get download -qq "$kpkg" busybox-static syslinux syslinux-common mtools dosfstools 2>/dev/null
 dpkg -x linux-image-*.deb k
 dpkg -x busybox-static_*.deb bb
+for d in syslinux_*.deb syslinux-common_*.deb mtools_*.deb dosfstools_*.deb; do dpkg -x "$d" tools; done
 kver="${kpkg#linux-image-}"
 bb="$work/bb/bin/busybox"
 
@@ -55,7 +62,7 @@ src="k/lib/modules/$kver"
 cp -a "$src/kernel" "$root/lib/modules/$kver/kernel.all"
 "$bb" depmod -b "$root" "$kver" >/dev/null 2>&1 || true
 mkdir -p "$root/lib/modules/$kver/kernel"
-need="virtio_pci virtio_net virtio_blk virtio_console button evdev"
+need="virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1"
 resolve() { # prints the module and its dependencies, dependencies first
     local line deps
     line=$(grep -E "/$1\.ko:" "$root/lib/modules/$kver/modules.dep" | head -1)
@@ -77,7 +84,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in virtio_pci virtio_net virtio_blk virtio_console button evdev; do
+for m in virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1; do
     modprobe "$m" 2>/dev/null
 done
 ZY_name=guest
@@ -90,17 +97,55 @@ for arg in $(cat /proc/cmdline); do
         zy.probe=*) ZY_probe="${arg#zy.probe=}" ;;
     esac
 done
+# Without an address on the command line, a cloud-init NoCloud seed must provide one.
+mkdir -p /seed /disk
+if [ -z "$ZY_ip" ]; then
+    i=0
+    while [ $i -lt 30 ] && [ -z "$ZY_seed" ]; do
+        for d in /dev/vd?; do
+            [ -b "$d" ] || continue
+            mount -t vfat -o ro "$d" /seed 2>/dev/null || continue
+            if [ -f /seed/meta-data ] && [ -f /seed/network-config ]; then
+                ZY_seed=$(sed -n 's/^instance-id: //p' /seed/meta-data)
+                ZY_name=$(sed -n 's/^local-hostname: //p' /seed/meta-data)
+                ZY_ip=$(sed -n 's/^ *- \([0-9.]*\/[0-9]*\)$/\1/p' /seed/network-config | head -1)
+                ZY_gw=$(sed -n 's/^ *via: //p' /seed/network-config | head -1)
+                ZY_mtu=$(sed -n 's/^ *mtu: //p' /seed/network-config | head -1)
+                echo "ZY-SEED $ZY_seed"
+            fi
+            umount /seed
+            [ -n "$ZY_seed" ] && break
+        done
+        [ -z "$ZY_seed" ] && usleep 100000
+        i=$((i + 1))
+    done
+fi
+# Booted from the disk image: show a file of the image, and write to the disk.
+for d in /dev/vd?; do
+    [ -b "$d" ] || continue
+    mount -t vfat "$d" /disk 2>/dev/null || continue
+    if [ -f /disk/zy-base.txt ]; then
+        echo "ZY-DISK base=$(cat /disk/zy-base.txt)"
+        echo boot >> /disk/zy-boots
+        sync
+        echo "ZY-DISK boots=$(wc -l < /disk/zy-boots)"
+        break
+    fi
+    umount /disk
+done
 hostname "$ZY_name"
 ip link set lo up
 if [ -n "$ZY_ip" ]; then
+    [ -n "$ZY_mtu" ] && ip link set eth0 mtu "$ZY_mtu"
     ip link set eth0 up
     ip addr add "$ZY_ip" dev eth0
     [ -n "$ZY_gw" ] && ip route add default via "$ZY_gw"
+    echo "ZY-NET $ZY_ip mtu $(cat /sys/class/net/eth0/mtu)"
 fi
 # A press of the ACPI power button (QMP system_powerdown) powers the guest off cleanly:
 # busybox acpid runs /etc/acpi/<event>/<parameter> for each event.
 mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+printf '#!/bin/sh\nsync\numount /disk 2>/dev/null\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /tmp/acpid.log
 # Ready means ready to be stopped too: wait (up to 2 s) until acpid listens to the button.
@@ -133,7 +178,24 @@ chmod 0755 "$root/init"
 
 (cd "$root" && find . | "$bb" cpio -o -H newc 2>/dev/null | gzip -9) > "$out/initramfs.gz.tmp"
 cp "k/boot/vmlinuz-$kver" "$out/vmlinuz.tmp"
+
+# The bootable disk: a FAT volume (no partition table) with SYSLINUX in its boot sector,
+# the kernel, the initramfs and a file to read back; no address on its command line.
+PATH="$work/tools/usr/bin:$work/tools/sbin:$PATH"
+export MTOOLS_SKIP_CHECK=1
+truncate -s 48M disk.img
+mkfs.vfat -n ZYDISK disk.img >/dev/null
+syslinux --install disk.img
+printf 'DEFAULT zy\nPROMPT 0\nTIMEOUT 0\nLABEL zy\n  KERNEL vmlinuz\n  APPEND initrd=initrd.gz console=ttyS0 quiet no_timer_check\n' > syslinux.cfg
+echo "zhengyun-test-disk" > zy-base.txt
+mcopy -i disk.img "$out/vmlinuz.tmp" ::vmlinuz
+mcopy -i disk.img "$out/initramfs.gz.tmp" ::initrd.gz
+mcopy -i disk.img syslinux.cfg ::syslinux.cfg
+mcopy -i disk.img zy-base.txt ::zy-base.txt
+qemu-img convert -O qcow2 disk.img "$out/disk.qcow2.tmp"
+
 mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
+mv "$out/disk.qcow2.tmp" "$out/disk.qcow2"
 echo "$want" > "$stamp"
-echo "test guest: $out/vmlinuz ($kver), $out/initramfs.gz ($(du -h "$out/initramfs.gz" | cut -f1))"
+echo "test guest: $out/vmlinuz ($kver), $out/initramfs.gz ($(du -h "$out/initramfs.gz" | cut -f1)), $out/disk.qcow2"

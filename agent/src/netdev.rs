@@ -31,6 +31,8 @@ use zy_common::Zone;
 pub const VXLAN_PORT: u16 = 4789;
 /// Bytes VXLAN adds to each frame (outer IPv4 + UDP + VXLAN + inner Ethernet).
 pub const VXLAN_OVERHEAD: u32 = 50;
+/// The backbone's MTU, assumed for now (jumbo frames would lift the guests' MTU with it).
+pub const UNDERLAY_MTU: u32 = 1500;
 
 /// What failed on the host's network.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@ use crate::netdev::Segment;
 use crate::uplink::Uplink;
 use crate::vm::actor::{Ctx, Request, VmEvent, VmStatus};
 use crate::vm::manager::VmManager;
+use crate::vm::seed::{Seed, SeedNic};
 use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
 /// Everything VM commands need.
@@ -239,6 +240,29 @@ impl Node {
                     path: disk,
                     format: "qcow2".into(),
                 });
+                // A real image learns its name and addresses from cloud-init's NoCloud seed.
+                let seed = Seed {
+                    id: vm.id,
+                    hostname: vm.name.clone(),
+                    nics: vm
+                        .nics
+                        .iter()
+                        .map(|n| SeedNic {
+                            mac: n.mac,
+                            ip: n.ip,
+                            prefix: n.prefix,
+                            gateway: n.gateway,
+                            mtu: crate::netdev::UNDERLAY_MTU - crate::netdev::VXLAN_OVERHEAD,
+                        })
+                        .collect(),
+                };
+                let path = paths.dir.join("seed.img");
+                seed.write(&path)
+                    .map_err(|e| format!("cannot write the cloud-init seed: {e}"))?;
+                disks.push(DiskSpec {
+                    path,
+                    format: "raw".into(),
+                });
                 Boot::Disk
             }
             ImageKind::Kernel {
@@ -290,7 +314,7 @@ impl Node {
                     zone: vm.zone,
                     local: n.local,
                     peers: n.peers.iter().copied().collect(),
-                    underlay_mtu: 1500,
+                    underlay_mtu: crate::netdev::UNDERLAY_MTU,
                 },
             ));
         }

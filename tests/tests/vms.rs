@@ -327,3 +327,70 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         .collect();
     assert_eq!(names, vec!["a1", "a2"]);
 }
+
+#[test]
+fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
+    let site = Site::new(1).unwrap();
+    site.join(1, "intranet").unwrap();
+    site.start_agent(1, &[]).unwrap();
+    site.wait_reporting("n1", 0, Duration::from_secs(30))
+        .unwrap();
+    let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
+    assert!(
+        disk.exists(),
+        "build the test guest: images/make-test-guest.sh"
+    );
+    let ok = |args: &[&str]| {
+        let out = site.zy(args);
+        assert!(
+            out.status.success(),
+            "zy {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ok(&["image", "import", &disk.to_string_lossy(), "--name", "disk"]);
+    // The image holds a kernel command line without any address: only the seed has it.
+    ok(&[
+        "vm", "create", "--name", "d1", "--zone", "intranet", "--memory", "256", "--disk", "1",
+        "--image", "disk",
+    ]);
+    let d1 = wait_vm(&site, "d1", "running");
+    let boot = |n: usize| {
+        wait_for(&format!("boot {n} of the disk image"), BOOT, || {
+            let c = console(&site, 1, &d1);
+            (c.contains(&format!("ZY-DISK boots={n}")) && c.matches("ZY-READY d1").count() >= n)
+                .then_some(c)
+        })
+        .unwrap()
+    };
+    let c = boot(1);
+    for want in [
+        format!("ZY-SEED {}", d1.id),
+        "ZY-NET 10.220.0.2/16 mtu 1450".to_string(),
+        "ZY-DISK base=zhengyun-test-disk".to_string(),
+    ] {
+        assert!(c.contains(&want), "{want} missing from the console:\n{c}");
+    }
+
+    // What the guest wrote is in its overlay: it is still there after a restart, and the
+    // cached base image is untouched (every cached blob still matches its hash).
+    ok(&["vm", "restart", "d1"]);
+    boot(2);
+    let cache = site.agent_dir(1).join("images");
+    let mut checked = 0;
+    for f in std::fs::read_dir(&cache).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 {
+            let hash = blake3::hash(&std::fs::read(f.path()).unwrap());
+            assert_eq!(hash.to_hex().as_str(), name, "cached blob changed");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 1, "the disk image is cached once");
+    let dir = site.agent_dir(1).join("vms").join(d1.id.to_string());
+    assert!(dir.join("disk0.qcow2").exists() && dir.join("seed.img").exists());
+
+    ok(&["vm", "delete", "d1"]);
+    assert!(!dir.exists(), "overlay and seed go with the VM");
+}

@@ -23,5 +23,6 @@ pub mod manager;
 pub mod qmp;
 pub mod record;
 pub mod runner;
+pub mod seed;
 pub mod spec;
 pub mod systemd;
