@@ -8,7 +8,8 @@
 #                          has no address on its command line: it must come from the seed
 #
 # The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=` (and, for tests,
-# `zy.poweroff_after=<seconds>`, `zy.probe=<ip>,<ip>`) from /proc/cmdline. Without `zy.ip`
+# `zy.poweroff_after=<seconds>`, `zy.panic_after=<seconds>`, `zy.probe=<ip>,<ip>`) from
+# /proc/cmdline. Without `zy.ip`
 # it looks for a cloud-init NoCloud seed (a FAT disk holding meta-data and network-config)
 # and takes its name, address, gateway and MTU from there, printing `ZY-SEED <instance-id>`.
 # Booted from the disk image, it prints `ZY-DISK base=<text>` (a file of the image) and
@@ -62,7 +63,7 @@ src="k/lib/modules/$kver"
 cp -a "$src/kernel" "$root/lib/modules/$kver/kernel.all"
 "$bb" depmod -b "$root" "$kver" >/dev/null 2>&1 || true
 mkdir -p "$root/lib/modules/$kver/kernel"
-need="virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1"
+need="virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 pvpanic-mmio"
 resolve() { # prints the module and its dependencies, dependencies first
     local line deps
     line=$(grep -E "/$1\.ko:" "$root/lib/modules/$kver/modules.dep" | head -1)
@@ -84,7 +85,7 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1; do
+for m in virtio_pci virtio_net virtio_blk virtio_console button evdev vfat nls_cp437 nls_ascii nls_utf8 nls_iso8859_1 pvpanic-mmio; do
     modprobe "$m" 2>/dev/null
 done
 ZY_name=guest
@@ -95,6 +96,7 @@ for arg in $(cat /proc/cmdline); do
         zy.gw=*) ZY_gw="${arg#zy.gw=}" ;;
         zy.poweroff_after=*) ZY_poweroff_after="${arg#zy.poweroff_after=}" ;;
         zy.probe=*) ZY_probe="${arg#zy.probe=}" ;;
+        zy.panic_after=*) ZY_panic_after="${arg#zy.panic_after=}" ;;
     esac
 done
 # Without an address on the command line, a cloud-init NoCloud seed must provide one.
@@ -165,6 +167,10 @@ if [ -n "$ZY_probe" ]; then
         done
         sleep 1
     done) &
+fi
+# Tests of guest health ask for a kernel panic (which pvpanic reports to QEMU).
+if [ -n "$ZY_panic_after" ]; then
+    (sleep "$ZY_panic_after"; echo "ZY-PANIC $ZY_name"; echo c > /proc/sysrq-trigger) &
 fi
 # Tests of guest-initiated poweroff ask for one on the command line.
 if [ -n "$ZY_poweroff_after" ]; then

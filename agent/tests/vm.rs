@@ -347,9 +347,14 @@ mod manager {
             cmdline.push_str(" zy.poweroff_after=3");
         }
         let b = m.create(off, vec![], true).unwrap();
+        let mut panics = spec("vm-panic", None);
+        if let Boot::Kernel { cmdline, .. } = &mut panics.boot {
+            cmdline.push_str(" zy.panic_after=3");
+        }
+        let p = m.create(panics, vec![], true).unwrap();
         let pa = wait_state(&a, "running").await.unwrap();
         wait_state(&b, "running").await;
-        for (h, name) in [(&a, "vm-crash"), (&b, "vm-off")] {
+        for (h, name) in [(&a, "vm-crash"), (&b, "vm-off"), (&p, "vm-panic")] {
             wait_console(
                 &VmPaths::new(&tmp.0, h.id).console_log(),
                 &format!("ZY-READY {name}"),
@@ -370,6 +375,16 @@ mod manager {
         );
         // The other guest powers itself off (zy.poweroff_after): noticed as a stop.
         wait_state(&b, "stopped").await;
+        // A guest whose kernel panics (zy.panic_after) is not left "running": pvpanic tells
+        // QEMU, which exits, and the reason says what happened.
+        wait_state(&p, "failed").await;
+        let reason = p.state().to_string();
+        assert!(
+            reason.contains("the guest's kernel panicked: ") && reason.contains("sysrq"),
+            "{reason}"
+        );
+        let console = std::fs::read_to_string(VmPaths::new(&tmp.0, p.id).console_log()).unwrap();
+        assert!(console.contains("ZY-PANIC vm-panic"));
         let mut seen = Vec::new();
         while let Ok(e) = events.try_recv() {
             seen.push((e.id, e.status.state.name()));

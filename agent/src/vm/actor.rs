@@ -278,25 +278,45 @@ impl Actor {
             return;
         };
         let mut guest_poweroff = false;
+        let mut guest_panicked = false;
         // Events QEMU sent before it went are still in the socket.
         while let Ok(Ok(ev)) =
             tokio::time::timeout(Duration::from_millis(200), l.qmp.next_event()).await
         {
-            if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
+            // A panic also ends in a guest SHUTDOWN (reason `guest-panic`): not a poweroff.
+            if ev["event"] == "GUEST_PANICKED" || ev["data"]["reason"] == "guest-panic" {
+                guest_panicked = true;
+            } else if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
                 guest_poweroff = true;
             }
         }
         self.unplug().await;
         self.ctx.supervisor.cleanup(self.rec.spec.id).await;
-        if guest_poweroff {
+        if guest_poweroff && !guest_panicked {
             self.want(Desired::Stopped);
             self.set(VmState::Stopped);
             return;
         }
         let tail = runner::console_tail(&self.paths().console_log(), 10).join(" | ");
         let how = status.unwrap_or_else(|| "it exited".to_string());
+        let what = if guest_panicked {
+            // The first line of the oops says most; the tail is mostly its stack trace.
+            let first = runner::console_tail(&self.paths().console_log(), 80)
+                .into_iter()
+                .find(|l| {
+                    ["Kernel panic", "Oops", "BUG:", "sysrq: Trigger"]
+                        .iter()
+                        .any(|m| l.contains(m))
+                });
+            match first {
+                Some(l) => format!("the guest's kernel panicked: {}", l.trim()),
+                None => "the guest's kernel panicked".to_string(),
+            }
+        } else {
+            "QEMU died".to_string()
+        };
         self.set(VmState::failed(format!(
-            "QEMU died ({how}); last console lines: {tail}"
+            "{what} ({how}); last console lines: {tail}"
         )));
     }
 

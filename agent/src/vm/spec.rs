@@ -188,6 +188,9 @@ impl VmSpec {
         ]);
         push(&["-serial", "chardev:console"]);
         push(&["-pidfile", &format!("{dir}/qemu.pid")]);
+        // A guest kernel that panics says so through pvpanic; QEMU then exits with failure
+        // (rather than leave a dead guest that QMP calls `running`).
+        push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
         if let Boot::Kernel {
             kernel,
             initrd,
