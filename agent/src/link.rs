@@ -25,6 +25,7 @@ use tracing::{debug, error, info, warn};
 use zy_common::proto::{
     close, CommandKind, Event, EventKind, Hello, Message, RefusalCode, Reply, ReplyKind, VmInfo,
 };
+use zy_common::time::now_millis;
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
 
 use crate::config::AgentConfig;
@@ -249,6 +250,20 @@ async fn drive(
     wire::write_frame(&mut send, version, &Message::VmReport(node.report()))
         .await
         .map_err(stream)?;
+    // And what the node runs but does not know.
+    for s in node.vms.strays() {
+        let message = format!(
+            "QEMU pid {} runs VM {} that this node has no record of; it was left running",
+            s.pid, s.id
+        );
+        let notice = Message::Event(Event {
+            at_ms: now_millis(),
+            kind: EventKind::Notice { message },
+        });
+        wire::write_frame(&mut send, version, &notice)
+            .await
+            .map_err(stream)?;
+    }
     published.send_replace(Some(Conn {
         conn: conn.clone(),
         version,

@@ -395,3 +395,37 @@ mod manager {
         );
     }
 }
+
+/// A QEMU of this node whose record is gone is found, reported and left alone.
+#[tokio::test]
+async fn a_qemu_without_a_record_is_reported_not_touched() {
+    let tmp = TempDir(std::env::temp_dir().join(format!("zy-stray-{}", rand::random::<u64>())));
+    let s = spec("vm-stray", None);
+    let paths = VmPaths::new(&tmp.0, s.id);
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+        .await
+        .unwrap();
+    // No record was ever written for it.
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let ctx = zy_agent::vm::actor::Ctx {
+        qemu: qemu(),
+        data_dir: tmp.0.clone(),
+        events: tx,
+        netdev: None,
+        supervisor: direct(),
+    };
+    let m = zy_agent::vm::manager::VmManager::recover(ctx).await;
+    assert!(m.list().is_empty());
+    assert_eq!(
+        m.strays(),
+        &[zy_agent::vm::manager::Stray {
+            pid: l.pid,
+            id: s.id
+        }]
+    );
+    assert!(runner::pid_alive(l.pid), "left running");
+    // Another data directory's QEMU is not this node's business.
+    let other = std::env::temp_dir().join(format!("zy-other-{}", rand::random::<u64>()));
+    assert!(zy_agent::vm::manager::find_strays(&other.join("vms"), &|_| false).is_empty());
+    runner::stop(&mut l, Duration::ZERO).await;
+}

@@ -531,48 +531,61 @@ async fn desire(
     Ok(copy)
 }
 
+/// How long a stop waits for the guest to power off after the ACPI button before QEMU is
+/// told to quit.
+const STOP_GRACE_MS: u32 = 30_000;
+
+/// What a power request does: the desired state it records and the node commands it sends.
+#[derive(Clone, Copy, Debug)]
+enum Power {
+    Start,
+    Stop,
+    Restart,
+}
+
+async fn power(coord: Arc<Coordinator>, key: &str, p: Power) -> Result<Json<VmView>, ApiError> {
+    let desired = match p {
+        Power::Stop => VmDesired::Stopped,
+        Power::Start | Power::Restart => VmDesired::Running,
+    };
+    let v = desire(&coord, key, desired).await?;
+    let stop = CommandKind::StopVm {
+        id: v.id,
+        grace_ms: STOP_GRACE_MS,
+    };
+    let commands = match p {
+        Power::Start => vec![CommandKind::StartVm(v.id)],
+        Power::Stop => vec![stop],
+        Power::Restart => vec![stop, CommandKind::StartVm(v.id)],
+    };
+    for c in commands {
+        command(&coord, v.node, c).await?;
+    }
+    show(State(coord), Path(v.id.to_string())).await
+}
+
+/// `POST /v1/vms/{vm}/start`.
 pub async fn start(
     State(coord): State<Arc<Coordinator>>,
     Path(key): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let v = desire(&coord, &key, VmDesired::Running).await?;
-    command(&coord, v.node, CommandKind::StartVm(v.id)).await?;
-    show(State(coord), Path(v.id.to_string())).await
+    power(coord, &key, Power::Start).await
 }
 
+/// `POST /v1/vms/{vm}/stop`: ACPI powerdown, then quit, then kill.
 pub async fn stop(
     State(coord): State<Arc<Coordinator>>,
     Path(key): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let v = desire(&coord, &key, VmDesired::Stopped).await?;
-    command(
-        &coord,
-        v.node,
-        CommandKind::StopVm {
-            id: v.id,
-            grace_ms: 30_000,
-        },
-    )
-    .await?;
-    show(State(coord), Path(v.id.to_string())).await
+    power(coord, &key, Power::Stop).await
 }
 
+/// `POST /v1/vms/{vm}/restart`: a stop, then a start.
 pub async fn restart(
     State(coord): State<Arc<Coordinator>>,
     Path(key): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let v = desire(&coord, &key, VmDesired::Running).await?;
-    command(
-        &coord,
-        v.node,
-        CommandKind::StopVm {
-            id: v.id,
-            grace_ms: 30_000,
-        },
-    )
-    .await?;
-    command(&coord, v.node, CommandKind::StartVm(v.id)).await?;
-    show(State(coord), Path(v.id.to_string())).await
+    power(coord, &key, Power::Restart).await
 }
 
 pub async fn delete(

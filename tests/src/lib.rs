@@ -78,17 +78,7 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Whether a process runs: exists and is not a zombie (a killed process whose parent is
-/// gone may never be reaped in a container without an init).
-pub fn pid_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, Some("Z") | Some("X") | None)
-}
+pub use zy_agent::vm::runner::pid_alive;
 
 /// Start time of a process (clock ticks since boot), to tell a reused pid from the owner.
 fn pid_start_time(pid: i32) -> Option<u64> {

@@ -75,6 +75,17 @@ impl Site {
         )
     }
 
+    /// Runs `zy`, failing the test with its stderr if it fails.
+    pub fn zy_ok(&self, args: &[&str]) {
+        let out = self.zy(args);
+        assert!(
+            out.status.success(),
+            "zy {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Runs `zy ... --json` and decodes its output.
     pub fn zy_json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
         let mut a = args.to_vec();

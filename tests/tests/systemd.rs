@@ -34,16 +34,6 @@ fn wait_vm(site: &Site, node: &SystemdNode, name: &str, want: &str) -> VmView {
     .unwrap()
 }
 
-fn zy_ok(site: &Site, args: &[&str]) {
-    let out = site.zy(args);
-    assert!(
-        out.status.success(),
-        "zy {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
     let site = Site::new(1).unwrap();
@@ -112,28 +102,22 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
         kernel.exists(),
         "build the test guest: images/make-test-guest.sh"
     );
-    zy_ok(
-        &site,
-        &[
-            "image",
-            "import",
-            "--kernel",
-            &kernel.to_string_lossy(),
-            "--initrd",
-            &initrd.to_string_lossy(),
-            "--cmdline",
-            "console=ttyS0 quiet no_timer_check",
-            "--name",
-            "guest",
-        ],
-    );
-    zy_ok(
-        &site,
-        &[
-            "vm", "create", "--name", "s1", "--zone", "intranet", "--vcpus", "2", "--memory",
-            "300", "--image", "guest",
-        ],
-    );
+    site.zy_ok(&[
+        "image",
+        "import",
+        "--kernel",
+        &kernel.to_string_lossy(),
+        "--initrd",
+        &initrd.to_string_lossy(),
+        "--cmdline",
+        "console=ttyS0 quiet no_timer_check",
+        "--name",
+        "guest",
+    ]);
+    site.zy_ok(&[
+        "vm", "create", "--name", "s1", "--zone", "intranet", "--vcpus", "2", "--memory", "300",
+        "--image", "guest",
+    ]);
     let v = wait_vm(&site, &node, "s1", "running");
     let unit = format!("zy-vm-{}.service", v.id);
 
@@ -190,7 +174,7 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
     assert_eq!(node.main_pid(&unit), Some(pid), "same unit");
 
     // Stop: the unit goes away with QEMU. Start: a new unit.
-    zy_ok(&site, &["vm", "stop", "s1"]);
+    site.zy_ok(&["vm", "stop", "s1"]);
     wait_vm(&site, &node, "s1", "stopped");
     assert!(!zy_lab::pid_alive(host_pid));
     wait_for(
@@ -199,7 +183,7 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
         || node.active_state(&unit).is_none().then_some(()),
     )
     .unwrap();
-    zy_ok(&site, &["vm", "start", "s1"]);
+    site.zy_ok(&["vm", "start", "s1"]);
     wait_vm(&site, &node, "s1", "running");
     let pid2 = node.main_pid(&unit).unwrap();
     assert_ne!(pid2, pid);
@@ -225,13 +209,13 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
         "{reason}"
     );
     assert!(node.active_state(&unit).is_none(), "failed unit reset");
-    zy_ok(&site, &["vm", "start", "s1"]);
+    site.zy_ok(&["vm", "start", "s1"]);
     wait_vm(&site, &node, "s1", "running");
 
     // Delete: no unit, no process, no files.
     let pid3 = node.main_pid(&unit).unwrap();
     let host_pid3 = node.host_pid(pid3).unwrap();
-    zy_ok(&site, &["vm", "delete", "s1"]);
+    site.zy_ok(&["vm", "delete", "s1"]);
     wait_for("the VM to be gone", BOOT, || {
         (!site.zy(&["vm", "show", "s1"]).status.success()).then_some(())
     })

@@ -340,15 +340,7 @@ fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
         disk.exists(),
         "build the test guest: images/make-test-guest.sh"
     );
-    let ok = |args: &[&str]| {
-        let out = site.zy(args);
-        assert!(
-            out.status.success(),
-            "zy {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let ok = |args: &[&str]| site.zy_ok(args);
     ok(&["image", "import", &disk.to_string_lossy(), "--name", "disk"]);
     // The image holds a kernel command line without any address: only the seed has it.
     ok(&[

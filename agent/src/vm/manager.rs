@@ -35,6 +35,50 @@ pub enum CreateError {
 pub struct VmManager {
     ctx: Ctx,
     vms: Mutex<HashMap<VmId, VmHandle>>,
+    /// QEMU processes of this data directory that no record names (found at start).
+    strays: Vec<Stray>,
+}
+
+/// A QEMU started for a VM of this node that the agent has no record of (its record was
+/// lost or unreadable): left running, reported, for ops to decide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stray {
+    pub pid: i32,
+    pub id: VmId,
+}
+
+/// QEMU processes whose pid file lies under `vms_dir` (so this agent started them) and
+/// whose VM is not in `known`.
+pub fn find_strays(vms_dir: &std::path::Path, known: &dyn Fn(VmId) -> bool) -> Vec<Stray> {
+    let mut out = Vec::new();
+    let prefix = vms_dir.to_string_lossy().into_owned();
+    let procs = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+    for p in procs {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let value = |flag: &[u8]| {
+            args.windows(2)
+                .find(|w| w[0] == flag)
+                .map(|w| String::from_utf8_lossy(w[1]).into_owned())
+        };
+        let (Some(uuid), Some(pidfile)) = (value(b"-uuid"), value(b"-pidfile")) else {
+            continue;
+        };
+        if !pidfile.starts_with(&prefix) || !runner::pid_alive(pid) {
+            continue;
+        }
+        if let Ok(id) = uuid.parse::<VmId>() {
+            if !known(id) {
+                out.push(Stray { pid, id });
+            }
+        }
+    }
+    out
 }
 
 impl VmManager {
@@ -68,10 +112,20 @@ impl VmManager {
             let id = rec.spec.id;
             vms.insert(id, actor::spawn(ctx.clone(), rec, live));
         }
+        let strays = find_strays(&dir, &|id| vms.contains_key(&id));
+        for s in &strays {
+            warn!(vm = %s.id, pid = s.pid, "a QEMU of this node runs a VM it has no record of; left running for ops to decide");
+        }
         Self {
             ctx,
             vms: Mutex::new(vms),
+            strays,
         }
+    }
+
+    /// QEMU processes found at start that no record names.
+    pub fn strays(&self) -> &[Stray] {
+        &self.strays
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, VmHandle>> {

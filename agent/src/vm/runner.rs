@@ -85,7 +85,7 @@ pub enum Proc {
 }
 
 async fn gone(pid: i32) {
-    while pid_is_qemu_alive(pid) {
+    while pid_alive(pid) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -110,7 +110,7 @@ impl Proc {
     pub fn has_exited(&mut self) -> bool {
         match self {
             Proc::Child(c) => c.try_wait().ok().flatten().is_some(),
-            Proc::Unit { pid, .. } | Proc::Foreign(pid) => !pid_is_qemu_alive(*pid),
+            Proc::Unit { pid, .. } | Proc::Foreign(pid) => !pid_alive(*pid),
         }
     }
 
@@ -136,8 +136,9 @@ impl Proc {
     }
 }
 
-/// Whether `pid` is a live (not zombie) process.
-fn pid_is_qemu_alive(pid: i32) -> bool {
+/// Whether `pid` is a live process: it exists and is not a zombie (a killed process whose
+/// parent is gone may never be reaped in a container without an init).
+pub fn pid_alive(pid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -185,7 +186,7 @@ pub async fn attach(
     let Ok(pid) = text.trim().parse::<i32>() else {
         return Ok(None);
     };
-    if !pid_is_qemu_alive(pid) || !is_qemu_of(pid, spec.id) {
+    if !pid_alive(pid) || !is_qemu_of(pid, spec.id) {
         return Ok(None);
     }
     let qmp = Qmp::connect(&paths.qmp()).await?;
