@@ -48,6 +48,14 @@ pub async fn supervisor(
         SupervisorChoice::Direct => Ok(direct()),
         SupervisorChoice::Systemd => Ok(Supervisor::Systemd(Systemd::connect().await?)),
         SupervisorChoice::Auto if !systemd::booted() => Ok(direct()),
+        // An agent in a network namespace of its own (the lab, the quick start) keeps its
+        // QEMUs beside it.
+        SupervisorChoice::Auto if !systemd::netns_is_pid1s() => {
+            tracing::info!(
+                "the agent runs in its own network namespace: it supervises QEMU itself"
+            );
+            Ok(direct())
+        }
         SupervisorChoice::Auto => match Systemd::connect().await {
             Ok(sd) => Ok(Supervisor::Systemd(sd)),
             Err(e) => {

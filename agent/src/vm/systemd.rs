@@ -85,6 +85,22 @@ pub enum SystemdError {
 #[derive(Clone, Debug)]
 pub struct Systemd {
     conn: zbus::Connection,
+    /// The agent's network namespace, when it is not systemd's: VM units must join it, or
+    /// QEMU's taps would be made where the agent cannot see them.
+    netns: Option<String>,
+}
+
+/// Whether this process shares its network namespace with PID 1 (systemd). Unknown counts
+/// as shared.
+pub fn netns_is_pid1s() -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (
+        std::fs::metadata("/proc/self/ns/net"),
+        std::fs::metadata("/proc/1/ns/net"),
+    ) {
+        (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
+        _ => true,
+    }
 }
 
 /// Whether this host was booted with systemd (the check `sd_booted()` makes).
@@ -111,7 +127,8 @@ impl Systemd {
                 .map_err(SystemdError::Connect)
         })
         .await?;
-        let me = Self { conn };
+        let netns = (!netns_is_pid1s()).then(|| format!("/proc/{}/ns/net", std::process::id()));
+        let me = Self { conn, netns };
         // A bus without systemd on it is no use: ask it something.
         timed(async {
             me.manager()
@@ -167,7 +184,7 @@ impl Systemd {
             let _ = m.reset_failed_unit(&unit).await;
             let exec = vec![(argv[0].clone(), argv.to_vec(), false)];
             let stderr = stderr.display().to_string();
-            let props: Vec<(&str, Variant<'_>)> = vec![
+            let mut props: Vec<(&str, Variant<'_>)> = vec![
                 ("Description", Variant::from(description)),
                 ("Slice", Variant::from(SLICE)),
                 ("Type", Variant::from("exec")),
@@ -187,6 +204,9 @@ impl Systemd {
                 // QEMU is stopped through QMP; this is only the last resort.
                 ("TimeoutStopUSec", Variant::from(10_000_000u64)),
             ];
+            if let Some(ns) = &self.netns {
+                props.push(("NetworkNamespacePath", Variant::from(ns.as_str())));
+            }
             m.start_transient_unit(&unit, "fail", &props, &[])
                 .await
                 .map_err(|source| SystemdError::Start {
