@@ -34,7 +34,7 @@
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,20 +49,28 @@ use zy_common::proto::{
     Accel, Command as Cmd, CommandKind, Hello, Inventory, JoinRequest, LoadReport, Message, Reply,
     ReplyKind,
 };
-use zy_common::time::{now_millis, rfc3339};
+use zy_common::time::now_millis;
 use zy_common::tls::{self, CaFingerprint, SERVER_NAME};
 use zy_common::wire::{self, MAX_BODY, PROTOCOL_VERSIONS};
 use zy_coordinator::api_types::{CreatedToken, NodeView, PingResult};
 use zy_coordinator::client::Client;
+use zy_lab::bench::{
+    self, admin_client, env_u64, method, mib, min_median_max, CpuSample, CpuUse, DocSection,
+    Machine, Mem, Results, SectionHead, MIB,
+};
 use zy_lab::site::Site;
 use zy_lab::{bin, bin_dir};
 
-const BEGIN: &str = "<!-- bench:spine:begin -->";
-const END: &str = "<!-- bench:spine:end -->";
-const MIB: f64 = 1024.0 * 1024.0;
+/// Where the figures go in docs/PERFORMANCE.md.
+const DOCS: DocSection<'static> = DocSection {
+    name: "spine",
+    after: None,
+    preamble: "Measured figures of Zhengyun. The section between the markers below is written by the spine benchmark (`scripts/bench.sh`); the rest of this file is free text.",
+    only_var: "ZY_BENCH_ONLY",
+};
 
 // ---------------------------------------------------------------------------------------------
-// Settings, machine, results
+// Settings
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -76,10 +84,6 @@ struct Settings {
     write_docs: bool,
     /// The ZY_BENCH_* variables that were set, for the record.
     overrides: Vec<String>,
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
 impl Settings {
@@ -97,22 +101,7 @@ impl Settings {
                     .collect()
             })
             .unwrap_or_else(|| vec![1000, 10_000]);
-        let only: Option<Vec<String>> = std::env::var("ZY_BENCH_ONLY").ok().map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect()
-        });
-        let write_docs = match std::env::var("ZY_BENCH_WRITE").ok().as_deref() {
-            Some("0") => false,
-            Some(_) => true,
-            None => only.is_none(),
-        };
-        let mut overrides: Vec<String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("ZY_BENCH_"))
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        overrides.sort();
+        let only = bench::env_list(DOCS.only_var);
         Self {
             agent_secs,
             coord_secs,
@@ -120,214 +109,19 @@ impl Settings {
             fleets,
             death_rounds: env_u64("ZY_BENCH_DEATH_ROUNDS").unwrap_or(5).max(1) as usize,
             join_parallel: env_u64("ZY_BENCH_JOIN_PARALLEL").unwrap_or(32).max(1) as usize,
+            write_docs: bench::docs_wanted(only.is_none()),
             only,
-            write_docs,
-            overrides,
+            overrides: bench::env_overrides(|k| k.starts_with("ZY_BENCH_")),
         }
     }
 
     fn runs(&self, section: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|s| s == section))
-    }
-}
-
-/// The machine, as /proc describes it.
-#[derive(Debug, Clone)]
-struct Machine {
-    cpu_model: String,
-    logical_cpus: usize,
-    mem_total_kib: u64,
-    kernel: String,
-}
-
-impl Machine {
-    fn read() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let logical_cpus = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("processor"))
-            .count();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_total_kib = status_kib(&meminfo, "MemTotal:").unwrap_or(0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        Self {
-            cpu_model,
-            logical_cpus,
-            mem_total_kib,
-            kernel,
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "{}, {} logical CPUs, {:.1} GiB RAM, Linux {}",
-            self.cpu_model,
-            self.logical_cpus,
-            self.mem_total_kib as f64 / 1024.0 / 1024.0,
-            self.kernel
-        )
-    }
-}
-
-/// One line of the figures table.
-#[derive(Debug, Clone)]
-struct Row {
-    figure: String,
-    value: String,
-    target: String,
-}
-
-#[derive(Debug, Default)]
-struct Results {
-    rows: Vec<Row>,
-    notes: Vec<String>,
-}
-
-impl Results {
-    fn row(&mut self, figure: impl Into<String>, value: impl Into<String>, target: &str) {
-        let r = Row {
-            figure: figure.into(),
-            value: value.into(),
-            target: target.to_string(),
-        };
-        println!("  {:<58} {:<44} {}", r.figure, r.value, r.target);
-        self.rows.push(r);
-    }
-
-    fn note(&mut self, text: impl Into<String>) {
-        let t = text.into();
-        println!("  note: {t}");
-        self.notes.push(t);
+        bench::selected(self.only.as_deref(), section)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// /proc measurements
-
-fn clk_tck() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|v| *v > 0)
-        .unwrap_or(100) as f64
-}
-
-/// utime + stime of a process (all its threads, live and exited), in clock ticks.
-fn cpu_ticks(pid: &str) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?
-        .1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    // Field 14 (utime) and 15 (stime) of proc(5); `after` starts at field 3.
-    let utime: u64 = f.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
-    let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
-    Ok(utime + stime)
-}
-
-/// Busy clock ticks of the whole machine, all CPUs (everything in the `cpu` line of
-/// /proc/stat but idle and iowait).
-fn machine_busy_ticks() -> u64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0;
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user).
-    v.iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, x)| *x)
-        .sum()
-}
-
-/// Time on CPU of every live thread of a process, in ns, from the scheduler's own accounting
-/// (`/proc/<pid>/task/*/schedstat`): finer than clock ticks, but blind to exited threads.
-fn sched_ns(pid: &str) -> Result<u64> {
-    let mut total = 0u64;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let text = std::fs::read_to_string(t?.path().join("schedstat")).unwrap_or_default();
-        total += text
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct CpuSample {
-    ticks: u64,
-    at: Instant,
-}
-
-impl CpuSample {
-    fn take(pid: &str) -> Result<Self> {
-        Ok(Self {
-            ticks: cpu_ticks(pid)?,
-            at: Instant::now(),
-        })
-    }
-
-    /// CPU used since `earlier`, as seconds of CPU and percent of one core.
-    fn since(&self, earlier: &CpuSample) -> (f64, f64) {
-        let cpu_s = self.ticks.saturating_sub(earlier.ticks) as f64 / clk_tck();
-        let wall = self.at.duration_since(earlier.at).as_secs_f64().max(1e-9);
-        (cpu_s, cpu_s / wall * 100.0)
-    }
-}
-
-fn status_kib(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Memory of a process from /proc/<pid>/status, in KiB.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mem {
-    rss: u64,
-    hwm: u64,
-    anon: u64,
-    file: u64,
-    threads: u64,
-}
-
-impl Mem {
-    fn read(pid: &str) -> Result<Self> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-        Ok(Self {
-            rss: status_kib(&s, "VmRSS:").unwrap_or(0),
-            hwm: status_kib(&s, "VmHWM:").unwrap_or(0),
-            anon: status_kib(&s, "RssAnon:").unwrap_or(0),
-            file: status_kib(&s, "RssFile:").unwrap_or(0),
-            threads: status_kib(&s, "Threads:").unwrap_or(0),
-        })
-    }
-}
+// UDP drops, from /proc (the rest is in zy_lab::bench)
 
 /// The machine-wide count of UDP datagrams dropped because a socket's receive buffer was
 /// full (`RcvbufErrors` in /proc/net/snmp).
@@ -358,24 +152,6 @@ fn udp_socket_drops(port: u16) -> Option<u64> {
         .ok()
 }
 
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 * 1024.0 / MIB)
-}
-
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    if s.is_empty() {
-        return (f64::NAN, f64::NAN, f64::NAN);
-    }
-    let median = if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    (s[0], median, s[s.len() - 1])
-}
-
 // ---------------------------------------------------------------------------------------------
 // Figures 1 and 3: the lab
 
@@ -385,10 +161,7 @@ fn lab_figures(s: &Settings, res: &mut Results) -> Result<()> {
     site.join(1, "intranet")?;
     let pid = site.start_agent(1, &[])?;
     site.wait_reporting("n1", 0, Duration::from_secs(30))?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "zy-agent" {
-        bail!("pid {pid} is `{}`, not zy-agent", comm.trim());
-    }
+    bench::expect_comm(pid, "zy-agent")?;
     if s.runs("agent") {
         agent_idle(s, &site, pid, res)?;
     }
@@ -407,20 +180,17 @@ fn agent_idle(s: &Settings, site: &Site, pid: i32, res: &mut Results) -> Result<
     std::thread::sleep(Duration::from_secs(s.warmup_secs));
     let seq_before = node_seq(site, "n1")?;
     let a = CpuSample::take(&p)?;
-    let na = sched_ns(&p)?;
-    let m0 = machine_busy_ticks();
     std::thread::sleep(Duration::from_secs(s.agent_secs));
     let b = CpuSample::take(&p)?;
-    let nb = sched_ns(&p)?;
-    let machine_pct = machine_busy_ticks().saturating_sub(m0) as f64
-        / clk_tck()
-        / b.at.duration_since(a.at).as_secs_f64()
-        * 100.0;
-    let sched_pct =
-        nb.saturating_sub(na) as f64 / 1e9 / b.at.duration_since(a.at).as_secs_f64() * 100.0;
     let mem = Mem::read(&p)?;
     let seq_after = node_seq(site, "n1")?;
-    let (cpu_s, pct) = b.since(&a);
+    let CpuUse {
+        cpu_s,
+        pct,
+        sched_pct,
+        machine_pct,
+        ..
+    } = CpuUse::between(&a, &b);
     res.row(
         "Agent RSS, idle, 1 report/s (VmRSS)",
         format!(
@@ -517,7 +287,7 @@ fn death_rounds(s: &Settings, site: &Site, res: &mut Results) -> Result<()> {
         rec_down.extend(rd);
     }
     let fmt = |v: &[f64]| {
-        let (lo, med, hi) = stats(v);
+        let (lo, med, hi) = min_median_max(v);
         format!("min {lo:.2} s / median {med:.2} s / max {hi:.2} s")
     };
     let n = s.death_rounds;
@@ -666,19 +436,7 @@ impl CoordProc {
 
     /// An API client with the admin token `init` wrote.
     fn client(&self) -> Result<(Client, CertificateDer<'static>)> {
-        let cfg = std::fs::read_to_string(self.state.join("zy.toml"))?;
-        let token = cfg
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("token = "))
-            .map(|v| v.trim().trim_matches('"').to_string())
-            .ok_or_else(|| anyhow!("no admin token in zy.toml"))?;
-        let pem = std::fs::read_to_string(self.state.join("ca.crt"))?;
-        let ca = tls::certs_from_pem("CA certificate", &pem)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("empty ca.crt"))?;
-        let tls_cfg = tls::https_client_config(&ca)?;
-        Ok((Client::new(&self.api.to_string(), Some(token), tls_cfg), ca))
+        admin_client(&self.state, &self.api.to_string())
     }
 }
 
@@ -704,14 +462,6 @@ impl Drop for CoordProc {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Lets `Client::call` take its method without this crate naming the HTTP types.
-fn method<M: std::str::FromStr>(m: &str) -> M
-where
-    M::Err: std::fmt::Debug,
-{
-    m.parse().expect("a valid HTTP method")
 }
 
 /// What enrollment produced for one simulated node.
@@ -1282,7 +1032,7 @@ fn coordinator_figures(
         "—",
     );
     if !f.ping_ms.is_empty() {
-        let (lo, med, hi) = stats(&f.ping_ms);
+        let (lo, med, hi) = min_median_max(&f.ping_ms);
         res.row(
             format!("Command round trip (API ping), {label} agents connected"),
             format!(
@@ -1413,19 +1163,16 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
     let sock1 = udp_socket_drops(port).unwrap_or(0);
     let c0 = CpuSample::take(&pid)?;
     let b0 = CpuSample::take("self")?;
-    let m0 = machine_busy_ticks();
     tokio::time::sleep(Duration::from_secs(s.coord_secs)).await;
     let c1 = CpuSample::take(&pid)?;
     let b1 = CpuSample::take("self")?;
-    let m1 = machine_busy_ticks();
     let r1 = sh.stats.reports.load(Ordering::Relaxed);
     let udp_drops_window = udp_rcvbuf_errors().saturating_sub(udp1);
     let sock_drops_window = udp_socket_drops(port).unwrap_or(0).saturating_sub(sock1);
     let mem_connected = Mem::read(&pid)?;
-    let (coord_cpu_s, coord_pct) = c1.since(&c0);
-    let (bench_cpu_s, bench_pct) = b1.since(&b0);
+    let coord_cpu = CpuUse::between(&c0, &c1);
+    let bench_cpu = CpuUse::between(&b0, &b1);
     let window = c1.at.duration_since(c0.at);
-    let machine_pct = m1.saturating_sub(m0) as f64 / clk_tck() / window.as_secs_f64() * 100.0;
     let reports_per_s = (r1 - r0) as f64 / window.as_secs_f64();
     let (ready_after, list_took, list_bytes) = count_ready(&api).await?;
 
@@ -1462,10 +1209,10 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
         connect,
         ready_before,
         window,
-        coord_cpu_s,
-        coord_pct,
-        bench_cpu_s,
-        bench_pct,
+        coord_cpu_s: coord_cpu.cpu_s,
+        coord_pct: coord_cpu.pct,
+        bench_cpu_s: bench_cpu.cpu_s,
+        bench_pct: bench_cpu.pct,
         mem_connected,
         reports_per_s,
         ready_after,
@@ -1480,7 +1227,7 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
         udp_drops_window,
         sock_drops_connect,
         sock_drops_window,
-        machine_pct,
+        machine_pct: coord_cpu.machine_pct,
     })
 }
 
@@ -1488,108 +1235,39 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
 // Output
 
 fn section_text(s: &Settings, m: &Machine, res: &Results, started: u64, took: Duration) -> String {
-    let mut t = String::new();
-    let _ = writeln!(t, "## Spine benchmark\n");
-    let _ = writeln!(
-        t,
-        "Written by the benchmark itself; edit the bench (`tests/benches/spine.rs`), not this section.\n"
-    );
-    let _ = writeln!(t, "- **Machine:** {}", m.describe());
-    let _ = writeln!(
-        t,
-        "- **Date:** {} (the run took {:.0} s)",
-        rfc3339(started),
-        took.as_secs_f64()
-    );
-    let _ = writeln!(
-        t,
-        "- **Command:** `scripts/bench.sh`, which runs `cargo build --release --bins` and then `cargo bench -p zy-lab --bench spine` (as root){}",
-        if s.overrides.is_empty() {
-            String::new()
-        } else {
-            format!(", with `{}`", s.overrides.join(" "))
-        }
-    );
-    let _ = writeln!(
-        t,
-        "- **Settings:** agent window {} s, coordinator window {} s, {} s warm-up before each, {} death rounds, fleets of {}, enrollments {} in parallel; default timings (report every 1 s, Suspect after 2.5 s, QUIC idle timeout 5 s, Down after 8 s).\n",
-        s.agent_secs,
-        s.coord_secs,
-        s.warmup_secs,
-        s.death_rounds,
-        s.fleets
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(" and "),
-        s.join_parallel
-    );
-    let _ = writeln!(t, "| Figure | Measured | Target |");
-    let _ = writeln!(t, "|---|---|---|");
-    for r in &res.rows {
-        let _ = writeln!(
-            t,
-            "| {} | {} | {} |",
-            r.figure.replace('|', "\\|"),
-            r.value.replace('|', "\\|"),
-            r.target
-        );
-    }
-    let _ = writeln!(t);
-    if !res.notes.is_empty() {
-        let _ = writeln!(t, "Notes from this run:\n");
-        for n in &res.notes {
-            let _ = writeln!(t, "- {n}");
-        }
-        let _ = writeln!(t);
-    }
-    let _ = writeln!(t, "### Method\n");
-    let _ = writeln!(
-        t,
-        "No figure is asserted and nothing fails on slowness; CPU is utime + stime from `/proc/<pid>/stat` (in clock ticks of 1/{} s, so all threads of the process, including exited ones) over a wall-clock window, as a percentage of one core; memory is from `/proc/<pid>/status`.\n",
-        clk_tck()
-    );
-    let _ = writeln!(
-        t,
-        "1. **Agent, idle.** A lab site (network namespaces, real `zy-coordinator` and `zy-agent` release binaries) with one node: the node is enrolled with `zy-agent join`, `zy-agent run` is started in its namespace and waited for until its load reports arrive. After the warm-up, the agent process (the pid started by `ip netns exec`, which execs it) is measured over the agent window: CPU as above (and, for its finer resolution, the scheduler's run time summed over `/proc/<pid>/task/*/schedstat`), VmRSS (split into RssAnon and RssFile, the latter being mostly the mapped binary) and VmHWM at the end of the window. The agent reports once a second, its default."
-    );
-    let _ = writeln!(
-        t,
-        "2. **Coordinator with N simulated agents.** For each N, a fresh state directory (`zy-coordinator init`) and a real `zy-coordinator run` on loopback (127.0.0.1, free ports, `RUST_LOG=warn`). Enrollment is the real protocol: a bootstrap token from `POST /v1/tokens` (the `zy` CLI's HTTPS client and the admin token of `zy.toml`), a fresh key and certificate request, and a `JoinRequest` over QUIC to the daemon port, pinned to the CA by the token's fingerprint, with the stated number in flight; the rate is N over the wall time of the whole phase, and the first/last 1000 show whether it slows as the store grows. Then every simulated agent (a task in the bench process, on quinn client endpoints of 1000 connections each) opens a mutual-TLS QUIC connection with its node certificate, exchanges preambles, sends `Hello` with a plausible inventory for its zone, reads `Welcome`, and from then on sends a `LoadReport` every report interval, agent i at i/N of the interval so that reports are spread over the second, and answers every `Command` with a `Reply` (Ping with Pong). Ready is counted with `GET /v1/nodes` (state `ready` and connected). After the warm-up, the coordinator process is measured over the coordinator window (CPU, then VmRSS and VmHWM at its end); the bench process, which runs the N simulated agents on the same two cores, is measured over the same window from `/proc/self/stat`. The per-agent memory is the VmRSS growth from \"all enrolled, none connected\" to \"all connected\". After the window the Ready count is taken again with one timed `GET /v1/nodes` (the size is that of the decoded list re-encoded as JSON), and 20 nodes are pinged through `POST /v1/nodes/{{node}}/ping` (a `Command` to the simulated agent and its `Reply`)."
-    );
-    let _ = writeln!(
-        t,
-        "3. **Death to Suspect and Down.** On the same lab site as figure 1, in each round the agent is killed with SIGKILL at a random phase of its report cycle, and `zy node ls --json` (run in the coordinator's namespace) is polled every 50 ms; the figure is the time from the kill to the first listing that shows `suspect`, and then `down`. The agent is then restarted and waited for until Ready. The second pair of rows takes the same times from the node's membership history (`at_ms` of the Suspect and Down transitions minus the wall-clock time of the kill), which excludes the polling delay. The coordinator counts silence from the node's last report, which came 0 to 1 s (one report interval) before the kill, so these times can be up to one interval shorter than the thresholds (Suspect after 2.5 s, Down after 8 s of silence), and up to one 250 ms tick of the membership monitor longer."
-    );
-    t
-}
-
-fn write_docs(text: &str) -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("docs")
-        .join("PERFORMANCE.md");
-    let block = format!("{BEGIN}\n{text}{END}");
-    let old = std::fs::read_to_string(&path).ok();
-    let new = match old {
-        Some(old) => match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => {
-                format!("{}{block}{}", &old[..b], &old[e + END.len()..])
-            }
-            _ => {
-                let sep = if old.ends_with('\n') { "\n" } else { "\n\n" };
-                format!("{old}{sep}{block}\n")
-            }
-        },
-        None => format!(
-            "# Performance\n\nMeasured figures of Zhengyun. The section between the markers below is written by the spine benchmark (`scripts/bench.sh`); the rest of this file is free text.\n\n{block}\n"
+    let head = SectionHead {
+        title: "Spine benchmark",
+        bench: "spine",
+        machine: m,
+        more_machine: Vec::new(),
+        started_ms: started,
+        took,
+        command: "`scripts/bench.sh`, which runs `cargo build --release --bins` and then `cargo bench -p zy-lab --bench spine` (as root)",
+        overrides: &s.overrides,
+        settings: format!(
+            "agent window {} s, coordinator window {} s, {} s warm-up before each, {} death rounds, fleets of {}, enrollments {} in parallel; default timings (report every 1 s, Suspect after 2.5 s, QUIC idle timeout 5 s, Down after 8 s).",
+            s.agent_secs,
+            s.coord_secs,
+            s.warmup_secs,
+            s.death_rounds,
+            s.fleets
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            s.join_parallel
         ),
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, new)?;
-    Ok(path)
+    let method = [
+        format!(
+            "No figure is asserted and nothing fails on slowness; CPU is utime + stime from `/proc/<pid>/stat` (in clock ticks of 1/{} s, so all threads of the process, including exited ones) over a wall-clock window, as a percentage of one core; memory is from `/proc/<pid>/status`.\n",
+            bench::clk_tck()
+        ),
+        "1. **Agent, idle.** A lab site (network namespaces, real `zy-coordinator` and `zy-agent` release binaries) with one node: the node is enrolled with `zy-agent join`, `zy-agent run` is started in its namespace and waited for until its load reports arrive. After the warm-up, the agent process (the pid started by `ip netns exec`, which execs it) is measured over the agent window: CPU as above (and, for its finer resolution, the scheduler's run time summed over `/proc/<pid>/task/*/schedstat`), VmRSS (split into RssAnon and RssFile, the latter being mostly the mapped binary) and VmHWM at the end of the window. The agent reports once a second, its default.".to_string(),
+        "2. **Coordinator with N simulated agents.** For each N, a fresh state directory (`zy-coordinator init`) and a real `zy-coordinator run` on loopback (127.0.0.1, free ports, `RUST_LOG=warn`). Enrollment is the real protocol: a bootstrap token from `POST /v1/tokens` (the `zy` CLI's HTTPS client and the admin token of `zy.toml`), a fresh key and certificate request, and a `JoinRequest` over QUIC to the daemon port, pinned to the CA by the token's fingerprint, with the stated number in flight; the rate is N over the wall time of the whole phase, and the first/last 1000 show whether it slows as the store grows. Then every simulated agent (a task in the bench process, on quinn client endpoints of 1000 connections each) opens a mutual-TLS QUIC connection with its node certificate, exchanges preambles, sends `Hello` with a plausible inventory for its zone, reads `Welcome`, and from then on sends a `LoadReport` every report interval, agent i at i/N of the interval so that reports are spread over the second, and answers every `Command` with a `Reply` (Ping with Pong). Ready is counted with `GET /v1/nodes` (state `ready` and connected). After the warm-up, the coordinator process is measured over the coordinator window (CPU, then VmRSS and VmHWM at its end); the bench process, which runs the N simulated agents on the same two cores, is measured over the same window from `/proc/self/stat`. The per-agent memory is the VmRSS growth from \"all enrolled, none connected\" to \"all connected\". After the window the Ready count is taken again with one timed `GET /v1/nodes` (the size is that of the decoded list re-encoded as JSON), and 20 nodes are pinged through `POST /v1/nodes/{node}/ping` (a `Command` to the simulated agent and its `Reply`).".to_string(),
+        "3. **Death to Suspect and Down.** On the same lab site as figure 1, in each round the agent is killed with SIGKILL at a random phase of its report cycle, and `zy node ls --json` (run in the coordinator's namespace) is polled every 50 ms; the figure is the time from the kill to the first listing that shows `suspect`, and then `down`. The agent is then restarted and waited for until Ready. The second pair of rows takes the same times from the node's membership history (`at_ms` of the Suspect and Down transitions minus the wall-clock time of the kill), which excludes the polling delay. The coordinator counts silence from the node's last report, which came 0 to 1 s (one report interval) before the kill, so these times can be up to one interval shorter than the thresholds (Suspect after 2.5 s, Down after 8 s of silence), and up to one 250 ms tick of the membership monitor longer.".to_string(),
+    ];
+    head.text(res, &method)
 }
 
 fn main() {
@@ -1601,7 +1279,7 @@ fn main() {
     println!("binaries from {}", bin_dir().display());
     println!("settings: {s:?}");
     reap_stale_dirs();
-    let mut res = Results::default();
+    let mut res = Results::new(58, 44);
 
     if s.runs("agent") || s.runs("death") {
         if let Err(e) = lab_figures(&s, &mut res) {
@@ -1636,15 +1314,6 @@ fn main() {
         }
     }
 
-    let took = t0.elapsed();
-    let text = section_text(&s, &m, &res, started, took);
-    println!("\n{text}");
-    if s.write_docs {
-        match write_docs(&text) {
-            Ok(p) => println!("wrote {}", p.canonicalize().unwrap_or(p).display()),
-            Err(e) => eprintln!("could not write docs/PERFORMANCE.md: {e:#}"),
-        }
-    } else {
-        println!("docs/PERFORMANCE.md left alone (ZY_BENCH_ONLY or ZY_BENCH_WRITE=0)");
-    }
+    let text = section_text(&s, &m, &res, started, t0.elapsed());
+    DOCS.publish(&text, s.write_docs);
 }

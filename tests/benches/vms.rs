@@ -39,7 +39,6 @@
 //! | `ZY_BENCH_VMS_ONLY`       | all          | comma list of `seq`, `burst`, `agent`            |
 //! | `ZY_BENCH_WRITE`          | 1 unless ZY_BENCH_VMS_ONLY | 0 to leave docs/PERFORMANCE.md alone |
 
-use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
@@ -48,24 +47,32 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
-use zy_common::time::{now_millis, rfc3339};
-use zy_common::{tls, VmId, Zone};
+use zy_common::time::now_millis;
+use zy_common::{VmId, Zone};
 use zy_coordinator::client::Client;
 use zy_coordinator::vms::{CreateVm, VmView};
+use zy_lab::bench::{
+    self, admin_client, clk_tck, env_u64, method, mib, quantile, stat_fields, status_kib,
+    CpuSample, CpuUse, DocSection, Machine, Mem, Results, SectionHead,
+};
 use zy_lab::site::Site;
 use zy_lab::{bin_dir, pid_alive, API_PORT, COORD_IP};
 
-const BEGIN: &str = "<!-- bench:vms:begin -->";
-const END: &str = "<!-- bench:vms:end -->";
-const SPINE_END: &str = "<!-- bench:spine:end -->";
-const MIB: f64 = 1024.0 * 1024.0;
+/// Where the figures go in docs/PERFORMANCE.md: after the spine section when missing.
+const DOCS: DocSection<'static> = DocSection {
+    name: "vms",
+    after: Some("spine"),
+    preamble: "Measured figures of Zhengyun. The sections between the `bench:` markers are written by the benchmarks (`scripts/bench.sh`); the rest of this file is free text.",
+    only_var: "ZY_BENCH_VMS_ONLY",
+};
+
 /// What one QEMU costs beyond its guest's memory, for the free-memory check.
 const QEMU_OVERHEAD_MIB: u64 = 96;
 /// Memory left to everything else when deciding how many VMs fit.
 const HOST_RESERVE_MIB: u64 = 1024;
 
 // ---------------------------------------------------------------------------------------------
-// Settings, machine, results
+// Settings
 
 #[derive(Debug, Clone)]
 struct Settings {
@@ -85,29 +92,10 @@ struct Settings {
     overrides: Vec<String>,
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
-}
-
 impl Settings {
     fn from_env() -> Self {
         let seq = env_u64("ZY_BENCH_VMS").unwrap_or(20).max(1) as usize;
-        let only: Option<Vec<String>> = std::env::var("ZY_BENCH_VMS_ONLY").ok().map(|v| {
-            v.split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect()
-        });
-        let write_docs = match std::env::var("ZY_BENCH_WRITE").ok().as_deref() {
-            Some("0") => false,
-            Some(_) => true,
-            None => only.is_none(),
-        };
-        let mut overrides: Vec<String> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("ZY_BENCH_VMS") || k == "ZY_BENCH_WRITE")
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
-        overrides.sort();
+        let only = bench::env_list(DOCS.only_var);
         Self {
             seq,
             burst: env_u64("ZY_BENCH_VMS_BURST").map_or(seq, |v| v.max(1) as usize),
@@ -118,111 +106,32 @@ impl Settings {
             qemu_refs: env_u64("ZY_BENCH_VMS_QEMU_REF").map_or(seq, |v| v as usize),
             pause: Duration::from_millis(env_u64("ZY_BENCH_VMS_PAUSE_MS").unwrap_or(1000)),
             timeout: Duration::from_secs(env_u64("ZY_BENCH_VMS_TIMEOUT").unwrap_or(240).max(10)),
+            write_docs: bench::docs_wanted(only.is_none()),
             only,
-            write_docs,
-            overrides,
+            overrides: bench::env_overrides(|k| {
+                k.starts_with("ZY_BENCH_VMS") || k == "ZY_BENCH_WRITE"
+            }),
         }
     }
 
     fn runs(&self, section: &str) -> bool {
-        self.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|s| s == section))
+        bench::selected(self.only.as_deref(), section)
     }
 }
 
-/// The machine, as /proc describes it.
-#[derive(Debug, Clone)]
-struct Machine {
-    cpu_model: String,
-    logical_cpus: usize,
-    mem_total_kib: u64,
-    kernel: String,
-    qemu: String,
-}
-
-impl Machine {
-    fn read() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu_model = cpuinfo
-            .lines()
-            .find(|l| l.starts_with("model name"))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let logical_cpus = cpuinfo
-            .lines()
-            .filter(|l| l.starts_with("processor"))
-            .count();
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_total_kib = status_kib(&meminfo, "MemTotal:").unwrap_or(0);
-        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string();
-        let qemu = Command::new("qemu-system-x86_64")
-            .arg("--version")
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(|l| l.trim().to_string())
-            })
-            .unwrap_or_else(|| "QEMU not found".into());
-        Self {
-            cpu_model,
-            logical_cpus,
-            mem_total_kib,
-            kernel,
-            qemu,
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "{}, {} logical CPUs, {:.1} GiB RAM, Linux {}",
-            self.cpu_model,
-            self.logical_cpus,
-            self.mem_total_kib as f64 / 1024.0 / 1024.0,
-            self.kernel
-        )
-    }
-}
-
-/// One line of the figures table.
-#[derive(Debug, Clone)]
-struct Row {
-    figure: String,
-    value: String,
-    target: String,
-}
-
-#[derive(Debug, Default)]
-struct Results {
-    rows: Vec<Row>,
-    notes: Vec<String>,
-    /// The accelerator the nodes reported (TCG here without usable KVM).
-    accel: Option<String>,
-}
-
-impl Results {
-    fn row(&mut self, figure: impl Into<String>, value: impl Into<String>, target: &str) {
-        let r = Row {
-            figure: figure.into(),
-            value: value.into(),
-            target: target.to_string(),
-        };
-        println!("  {:<66} {:<52} {}", r.figure, r.value, r.target);
-        self.rows.push(r);
-    }
-
-    fn note(&mut self, text: impl Into<String>) {
-        let t = text.into();
-        println!("  note: {t}");
-        self.notes.push(t);
-    }
+/// The first line of `qemu-system-x86_64 --version`.
+fn qemu_version() -> String {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "QEMU not found".into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -257,148 +166,11 @@ fn boot_offset_us() -> i64 {
     (a + c) / 2 - b
 }
 
-fn clk_tck() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .filter(|v| *v > 0)
-        .unwrap_or(100) as f64
-}
-
-fn stat_fields(pid: &str) -> Result<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    let after = stat
-        .rsplit_once(')')
-        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?
-        .1;
-    // `after` starts at field 3 of proc(5).
-    Ok(after.split_whitespace().map(str::to_string).collect())
-}
-
-/// utime + stime of a process (all its threads, live and exited), in clock ticks.
-fn cpu_ticks(pid: &str) -> Result<u64> {
-    let f = stat_fields(pid)?;
-    let utime: u64 = f.get(11).ok_or_else(|| anyhow!("no utime"))?.parse()?;
-    let stime: u64 = f.get(12).ok_or_else(|| anyhow!("no stime"))?.parse()?;
-    Ok(utime + stime)
-}
-
 /// When a process was forked, as wall-clock µs, to one clock tick (field 22, starttime).
 fn proc_start_us(pid: u32, boot_offset: i64) -> Option<u64> {
     let ticks: u64 = stat_fields(&pid.to_string()).ok()?.get(19)?.parse().ok()?;
     let since_boot = (ticks as f64 / clk_tck() * 1e6) as i64;
     u64::try_from(since_boot + boot_offset).ok()
-}
-
-/// Busy clock ticks of the whole machine, all CPUs (everything in the `cpu` line of
-/// /proc/stat but idle and iowait).
-fn machine_busy_ticks() -> u64 {
-    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return 0;
-    };
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    v.iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, x)| *x)
-        .sum()
-}
-
-/// Time on CPU of every live thread of a process, in ns (`/proc/<pid>/task/*/schedstat`).
-fn sched_ns(pid: &str) -> Result<u64> {
-    let mut total = 0u64;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let text = std::fs::read_to_string(t?.path().join("schedstat")).unwrap_or_default();
-        total += text
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    Ok(total)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct CpuSample {
-    ticks: u64,
-    sched: u64,
-    machine: u64,
-    at: Instant,
-}
-
-impl CpuSample {
-    fn take(pid: &str) -> Result<Self> {
-        Ok(Self {
-            ticks: cpu_ticks(pid)?,
-            sched: sched_ns(pid).unwrap_or(0),
-            machine: machine_busy_ticks(),
-            at: Instant::now(),
-        })
-    }
-}
-
-/// CPU used between two samples.
-#[derive(Debug, Clone, Copy)]
-struct CpuUse {
-    wall_s: f64,
-    cpu_s: f64,
-    pct: f64,
-    sched_pct: f64,
-    machine_pct: f64,
-}
-
-impl CpuUse {
-    fn between(a: &CpuSample, b: &CpuSample) -> Self {
-        let wall_s = b.at.duration_since(a.at).as_secs_f64().max(1e-9);
-        let cpu_s = b.ticks.saturating_sub(a.ticks) as f64 / clk_tck();
-        Self {
-            wall_s,
-            cpu_s,
-            pct: cpu_s / wall_s * 100.0,
-            sched_pct: b.sched.saturating_sub(a.sched) as f64 / 1e9 / wall_s * 100.0,
-            machine_pct: b.machine.saturating_sub(a.machine) as f64 / clk_tck() / wall_s * 100.0,
-        }
-    }
-}
-
-fn status_kib(text: &str, key: &str) -> Option<u64> {
-    text.lines()
-        .find(|l| l.starts_with(key))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Memory of a process from /proc/<pid>/status, in KiB.
-#[derive(Debug, Clone, Copy, Default)]
-struct Mem {
-    rss: u64,
-    hwm: u64,
-    anon: u64,
-    file: u64,
-    threads: u64,
-}
-
-impl Mem {
-    fn read(pid: &str) -> Result<Self> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-        Ok(Self {
-            rss: status_kib(&s, "VmRSS:").unwrap_or(0),
-            hwm: status_kib(&s, "VmHWM:").unwrap_or(0),
-            anon: status_kib(&s, "RssAnon:").unwrap_or(0),
-            file: status_kib(&s, "RssFile:").unwrap_or(0),
-            threads: status_kib(&s, "Threads:").unwrap_or(0),
-        })
-    }
 }
 
 fn mem_available_kib() -> u64 {
@@ -410,10 +182,6 @@ fn open_fds(pid: &str) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .unwrap_or(0)
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1} MiB", kib as f64 * 1024.0 / MIB)
 }
 
 /// A file's modification time, in wall-clock µs.
@@ -461,18 +229,6 @@ fn log_time(log: &str, needles: &[&str]) -> Option<u64> {
 
 // ---------------------------------------------------------------------------------------------
 // Statistics
-
-/// The q-quantile (0..=1) by linear interpolation between the closest ranks.
-fn quantile(v: &[f64], q: f64) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let pos = q * (s.len() - 1) as f64;
-    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-    s[lo] + (s[hi] - s[lo]) * (pos - lo as f64)
-}
 
 fn fmt_ms(ms: f64) -> String {
     if !ms.is_finite() {
@@ -574,36 +330,23 @@ fn collect(runs: &[VmRun], f: impl Fn(&VmRun) -> Option<f64>) -> Vec<f64> {
     runs.iter().filter_map(f).collect()
 }
 
+/// One of the times of a [`VmRun`].
+type At = fn(&VmRun) -> Option<u64>;
+
+/// Rows of distributions (see [`dist`]) without a target, in order.
+fn dist_rows<'a>(res: &mut Results, rows: impl IntoIterator<Item = (&'a str, Vec<f64>)>) {
+    for (figure, v) in rows {
+        res.row(figure, dist(&v), "—");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The API
-
-/// Lets `Client::call` take its method without this crate naming the HTTP types.
-fn method<M: std::str::FromStr>(m: &str) -> M
-where
-    M::Err: std::fmt::Debug,
-{
-    m.parse().expect("a valid HTTP method")
-}
 
 /// An API client with the admin token and CA that `zy-coordinator init` wrote; it must be
 /// used from a thread inside the coordinator's namespace.
 fn api_client(site: &Site) -> Result<Client> {
-    let cfg = std::fs::read_to_string(site.cli_config())?;
-    let token = cfg
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("token = "))
-        .map(|v| v.trim().trim_matches('"').to_string())
-        .ok_or_else(|| anyhow!("no admin token in zy.toml"))?;
-    let pem = std::fs::read_to_string(site.state.join("ca.crt"))?;
-    let ca = tls::certs_from_pem("CA certificate", &pem)?
-        .into_iter()
-        .next()
-        .ok_or_else(|| anyhow!("empty ca.crt"))?;
-    Ok(Client::new(
-        &format!("{COORD_IP}:{API_PORT}"),
-        Some(token),
-        tls::https_client_config(&ca)?,
-    ))
+    Ok(admin_client(&site.state, &format!("{COORD_IP}:{API_PORT}"))?.0)
 }
 
 async fn api_create(api: &Client, name: &str, memory_mib: u64) -> Result<VmView> {
@@ -1092,8 +835,9 @@ fn guest() -> Result<(String, String)> {
     ))
 }
 
-/// A site with `n` intranet nodes, their agents Ready, and the test guest imported as `guest`.
-fn site_with_guest(n: usize, res: &mut Results) -> Result<Site> {
+/// A site with `n` intranet nodes, their agents Ready, and the test guest imported as `guest`;
+/// `accel` is set to the accelerator the nodes reported, if it is not known yet.
+fn site_with_guest(n: usize, accel: &mut Option<String>) -> Result<Site> {
     let (kernel, initrd) = guest()?;
     let site = Site::new(n)?;
     for i in 1..=n {
@@ -1121,8 +865,8 @@ fn site_with_guest(n: usize, res: &mut Results) -> Result<Site> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    if res.accel.is_none() {
-        res.accel = site
+    if accel.is_none() {
+        *accel = site
             .nodes()?
             .into_iter()
             .find_map(|n| n.inventory.map(|i| format!("{:?}", i.accel)));
@@ -1164,10 +908,28 @@ fn kill_leftover_qemu(dir: &Path, what: &str, res: &mut Results) {
     ));
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?)
+/// Builds a site of `n` nodes with the guest (see [`site_with_guest`]), runs `f` with a
+/// runtime and an API client on a thread inside the coordinator's namespace, then drops the
+/// site and kills any QEMU process left of it (named `what` in the notes).
+fn with_site(
+    n: usize,
+    what: &str,
+    res: &mut Results,
+    accel: &mut Option<String>,
+    f: impl FnOnce(&tokio::runtime::Runtime, &Site, &Client, &mut Results) -> Result<()> + Send,
+) -> Result<()> {
+    let site = site_with_guest(n, accel)?;
+    let dir = site.lab.dir.clone();
+    let r = site.lab.run_in(&site.lab.coord_ns(), || -> Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let api = api_client(&site)?;
+        f(&rt, &site, &api, res)
+    });
+    drop(site);
+    kill_leftover_qemu(&dir, what, res);
+    r
 }
 
 fn names(prefix: &str, n: usize) -> Vec<String> {
@@ -1176,20 +938,6 @@ fn names(prefix: &str, n: usize) -> Vec<String> {
 
 // ---------------------------------------------------------------------------------------------
 // Figures 1 and 2: two nodes
-
-fn two_node_figures(s: &Settings, res: &mut Results, boot_offset: i64) -> Result<()> {
-    println!("[lab] building a site with two intranet nodes");
-    let site = site_with_guest(2, res)?;
-    let dir = site.lab.dir.clone();
-    let r = site.lab.run_in(&site.lab.coord_ns(), || -> Result<()> {
-        let rt = runtime()?;
-        let api = api_client(&site)?;
-        rt.block_on(two_nodes(&site, &api, s, res, boot_offset))
-    });
-    drop(site);
-    kill_leftover_qemu(&dir, "two-node site", res);
-    r
-}
 
 async fn two_nodes(
     site: &Site,
@@ -1270,7 +1018,7 @@ async fn sequential(
         runs.push(r);
     }
     let on = |i: usize| runs.iter().filter(|r| r.node == i).count();
-    let req = |f: fn(&VmRun) -> Option<u64>| collect(&runs, |r| span(Some(r.req), f(r)));
+    let req = |f: At| collect(&runs, |r| span(Some(r.req), f(r)));
     if let Some(e) = ref_failed {
         res.note(format!("a bare QEMU reference run failed: {e}"));
     }
@@ -1278,25 +1026,27 @@ async fn sequential(
     let qemu_own = quantile(&qref.running_ms, 0.5);
     let overhead: Vec<f64> = to_running.iter().map(|t| t - qemu_own).collect();
     let m = s.memory_mib;
-    res.row(
-        format!("One at a time ({n} VMs, {m} MiB, 1 vCPU; n1: {}, n2: {}): API answer to `POST /v1/vms` (202)", on(1), on(2)),
-        dist(&collect(&runs, |r| Some((r.resp - r.req) as f64 / 1000.0))),
-        "—",
-    );
-    res.row(
-        "Request → QEMU running (agent's `running`: QMP said `running`, network plugged)",
-        dist(&to_running),
-        "—",
-    );
-    res.row(
-        "Request → `running` recorded by the coordinator (shown by the API)",
-        dist(&req(|r| r.running_coord)),
-        "—",
-    );
-    res.row(
-        "Request → `ZY-READY` on the guest's console",
-        dist(&req(|r| r.ready)),
-        "—",
+    let one_at_a_time = format!("One at a time ({n} VMs, {m} MiB, 1 vCPU; n1: {}, n2: {}): API answer to `POST /v1/vms` (202)", on(1), on(2));
+    dist_rows(
+        res,
+        [
+            (
+                one_at_a_time.as_str(),
+                collect(&runs, |r| Some((r.resp - r.req) as f64 / 1000.0)),
+            ),
+            (
+                "Request → QEMU running (agent's `running`: QMP said `running`, network plugged)",
+                to_running,
+            ),
+            (
+                "Request → `running` recorded by the coordinator (shown by the API)",
+                req(|r| r.running_coord),
+            ),
+            (
+                "Request → `ZY-READY` on the guest's console",
+                req(|r| r.ready),
+            ),
+        ],
     );
     res.row(
         "**Our own overhead**: request → agent's `running`, minus bare QEMU's spawn → QMP `running` (p50 of the reference)",
@@ -1307,66 +1057,58 @@ async fn sequential(
         },
         "≤ 100 ms p50",
     );
-    res.row(
-        "· request → VM placed (coordinator log)",
-        dist(&req(|r| r.placed)),
-        "—",
-    );
-    res.row(
-        "· placed → agent's `starting` (command to the node, image check, VM record, actor)",
-        dist(&collect(&runs, |r| span(r.placed, r.starting))),
-        "—",
-    );
-    res.row(
-        "· request → agent's `starting` (all of the control plane, before QEMU is spawned)",
-        dist(&req(|r| r.starting)),
-        "—",
-    );
-    res.row(
-        "· agent's `starting` → QEMU's pid file written (spawn, QEMU's exec and early init)",
-        dist(&collect(&runs, |r| span(r.starting, r.pidfile))),
-        "—",
-    );
-    res.row(
-        "· bare QEMU reference, same: spawn → pid file",
-        dist(&qref.pidfile_ms),
-        "—",
-    );
-    res.row(
-        "· QEMU's pid file → agent's `running` (QEMU init, QMP handshake and status, network plug)",
-        dist(&collect(&runs, |r| span(r.pidfile, r.running_agent))),
-        "—",
-    );
     let ref_rest: Vec<f64> = qref
         .running_ms
         .iter()
         .zip(&qref.pidfile_ms)
         .map(|(r, p)| r - p)
         .collect();
-    res.row(
-        "· bare QEMU reference, same: pid file → QMP `running`",
-        dist(&ref_rest),
-        "—",
-    );
-    res.row(
-        "· bare QEMU reference, whole: spawn → QMP `running`",
-        dist(&qref.running_ms),
-        "—",
-    );
-    res.row(
-        "· agent's `running` → coordinator records it",
-        dist(&collect(&runs, |r| span(r.running_agent, r.running_coord))),
-        "—",
-    );
-    res.row(
-        "Guest boot: agent's `running` → `ZY-READY` (TCG)",
-        dist(&collect(&runs, |r| span(r.running_agent, r.ready))),
-        "—",
-    );
-    res.row(
-        "`DELETE /v1/vms/{vm}` answered (ACPI power-off, files removed)",
-        dist(&collect(&runs, |r| r.delete_ms)),
-        "—",
+    let between = |a: At, b: At| collect(&runs, |r| span(a(r), b(r)));
+    dist_rows(
+        res,
+        [
+            ("· request → VM placed (coordinator log)", req(|r| r.placed)),
+            (
+                "· placed → agent's `starting` (command to the node, image check, VM record, actor)",
+                between(|r| r.placed, |r| r.starting),
+            ),
+            (
+                "· request → agent's `starting` (all of the control plane, before QEMU is spawned)",
+                req(|r| r.starting),
+            ),
+            (
+                "· agent's `starting` → QEMU's pid file written (spawn, QEMU's exec and early init)",
+                between(|r| r.starting, |r| r.pidfile),
+            ),
+            (
+                "· bare QEMU reference, same: spawn → pid file",
+                qref.pidfile_ms.clone(),
+            ),
+            (
+                "· QEMU's pid file → agent's `running` (QEMU init, QMP handshake and status, network plug)",
+                between(|r| r.pidfile, |r| r.running_agent),
+            ),
+            (
+                "· bare QEMU reference, same: pid file → QMP `running`",
+                ref_rest,
+            ),
+            (
+                "· bare QEMU reference, whole: spawn → QMP `running`",
+                qref.running_ms.clone(),
+            ),
+            (
+                "· agent's `running` → coordinator records it",
+                between(|r| r.running_agent, |r| r.running_coord),
+            ),
+            (
+                "Guest boot: agent's `running` → `ZY-READY` (TCG)",
+                between(|r| r.running_agent, |r| r.ready),
+            ),
+            (
+                "`DELETE /v1/vms/{vm}` answered (ACPI power-off, files removed)",
+                collect(&runs, |r| r.delete_ms),
+            ),
+        ],
     );
     res.note(format!(
         "one at a time: request → QEMU forked (/proc/<pid>/stat field 22, whose 10 ms ticks round down, so this can read up to 10 ms early) {}; agent's `starting` → QEMU forked, same caveat, {}; bare QEMU's `Command::spawn` returned after {}",
@@ -1415,7 +1157,7 @@ fn burst_rows(batch: &Batch, label: &str, site: &Site, busy: CpuUse, res: &mut R
     let runs = &batch.runs;
     let first = runs.iter().map(|r| r.req).min().unwrap_or(0);
     let last_req = runs.iter().map(|r| r.resp).max().unwrap_or(0);
-    let all = |f: fn(&VmRun) -> Option<u64>| -> String {
+    let all = |f: At| -> String {
         let v: Vec<u64> = runs.iter().filter_map(f).collect();
         match v.iter().max() {
             Some(last) if v.len() == runs.len() => fmt_ms((last - first) as f64 / 1000.0),
@@ -1438,36 +1180,28 @@ fn burst_rows(batch: &Batch, label: &str, site: &Site, busy: CpuUse, res: &mut R
         .filter_map(|p| Mem::read(&p.to_string()).ok())
         .map(|m| m.rss)
         .sum();
-    res.row(
-        format!("{label}: first request → all running (agent logs)"),
-        all(|r| r.running_agent),
-        "—",
-    );
-    res.row(
-        format!("{label}: first request → all `running` in the API (coordinator log)"),
-        all(|r| r.running_coord),
-        "—",
-    );
-    res.row(
-        format!("{label}: first request → all printed `ZY-READY`"),
-        all(|r| r.ready),
-        "—",
-    );
-    res.row(
-        format!("{label}, per VM: request → agent's `starting`"),
-        dist(&collect(runs, |r| span(Some(r.req), r.starting))),
-        "—",
-    );
-    res.row(
-        format!("{label}, per VM: request → QEMU running (agent)"),
-        dist(&collect(runs, |r| span(Some(r.req), r.running_agent))),
-        "—",
-    );
-    res.row(
-        format!("{label}, per VM: request → `ZY-READY`"),
-        dist(&collect(runs, |r| span(Some(r.req), r.ready))),
-        "—",
-    );
+    let firsts: [(&str, At); 3] = [
+        ("all running (agent logs)", |r| r.running_agent),
+        ("all `running` in the API (coordinator log)", |r| {
+            r.running_coord
+        }),
+        ("all printed `ZY-READY`", |r| r.ready),
+    ];
+    for (what, at) in firsts {
+        res.row(format!("{label}: first request → {what}"), all(at), "—");
+    }
+    let per_vm: [(&str, At); 3] = [
+        ("agent's `starting`", |r| r.starting),
+        ("QEMU running (agent)", |r| r.running_agent),
+        ("`ZY-READY`", |r| r.ready),
+    ];
+    for (what, at) in per_vm {
+        res.row(
+            format!("{label}, per VM: request → {what}"),
+            dist(&collect(runs, |r| span(Some(r.req), at(r)))),
+            "—",
+        );
+    }
     for d in &batch.stuck {
         res.note(format!("{label}: never printed `ZY-READY`: {d}"));
     }
@@ -1485,29 +1219,6 @@ fn burst_rows(batch: &Batch, label: &str, site: &Site, busy: CpuUse, res: &mut R
 
 // ---------------------------------------------------------------------------------------------
 // Figure 3: the agent with N VMs
-
-fn agent_figures(s: &Settings, res: &mut Results, boot_offset: i64) -> Result<()> {
-    println!("[agent] building a site with one node");
-    let site = site_with_guest(1, res)?;
-    let dir = site.lab.dir.clone();
-    let pid = site
-        .lab
-        .pid("agent-n1")
-        .ok_or_else(|| anyhow!("no agent pid"))?;
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    let r = if comm.trim() != "zy-agent" {
-        Err(anyhow!("pid {pid} is `{}`, not zy-agent", comm.trim()))
-    } else {
-        site.lab.run_in(&site.lab.coord_ns(), || -> Result<()> {
-            let rt = runtime()?;
-            let api = api_client(&site)?;
-            rt.block_on(one_node(&site, &api, s, res, pid, boot_offset))
-        })
-    };
-    drop(site);
-    kill_leftover_qemu(&dir, "one-node site", res);
-    r
-}
 
 async fn one_node(
     site: &Site,
@@ -1629,139 +1340,83 @@ async fn one_node(
 // ---------------------------------------------------------------------------------------------
 // Output
 
-fn section_text(s: &Settings, m: &Machine, res: &Results, started: u64, took: Duration) -> String {
-    let mut t = String::new();
-    let _ = writeln!(t, "## VM benchmark\n");
-    let _ = writeln!(
-        t,
-        "Written by the benchmark itself; edit the bench (`tests/benches/vms.rs`), not this section.\n"
-    );
-    let _ = writeln!(t, "- **Machine:** {}", m.describe());
-    let _ = writeln!(
-        t,
-        "- **Hypervisor:** {}, accelerator {} (as the nodes reported it; no usable KVM means TCG, so guests boot far slower than they would under KVM)",
-        m.qemu,
-        res.accel.as_deref().unwrap_or("unknown")
-    );
-    let _ = writeln!(
-        t,
-        "- **Date:** {} (the run took {:.0} s)",
-        rfc3339(started),
-        took.as_secs_f64()
-    );
-    let _ = writeln!(
-        t,
-        "- **Command:** `cargo bench -p zy-lab --bench vms` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`; `ZY_BENCH_ONLY_VMS=1 scripts/bench.sh` runs this bench alone){}",
-        if s.overrides.is_empty() {
-            String::new()
-        } else {
-            format!(", with `{}`", s.overrides.join(" "))
-        }
-    );
-    let _ = writeln!(
-        t,
-        "- **Settings:** {} VMs one after another, {} at once across two nodes, {} on one node for the agent; {} MiB and 1 vCPU each, the test guest (`images/make-test-guest.sh`: a Debian kernel and a busybox initramfs, `console=ttyS0 quiet`); {} bare QEMU starts; agent window {} s after {} s of settling.\n",
-        s.seq, s.burst, s.node_vms, s.memory_mib, s.qemu_refs.min(s.seq), s.window_secs, s.settle_secs
-    );
-    let _ = writeln!(t, "| Figure | Measured | Target |");
-    let _ = writeln!(t, "|---|---|---|");
-    for r in &res.rows {
-        let _ = writeln!(
-            t,
-            "| {} | {} | {} |",
-            r.figure.replace('|', "\\|"),
-            r.value.replace('|', "\\|"),
-            r.target
-        );
-    }
-    let _ = writeln!(t);
-    if !res.notes.is_empty() {
-        let _ = writeln!(t, "Notes from this run:\n");
-        for n in &res.notes {
-            let _ = writeln!(t, "- {n}");
-        }
-        let _ = writeln!(t);
-    }
-    let _ = writeln!(t, "### Method\n");
-    let _ = writeln!(
-        t,
-        "No figure is asserted and nothing fails on slowness. p50 and p95 interpolate linearly between the closest ranks. Every VM goes through the real path: a lab site (network namespaces, the real `zy-coordinator`, `zy-agent` and `zy` release binaries), nodes enrolled in the intranet zone with `zy-agent join`, the test guest imported with `zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz --cmdline \"console=ttyS0 quiet\" --name guest`, and VMs created with `POST /v1/vms` (the `zy` CLI's HTTPS client, a fresh TLS connection per request as the CLI makes, from a thread of the bench inside the coordinator's namespace). `POST /v1/vms` answers 202 once the VM is placed; the coordinator then hands it to the node, whose agent checks the image in its cache, writes the VM's record, spawns QEMU, waits for QMP to answer `query-status` with `running`, joins the tap to the zone's bridge and VXLAN, and reports `running`. A VM is ready when the bench sees `ZY-READY <name>` (printed by the guest's init) in the console log the agent keeps (`<agent dir>/vms/<id>/console.log`), polled every 10 ms (25 ms for batches); the API is only asked every 500 ms, to notice failures, so as not to load the coordinator while it works.\n"
-    );
-    let _ = writeln!(
-        t,
-        "Timestamps, all wall clock on the same machine: the bench's own around each request; the coordinator's log lines `VM placed` and `VM state reported … state=running` and the agent's `VM state … state=starting` / `state=running` (µs timestamps; the agent logs `starting` just before it prepares and spawns QEMU, and `running` once QMP said `running` and the network is plugged); QEMU's fork time from `/proc/<pid>/stat` (field 22, in clock ticks of 1/{} s since boot, turned into wall time through CLOCK_BOOTTIME; too coarse for the table, so only in a note); the modification time of QEMU's pid file, which QEMU writes early in its start-up (file times have the kernel's coarse clock, about one scheduler tick). The API's `state_since` has one-second resolution, and the agent's own measure of spawn → QMP `running` (`Launched.startup`) is not reported anywhere, so neither is used.\n",
-        clk_tck()
-    );
-    let _ = writeln!(
-        t,
-        "1. **One at a time.** A site with two nodes. Warm-up first (not counted): one VM per node, so that both nodes hold the image in their cache, then deleted. The bare QEMU reference takes the command line the agent gave a warm-up VM (from `/proc/<pid>/cmdline`), swaps in a fresh directory, uuid and tap name, and runs it from a thread of the bench in the same node namespace, once just before each VM: the time from spawn to the pid file, and to QMP answering `query-status` with `running` (connecting every 1 ms; QEMU is killed at once). That is QEMU's own start-up; **our own overhead** is each VM's request → agent's `running` minus the reference's p50. The VMs are created one after another, each deleted (`DELETE /v1/vms/{{vm}}`, timed) {} ms after it printed `ZY-READY`, so each starts on an otherwise idle site (the pause: the test guest starts busybox `acpid` just before it prints the marker, and `acpid` opens the power button's input device only after it daemonizes, so a delete at once, which tries an ACPI power-off first, can be missed by the guest and wait the agent's whole 10 s grace); both nodes being empty, placement (most free memory, then name) puts every one on n1, and each is the only VM of its zone there, so its start includes making the zone's bridge and VXLAN device (removed again on delete). Guest boot is the agent's `running` → `ZY-READY`, under TCG.",
-        s.pause.as_millis()
-    );
-    let _ = writeln!(
-        t,
-        "2. **At once.** On the same site, after the free-memory check (MemAvailable against the VMs' memory plus {QEMU_OVERHEAD_MIB} MiB per QEMU, keeping {HOST_RESERVE_MIB} MiB), the VMs are created back to back (each request waits for the previous 202), spread by placement over both nodes; the figures run from the first request to the last VM's `running` (agent and coordinator logs) and to the last `ZY-READY`. A batch stops waiting after {}, or once no VM got ready for {} s while some did; a VM that never printed the marker is then left out of the per-VM figures and described in the notes (state, process, console tail, QEMU's stderr, its agent log lines). Machine CPU is the busy ticks of `/proc/stat` over that time. The VMs are then deleted, all at once.",
-        fmt_ms(s.timeout.as_secs_f64() * 1000.0),
-        STALL.as_secs()
-    );
-    let _ = writeln!(
-        t,
-        "3. **The agent with N VMs.** A site with one node, so that all VMs land on it. After settling, the agent's VmRSS with no VM; a warm-up VM (image into the cache) is started and deleted; then N VMs are started at once as in 2 (its rows), the agent's CPU (utime + stime from `/proc/<pid>/stat`, and the scheduler's run time from `/proc/<pid>/task/*/schedstat`) is taken over the start, and, after settling, over the window with all N running; VmRSS (RssAnon and RssFile, the latter mostly the mapped binary) and VmHWM are read from `/proc/<pid>/status` at the end of the window."
-    );
-    let _ = writeln!(
-        t,
-        "\nEach lab site is dropped at the end (its processes killed, namespaces and files removed), after which the bench looks for QEMU processes whose command line names the run's directory (`pgrep -f`) and kills any it finds; a note above says so if it had to."
-    );
-    t
-}
-
-fn write_docs(text: &str) -> Result<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join("docs")
-        .join("PERFORMANCE.md");
-    let block = format!("{BEGIN}\n{text}{END}");
-    let old = std::fs::read_to_string(&path).ok();
-    let new = match old {
-        Some(old) => match (old.find(BEGIN), old.find(END)) {
-            (Some(b), Some(e)) if e > b => {
-                format!("{}{block}{}", &old[..b], &old[e + END.len()..])
-            }
-            _ => match old.find(SPINE_END) {
-                // Right after the spine section.
-                Some(e) => {
-                    let at = e + SPINE_END.len();
-                    format!("{}\n\n{block}{}", &old[..at], &old[at..])
-                }
-                None => {
-                    let sep = if old.ends_with('\n') { "\n" } else { "\n\n" };
-                    format!("{old}{sep}{block}\n")
-                }
-            },
-        },
-        None => format!(
-            "# Performance\n\nMeasured figures of Zhengyun. The sections between the `bench:` markers are written by the benchmarks (`scripts/bench.sh`); the rest of this file is free text.\n\n{block}\n"
+fn section_text(
+    s: &Settings,
+    m: &Machine,
+    qemu: &str,
+    accel: Option<&str>,
+    res: &Results,
+    started: u64,
+    took: Duration,
+) -> String {
+    let head = SectionHead {
+        title: "VM benchmark",
+        bench: "vms",
+        machine: m,
+        more_machine: vec![(
+            "Hypervisor",
+            format!(
+                "{qemu}, accelerator {} (as the nodes reported it; no usable KVM means TCG, so guests boot far slower than they would under KVM)",
+                accel.unwrap_or("unknown")
+            ),
+        )],
+        started_ms: started,
+        took,
+        command: "`cargo bench -p zy-lab --bench vms` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`; `ZY_BENCH_ONLY_VMS=1 scripts/bench.sh` runs this bench alone)",
+        overrides: &s.overrides,
+        settings: format!(
+            "{} VMs one after another, {} at once across two nodes, {} on one node for the agent; {} MiB and 1 vCPU each, the test guest (`images/make-test-guest.sh`: a Debian kernel and a busybox initramfs, `console=ttyS0 quiet`); {} bare QEMU starts; agent window {} s after {} s of settling.",
+            s.seq, s.burst, s.node_vms, s.memory_mib, s.qemu_refs.min(s.seq), s.window_secs, s.settle_secs
         ),
     };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::write(&path, new)?;
-    Ok(path)
+    let method = [
+        "No figure is asserted and nothing fails on slowness. p50 and p95 interpolate linearly between the closest ranks. Every VM goes through the real path: a lab site (network namespaces, the real `zy-coordinator`, `zy-agent` and `zy` release binaries), nodes enrolled in the intranet zone with `zy-agent join`, the test guest imported with `zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz --cmdline \"console=ttyS0 quiet\" --name guest`, and VMs created with `POST /v1/vms` (the `zy` CLI's HTTPS client, a fresh TLS connection per request as the CLI makes, from a thread of the bench inside the coordinator's namespace). `POST /v1/vms` answers 202 once the VM is placed; the coordinator then hands it to the node, whose agent checks the image in its cache, writes the VM's record, spawns QEMU, waits for QMP to answer `query-status` with `running`, joins the tap to the zone's bridge and VXLAN, and reports `running`. A VM is ready when the bench sees `ZY-READY <name>` (printed by the guest's init) in the console log the agent keeps (`<agent dir>/vms/<id>/console.log`), polled every 10 ms (25 ms for batches); the API is only asked every 500 ms, to notice failures, so as not to load the coordinator while it works.\n"
+        .to_string(),
+        format!(
+            "Timestamps, all wall clock on the same machine: the bench's own around each request; the coordinator's log lines `VM placed` and `VM state reported … state=running` and the agent's `VM state … state=starting` / `state=running` (µs timestamps; the agent logs `starting` just before it prepares and spawns QEMU, and `running` once QMP said `running` and the network is plugged); QEMU's fork time from `/proc/<pid>/stat` (field 22, in clock ticks of 1/{} s since boot, turned into wall time through CLOCK_BOOTTIME; too coarse for the table, so only in a note); the modification time of QEMU's pid file, which QEMU writes early in its start-up (file times have the kernel's coarse clock, about one scheduler tick). The API's `state_since` has one-second resolution, and the agent's own measure of spawn → QMP `running` (`Launched.startup`) is not reported anywhere, so neither is used.\n",
+            clk_tck()
+        ),
+        format!(
+            "1. **One at a time.** A site with two nodes. Warm-up first (not counted): one VM per node, so that both nodes hold the image in their cache, then deleted. The bare QEMU reference takes the command line the agent gave a warm-up VM (from `/proc/<pid>/cmdline`), swaps in a fresh directory, uuid and tap name, and runs it from a thread of the bench in the same node namespace, once just before each VM: the time from spawn to the pid file, and to QMP answering `query-status` with `running` (connecting every 1 ms; QEMU is killed at once). That is QEMU's own start-up; **our own overhead** is each VM's request → agent's `running` minus the reference's p50. The VMs are created one after another, each deleted (`DELETE /v1/vms/{{vm}}`, timed) {} ms after it printed `ZY-READY`, so each starts on an otherwise idle site (the pause: the test guest starts busybox `acpid` just before it prints the marker, and `acpid` opens the power button's input device only after it daemonizes, so a delete at once, which tries an ACPI power-off first, can be missed by the guest and wait the agent's whole 10 s grace); both nodes being empty, placement (most free memory, then name) puts every one on n1, and each is the only VM of its zone there, so its start includes making the zone's bridge and VXLAN device (removed again on delete). Guest boot is the agent's `running` → `ZY-READY`, under TCG.",
+            s.pause.as_millis()
+        ),
+        format!(
+            "2. **At once.** On the same site, after the free-memory check (MemAvailable against the VMs' memory plus {QEMU_OVERHEAD_MIB} MiB per QEMU, keeping {HOST_RESERVE_MIB} MiB), the VMs are created back to back (each request waits for the previous 202), spread by placement over both nodes; the figures run from the first request to the last VM's `running` (agent and coordinator logs) and to the last `ZY-READY`. A batch stops waiting after {}, or once no VM got ready for {} s while some did; a VM that never printed the marker is then left out of the per-VM figures and described in the notes (state, process, console tail, QEMU's stderr, its agent log lines). Machine CPU is the busy ticks of `/proc/stat` over that time. The VMs are then deleted, all at once.",
+            fmt_ms(s.timeout.as_secs_f64() * 1000.0),
+            STALL.as_secs()
+        ),
+        "3. **The agent with N VMs.** A site with one node, so that all VMs land on it. After settling, the agent's VmRSS with no VM; a warm-up VM (image into the cache) is started and deleted; then N VMs are started at once as in 2 (its rows), the agent's CPU (utime + stime from `/proc/<pid>/stat`, and the scheduler's run time from `/proc/<pid>/task/*/schedstat`) is taken over the start, and, after settling, over the window with all N running; VmRSS (RssAnon and RssFile, the latter mostly the mapped binary) and VmHWM are read from `/proc/<pid>/status` at the end of the window."
+        .to_string(),
+        "\nEach lab site is dropped at the end (its processes killed, namespaces and files removed), after which the bench looks for QEMU processes whose command line names the run's directory (`pgrep -f`) and kills any it finds; a note above says so if it had to."
+        .to_string(),
+    ];
+    head.text(res, &method)
 }
 
 fn main() {
     let s = Settings::from_env();
     let m = Machine::read();
+    let qemu = qemu_version();
     let started = now_millis();
     let t0 = Instant::now();
     let boot_offset = boot_offset_us();
-    println!("VM benchmark on {}; {}", m.describe(), m.qemu);
+    println!("VM benchmark on {}; {qemu}", m.describe());
     println!("binaries from {}", bin_dir().display());
     println!("settings: {s:?}");
-    let mut res = Results::default();
+    let mut res = Results::new(66, 52);
+    // The accelerator the nodes reported (TCG here without usable KVM).
+    let mut accel = None;
 
     if s.runs("seq") || s.runs("burst") {
-        if let Err(e) = two_node_figures(&s, &mut res, boot_offset) {
+        println!("[lab] building a site with two intranet nodes");
+        let r = with_site(
+            2,
+            "two-node site",
+            &mut res,
+            &mut accel,
+            |rt, site, api, res| rt.block_on(two_nodes(site, api, &s, res, boot_offset)),
+        );
+        if let Err(e) = r {
             eprintln!("[two nodes] failed: {e:#}");
             res.row(
                 "Two-node figures (one at a time, at once)",
@@ -1771,7 +1426,22 @@ fn main() {
         }
     }
     if s.runs("agent") {
-        if let Err(e) = agent_figures(&s, &mut res, boot_offset) {
+        println!("[agent] building a site with one node");
+        let r = with_site(
+            1,
+            "one-node site",
+            &mut res,
+            &mut accel,
+            |rt, site, api, res| {
+                let pid = site
+                    .lab
+                    .pid("agent-n1")
+                    .ok_or_else(|| anyhow!("no agent pid"))?;
+                bench::expect_comm(pid, "zy-agent")?;
+                rt.block_on(one_node(site, api, &s, res, pid, boot_offset))
+            },
+        );
+        if let Err(e) = r {
             eprintln!("[agent] failed: {e:#}");
             res.row(
                 format!("Agent with {} VMs", s.node_vms),
@@ -1781,15 +1451,6 @@ fn main() {
         }
     }
 
-    let took = t0.elapsed();
-    let text = section_text(&s, &m, &res, started, took);
-    println!("\n{text}");
-    if s.write_docs {
-        match write_docs(&text) {
-            Ok(p) => println!("wrote {}", p.canonicalize().unwrap_or(p).display()),
-            Err(e) => eprintln!("could not write docs/PERFORMANCE.md: {e:#}"),
-        }
-    } else {
-        println!("docs/PERFORMANCE.md left alone (ZY_BENCH_VMS_ONLY or ZY_BENCH_WRITE=0)");
-    }
+    let text = section_text(&s, &m, &qemu, accel.as_deref(), &res, started, t0.elapsed());
+    DOCS.publish(&text, s.write_docs);
 }

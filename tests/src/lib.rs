@@ -531,6 +531,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
     }
 }
 
+pub mod bench;
 pub mod nspawn;
 pub mod peer;
 pub mod site;
