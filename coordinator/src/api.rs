@@ -287,6 +287,20 @@ async fn show_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult<N
 async fn remove_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult<RemovedNode> {
     let n = find(&coord, &key)?;
     let id = n.record.id;
+    // Its VMs would be orphans: they go first (a VM of a node that is away can be deleted).
+    let vms = coord.vms.on_node(id).await;
+    if !vms.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "node_has_vms",
+            format!(
+                "node {} holds {} VM(s): {}; delete them first (zy vm delete NAME works while the node is down)",
+                n.record.name,
+                vms.len(),
+                vms.join(", ")
+            ),
+        ));
+    }
     let store = coord.store.clone();
     let removed = tokio::task::spawn_blocking(move || store.remove_node(id, now_millis()))
         .await
@@ -303,6 +317,17 @@ async fn remove_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult
             }),
             reason: "node removed".into(),
         });
+    }
+    // Deletions waiting for this node can never be carried out now.
+    for d in coord.vms.forget_node(id) {
+        let store = coord.store.clone();
+        let vm = d.id;
+        match tokio::task::spawn_blocking(move || store.finish_vm_deletion(vm)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(vm = %vm, error = %e, "cannot drop a deletion of a removed node"),
+            Err(e) => warn!(vm = %vm, error = %e, "cannot drop a deletion of a removed node"),
+        }
+        warn!(vm = %d.id, name = %d.name, "the removed node never removed this deleted VM; wipe the server before it is enrolled again");
     }
     info!(node = %id, name = %removed.name, "node removed");
     Ok(Json(RemovedNode {

@@ -93,7 +93,7 @@ impl Coordinator {
         );
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
-        let vms = crate::vms::Vms::new(store.vms()?);
+        let vms = crate::vms::Vms::new(store.vms()?, store.vm_deletions()?);
         Ok(Self {
             events: crate::events::Events::default(),
             vms,

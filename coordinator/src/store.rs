@@ -40,6 +40,7 @@ const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_toke
 const TRANSITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("transitions");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const VMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vms");
+const VM_DELETIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vm_deletions");
 
 /// How many transitions are kept per node; older ones are pruned.
 pub const TRANSITIONS_KEPT: usize = 200;
@@ -176,6 +177,19 @@ pub struct VmRec {
     pub created_at_ms: u64,
 }
 
+/// A VM deleted while its node was away: gone from the site's VMs, but its node still has
+/// it and removes it when it returns. Its address stays taken until then (the VM may still
+/// run on a node that is only cut off).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmDeletion {
+    pub id: zy_common::VmId,
+    pub name: String,
+    pub node: NodeId,
+    pub zone: Zone,
+    pub ip: std::net::Ipv4Addr,
+    pub at_ms: u64,
+}
+
 /// A removed node: its certificate is refused from now on.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RemovedRecord {
@@ -284,6 +298,7 @@ impl Store {
             txn.open_table(NAMES)?;
             txn.open_table(IMAGES)?;
             txn.open_table(VMS)?;
+            txn.open_table(VM_DELETIONS)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -347,6 +362,32 @@ impl Store {
     pub fn remove_vm(&self, id: zy_common::VmId) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(VMS)?.remove(id.0.as_bytes().as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes a VM whose node is away: the VM goes and its deletion is kept for the node,
+    /// in one transaction.
+    pub fn defer_vm_deletion(&self, d: &VmDeletion) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        let key = d.id.0.as_bytes();
+        txn.open_table(VMS)?.remove(key.as_slice())?;
+        txn.open_table(VM_DELETIONS)?
+            .insert(key.as_slice(), encode(d)?.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletions waiting for their nodes.
+    pub fn vm_deletions(&self) -> Result<Vec<VmDeletion>, StoreError> {
+        self.scan(VM_DELETIONS, "vm_deletions")
+    }
+
+    /// A node removed a deleted VM: forget the deletion.
+    pub fn finish_vm_deletion(&self, id: zy_common::VmId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(VM_DELETIONS)?
+            .remove(id.0.as_bytes().as_slice())?;
         txn.commit()?;
         Ok(())
     }
@@ -807,6 +848,50 @@ mod tests {
         drop(s);
         let err = Store::open(&dir.join("zy.redb")).unwrap_err();
         assert!(err.to_string().contains("newer"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_deferred_deletion_takes_the_vm_away_in_one_step_and_survives_reopen() {
+        let (dir, s) = tmp();
+        let vm = VmRec {
+            id: zy_common::VmId::new_random(),
+            name: "w2".into(),
+            zone: Zone::Intranet,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_gib: 0,
+            image: "guest".into(),
+            boot: zy_common::image::ImageKind::Kernel {
+                kernel: zy_common::blob::BlobHash([1; 32]),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            node: Some(NodeId::new_random()),
+            desired: VmDesired::Running,
+            state: zy_common::vm::VmState::Running,
+            state_since_ms: 1,
+            mac: [0x52, 0x54, 0, 0, 0, 1],
+            ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
+            pid: Some(7),
+            created_at_ms: 1,
+        };
+        s.put_vm(&vm).unwrap();
+        let d = VmDeletion {
+            id: vm.id,
+            name: vm.name.clone(),
+            node: vm.node.unwrap(),
+            zone: vm.zone,
+            ip: vm.ip,
+            at_ms: 5,
+        };
+        s.defer_vm_deletion(&d).unwrap();
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert!(s.vms().unwrap().is_empty());
+        assert_eq!(s.vm_deletions().unwrap(), vec![d]);
+        s.finish_vm_deletion(vm.id).unwrap();
+        assert!(s.vm_deletions().unwrap().is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

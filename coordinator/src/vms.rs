@@ -23,7 +23,7 @@ use zy_common::{NodeId, VmId, Zone};
 use crate::api::ApiError;
 use crate::membership::NodeState;
 use crate::placement::{self, Demand, NodeCap};
-use crate::store::{VmDesired, VmRec};
+use crate::store::{VmDeletion, VmDesired, VmRec};
 use crate::Coordinator;
 
 /// A zone's network.
@@ -138,14 +138,50 @@ fn view(coord: &Coordinator, v: &VmRec) -> VmView {
 #[derive(Debug, Default)]
 pub struct Vms {
     inner: tokio::sync::Mutex<HashMap<VmId, VmRec>>,
+    /// VMs deleted while their node was away, until the node has removed them.
+    deleting: std::sync::Mutex<HashMap<VmId, VmDeletion>>,
 }
 
 impl Vms {
-    /// The VMs the store holds.
-    pub fn new(vms: Vec<VmRec>) -> Self {
+    /// The VMs and pending deletions the store holds.
+    pub fn new(vms: Vec<VmRec>, deletions: Vec<VmDeletion>) -> Self {
         Self {
             inner: tokio::sync::Mutex::new(vms.into_iter().map(|v| (v.id, v)).collect()),
+            deleting: std::sync::Mutex::new(deletions.into_iter().map(|d| (d.id, d)).collect()),
         }
+    }
+
+    fn deleting(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, VmDeletion>> {
+        self.deleting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// VMs deleted while their node was away, not yet removed there.
+    pub fn pending_deletions(&self) -> Vec<VmDeletion> {
+        self.deleting().values().cloned().collect()
+    }
+
+    /// Names of the VMs placed on `node`.
+    pub async fn on_node(&self, node: NodeId) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .inner
+            .lock()
+            .await
+            .values()
+            .filter(|v| v.node == Some(node))
+            .map(|v| v.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Drops the deletions a removed node can never carry out.
+    pub fn forget_node(&self, node: NodeId) -> Vec<VmDeletion> {
+        let mut d = self.deleting();
+        let gone: Vec<VmDeletion> = d.values().filter(|x| x.node == node).cloned().collect();
+        for g in &gone {
+            d.remove(&g.id);
+        }
+        gone
     }
 }
 
@@ -212,20 +248,25 @@ fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, String> 
 }
 
 /// Sends a VM command to the VM's node and waits for the answer.
-async fn command(
-    coord: &Coordinator,
-    node: Option<NodeId>,
-    kind: CommandKind,
-) -> Result<(), ApiError> {
+/// The session of a VM's node, or the error that says why there is none.
+fn connected(coord: &Coordinator, node: Option<NodeId>) -> Result<crate::fleet::Session, ApiError> {
     let node = node
         .ok_or_else(|| ApiError::new(StatusCode::CONFLICT, "not_placed", "the VM has no node"))?;
-    let session = coord.fleet.session(node).ok_or_else(|| {
+    coord.fleet.session(node).ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
             "not_connected",
             "the VM's node is not connected; try again when it is Ready",
         )
-    })?;
+    })
+}
+
+async fn command(
+    coord: &Coordinator,
+    node: Option<NodeId>,
+    kind: CommandKind,
+) -> Result<(), ApiError> {
+    let session = connected(coord, node)?;
     session
         .command(kind, Duration::from_secs(600))
         .await
@@ -237,7 +278,9 @@ async fn command(
 async fn set_state(coord: &Coordinator, id: VmId, from: NodeId, state: VmState, pid: Option<u32>) {
     let mut vms = coord.vms.inner.lock().await;
     let Some(v) = vms.get_mut(&id) else {
-        warn!(vm = %id, node = %from, "a node reports a VM this coordinator does not know");
+        if !coord.vms.deleting().contains_key(&id) {
+            warn!(vm = %id, node = %from, "a node reports a VM this coordinator does not know");
+        }
         return;
     };
     if v.node != Some(from) {
@@ -258,6 +301,11 @@ async fn set_state(coord: &Coordinator, id: VmId, from: NodeId, state: VmState, 
             _ => format!("{} -> {}", v.state.name(), state.name()),
         },
     );
+    // Running straight to stopped, without a stop under way: the guest powered itself off,
+    // and it is to stay off (a restart goes through `stopping`).
+    if v.state == VmState::Running && state == VmState::Stopped {
+        v.desired = VmDesired::Stopped;
+    }
     v.state = state;
     v.pid = pid;
     v.state_since_ms = now_millis();
@@ -282,6 +330,34 @@ pub async fn on_report(coord: &Arc<Coordinator>, node: NodeId, report: Vec<VmInf
     }
     for info in &report {
         set_state(coord, info.id, node, info.state.clone(), info.pid).await;
+    }
+    // VMs deleted while the node was away go now.
+    let deletions: Vec<VmDeletion> = coord
+        .vms
+        .pending_deletions()
+        .into_iter()
+        .filter(|d| d.node == node)
+        .collect();
+    for d in deletions {
+        let coord = coord.clone();
+        let present = report.iter().any(|r| r.id == d.id);
+        tokio::spawn(async move {
+            if present {
+                if let Err(e) = command(&coord, Some(node), CommandKind::DeleteVm(d.id)).await {
+                    warn!(vm = %d.id, name = %d.name, error = %e.message(), "cannot delete a VM on its returned node; will try at its next return");
+                    return;
+                }
+            }
+            let store = coord.store.clone();
+            match tokio::task::spawn_blocking(move || store.finish_vm_deletion(d.id)).await {
+                Ok(Ok(())) => {
+                    coord.vms.deleting().remove(&d.id);
+                    info!(vm = %d.id, name = %d.name, "VM deleted on its returned node");
+                }
+                Ok(Err(e)) => warn!(vm = %d.id, error = %e, "cannot record a finished deletion"),
+                Err(e) => warn!(vm = %d.id, error = %e, "cannot record a finished deletion"),
+            }
+        });
     }
     let missing: Vec<VmRec> = coord
         .vms
@@ -449,11 +525,20 @@ pub async fn create(
     )
     .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
     let net = zone_net(req.zone);
-    let taken: Vec<Ipv4Addr> = vms
+    let mut taken: Vec<Ipv4Addr> = vms
         .values()
         .filter(|v| v.zone == req.zone)
         .map(|v| v.ip)
         .collect();
+    // A VM deleted while its node was away may still run there: its address stays taken.
+    taken.extend(
+        coord
+            .vms
+            .pending_deletions()
+            .iter()
+            .filter(|d| d.zone == req.zone)
+            .map(|d| d.ip),
+    );
     let ip = allocate_ip(net, &taken).ok_or_else(|| {
         ApiError::new(
             StatusCode::CONFLICT,
@@ -535,7 +620,8 @@ async fn desire(
 /// told to quit.
 const STOP_GRACE_MS: u32 = 30_000;
 
-/// What a power request does: the desired state it records and the node commands it sends.
+/// What a power request does: the node commands it sends and the desired state each one
+/// records once done.
 #[derive(Clone, Copy, Debug)]
 enum Power {
     Start,
@@ -544,24 +630,30 @@ enum Power {
 }
 
 async fn power(coord: Arc<Coordinator>, key: &str, p: Power) -> Result<Json<VmView>, ApiError> {
-    let desired = match p {
-        Power::Stop => VmDesired::Stopped,
-        Power::Start | Power::Restart => VmDesired::Running,
+    // What ops asked for is recorded only once the node has done it: a refused or failed
+    // request leaves the site's intent and the node's state as they were.
+    let (id, node) = {
+        let mut vms = coord.vms.inner.lock().await;
+        let v = find(&mut vms, key)?;
+        (v.id, v.node)
     };
-    let v = desire(&coord, key, desired).await?;
     let stop = CommandKind::StopVm {
-        id: v.id,
+        id,
         grace_ms: STOP_GRACE_MS,
     };
-    let commands = match p {
-        Power::Start => vec![CommandKind::StartVm(v.id)],
-        Power::Stop => vec![stop],
-        Power::Restart => vec![stop, CommandKind::StartVm(v.id)],
+    let steps = match p {
+        Power::Start => vec![(CommandKind::StartVm(id), VmDesired::Running)],
+        Power::Stop => vec![(stop, VmDesired::Stopped)],
+        Power::Restart => vec![
+            (stop, VmDesired::Stopped),
+            (CommandKind::StartVm(id), VmDesired::Running),
+        ],
     };
-    for c in commands {
-        command(&coord, v.node, c).await?;
+    for (c, desired) in steps {
+        command(&coord, node, c).await?;
+        desire(&coord, &id.to_string(), desired).await?;
     }
-    show(State(coord), Path(v.id.to_string())).await
+    show(State(coord), Path(id.to_string())).await
 }
 
 /// `POST /v1/vms/{vm}/start`.
@@ -596,6 +688,27 @@ pub async fn delete(
         let mut vms = coord.vms.inner.lock().await;
         find(&mut vms, &key)?.clone()
     };
+    if let (Some(node), Err(_)) = (v.node, connected(&coord, v.node)) {
+        // The node is away (down, cut off, being repaired): the VM goes from the site now
+        // and from the node when it returns.
+        let d = VmDeletion {
+            id: v.id,
+            name: v.name.clone(),
+            node,
+            zone: v.zone,
+            ip: v.ip,
+            at_ms: now_millis(),
+        };
+        let store = coord.store.clone();
+        let rec = d.clone();
+        tokio::task::spawn_blocking(move || store.defer_vm_deletion(&rec))
+            .await
+            .map_err(ApiError::internal)??;
+        coord.vms.deleting().insert(d.id, d);
+        coord.vms.inner.lock().await.remove(&v.id);
+        info!(vm = %v.id, name = %v.name, node = %node, "VM deleted; its node is away and removes it when it returns");
+        return Ok(Json(view(&coord, &v)));
+    }
     command(&coord, v.node, CommandKind::DeleteVm(v.id)).await?;
     let store = coord.store.clone();
     tokio::task::spawn_blocking(move || store.remove_vm(v.id))

@@ -386,3 +386,85 @@ fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
     ok(&["vm", "delete", "d1"]);
     assert!(!dir.exists(), "overlay and seed go with the VM");
 }
+
+#[test]
+fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
+    let site = Site::new(1).unwrap();
+    site.join(1, "intranet").unwrap();
+    site.start_agent(1, &[]).unwrap();
+    site.wait_reporting("n1", 0, Duration::from_secs(30))
+        .unwrap();
+    let (kernel, initrd) = guest();
+    for (name, extra) in [("guest", ""), ("short", " zy.poweroff_after=2")] {
+        site.zy_ok(&[
+            "image",
+            "import",
+            "--kernel",
+            &kernel,
+            "--initrd",
+            &initrd,
+            "--cmdline",
+            &format!("console=ttyS0 quiet no_timer_check{extra}"),
+            "--name",
+            name,
+        ]);
+    }
+    for (vm, image) in [("w1", "guest"), ("w2", "guest"), ("w3", "short")] {
+        site.zy_ok(&[
+            "vm", "create", "--name", vm, "--zone", "intranet", "--memory", "128", "--image", image,
+        ]);
+    }
+    let w1 = wait_vm(&site, "w1", "running");
+    let w2 = wait_vm(&site, "w2", "running");
+    // A guest that powers itself off stays off: the site records that it should.
+    let w3 = wait_vm(&site, "w3", "stopped");
+    assert_eq!(
+        serde_json::to_value(w3.desired).unwrap(),
+        "stopped",
+        "guest poweroff"
+    );
+
+    site.lab.signal("agent-n1", Signal::SIGKILL);
+    wait_for("the node to be away", Duration::from_secs(30), || {
+        let out = site.zy(&["vm", "stop", "w1"]);
+        (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not connected"))
+            .then_some(())
+    })
+    .unwrap();
+    // A refused stop records nothing.
+    assert_eq!(
+        serde_json::to_value(vm(&site, "w1").desired).unwrap(),
+        "running"
+    );
+    // A delete is taken at once; the node removes the VM when it returns.
+    site.zy_ok(&["vm", "delete", "w2"]);
+    assert!(!site.zy(&["vm", "show", "w2"]).status.success());
+    let w2_pid = w2.pid.unwrap() as i32;
+    assert!(zy_lab::pid_alive(w2_pid), "still on the away node");
+    // Removing the node would orphan its VMs: refused, naming them.
+    let out = site.zy(&["node", "remove", "n1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("holds 2 VM(s): w1, w3"),
+        "{err}"
+    );
+
+    site.start_agent(1, &[]).unwrap();
+    wait_for("w2 removed on the returned node", BOOT, || {
+        (!zy_lab::pid_alive(w2_pid)
+            && !site
+                .agent_dir(1)
+                .join("vms")
+                .join(w2.id.to_string())
+                .exists())
+        .then_some(())
+    })
+    .unwrap();
+    let again = wait_vm(&site, "w1", "running");
+    assert_eq!(again.pid, w1.pid, "w1 untouched");
+    assert_eq!(vm(&site, "w3").state, "stopped", "w3 stays off");
+    assert!(site
+        .lab
+        .log("coordinator")
+        .contains("VM deleted on its returned node"));
+}
