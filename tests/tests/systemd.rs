@@ -136,6 +136,20 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
             .as_deref(),
         Some("t 2000000")
     );
+    // Sandboxed: only CAP_NET_ADMIN, no new privileges, the system read-only.
+    let status = std::fs::read_to_string(format!(
+        "/proc/{}/status",
+        node.host_pid(pid).expect("QEMU is in the container")
+    ))
+    .unwrap();
+    assert!(
+        status.contains("CapBnd:\t0000000000001000") && status.contains("NoNewPrivs:\t1"),
+        "{status}"
+    );
+    assert_eq!(
+        node.property(&unit, "Service", "ProtectSystem").as_deref(),
+        Some("s \"strict\"")
+    );
     let console = data.join("vms").join(v.id.to_string()).join("console.log");
     wait_for("the guest's readiness marker", BOOT, || {
         std::fs::read_to_string(&console)

@@ -262,6 +262,7 @@ pub async fn launch(
                     &what,
                     &argv,
                     &stderr_path,
+                    &paths.dir,
                     spec.vcpus,
                     spec.memory_mib,
                 )

@@ -181,6 +181,12 @@ impl VmSpec {
         push(&["-smp", &self.vcpus.to_string()]);
         push(&["-m", &self.memory_mib.to_string()]);
         push(&["-nodefaults", "-no-user-config", "-nographic"]);
+        // QEMU's seccomp filter: no obsolete syscalls, no setuid, no fork/exec, no
+        // scheduler or resource changes. A guest that breaks out of QEMU lands there.
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         push(&["-qmp", &format!("unix:{dir}/qmp.sock,server=on,wait=off")]);
         push(&[
             "-chardev",
