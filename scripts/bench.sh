@@ -11,7 +11,11 @@
 #          guest (built here with images/make-test-guest.sh if images/out lacks it).
 #          ZY_BENCH_VMS* variables shorten or select parts, e.g. ZY_BENCH_VMS=5.
 #
-# ZY_BENCH_ONLY_SPINE=1 or ZY_BENCH_ONLY_VMS=1 runs one of the two.
+#   systemd (tests/benches/systemd.rs): VM starts as systemd transient units against the
+#          agent's own forks, on one site (a systemd-nspawn node and a plain one); about one
+#          minute. ZY_BENCH_SD_VMS sets the VMs per node (10).
+#
+# ZY_BENCH_ONLY_SPINE=1, ZY_BENCH_ONLY_VMS=1 or ZY_BENCH_ONLY_SYSTEMD=1 runs one of them.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,14 +24,22 @@ if [[ "$(id -u)" -ne 0 ]]; then
     echo "bench.sh: the lab needs root (network namespaces); run it as root" >&2
     exit 1
 fi
-if [[ "${ZY_BENCH_ONLY_SPINE:-}" == 1 && "${ZY_BENCH_ONLY_VMS:-}" == 1 ]]; then
-    echo "bench.sh: ZY_BENCH_ONLY_SPINE=1 and ZY_BENCH_ONLY_VMS=1 exclude each other" >&2
+only=0
+for v in ZY_BENCH_ONLY_SPINE ZY_BENCH_ONLY_VMS ZY_BENCH_ONLY_SYSTEMD; do
+    [[ "${!v:-}" == 1 ]] && only=$((only + 1))
+done
+if [[ "$only" -gt 1 ]]; then
+    echo "bench.sh: ZY_BENCH_ONLY_SPINE, ZY_BENCH_ONLY_VMS and ZY_BENCH_ONLY_SYSTEMD exclude each other" >&2
     exit 1
 fi
 run_spine=1
 run_vms=1
-[[ "${ZY_BENCH_ONLY_VMS:-}" == 1 ]] && run_spine=0
-[[ "${ZY_BENCH_ONLY_SPINE:-}" == 1 ]] && run_vms=0
+run_systemd=1
+if [[ "$only" == 1 ]]; then
+    [[ "${ZY_BENCH_ONLY_SPINE:-}" == 1 ]] || run_spine=0
+    [[ "${ZY_BENCH_ONLY_VMS:-}" == 1 ]] || run_vms=0
+    [[ "${ZY_BENCH_ONLY_SYSTEMD:-}" == 1 ]] || run_systemd=0
+fi
 
 cargo build --release --bins
 
@@ -45,4 +57,14 @@ if [[ "$run_vms" == 1 ]]; then
         bash images/make-test-guest.sh
     fi
     cargo bench -p zy-lab --bench vms
+fi
+
+if [[ "$run_systemd" == 1 ]]; then
+    if [[ ! -s images/out/vmlinuz || ! -s images/out/initramfs.gz ]]; then
+        bash images/make-test-guest.sh
+    fi
+    (
+        for v in ${!ZY_BENCH_ONLY_@}; do unset "$v"; done
+        cargo bench -p zy-lab --bench systemd
+    )
 fi

@@ -52,8 +52,8 @@ use zy_common::{VmId, Zone};
 use zy_coordinator::client::Client;
 use zy_coordinator::vms::{CreateVm, VmView};
 use zy_lab::bench::{
-    self, admin_client, clk_tck, env_u64, method, mib, quantile, stat_fields, status_kib,
-    CpuSample, CpuUse, DocSection, Machine, Mem, Results, SectionHead,
+    self, admin_client, clk_tck, dist, env_u64, fmt_ms, log_time, method, mib, quantile, span,
+    stat_fields, status_kib, CpuSample, CpuUse, DocSection, Machine, Mem, Results, SectionHead,
 };
 use zy_lab::site::Site;
 use zy_lab::{bin_dir, pid_alive, API_PORT, COORD_IP};
@@ -188,79 +188,6 @@ fn open_fds(pid: &str) -> usize {
 fn mtime_us(path: &Path) -> Option<u64> {
     let t = std::fs::metadata(path).ok()?.modified().ok()?;
     Some(t.duration_since(UNIX_EPOCH).ok()?.as_micros() as u64)
-}
-
-/// Days since 1970-01-01 of a civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// The UTC timestamp that starts a log line of the agent or the coordinator
-/// (`2026-11-29T12:07:46.123456Z  INFO ...`), in µs since the epoch.
-fn log_ts_us(line: &str) -> Option<u64> {
-    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
-    let (date, time) = ts.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, mo, da) = (d.next()??, d.next()??, d.next()??);
-    let (hms, frac) = time.split_once('.').unwrap_or((time, "0"));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (h, mi, s) = (t.next()??, t.next()??, t.next()??);
-    let mut digits: String = frac.chars().take(6).collect();
-    while digits.len() < 6 {
-        digits.push('0');
-    }
-    let us: i64 = digits.parse().ok()?;
-    let secs = days_from_civil(y, mo, da) * 86_400 + h * 3600 + mi * 60 + s;
-    u64::try_from(secs * 1_000_000 + us).ok()
-}
-
-/// The time of the first line of `log` that contains every one of `needles`.
-fn log_time(log: &str, needles: &[&str]) -> Option<u64> {
-    log.lines()
-        .find(|l| needles.iter().all(|n| l.contains(n)))
-        .and_then(log_ts_us)
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics
-
-fn fmt_ms(ms: f64) -> String {
-    if !ms.is_finite() {
-        "n/a".into()
-    } else if ms.abs() >= 10_000.0 {
-        format!("{:.1} s", ms / 1000.0)
-    } else if ms.abs() >= 1000.0 {
-        format!("{:.2} s", ms / 1000.0)
-    } else if ms.abs() >= 10.0 {
-        format!("{ms:.0} ms")
-    } else {
-        format!("{ms:.1} ms")
-    }
-}
-
-/// `p50 / p95 / max (n)` of a set of milliseconds.
-fn dist(v: &[f64]) -> String {
-    if v.is_empty() {
-        return "n/a (no samples: log lines not found?)".into();
-    }
-    format!(
-        "p50 {} / p95 {} / max {} (n = {})",
-        fmt_ms(quantile(v, 0.5)),
-        fmt_ms(quantile(v, 0.95)),
-        fmt_ms(quantile(v, 1.0)),
-        v.len()
-    )
-}
-
-/// Milliseconds from `a` to `b` (wall-clock µs), when both are known.
-fn span(a: Option<u64>, b: Option<u64>) -> Option<f64> {
-    Some((b? as i64 - a? as i64) as f64 / 1000.0)
 }
 
 // ---------------------------------------------------------------------------------------------

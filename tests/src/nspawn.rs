@@ -12,10 +12,56 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::site::Site;
 use crate::wait_for;
 
 /// Where the project's binaries appear inside the container.
 pub const BIN_DIR: &str = "/opt/zy";
+/// The agent's data directory inside the container (the node's lab directory, bound).
+pub const AGENT_DIR: &str = "/var/lib/zhengyun/agent";
+
+/// Node `i` of `site` (enrolled already) as a systemd node: its container booted in the
+/// node's namespace with the node's data directory and an `agent.toml` asking for systemd
+/// supervision, and the agent running as the `zy-agent.service` of `systemd/` (a drop-in
+/// only points it at the built binary). Returns once the unit is started.
+pub fn agent_node(site: &Site, i: usize) -> Result<SystemdNode> {
+    let config = site.lab.dir.join(format!("agent-n{i}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{AGENT_DIR}\"\naccel = \"tcg\"\nsupervisor = \"systemd\"\n\
+             qemu = \"/usr/bin/qemu-system-x86_64\"\n"
+        ),
+    )?;
+    let node = SystemdNode::boot(
+        &site.lab.node_ns(i),
+        &format!("zy-n{i}"),
+        &site.lab.dir.join(format!("n{i}-container.log")),
+        &[
+            Bind {
+                host: site.agent_dir(i),
+                inside: AGENT_DIR.into(),
+                read_only: false,
+            },
+            Bind {
+                host: config,
+                inside: "/etc/zhengyun/agent.toml".into(),
+                read_only: true,
+            },
+        ],
+    )?;
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/zy-agent.service"),
+    )?;
+    node.write("/run/systemd/system/zy-agent.service", &unit)?;
+    node.write(
+        "/run/systemd/system/zy-agent.service.d/lab.conf",
+        &format!("[Service]\nExecStart=\nExecStart={BIN_DIR}/zy-agent run --log-json\n"),
+    )?;
+    node.daemon_reload()?;
+    node.unit_verb("StartUnit", "zy-agent.service")?;
+    Ok(node)
+}
 
 /// A booted container.
 #[derive(Debug)]

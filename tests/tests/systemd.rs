@@ -8,12 +8,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use zy_coordinator::vms::VmView;
-use zy_lab::nspawn::{Bind, SystemdNode, BIN_DIR};
+use zy_lab::nspawn::{agent_node, SystemdNode};
 use zy_lab::site::Site;
 use zy_lab::wait_for;
 
 const BOOT: Duration = Duration::from_secs(120);
-const AGENT_DIR: &str = "/var/lib/zhengyun/agent";
 
 fn vm(site: &Site, name: &str) -> VmView {
     site.zy_json(&["vm", "show", name]).unwrap()
@@ -39,48 +38,7 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
     let site = Site::new(1).unwrap();
     site.join(1, "intranet").unwrap();
     let data = site.agent_dir(1);
-    let config = site.lab.dir.join("agent-n1.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{AGENT_DIR}\"\naccel = \"tcg\"\nsupervisor = \"systemd\"\n\
-             qemu = \"/usr/bin/qemu-system-x86_64\"\n"
-        ),
-    )
-    .unwrap();
-    let node = SystemdNode::boot(
-        &site.lab.node_ns(1),
-        "zy-n1",
-        &site.lab.dir.join("n1-container.log"),
-        &[
-            Bind {
-                host: data.clone(),
-                inside: AGENT_DIR.into(),
-                read_only: false,
-            },
-            Bind {
-                host: config,
-                inside: "/etc/zhengyun/agent.toml".into(),
-                read_only: true,
-            },
-        ],
-    )
-    .unwrap();
-
-    // The unit from systemd/, as shipped; only the binary's path differs here.
-    let unit = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../systemd/zy-agent.service"),
-    )
-    .unwrap();
-    node.write("/run/systemd/system/zy-agent.service", &unit)
-        .unwrap();
-    node.write(
-        "/run/systemd/system/zy-agent.service.d/lab.conf",
-        &format!("[Service]\nExecStart=\nExecStart={BIN_DIR}/zy-agent run --log-json\n"),
-    )
-    .unwrap();
-    node.daemon_reload().unwrap();
-    node.unit_verb("StartUnit", "zy-agent.service").unwrap();
+    let node = agent_node(&site, 1).unwrap();
     site.wait_reporting("n1", 0, Duration::from_secs(60))
         .unwrap_or_else(|e| {
             panic!(
