@@ -79,22 +79,7 @@ fn run(n: usize, res: &mut Results) -> Result<()> {
         site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(60))
             .with_context(|| node.journal("zy-agent.service"))?;
     }
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out");
-    let out = site.zy(&[
-        "image",
-        "import",
-        "--kernel",
-        &dir.join("vmlinuz").to_string_lossy(),
-        "--initrd",
-        &dir.join("initramfs.gz").to_string_lossy(),
-        "--cmdline",
-        "console=ttyS0 quiet no_timer_check",
-        "--name",
-        "guest",
-    ]);
-    if !out.status.success() {
-        bail!("import: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    site.import_guest("guest", "console=ttyS0 quiet no_timer_check")?;
     // Warm-up (not counted): the image into both caches, the units' slice made.
     for (name, zone) in [("warm-sd", "intranet"), ("warm-dir", "extranet")] {
         create_and_wait(&site, name, zone)?;

@@ -739,7 +739,8 @@ fn qmp_return(rd: &mut impl BufRead) -> Result<serde_json::Value> {
 // ---------------------------------------------------------------------------------------------
 // The lab
 
-fn guest() -> Result<(String, String)> {
+/// Builds the test guest if `images/out` lacks it.
+fn ensure_guest() -> Result<()> {
     let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images");
     let dir = images.join("out");
     let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
@@ -756,42 +757,15 @@ fn guest() -> Result<(String, String)> {
             bail!("images/make-test-guest.sh failed ({st}); build the test guest first");
         }
     }
-    Ok((
-        k.to_string_lossy().into_owned(),
-        i.to_string_lossy().into_owned(),
-    ))
+    Ok(())
 }
 
 /// A site with `n` intranet nodes, their agents Ready, and the test guest imported as `guest`;
 /// `accel` is set to the accelerator the nodes reported, if it is not known yet.
 fn site_with_guest(n: usize, accel: &mut Option<String>) -> Result<Site> {
-    let (kernel, initrd) = guest()?;
-    let site = Site::new(n)?;
-    for i in 1..=n {
-        site.join(i, "intranet")?;
-        site.start_agent(i, &[])?;
-    }
-    for i in 1..=n {
-        site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))?;
-    }
-    let out = site.zy(&[
-        "image",
-        "import",
-        "--kernel",
-        &kernel,
-        "--initrd",
-        &initrd,
-        "--cmdline",
-        "console=ttyS0 quiet",
-        "--name",
-        "guest",
-    ]);
-    if !out.status.success() {
-        bail!(
-            "zy image import failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    ensure_guest()?;
+    let site = Site::with_agents(&vec!["intranet"; n])?;
+    site.import_guest("guest", "console=ttyS0 quiet")?;
     if accel.is_none() {
         *accel = site
             .nodes()?

@@ -45,6 +45,48 @@ impl Site {
         Ok(site)
     }
 
+    /// A site whose node `i + 1` is enrolled in `zones[i]`, its agent started and reporting.
+    pub fn with_agents(zones: &[&str]) -> Result<Site> {
+        let site = Site::new(zones.len())?;
+        for (i, zone) in zones.iter().enumerate() {
+            site.join(i + 1, zone)?;
+            site.start_agent(i + 1, &[])?;
+        }
+        for i in 1..=zones.len() {
+            site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))?;
+        }
+        Ok(site)
+    }
+
+    /// The test guest (`images/make-test-guest.sh`) as a kernel image named `name` that
+    /// boots with `cmdline`.
+    pub fn import_guest(&self, name: &str, cmdline: &str) -> Result<()> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out");
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
+        if !kernel.exists() || !initrd.exists() {
+            bail!("build the test guest first: images/make-test-guest.sh");
+        }
+        let out = self.zy(&[
+            "image",
+            "import",
+            "--kernel",
+            &kernel.to_string_lossy(),
+            "--initrd",
+            &initrd.to_string_lossy(),
+            "--cmdline",
+            cmdline,
+            "--name",
+            name,
+        ]);
+        if !out.status.success() {
+            bail!(
+                "import of {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Starts the coordinator and waits until its API answers.
     pub fn start_coordinator(&self) -> Result<()> {
         let state = self.state.to_string_lossy().into_owned();

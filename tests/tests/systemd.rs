@@ -4,7 +4,6 @@
 //! limits. VMs outlive the agent's service being stopped, a QEMU killed under systemd is
 //! reported with how its unit ended, and nothing is left in systemd after stop and delete.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use zy_coordinator::vms::VmView;
@@ -54,24 +53,8 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
         "Type=notify: active only once the agent said READY"
     );
 
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out");
-    let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
-    assert!(
-        kernel.exists(),
-        "build the test guest: images/make-test-guest.sh"
-    );
-    site.zy_ok(&[
-        "image",
-        "import",
-        "--kernel",
-        &kernel.to_string_lossy(),
-        "--initrd",
-        &initrd.to_string_lossy(),
-        "--cmdline",
-        "console=ttyS0 quiet no_timer_check",
-        "--name",
-        "guest",
-    ]);
+    site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
+        .unwrap();
     site.zy_ok(&[
         "vm", "create", "--name", "s1", "--zone", "intranet", "--vcpus", "2", "--memory", "300",
         "--image", "guest",

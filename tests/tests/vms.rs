@@ -12,19 +12,6 @@ use zy_lab::wait_for;
 
 const BOOT: Duration = Duration::from_secs(120);
 
-fn guest() -> (String, String) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out");
-    let k = dir.join("vmlinuz");
-    assert!(
-        k.exists(),
-        "build the test guest first: images/make-test-guest.sh"
-    );
-    (
-        k.to_string_lossy().into(),
-        dir.join("initramfs.gz").to_string_lossy().into(),
-    )
-}
-
 fn vm(site: &Site, name: &str) -> VmView {
     site.zy_json(&["vm", "show", name]).unwrap()
 }
@@ -51,15 +38,7 @@ fn console(site: &Site, node: usize, v: &VmView) -> String {
 
 #[test]
 fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
-    let site = Site::new(3).unwrap();
-    site.join(1, "intranet").unwrap();
-    site.join(2, "intranet").unwrap();
-    site.join(3, "extranet").unwrap();
-    for i in 1..=3 {
-        site.start_agent(i, &[]).unwrap();
-        site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))
-            .unwrap();
-    }
+    let site = Site::with_agents(&["intranet", "intranet", "extranet"]).unwrap();
     // Someone follows the site's events throughout.
     let cfg = site.cli_config().to_string_lossy().into_owned();
     site.lab
@@ -71,26 +50,7 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
             &[("ZY_CONFIG", cfg.as_str())],
         )
         .unwrap();
-    let (kernel, initrd) = guest();
-    let import = |name: &str, cmdline: &str| {
-        let out = site.zy(&[
-            "image",
-            "import",
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &initrd,
-            "--cmdline",
-            cmdline,
-            "--name",
-            name,
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let import = |name: &str, cmdline: &str| site.import_guest(name, cmdline).unwrap();
     import("guest", "console=ttyS0 quiet no_timer_check");
     // Same kernel, same blobs (stored once): a guest that pings its intranet peer and the
     // extranet VM's address.
@@ -330,11 +290,7 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
 
 #[test]
 fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
-    let site = Site::new(1).unwrap();
-    site.join(1, "intranet").unwrap();
-    site.start_agent(1, &[]).unwrap();
-    site.wait_reporting("n1", 0, Duration::from_secs(30))
-        .unwrap();
+    let site = Site::with_agents(&["intranet"]).unwrap();
     let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
     assert!(
         disk.exists(),
@@ -389,25 +345,10 @@ fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
 
 #[test]
 fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
-    let site = Site::new(1).unwrap();
-    site.join(1, "intranet").unwrap();
-    site.start_agent(1, &[]).unwrap();
-    site.wait_reporting("n1", 0, Duration::from_secs(30))
-        .unwrap();
-    let (kernel, initrd) = guest();
+    let site = Site::with_agents(&["intranet"]).unwrap();
     for (name, extra) in [("guest", ""), ("short", " zy.poweroff_after=2")] {
-        site.zy_ok(&[
-            "image",
-            "import",
-            "--kernel",
-            &kernel,
-            "--initrd",
-            &initrd,
-            "--cmdline",
-            &format!("console=ttyS0 quiet no_timer_check{extra}"),
-            "--name",
-            name,
-        ]);
+        site.import_guest(name, &format!("console=ttyS0 quiet no_timer_check{extra}"))
+            .unwrap();
     }
     for (vm, image) in [("w1", "guest"), ("w2", "guest"), ("w3", "short")] {
         site.zy_ok(&[
