@@ -82,46 +82,35 @@ impl Seed {
         s
     }
 
-    /// Writes the seed disk (a raw FAT image) to `path`, replacing any earlier one.
-    pub fn write(&self, path: &Path) -> std::io::Result<()> {
-        let tmp = path.with_extension("img.tmp");
-        let result = (|| {
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)?;
-            file.set_len(SIZE)?;
-            fatfs::format_volume(
-                &mut file,
-                fatfs::FormatVolumeOptions::new()
-                    .fat_type(fatfs::FatType::Fat12)
-                    .volume_label(*LABEL),
-            )?;
-            {
-                let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new())?;
-                for (name, text) in [
-                    ("meta-data", self.meta_data()),
-                    ("user-data", self.user_data()),
-                    ("network-config", self.network_config()),
-                ] {
-                    let mut f = fs.root_dir().create_file(name)?;
-                    f.truncate()?;
-                    f.write_all(text.as_bytes())?;
-                    f.flush()?;
-                }
-                fs.unmount()?;
+    /// The seed disk: a raw FAT12 image labelled `CIDATA` holding the three files.
+    pub fn image(&self) -> std::io::Result<Vec<u8>> {
+        let mut disk = std::io::Cursor::new(vec![0u8; SIZE as usize]);
+        fatfs::format_volume(
+            &mut disk,
+            fatfs::FormatVolumeOptions::new()
+                .fat_type(fatfs::FatType::Fat12)
+                .volume_label(*LABEL),
+        )?;
+        {
+            let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
+            for (name, text) in [
+                ("meta-data", self.meta_data()),
+                ("user-data", self.user_data()),
+                ("network-config", self.network_config()),
+            ] {
+                let mut f = fs.root_dir().create_file(name)?;
+                f.truncate()?;
+                f.write_all(text.as_bytes())?;
+                f.flush()?;
             }
-            file.sync_all()
-        })();
-        match result {
-            Ok(()) => std::fs::rename(&tmp, path),
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                Err(e)
-            }
+            fs.unmount()?;
         }
+        Ok(disk.into_inner())
+    }
+
+    /// Writes the seed disk to `path` (atomically, replacing any earlier one).
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        zy_common::files::write_atomic(path, &self.image()?, 0o600)
     }
 }
 
@@ -185,7 +174,7 @@ mod tests {
                 .unwrap();
             assert_eq!(text, want, "{name}");
         }
-        assert!(!path.with_extension("img.tmp").exists());
+        assert!(!path.with_extension("tmp").exists());
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
