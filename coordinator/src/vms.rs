@@ -310,10 +310,12 @@ async fn set_state(coord: &Coordinator, id: VmId, from: NodeId, state: VmState, 
     v.pid = pid;
     v.state_since_ms = now_millis();
     let copy = v.clone();
-    drop(vms);
+    // Written while the VMs are locked, so that a delete in between cannot be undone by
+    // this write.
     if let Err(e) = persist(coord, &copy).await {
         warn!(error = ?e, "cannot record a VM state");
     }
+    drop(vms);
 }
 
 /// A VM state change from a node.
@@ -611,7 +613,6 @@ async fn desire(
     let v = find(&mut vms, key)?;
     v.desired = desired;
     let copy = v.clone();
-    drop(vms);
     persist(coord, &copy).await?;
     Ok(copy)
 }
@@ -684,10 +685,8 @@ pub async fn delete(
     State(coord): State<Arc<Coordinator>>,
     Path(key): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    let v = {
-        let mut vms = coord.vms.inner.lock().await;
-        find(&mut vms, &key)?.clone()
-    };
+    let mut vms = coord.vms.inner.lock().await;
+    let v = find(&mut vms, &key)?.clone();
     if let (Some(node), Err(_)) = (v.node, connected(&coord, v.node)) {
         // The node is away (down, cut off, being repaired): the VM goes from the site now
         // and from the node when it returns.
@@ -705,16 +704,21 @@ pub async fn delete(
             .await
             .map_err(ApiError::internal)??;
         coord.vms.deleting().insert(d.id, d);
-        coord.vms.inner.lock().await.remove(&v.id);
+        vms.remove(&v.id);
+        drop(vms);
         info!(vm = %v.id, name = %v.name, node = %node, "VM deleted; its node is away and removes it when it returns");
         return Ok(Json(view(&coord, &v)));
     }
+    // The node may take a while (a guest that ignores its power button): not locked.
+    drop(vms);
     command(&coord, v.node, CommandKind::DeleteVm(v.id)).await?;
+    let mut vms = coord.vms.inner.lock().await;
     let store = coord.store.clone();
     tokio::task::spawn_blocking(move || store.remove_vm(v.id))
         .await
         .map_err(ApiError::internal)??;
-    coord.vms.inner.lock().await.remove(&v.id);
+    vms.remove(&v.id);
+    drop(vms);
     info!(vm = %v.id, name = %v.name, "VM deleted");
     Ok(Json(view(&coord, &v)))
 }
