@@ -320,7 +320,11 @@ async fn drive(
                                 let tx = reply_tx.clone();
                                 let id = c.id;
                                 tokio::spawn(async move {
-                                    let result = node.handle(vm_command).await;
+                                    // A QEMU's stderr can be long: the reply must still fit.
+                                    let result = node
+                                        .handle(vm_command)
+                                        .await
+                                        .map_err(|e| zy_common::proto::fit_text(&e, zy_common::proto::MAX_TEXT));
                                     let _ = tx.send(Reply { id, result }).await;
                                 });
                                 continue;

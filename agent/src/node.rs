@@ -238,12 +238,8 @@ impl Node {
             ImageKind::Disk { blob, format, .. } => {
                 let disk = paths.dir.join("disk0.qcow2");
                 let size = (vm.disk_gib > 0).then(|| format!("{}G", vm.disk_gib));
-                qemu_img_overlay(
-                    &self.cache.path(blob),
-                    format.as_str(),
-                    &disk,
-                    size.as_deref(),
-                )?;
+                let (base, fmt, d) = (self.cache.path(blob), format.as_str(), disk.clone());
+                blocking(move || qemu_img_overlay(&base, fmt, &d, size.as_deref())).await?;
                 disks.push(DiskSpec {
                     path: disk,
                     format: "qcow2".into(),
@@ -265,8 +261,12 @@ impl Node {
                         .collect(),
                 };
                 let path = paths.dir.join("seed.img");
-                seed.write(&path)
-                    .map_err(|e| format!("cannot write the cloud-init seed: {e}"))?;
+                let p = path.clone();
+                blocking(move || {
+                    seed.write(&p)
+                        .map_err(|e| format!("cannot write the cloud-init seed: {e}"))
+                })
+                .await?;
                 disks.push(DiskSpec {
                     path,
                     format: "raw".into(),
@@ -280,7 +280,8 @@ impl Node {
             } => {
                 if vm.disk_gib > 0 {
                     let disk = paths.dir.join("disk0.qcow2");
-                    qemu_img_empty(&disk, vm.disk_gib)?;
+                    let (d, gib) = (disk.clone(), vm.disk_gib);
+                    blocking(move || qemu_img_empty(&d, gib)).await?;
                     disks.push(DiskSpec {
                         path: disk,
                         format: "qcow2".into(),
@@ -339,6 +340,16 @@ impl Node {
         spec.validate().map_err(|e| e.to_string())?;
         Ok((spec, ports))
     }
+}
+
+/// Runs file work (qemu-img, writing a seed) off the agent's single runtime thread, which
+/// also serves the link, every VM's actor and the watchdog.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("disk preparation failed: {e}"))?
 }
 
 fn qemu_img(args: &[&str]) -> Result<(), String> {

@@ -146,6 +146,29 @@ impl Message {
     }
 }
 
+/// Text made fit to travel in a frame and to print: control characters (a guest's console
+/// is full of escape sequences) become spaces, and text over `max` bytes keeps its start and
+/// its end (where a console's last lines are), cut at character boundaries.
+pub fn fit_text(text: &str, max: usize) -> String {
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
+        .collect();
+    if clean.len() <= max {
+        return clean;
+    }
+    const GAP: &str = " ... ";
+    let mut head_end = (max / 5).min(800);
+    while !clean.is_char_boundary(head_end) {
+        head_end -= 1;
+    }
+    let mut cut = clean.len() - (max - head_end - GAP.len());
+    while !clean.is_char_boundary(cut) {
+        cut += 1;
+    }
+    format!("{}{GAP}{}", &clean[..head_end], &clean[cut..])
+}
+
 fn invalid<T>(msg: String) -> Result<T, FrameError> {
     Err(FrameError::Invalid(msg))
 }

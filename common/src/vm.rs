@@ -37,20 +37,7 @@ impl VmState {
     /// guest's console is full of escape sequences) become spaces, and an over-long reason
     /// keeps its end (the console's last lines), cut at a character boundary.
     pub fn failed(reason: impl Into<String>) -> Self {
-        let clean: String = reason
-            .into()
-            .chars()
-            .map(|c| if c.is_control() && c != '\n' { ' ' } else { c })
-            .collect();
-        if clean.len() <= MAX_REASON {
-            return VmState::Failed(clean);
-        }
-        let head: String = clean.chars().take(200).collect();
-        let mut cut = clean.len() - (MAX_REASON - head.len() - 5);
-        while !clean.is_char_boundary(cut) {
-            cut += 1;
-        }
-        VmState::Failed(format!("{head} ... {}", &clean[cut..]))
+        VmState::Failed(crate::proto::fit_text(&reason.into(), MAX_REASON))
     }
 
     /// The lower-case name used in listings.

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use zy_coordinator::vms::VmView;
-use zy_lab::nspawn::{agent_node, SystemdNode};
+use zy_lab::nspawn::{agent_node, SystemdNode, AGENT_DIR};
 use zy_lab::site::Site;
 use zy_lab::wait_for;
 
@@ -53,7 +53,8 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
         "Type=notify: active only once the agent said READY"
     );
 
-    site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
+    // A `$` in an image's command line reaches the guest as it is (systemd would expand it).
+    site.import_guest("guest", "console=ttyS0 quiet no_timer_check zy.note=$HOME")
         .unwrap();
     site.zy_ok(&[
         "vm", "create", "--name", "s1", "--zone", "intranet", "--vcpus", "2", "--memory", "300",
@@ -77,12 +78,30 @@ fn under_systemd_vms_are_transient_units_that_outlive_the_agent() {
             .as_deref(),
         Some("t 2000000")
     );
-    // Sandboxed: only CAP_NET_ADMIN, no new privileges, the system read-only.
-    let status = std::fs::read_to_string(format!(
-        "/proc/{}/status",
-        node.host_pid(pid).expect("QEMU is in the container")
-    ))
-    .unwrap();
+    // Sandboxed: only CAP_NET_ADMIN, no new privileges, the system read-only, and of the
+    // agent's data directory only its own VM and the images in sight.
+    let qemu_host_pid = node.host_pid(pid).expect("QEMU is in the container");
+    let status = std::fs::read_to_string(format!("/proc/{qemu_host_pid}/status")).unwrap();
+    let seen = |p: &str| {
+        std::path::Path::new(&format!("/proc/{qemu_host_pid}/root{AGENT_DIR}/{p}")).exists()
+    };
+    assert!(seen(&format!("vms/{}/console.log", v.id)) && seen("images"));
+    assert!(
+        !seen("identity") && !seen("identity/node.key"),
+        "the node's key is hidden"
+    );
+    let vms_seen: Vec<_> = std::fs::read_dir(format!("/proc/{qemu_host_pid}/root{AGENT_DIR}/vms"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(vms_seen.len(), 1, "no other VM in sight: {vms_seen:?}");
+    let cmdline = std::fs::read(format!("/proc/{qemu_host_pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("zy.note=$HOME"),
+        "{}",
+        String::from_utf8_lossy(&cmdline)
+    );
     assert!(
         status.contains("CapBnd:\t0000000000001000") && status.contains("NoNewPrivs:\t1"),
         "{status}"

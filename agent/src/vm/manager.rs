@@ -51,7 +51,6 @@ pub struct Stray {
 /// whose VM is not in `known`.
 pub fn find_strays(vms_dir: &std::path::Path, known: &dyn Fn(VmId) -> bool) -> Vec<Stray> {
     let mut out = Vec::new();
-    let prefix = vms_dir.to_string_lossy().into_owned();
     let procs = std::fs::read_dir("/proc").into_iter().flatten().flatten();
     for p in procs {
         let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -69,7 +68,8 @@ pub fn find_strays(vms_dir: &std::path::Path, known: &dyn Fn(VmId) -> bool) -> V
         let (Some(uuid), Some(pidfile)) = (value(b"-uuid"), value(b"-pidfile")) else {
             continue;
         };
-        if !pidfile.starts_with(&prefix) || !runner::pid_alive(pid) {
+        // Component-wise: `<data>/vms-old/...` is not under `<data>/vms`.
+        if !std::path::Path::new(&pidfile).starts_with(vms_dir) || !runner::pid_alive(pid) {
             continue;
         }
         if let Ok(id) = uuid.parse::<VmId>() {

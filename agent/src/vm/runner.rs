@@ -81,7 +81,7 @@ impl Supervisor {
 pub enum Proc {
     Child(tokio::process::Child),
     Unit { pid: i32, sd: Systemd, id: VmId },
-    Foreign(i32),
+    Foreign { pid: i32, id: VmId },
 }
 
 async fn gone(pid: i32) {
@@ -99,7 +99,7 @@ impl Proc {
                 gone(*pid).await;
                 sd.ended(*id).await
             }
-            Proc::Foreign(pid) => {
+            Proc::Foreign { pid, .. } => {
                 gone(*pid).await;
                 None
             }
@@ -110,12 +110,12 @@ impl Proc {
     pub fn has_exited(&mut self) -> bool {
         match self {
             Proc::Child(c) => c.try_wait().ok().flatten().is_some(),
-            Proc::Unit { pid, .. } | Proc::Foreign(pid) => !pid_alive(*pid),
+            Proc::Unit { pid, .. } | Proc::Foreign { pid, .. } => !pid_alive(*pid),
         }
     }
 
     async fn kill(&mut self) {
-        let pid = match self {
+        let (pid, id) = match self {
             Proc::Child(c) => {
                 let _ = c.start_kill();
                 return;
@@ -124,15 +124,18 @@ impl Proc {
                 Ok(()) => return,
                 Err(e) => {
                     warn!(vm = %id, error = %e, "systemd cannot kill the VM's unit; killing QEMU");
-                    *pid
+                    (*pid, *id)
                 }
             },
-            Proc::Foreign(pid) => *pid,
+            Proc::Foreign { pid, id } => (*pid, *id),
         };
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // Not our child: the pid may have gone and been given to another process since.
+        if pid_alive(pid) && is_qemu_of(pid, id) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
@@ -198,7 +201,7 @@ pub async fn attach(
             sd: sd.clone(),
             id: spec.id,
         },
-        _ => Proc::Foreign(pid),
+        _ => Proc::Foreign { pid, id: spec.id },
     };
     Ok(Some(Launched {
         pid,
@@ -263,6 +266,11 @@ pub async fn launch(
                     &argv,
                     &stderr_path,
                     &paths.dir,
+                    paths
+                        .dir
+                        .parent()
+                        .and_then(Path::parent)
+                        .unwrap_or(&paths.dir),
                     spec.vcpus,
                     spec.memory_mib,
                 )
@@ -276,26 +284,49 @@ pub async fn launch(
         }
     };
 
+    match until_running(&mut proc, paths, &stderr_path, t0).await {
+        Ok(qmp) => Ok(Launched {
+            pid,
+            proc,
+            qmp,
+            startup: t0.elapsed(),
+        }),
+        Err(e) => {
+            // A QEMU that started but never ran as it should does not stay behind.
+            if !proc.has_exited() {
+                proc.kill().await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), proc.exited()).await;
+            }
+            if let Proc::Unit { sd, id, .. } = &proc {
+                sd.forget(*id).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Waits until QEMU answers on QMP that it runs; its QMP session.
+async fn until_running(
+    proc: &mut Proc,
+    paths: &VmPaths,
+    stderr_path: &Path,
+    t0: Instant,
+) -> Result<Qmp, RunError> {
     // Wait for the QMP socket, noticing an early exit (bad kernel path, busy tap...).
     let deadline = t0 + Duration::from_secs(15);
     let qmp = loop {
         if proc.has_exited() {
-            return Err(early_exit(&mut proc, &stderr_path).await);
+            return Err(early_exit(proc, stderr_path).await);
         }
         if paths.qmp().exists() {
             match Qmp::connect(&paths.qmp()).await {
                 Ok(q) => break q,
                 Err(QmpError::Connect { .. }) => {}
                 // QEMU opens QMP before it checks everything; if it is gone, say why.
-                Err(e) => {
-                    return Err(gone_within(&mut proc, &stderr_path)
-                        .await
-                        .unwrap_or(e.into()))
-                }
+                Err(e) => return Err(gone_within(proc, stderr_path).await.unwrap_or(e.into())),
             }
         }
         if Instant::now() > deadline {
-            proc.kill().await;
             return Err(RunError::NoQmp(Duration::from_secs(15)));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -304,21 +335,12 @@ pub async fn launch(
     let mut qmp = qmp;
     let status = match qmp.status().await {
         Ok(s) => s,
-        Err(e) => {
-            return Err(gone_within(&mut proc, &stderr_path)
-                .await
-                .unwrap_or(e.into()))
-        }
+        Err(e) => return Err(gone_within(proc, stderr_path).await.unwrap_or(e.into())),
     };
     if status != "running" {
         warn!(%status, "QEMU is not running after start");
     }
-    Ok(Launched {
-        pid,
-        proc,
-        qmp,
-        startup: t0.elapsed(),
-    })
+    Ok(qmp)
 }
 
 /// The error for a QEMU that has exited: how, and what it said on stderr.

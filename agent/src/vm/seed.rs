@@ -73,7 +73,8 @@ impl Seed {
                 n.prefix,
                 n.mtu
             ));
-            if let Some(gw) = n.gateway {
+            // One default route: the first NIC's.
+            if let (0, Some(gw)) = (i, n.gateway) {
                 s.push_str(&format!(
                     "    routes:\n      - to: 0.0.0.0/0\n        via: {gw}\n"
                 ));

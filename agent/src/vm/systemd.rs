@@ -61,11 +61,11 @@ trait Service {
 /// What went wrong talking to systemd.
 #[derive(Debug, thiserror::Error)]
 pub enum SystemdError {
-    #[error("cannot reach systemd on the system bus")]
+    #[error("cannot reach systemd on the system bus: {0}")]
     Connect(#[source] zbus::Error),
     #[error("systemd did not answer within {0:?}")]
     Timeout(Duration),
-    #[error("systemd refused to start {unit}")]
+    #[error("systemd refused to start {unit}: {source}")]
     Start {
         unit: String,
         #[source]
@@ -73,7 +73,7 @@ pub enum SystemdError {
     },
     #[error("systemd started {0} but it has no main process (QEMU did not start)")]
     NoProcess(String),
-    #[error("systemd call on {unit} failed")]
+    #[error("systemd call on {unit} failed: {source}")]
     Call {
         unit: String,
         #[source]
@@ -176,15 +176,26 @@ impl Systemd {
         argv: &[String],
         stderr: &Path,
         vm_dir: &Path,
+        data_dir: &Path,
         vcpus: u32,
         memory_mib: u64,
     ) -> Result<i32, SystemdError> {
         let unit = Self::unit(id);
-        timed(async {
+        // A QEMU of this VM that still runs as its unit is one the agent could not attach to
+        // (it is starting the VM, so it has none): it holds the disk and the tap, and the
+        // name. It goes, like the QEMU of a VM that is started again after a crash.
+        if let Some(pid) = self.main_pid(id).await {
+            tracing::warn!(vm = %id, pid, "an earlier QEMU of this VM still runs as its unit; killing it");
+            self.kill_and_forget(id).await;
+        }
+        let started = timed(async {
             let m = self.manager().await?;
             // A unit of an earlier run that failed keeps its name until reset.
             let _ = m.reset_failed_unit(&unit).await;
-            let exec = vec![(argv[0].clone(), argv.to_vec(), false)];
+            // systemd expands `$VAR` in ExecStart's arguments: `$$` keeps a `$` as it is (an
+            // image's kernel command line may hold one).
+            let argv: Vec<String> = argv.iter().map(|a| a.replace('$', "$$")).collect();
+            let exec = vec![(argv[0].clone(), argv.clone(), false)];
             let stderr = stderr.display().to_string();
             let mut props: Vec<(&str, Variant<'_>)> = vec![
                 ("Description", Variant::from(description)),
@@ -208,7 +219,7 @@ impl Systemd {
             ];
             // Least privilege: QEMU needs its own directory, to read its images, and
             // CAP_NET_ADMIN for its taps; nothing else of the host.
-            props.extend(sandbox(vm_dir));
+            props.extend(sandbox(vm_dir, data_dir));
             if let Some(ns) = &self.netns {
                 props.push(("NetworkNamespacePath", Variant::from(ns.as_str())));
             }
@@ -227,7 +238,26 @@ impl Systemd {
             }
             Err(SystemdError::NoProcess(unit.clone()))
         })
-        .await
+        .await;
+        if started.is_err() {
+            // Whatever systemd did start must not stay behind.
+            self.kill_and_forget(id).await;
+        }
+        started
+    }
+
+    /// Kills VM `id`'s unit if it runs, waits for it to go, and lets systemd forget it.
+    pub async fn kill_and_forget(&self, id: VmId) {
+        if self.main_pid(id).await.is_some() {
+            let _ = self.kill(id).await;
+            for _ in 0..100 {
+                if self.main_pid(id).await.is_none() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.forget(id).await;
     }
 
     /// The main pid of VM `id`'s unit, if the unit exists and runs.
@@ -293,23 +323,38 @@ impl Systemd {
     }
 }
 
-/// The sandbox of a VM's unit: the whole file system read-only but the VM's directory
-/// (its images are read in place), no home directories, private /tmp, no kernel tunables or
-/// modules, no new privileges, capabilities cut to CAP_NET_ADMIN (QEMU makes its taps),
-/// devices cut to what a VM uses. /tmp and the home directories stay visible when the VM's
-/// directory is under them (a test node's data directory may be).
-fn sandbox(vm_dir: &Path) -> Vec<(&'static str, Variant<'static>)> {
+/// The sandbox of a VM's unit. QEMU runs as root (it makes its tap), so hiding matters as
+/// much as read-only: the agent's data directory is replaced by an empty read-only tmpfs
+/// in which only the VM's own directory (read-write) and the image cache (read-only)
+/// appear, so neither the node's key nor another VM's disk is there to be read. The rest
+/// of the system is read-only, home directories and /tmp are hidden, kernel tunables and
+/// modules are out of reach, no new privileges, capabilities cut to CAP_NET_ADMIN, devices
+/// to what a VM uses. /tmp and the home directories stay when the data directory is under
+/// them (a test node's may be).
+fn sandbox(vm_dir: &Path, data_dir: &Path) -> Vec<(&'static str, Variant<'static>)> {
     let under = |roots: &[&str]| roots.iter().any(|r| vm_dir.starts_with(r));
     let devices: Vec<(String, String)> = ["/dev/net/tun", "/dev/kvm", "/dev/vhost-net"]
         .iter()
         .map(|d| (d.to_string(), "rw".to_string()))
         .collect();
+    let vm = vm_dir.display().to_string();
+    let images = data_dir.join("images").display().to_string();
     let mut p = vec![
         ("ProtectSystem", Variant::from("strict")),
         (
-            "ReadWritePaths",
-            Variant::from(vec![vm_dir.display().to_string()]),
+            "TemporaryFileSystem",
+            Variant::from(vec![(data_dir.display().to_string(), "ro".to_string())]),
         ),
+        // (source, destination, ignore a missing source, mount options)
+        (
+            "BindPaths",
+            Variant::from(vec![(vm.clone(), vm.clone(), false, 0u64)]),
+        ),
+        (
+            "BindReadOnlyPaths",
+            Variant::from(vec![(images.clone(), images, true, 0u64)]),
+        ),
+        ("ReadWritePaths", Variant::from(vec![vm])),
         ("NoNewPrivileges", Variant::from(true)),
         ("ProtectKernelTunables", Variant::from(true)),
         ("ProtectKernelModules", Variant::from(true)),
