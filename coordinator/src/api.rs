@@ -329,6 +329,8 @@ async fn remove_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult
         }
         warn!(vm = %d.id, name = %d.name, "the removed node never removed this deleted VM; wipe the server before it is enrolled again");
     }
+    // The zone's other nodes stop sending its network's traffic to it.
+    crate::vms::sync_peers(&coord, removed.zone).await;
     info!(node = %id, name = %removed.name, "node removed");
     Ok(Json(RemovedNode {
         id,
