@@ -90,6 +90,10 @@ impl Segment {
 #[derive(Debug, Clone)]
 pub struct Netdev {
     handle: rtnetlink::Handle,
+    /// Network changes one at a time: all requests share one netlink socket, on which the
+    /// kernel runs one dump at a time (a second gets EBUSY), and two VMs making or
+    /// releasing the same segment at once must not interleave.
+    changes: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn nl(action: &'static str, name: &str) -> impl FnOnce(rtnetlink::Error) -> NetdevError {
@@ -110,7 +114,16 @@ impl Netdev {
     pub fn new() -> Result<Self, NetdevError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetdevError::Socket)?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            changes: Default::default(),
+        })
+    }
+
+    /// Holds off every other change of the node's networks while the guard lives; callers
+    /// that make, join, release or re-peer segments take it first.
+    pub async fn changing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changes.lock().await
     }
 
     /// A link by name, if it exists.
@@ -233,7 +246,8 @@ impl Netdev {
             .set_address_family(AddressFamily::Bridge)
             .execute();
         let mut out = BTreeSet::new();
-        while let Some(m) = s.try_next().await.map_err(nl("list the FDB of", "vxlan"))? {
+        let what = format!("the VXLAN device #{index}");
+        while let Some(m) = s.try_next().await.map_err(nl("list the FDB of", &what))? {
             if m.header.ifindex != index {
                 continue;
             }
@@ -310,7 +324,11 @@ impl Netdev {
         let mut s = self.handle.link().get().execute();
         let mut out = Vec::new();
         let vx = seg.vxlan();
-        while let Some(m) = s.try_next().await.map_err(nl("list links for", "bridge"))? {
+        while let Some(m) = s
+            .try_next()
+            .await
+            .map_err(nl("list the links of", &seg.bridge()))?
+        {
             let controller = m
                 .attributes
                 .iter()

@@ -169,6 +169,7 @@ impl Node {
                     return Ok(ReplyKind::Done);
                 };
                 let vxlan = format!("zyvx{vni}");
+                let _one_at_a_time = nd.changing().await;
                 if nd.link(&vxlan).await.map_err(|e| e.to_string())?.is_none() {
                     // No VM of that network here: nothing to update.
                     return Ok(ReplyKind::Done);

@@ -409,3 +409,56 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
         .log("coordinator")
         .contains("VM deleted on its returned node"));
 }
+
+#[test]
+fn many_vms_started_at_once_on_one_node_all_join_their_network() {
+    // Their starts overlap: each one makes or joins the zone's segment over the same
+    // netlink socket (the VM bench once saw `EBUSY` from two FDB dumps at once).
+    let site = Site::with_agents(&["intranet"]).unwrap();
+    site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
+        .unwrap();
+    let names: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+    let threads: Vec<_> = names
+        .iter()
+        .map(|n| {
+            let cfg = site.cli_config();
+            let ns = site.lab.coord_ns();
+            let n = n.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns])
+                    .arg(zy_lab::bin("zy"))
+                    .args([
+                        "vm", "create", "--name", &n, "--zone", "intranet", "--memory", "64",
+                        "--image", "guest",
+                    ])
+                    .env("ZY_CONFIG", cfg)
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for t in threads {
+        let out = t.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for n in &names {
+        wait_vm(&site, n, "running");
+    }
+    for n in &names {
+        site.zy_ok(&["vm", "delete", n]);
+    }
+    let links = std::process::Command::new("ip")
+        .args(["-n", &site.lab.node_ns(1), "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links.contains("zybr") && !links.contains("zyvx") && !links.contains("zyt"),
+        "{links}"
+    );
+}

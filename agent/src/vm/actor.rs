@@ -191,6 +191,7 @@ impl Actor {
         let Some(nd) = &self.ctx.netdev else {
             return Ok(());
         };
+        let _one_at_a_time = nd.changing().await;
         for (tap, seg) in &self.rec.ports {
             nd.ensure_segment(seg).await?;
             nd.attach(tap, seg).await?;
@@ -201,6 +202,7 @@ impl Actor {
     /// Removes networks no VM uses any more (the taps went with QEMU).
     async fn unplug(&self) {
         let Some(nd) = &self.ctx.netdev else { return };
+        let _one_at_a_time = nd.changing().await;
         for (_, seg) in &self.rec.ports {
             if let Err(e) = nd.release_segment(seg).await {
                 warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
