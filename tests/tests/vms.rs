@@ -27,6 +27,19 @@ fn wait_vm(site: &Site, name: &str, state: &str) -> VmView {
     .unwrap()
 }
 
+/// Node `node` has no bridge, VXLAN device or tap of ours left.
+fn assert_no_vm_links(site: &Site, node: usize) {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &site.lab.node_ns(node), "-o", "link"])
+        .output()
+        .unwrap();
+    let links = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !links.contains("zybr") && !links.contains("zyvx") && !links.contains("zyt"),
+        "{links}"
+    );
+}
+
 fn console(site: &Site, node: usize, v: &VmView) -> String {
     let log = site
         .agent_dir(node)
@@ -228,15 +241,7 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         .join("vms")
         .join(b1.id.to_string())
         .exists());
-    let links = std::process::Command::new("ip")
-        .args(["-n", &site.lab.node_ns(3), "-o", "link"])
-        .output()
-        .unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    assert!(
-        !links.contains("zybr") && !links.contains("zyvx") && !links.contains("zyt"),
-        "{links}"
-    );
+    assert_no_vm_links(&site, 3);
 
     // Bad input gets a clear refusal and makes nothing.
     for (args, want) in [
@@ -452,13 +457,5 @@ fn many_vms_started_at_once_on_one_node_all_join_their_network() {
     for n in &names {
         site.zy_ok(&["vm", "delete", n]);
     }
-    let links = std::process::Command::new("ip")
-        .args(["-n", &site.lab.node_ns(1), "-o", "link"])
-        .output()
-        .unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    assert!(
-        !links.contains("zybr") && !links.contains("zyvx") && !links.contains("zyt"),
-        "{links}"
-    );
+    assert_no_vm_links(&site, 1);
 }

@@ -1,7 +1,7 @@
 //! CPU and memory limits for a QEMU process the agent supervises itself: a cgroup per VM,
 //! through cgroup v2 where its controllers are enabled (production hosts), through cgroup
-//! v1 on hybrid hosts like the test machine. Under systemd the unit's slice carries the
-//! limits instead.
+//! v1 on hybrid hosts like the test machine. Under systemd each VM's unit carries the
+//! same limits instead (`vm/systemd.rs`).
 //!
 //! ```text
 //! v2: /sys/fs/cgroup/zy-vms/<vm id>/{cpu.max, memory.max, pids.max, cgroup.procs}

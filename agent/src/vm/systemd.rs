@@ -230,8 +230,9 @@ impl Systemd {
                     source,
                 })?;
             // `exec` units have their main pid as soon as the job runs; give it a moment.
+            let service = self.service(&unit).await?;
             for _ in 0..200 {
-                match self.service(&unit).await?.main_pid().await {
+                match service.main_pid().await {
                     Ok(pid) if pid > 0 => return Ok(pid as i32),
                     _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
