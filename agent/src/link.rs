@@ -23,7 +23,7 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 use zy_common::proto::{
-    close, CommandKind, Event, EventKind, Hello, Message, RefusalCode, Reply, ReplyKind, VmInfo,
+    close, CommandKind, Event, EventKind, Hello, Message, RefusalCode, Reply, ReplyKind,
 };
 use zy_common::time::now_millis;
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
@@ -320,11 +320,7 @@ async fn drive(
                                 let tx = reply_tx.clone();
                                 let id = c.id;
                                 tokio::spawn(async move {
-                                    // A QEMU's stderr can be long: the reply must still fit.
-                                    let result = node
-                                        .handle(vm_command)
-                                        .await
-                                        .map_err(|e| zy_common::proto::fit_text(&e, zy_common::proto::MAX_TEXT));
+                                    let result = node.handle(vm_command).await;
                                     let _ = tx.send(Reply { id, result }).await;
                                 });
                                 continue;
@@ -346,8 +342,7 @@ async fn drive(
                 wire::write_frame(&mut send, version, &Message::Reply(reply)).await.map_err(stream)?;
             }
             Some(ev) = events.recv() => {
-                let info = VmInfo { id: ev.id, name: ev.name, state: ev.status.state, pid: ev.status.pid.map(|p| p as u32) };
-                let msg = Message::Event(Event { at_ms: ev.status.since_ms, kind: EventKind::Vm(info) });
+                let msg = Message::Event(Event { at_ms: ev.status.since_ms, kind: EventKind::Vm(ev.info()) });
                 wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
             }
             e = conn.closed() => return Err(lost(e)),

@@ -3,21 +3,22 @@
 //! start/stop/delete to the VM's actor.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::warn;
+use tracing::{info, warn};
 use zy_common::blob::BlobDir;
 use zy_common::image::ImageKind;
-use zy_common::proto::{Accel, CommandKind, ReplyKind, VmInfo, WireVm};
-use zy_common::time::now_millis;
-use zy_common::vm::VmState;
+use zy_common::proto::{
+    Accel, CommandKind, ReplyError, ReplyErrorKind, ReplyKind, VmInfo, VmIntent, WireVm,
+};
+use zy_common::vm::Generation;
 use zy_common::VmId;
 
 use crate::netdev::Segment;
 use crate::uplink::Uplink;
-use crate::vm::actor::{Ctx, Request, VmEvent, VmStatus};
-use crate::vm::manager::VmManager;
+use crate::vm::actor::{Ctx, Request, VmEvent};
+use crate::vm::manager::{Begin, VmManager, PREPARING_MARKER};
+use crate::vm::observed::{ObservedClock, ObservedError};
 use crate::vm::seed::{Seed, SeedNic};
 use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
@@ -29,7 +30,23 @@ pub struct Node {
     pub uplink: Uplink,
     pub cache: BlobDir,
     pub accel: Accel,
-    events: mpsc::Sender<VmEvent>,
+}
+
+/// Why the node's VM side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("cannot open the image cache")]
+    Cache(#[from] zy_common::blob::BlobError),
+    #[error("cannot open the observed generation")]
+    Observed(#[from] ObservedError),
+}
+
+fn refused(message: impl AsRef<str>) -> ReplyError {
+    ReplyError::new(ReplyErrorKind::Refused, message)
+}
+
+fn failed(message: impl AsRef<str>) -> ReplyError {
+    ReplyError::new(ReplyErrorKind::Failed, message)
 }
 
 /// Finds who will run QEMU on this host, as the config asks.
@@ -74,7 +91,7 @@ impl Node {
         accel: Accel,
         supervisor: crate::vm::runner::Supervisor,
         uplink: Uplink,
-    ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), zy_common::blob::BlobError> {
+    ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
         let (tx, rx) = mpsc::channel(256);
         let netdev = match crate::netdev::Netdev::new() {
             Ok(n) => Some(n),
@@ -83,12 +100,14 @@ impl Node {
                 None
             }
         };
+        let clock = Arc::new(ObservedClock::open(&data_dir.join("observed-generation"))?);
         let ctx = Ctx {
             qemu: ctx_qemu,
             data_dir: data_dir.to_path_buf(),
-            events: tx.clone(),
+            events: tx,
             netdev: netdev.clone(),
             supervisor,
+            clock,
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
         let vms = VmManager::recover(ctx).await;
@@ -99,7 +118,6 @@ impl Node {
                 uplink,
                 cache,
                 accel,
-                events: tx,
             }),
             rx,
         ))
@@ -107,62 +125,16 @@ impl Node {
 
     /// Every VM and its state, for the coordinator on (re)connect.
     pub fn report(&self) -> Vec<VmInfo> {
-        self.vms
-            .list()
-            .into_iter()
-            .map(|h| {
-                let s = h.status.borrow().clone();
-                VmInfo {
-                    id: h.id,
-                    name: h.name.clone(),
-                    state: s.state,
-                    pid: s.pid.map(|p| p as u32),
-                }
-            })
-            .collect()
+        self.vms.report()
     }
 
-    /// Carries out a VM command.
-    pub async fn handle(&self, kind: CommandKind) -> Result<ReplyKind, String> {
+    /// Carries out a command. VM intents answer at once with what the node has; the work
+    /// they start is reported as it happens.
+    pub async fn handle(self: &Arc<Self>, kind: CommandKind) -> Result<ReplyKind, ReplyError> {
         match kind {
-            CommandKind::CreateVm(vm) => self.create(vm).await.map(|()| ReplyKind::Done),
-            CommandKind::StartVm(id) => {
-                let h = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| format!("no VM {id} on this node"))?;
-                let (tx, rx) = oneshot::channel();
-                h.send(Request::Start(tx)).map_err(|e| e.to_string())?;
-                rx.await
-                    .map_err(|_| "the VM's actor stopped".to_string())??;
-                Ok(ReplyKind::Done)
-            }
-            CommandKind::StopVm { id, grace_ms } => {
-                let h = self
-                    .vms
-                    .get(id)
-                    .ok_or_else(|| format!("no VM {id} on this node"))?;
-                let (tx, rx) = oneshot::channel();
-                h.send(Request::Stop {
-                    grace: Duration::from_millis(grace_ms.into()),
-                    reply: tx,
-                })
-                .map_err(|e| e.to_string())?;
-                rx.await
-                    .map_err(|_| "the VM's actor stopped".to_string())??;
-                Ok(ReplyKind::Done)
-            }
-            CommandKind::DeleteVm(id) => {
-                let Some(h) = self.vms.get(id) else {
-                    // Deleting what is not here is done already.
-                    return Ok(ReplyKind::Done);
-                };
-                let (tx, rx) = oneshot::channel();
-                h.send(Request::Delete(tx)).map_err(|e| e.to_string())?;
-                rx.await
-                    .map_err(|_| "the VM's actor stopped".to_string())??;
-                self.vms.forget(id);
-                Ok(ReplyKind::Done)
+            CommandKind::EnsureVm(intent) => self.ensure(intent).map(ReplyKind::Vm),
+            CommandKind::DeleteVm { id, generation } => {
+                self.delete(id, generation).await.map(|()| ReplyKind::Done)
             }
             CommandKind::SyncPeers { vni, peers } => {
                 let Some(nd) = &self.netdev else {
@@ -170,55 +142,92 @@ impl Node {
                 };
                 let vxlan = format!("zyvx{vni}");
                 let _one_at_a_time = nd.changing().await;
-                if nd.link(&vxlan).await.map_err(|e| e.to_string())?.is_none() {
+                if nd
+                    .link(&vxlan)
+                    .await
+                    .map_err(|e| failed(format!("{e:#}")))?
+                    .is_none()
+                {
                     // No VM of that network here: nothing to update.
                     return Ok(ReplyKind::Done);
                 }
                 nd.sync_peers(&vxlan, &peers.into_iter().collect())
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| failed(format!("{e:#}")))?;
                 Ok(ReplyKind::Done)
             }
-            CommandKind::Ping | CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),
+            CommandKind::Ping => Ok(ReplyKind::Pong),
+            CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),
         }
     }
 
-    fn emit(&self, id: VmId, name: &str, state: VmState) {
-        let _ = self.events.try_send(VmEvent {
-            id,
-            name: name.to_string(),
-            status: VmStatus {
-                state,
-                pid: None,
-                startup: None,
-                since_ms: now_millis(),
-            },
-        });
+    /// Takes an intent: to the VM's actor if it exists, else into its one preparation.
+    fn ensure(self: &Arc<Self>, i: VmIntent) -> Result<VmInfo, ReplyError> {
+        let id = i.vm.id;
+        match self
+            .vms
+            .begin(id, &i.vm.name, i.desired, i.generation, i.stop_grace_ms)
+        {
+            Begin::Actor(h) => {
+                h.send(Request::Intent {
+                    desired: i.desired,
+                    generation: i.generation,
+                    stop_grace_ms: i.stop_grace_ms,
+                })
+                .map_err(|e| ReplyError::new(ReplyErrorKind::Busy, e.to_string()))?;
+                let s = h.status.borrow().clone();
+                Ok(VmInfo {
+                    id,
+                    name: h.name.clone(),
+                    state: s.state,
+                    pid: s.pid.map(|p| p as u32),
+                    intent: s.intent,
+                    generation: s.generation,
+                })
+            }
+            Begin::Joined(info) => Ok(info),
+            Begin::Claimed(info) => {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let paths = VmPaths::new(node.vms.data_dir(), id);
+                    let (made, own_dir) = match make_dir(&paths).await {
+                        Ok(()) => (node.prepare(&i.vm, &paths).await, true),
+                        Err(e) => (Err(e), false),
+                    };
+                    if let Err(e) = node.vms.finish(id, made, own_dir).await {
+                        warn!(vm = %id, error = %e, "the VM could not be made");
+                    } else {
+                        info!(vm = %id, "VM made");
+                    }
+                });
+                Ok(info)
+            }
+        }
     }
 
-    async fn create(&self, vm: WireVm) -> Result<(), String> {
-        if self.vms.get(vm.id).is_some() {
+    /// Removes a VM: its actor stops it and removes its files, or its preparation is
+    /// cancelled and cleans up. A VM that is not here is deleted already.
+    async fn delete(&self, id: VmId, generation: Generation) -> Result<(), ReplyError> {
+        if let Some(h) = self.vms.get(id) {
+            let held = h.status.borrow().intent;
+            if held > generation {
+                return Err(refused(format!(
+                    "VM {id} holds intent {held}, newer than this deletion's {generation}"
+                )));
+            }
+            let (tx, rx) = oneshot::channel();
+            h.send(Request::Delete(tx))
+                .map_err(|e| ReplyError::new(ReplyErrorKind::Busy, e.to_string()))?;
+            rx.await
+                .map_err(|_| failed("the VM's actor stopped"))?
+                .map_err(failed)?;
+            self.vms.forget(id);
             return Ok(());
         }
-        self.emit(vm.id, &vm.name, VmState::Creating);
-        let paths = VmPaths::new(self.vms.data_dir(), vm.id);
-        let result = self.prepare(&vm, &paths).await;
-        let (spec, ports) = match result {
-            Ok(x) => x,
-            Err(e) => {
-                // Nothing half-made stays behind.
-                let _ = std::fs::remove_dir_all(&paths.dir);
-                self.emit(vm.id, &vm.name, VmState::failed(e.clone()));
-                return Err(e);
-            }
-        };
-        self.vms
-            .create(spec, ports, vm.start)
-            .map(|_| ())
-            .map_err(|e| {
-                let _ = std::fs::remove_dir_all(&paths.dir);
-                e.to_string()
-            })
+        if let Some(mut done) = self.vms.cancel(id) {
+            let _ = done.wait_for(|d| *d).await;
+        }
+        Ok(())
     }
 
     async fn prepare(
@@ -232,8 +241,6 @@ impl Node {
                 .await
                 .map_err(|e| format!("cannot get the image: {e}"))?;
         }
-        std::fs::create_dir_all(&paths.dir)
-            .map_err(|e| format!("cannot make {}: {e}", paths.dir.display()))?;
         let mut disks = Vec::new();
         let boot = match &vm.image {
             ImageKind::Disk { blob, format, .. } => {
@@ -341,6 +348,31 @@ impl Node {
         spec.validate().map_err(|e| e.to_string())?;
         Ok((spec, ports))
     }
+}
+
+/// Makes a preparation's own directory, marked as such. One that exists was made by someone
+/// else (a VM of the same id that this agent has no record of) and is left alone.
+async fn make_dir(paths: &VmPaths) -> Result<(), String> {
+    let dir = paths.dir.clone();
+    blocking(move || {
+        if let Some(parent) = dir.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot make {}: {e}", parent.display()))?;
+        }
+        std::fs::create_dir(&dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{} exists but holds no VM this agent knows; it is left for ops to look at",
+                    dir.display()
+                )
+            } else {
+                format!("cannot make {}: {e}", dir.display())
+            }
+        })?;
+        std::fs::write(dir.join(PREPARING_MARKER), b"")
+            .map_err(|e| format!("cannot mark {}: {e}", dir.display()))
+    })
+    .await
 }
 
 /// Runs file work (qemu-img, writing a seed) off the agent's single runtime thread, which

@@ -65,6 +65,21 @@ impl Uplink {
     }
 }
 
+/// Bytes read from the stream per write handed to the blocking pool.
+const CHUNK: usize = 1 << 20;
+
+/// A write done off the runtime thread gives back the writer and its buffer.
+type WriteBack = Result<(zy_common::blob::BlobWriter, Vec<u8>), BlobError>;
+
+async fn joined(
+    h: tokio::task::JoinHandle<WriteBack>,
+) -> Result<(zy_common::blob::BlobWriter, Vec<u8>), FetchError> {
+    Ok(h.await.map_err(|e| FetchError::Transfer {
+        hash: BlobHash([0; 32]),
+        message: format!("the blob writer failed: {e}"),
+    })??)
+}
+
 /// Fetches one blob over a new stream into `dir`, verifying it against its hash.
 pub async fn fetch_blob(c: &Conn, hash: BlobHash, dir: &BlobDir) -> Result<(), FetchError> {
     let fail = |message: String| FetchError::Transfer { hash, message };
@@ -93,21 +108,48 @@ pub async fn fetch_blob(c: &Conn, hash: BlobHash, dir: &BlobDir) -> Result<(), F
             "{size} bytes is over the limit of {MAX_BLOB}"
         )));
     }
-    let mut w = dir.writer(MAX_BLOB)?;
-    let mut chunk = vec![0u8; 256 * 1024];
+    // Reads fill one buffer while the blocking pool writes the other: the runtime thread,
+    // which also carries load reports and keep-alives, never waits on the disk.
+    let mut idle = Some(dir.writer(MAX_BLOB)?);
+    let mut writing: Option<tokio::task::JoinHandle<WriteBack>> = None;
+    let mut buf = vec![0u8; CHUNK];
     let mut left = size;
     while left > 0 {
-        let want = chunk.len().min(left as usize);
-        let n = AsyncReadExt::read(&mut recv, &mut chunk[..want])
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if n == 0 {
-            return Err(fail(format!("the stream ended {left} bytes short")));
+        let want = CHUNK.min(left as usize);
+        buf.resize(CHUNK, 0);
+        let mut filled = 0;
+        while filled < want {
+            let n = AsyncReadExt::read(&mut recv, &mut buf[filled..want])
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if n == 0 {
+                return Err(fail(format!(
+                    "the stream ended {} bytes short",
+                    left - filled as u64
+                )));
+            }
+            filled += n;
         }
-        // A short synchronous write: the agent's runtime is single-threaded by design.
-        w.write(&chunk[..n])?;
-        left -= n as u64;
+        buf.truncate(filled);
+        left -= filled as u64;
+        let (mut w, free) = match (writing.take(), idle.take()) {
+            (Some(h), _) => joined(h).await?,
+            (None, Some(w)) => (w, vec![0u8; CHUNK]),
+            (None, None) => return Err(fail("the blob writer was lost".into())),
+        };
+        let data = std::mem::replace(&mut buf, free);
+        writing = Some(tokio::task::spawn_blocking(move || {
+            w.write(&data)?;
+            Ok((w, data))
+        }));
     }
-    w.finish(Some(hash))?;
+    let w = match (writing.take(), idle.take()) {
+        (Some(h), _) => joined(h).await?.0,
+        (None, Some(w)) => w,
+        (None, None) => return Err(fail("the blob writer was lost".into())),
+    };
+    tokio::task::spawn_blocking(move || w.finish(Some(hash)))
+        .await
+        .map_err(|e| fail(format!("the blob writer failed: {e}")))??;
     Ok(())
 }

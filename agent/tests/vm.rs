@@ -198,10 +198,11 @@ mod manager {
     use tokio::sync::{mpsc, oneshot};
     use zy_agent::vm::actor::{Ctx, Request};
     use zy_agent::vm::manager::VmManager;
-    use zy_common::vm::VmState;
+    use zy_common::vm::{Desired, Generation, VmState};
 
     fn ctx(dir: &std::path::Path) -> (Ctx, mpsc::Receiver<zy_agent::vm::actor::VmEvent>) {
         let (tx, rx) = mpsc::channel(64);
+        std::fs::create_dir_all(dir).unwrap();
         (
             Ctx {
                 qemu: qemu(),
@@ -209,9 +210,21 @@ mod manager {
                 events: tx,
                 netdev: None,
                 supervisor: direct(),
+                clock: std::sync::Arc::new(
+                    zy_agent::vm::observed::ObservedClock::open(&dir.join("observed-generation"))
+                        .unwrap(),
+                ),
             },
             rx,
         )
+    }
+
+    fn intent(desired: Desired, g: u64) -> Request {
+        Request::Intent {
+            desired,
+            generation: Generation(g),
+            stop_grace_ms: 30_000,
+        }
     }
 
     async fn wait_state(h: &zy_agent::vm::actor::VmHandle, want: &str) -> Option<i32> {
@@ -238,7 +251,9 @@ mod manager {
         let s = spec("vm-keep", None);
         let id = s.id;
         let paths = VmPaths::new(&tmp.0, id);
-        let h = m.create(s.clone(), vec![], true).unwrap();
+        let h = m
+            .create(s.clone(), vec![], Desired::Running, Generation(1))
+            .unwrap();
         let pid = wait_state(&h, "running").await.unwrap();
         wait_console(
             &paths.console_log(),
@@ -274,7 +289,7 @@ mod manager {
             zy_agent::vm::limits::Cgroups::None => unreachable!(),
         }
         assert!(matches!(
-            m.create(s, vec![], true),
+            m.create(s, vec![], Desired::Running, Generation(1)),
             Err(zy_agent::vm::manager::CreateError::Exists(_))
         ));
 
@@ -288,13 +303,13 @@ mod manager {
         let m = VmManager::recover(c.clone()).await;
         let h = m.get(id).unwrap();
         assert_eq!(wait_state(&h, "running").await, Some(pid));
-        let (tx, rx) = oneshot::channel();
-        h.send(Request::Stop {
-            grace: Duration::from_secs(30),
-            reply: tx,
-        })
-        .unwrap();
-        assert_eq!(rx.await.unwrap().unwrap(), StopHow::Graceful);
+        h.send(intent(Desired::Stopped, 2)).unwrap();
+        wait_state(&h, "stopped").await;
+        // An older intent, arriving late, is a no-op.
+        h.send(intent(Desired::Running, 1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.state(), VmState::Stopped);
+        assert_eq!(h.status.borrow().intent, Generation(2));
         assert!(
             cg.dirs(id).iter().all(|d| !d.exists()),
             "its cgroups went with it"
@@ -308,9 +323,12 @@ mod manager {
         let h = m.get(id).unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(h.state(), VmState::Stopped);
-        let (tx, rx) = oneshot::channel();
-        h.send(Request::Start(tx)).unwrap();
-        rx.await.unwrap().unwrap();
+        assert_eq!(
+            h.status.borrow().intent,
+            Generation(2),
+            "the intent was recorded"
+        );
+        h.send(intent(Desired::Running, 3)).unwrap();
         let pid2 = wait_state(&h, "running").await.unwrap();
         drop(h);
         drop(m);
@@ -341,17 +359,28 @@ mod manager {
         let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmm-{}", rand::random::<u64>())));
         let (c, mut events) = ctx(&tmp.0);
         let m = VmManager::recover(c).await;
-        let a = m.create(spec("vm-crash", None), vec![], true).unwrap();
+        let a = m
+            .create(
+                spec("vm-crash", None),
+                vec![],
+                Desired::Running,
+                Generation(1),
+            )
+            .unwrap();
         let mut off = spec("vm-off", None);
         if let Boot::Kernel { cmdline, .. } = &mut off.boot {
             cmdline.push_str(" zy.poweroff_after=3");
         }
-        let b = m.create(off, vec![], true).unwrap();
+        let b = m
+            .create(off, vec![], Desired::Running, Generation(1))
+            .unwrap();
         let mut panics = spec("vm-panic", None);
         if let Boot::Kernel { cmdline, .. } = &mut panics.boot {
             cmdline.push_str(" zy.panic_after=3");
         }
-        let p = m.create(panics, vec![], true).unwrap();
+        let p = m
+            .create(panics, vec![], Desired::Running, Generation(1))
+            .unwrap();
         let pa = wait_state(&a, "running").await.unwrap();
         wait_state(&b, "running").await;
         for (h, name) in [(&a, "vm-crash"), (&b, "vm-off"), (&p, "vm-panic")] {
@@ -407,12 +436,17 @@ async fn a_qemu_without_a_record_is_reported_not_touched() {
         .unwrap();
     // No record was ever written for it.
     let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    std::fs::create_dir_all(&tmp.0).unwrap();
     let ctx = zy_agent::vm::actor::Ctx {
         qemu: qemu(),
         data_dir: tmp.0.clone(),
         events: tx,
         netdev: None,
         supervisor: direct(),
+        clock: std::sync::Arc::new(
+            zy_agent::vm::observed::ObservedClock::open(&tmp.0.join("observed-generation"))
+                .unwrap(),
+        ),
     };
     let m = zy_agent::vm::manager::VmManager::recover(ctx).await;
     assert!(m.list().is_empty());
@@ -428,4 +462,142 @@ async fn a_qemu_without_a_record_is_reported_not_touched() {
     let other = std::env::temp_dir().join(format!("zy-other-{}", rand::random::<u64>()));
     assert!(zy_agent::vm::manager::find_strays(&other.join("vms"), &|_| false).is_empty());
     runner::stop(&mut l, Duration::ZERO).await;
+}
+
+/// Review finding 1: a second hand-over of the same VM (a reconnect while the first is
+/// still being prepared) must never remove what the first made.
+mod handover {
+    use super::*;
+    use zy_agent::node::Node;
+    use zy_common::blob::BlobDir;
+    use zy_common::image::ImageKind;
+    use zy_common::proto::{CommandKind, ReplyKind, VmIntent, WireVm};
+    use zy_common::vm::{Desired, Generation};
+
+    #[tokio::test]
+    async fn a_repeated_hand_over_leaves_the_vm_it_already_made() {
+        let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmh-{}", rand::random::<u64>())));
+        std::fs::create_dir_all(&tmp.0).unwrap();
+        let (kernel, initrd) = guest();
+        let cache = BlobDir::open(&tmp.0.join("images")).unwrap();
+        let put = |p: &std::path::Path| {
+            cache
+                .put(&mut std::fs::File::open(p).unwrap(), 1 << 30)
+                .unwrap()
+                .0
+        };
+        let (k, i) = (put(&kernel), put(&initrd));
+        let (_published, uplink) = zy_agent::uplink::Uplink::new();
+        let (node, _events) = Node::start(qemu(), &tmp.0, Accel::Tcg, direct(), uplink)
+            .await
+            .unwrap();
+        let vm = WireVm {
+            id: VmId::new_random(),
+            name: "twice".into(),
+            zone: zy_common::Zone::Intranet,
+            vcpus: 1,
+            memory_mib: 128,
+            // A disk to make: the first hand-over is still preparing when the second comes.
+            disk_gib: 1,
+            image: ImageKind::Kernel {
+                kernel: k,
+                initrd: Some(i),
+                cmdline: "console=ttyS0 quiet no_timer_check".into(),
+            },
+            nics: vec![],
+        };
+        let ensure = |g: u64| {
+            CommandKind::EnsureVm(VmIntent {
+                vm: vm.clone(),
+                desired: Desired::Stopped,
+                generation: Generation(g),
+                stop_grace_ms: 1000,
+            })
+        };
+        // The second hand-over arrives while the first is still making the disk.
+        let (a, b) = tokio::join!(node.handle(ensure(1)), node.handle(ensure(1)));
+        assert!(matches!(a, Ok(ReplyKind::Vm(_))), "{a:?}");
+        assert!(matches!(b, Ok(ReplyKind::Vm(_))), "{b:?}");
+        let paths = VmPaths::new(&tmp.0, vm.id);
+        let t0 = Instant::now();
+        while node.vms.get(vm.id).is_none() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "the VM was never made"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(paths.record().exists(), "the VM's record is there");
+        assert!(paths.dir.join("disk0.qcow2").exists(), "and its disk");
+        // A third, late one changes nothing either.
+        let c = node.handle(ensure(1)).await;
+        assert!(
+            matches!(c, Ok(ReplyKind::Vm(ref i)) if i.intent == Generation(1)),
+            "{c:?}"
+        );
+        assert!(paths.record().exists());
+        // A delete of an older generation than the VM holds is refused, a real one removes it.
+        let old = node
+            .handle(CommandKind::DeleteVm {
+                id: vm.id,
+                generation: Generation(0),
+            })
+            .await;
+        assert!(old.is_err(), "{old:?}");
+        node.handle(CommandKind::DeleteVm {
+            id: vm.id,
+            generation: Generation(2),
+        })
+        .await
+        .unwrap();
+        assert!(!paths.dir.exists());
+        assert!(node.vms.get(vm.id).is_none());
+    }
+
+    /// A directory the agent did not make is never removed by a failed hand-over.
+    #[tokio::test]
+    async fn a_failed_hand_over_leaves_a_directory_it_did_not_make() {
+        let tmp = TempDir(std::env::temp_dir().join(format!("zy-vmh-{}", rand::random::<u64>())));
+        std::fs::create_dir_all(&tmp.0).unwrap();
+        let (_published, uplink) = zy_agent::uplink::Uplink::new();
+        let (node, _events) = Node::start(qemu(), &tmp.0, Accel::Tcg, direct(), uplink)
+            .await
+            .unwrap();
+        let id = VmId::new_random();
+        let paths = VmPaths::new(&tmp.0, id);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        std::fs::write(paths.dir.join("precious"), b"x").unwrap();
+        let vm = WireVm {
+            id,
+            name: "squatter".into(),
+            zone: zy_common::Zone::Intranet,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_gib: 0,
+            image: ImageKind::Kernel {
+                kernel: zy_common::blob::BlobHash([9; 32]),
+                initrd: None,
+                cmdline: String::new(),
+            },
+            nics: vec![],
+        };
+        node.handle(CommandKind::EnsureVm(VmIntent {
+            vm,
+            desired: Desired::Running,
+            generation: Generation(1),
+            stop_grace_ms: 1000,
+        }))
+        .await
+        .unwrap();
+        let t0 = Instant::now();
+        loop {
+            let r = node.report();
+            if r.iter().any(|i| i.id == id && i.state.name() == "failed") {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{r:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(paths.dir.join("precious").exists());
+    }
 }

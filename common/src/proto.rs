@@ -1,4 +1,4 @@
-//! The messages of wire protocol version 1.
+//! The messages of wire protocol version 2.
 //!
 //! One connection per agent; on it one bidirectional *control stream* that the agent opens.
 //! After the [`crate::wire::Preamble`] exchange:
@@ -13,6 +13,14 @@
 //!                                                | <-------- Refused   |   (then close)
 //! ```
 //!
+//! VMs travel as *intents*, level-triggered and generation-numbered: [`CommandKind::EnsureVm`]
+//! says "this VM, in this state, as of desired generation g" and [`CommandKind::DeleteVm`]
+//! "no such VM, as of g". The agent takes an intent only if g is newer than the one it holds
+//! and answers at once with what it has ([`ReplyKind::Vm`]); the work that follows (fetching
+//! an image, booting) is reported by [`EventKind::Vm`], each observation numbered by the
+//! agent's own, node-wide increasing generation. Sending an intent twice is harmless, so the
+//! coordinator simply sends it again until the node has taken it up.
+//!
 //! Every message is checked by [`Message::validate`] after decoding: the codec guarantees
 //! shape, validation guarantees sense (finite numbers, bounded strings, sane ranges).
 
@@ -21,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::blob::BlobHash;
 use crate::ids::{validate_name, NodeId, VmId, Zone};
 use crate::image::ImageKind;
-use crate::vm::VmState;
+use crate::vm::{Desired, Generation, VmState};
 use crate::wire::FrameError;
 
 /// Longest free-text string carried in a message (reasons, notices, CPU models).
@@ -111,10 +119,11 @@ impl Message {
                 CommandKind::SetReportInterval { ms } => {
                     invalid(format!("report interval {ms} ms is outside 100..=60000"))
                 }
-                CommandKind::CreateVm(vm) => vm.validate(),
-                CommandKind::StartVm(_) | CommandKind::DeleteVm(_) => Ok(()),
-                CommandKind::StopVm { grace_ms, .. } if *grace_ms <= 600_000 => Ok(()),
-                CommandKind::StopVm { .. } => invalid("stop grace over 10 minutes".into()),
+                CommandKind::EnsureVm(i) if i.stop_grace_ms > 600_000 => {
+                    invalid("stop grace over 10 minutes".into())
+                }
+                CommandKind::EnsureVm(i) => i.vm.validate(),
+                CommandKind::DeleteVm { .. } => Ok(()),
                 CommandKind::SyncPeers { vni, peers }
                     if *vni > 0 && *vni <= 0x00ff_ffff && peers.len() <= 4096 =>
                 {
@@ -125,8 +134,9 @@ impl Message {
                 }
             },
             Message::Reply(r) => match &r.result {
+                Ok(ReplyKind::Vm(info)) => info.validate(),
                 Ok(_) => Ok(()),
-                Err(e) => text("reply error", e, MAX_TEXT),
+                Err(e) => text("reply error", &e.message, MAX_TEXT),
             },
             Message::Event(e) => match &e.kind {
                 EventKind::Notice { message } => text("notice", message, MAX_TEXT),
@@ -380,24 +390,30 @@ pub enum CommandKind {
     /// Answer at once: measures the round trip.
     Ping,
     /// Report load at another interval from now on.
-    SetReportInterval {
-        ms: u32,
-    },
-    /// Make a VM (fetch its image, make its disk and ports) and start it if asked.
-    CreateVm(WireVm),
-    StartVm(VmId),
-    StopVm {
-        id: VmId,
-        grace_ms: u32,
-    },
-    /// Stop the VM if it runs and remove everything of it from the node.
-    DeleteVm(VmId),
+    SetReportInterval { ms: u32 },
+    /// Have this VM, in this state: made (image fetched, disk and ports made) if the node
+    /// lacks it, started or stopped if not as desired. Ignored when the node already holds
+    /// this generation or a newer one.
+    EnsureVm(VmIntent),
+    /// Have no such VM: stop it if it runs and remove everything of it from the node.
+    /// Done at once when the node has no such VM.
+    DeleteVm { id: VmId, generation: Generation },
     /// The nodes of a network changed: its segment on this node (if any) now floods to
     /// exactly these peers.
     SyncPeers {
         vni: u32,
         peers: Vec<std::net::Ipv4Addr>,
     },
+}
+
+/// A VM and what the coordinator wants of it, as of one desired generation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmIntent {
+    pub vm: WireVm,
+    pub desired: Desired,
+    pub generation: Generation,
+    /// How long a stop waits for the guest after its ACPI power button before QEMU quits.
+    pub stop_grace_ms: u32,
 }
 
 /// A VM as the coordinator hands it to a node.
@@ -412,7 +428,6 @@ pub struct WireVm {
     pub disk_gib: u64,
     pub image: ImageKind,
     pub nics: Vec<WireNic>,
-    pub start: bool,
 }
 
 /// One NIC of a VM and the network it joins.
@@ -436,13 +451,18 @@ pub struct VmInfo {
     pub name: String,
     pub state: VmState,
     pub pid: Option<u32>,
+    /// The desired generation the node has taken up.
+    pub intent: Generation,
+    /// This observation's number: increases with every observation the node makes, across
+    /// all its VMs and its own restarts.
+    pub generation: Generation,
 }
 
 /// An agent's answer to a [`Command`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     pub id: u64,
-    pub result: Result<ReplyKind, String>,
+    pub result: Result<ReplyKind, ReplyError>,
 }
 
 /// What a successful command returns.
@@ -450,6 +470,40 @@ pub struct Reply {
 pub enum ReplyKind {
     Pong,
     Done,
+    /// The VM as the node now has it (the answer to an intent).
+    Vm(VmInfo),
+}
+
+/// Why a node did not do what a command asked, typed so that the coordinator can tell
+/// "later" from "never".
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ReplyError {
+    pub kind: ReplyErrorKind,
+    pub message: String,
+}
+
+/// The kinds of [`ReplyError`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyErrorKind {
+    /// The node (or the VM's actor) is busy with earlier work: send it again later.
+    Busy,
+    /// The thing the command names is not on this node.
+    NotFound,
+    /// The command can never succeed as asked (a bad spec, a conflict with what is there).
+    Refused,
+    /// It was tried and failed (a host error); trying again may succeed.
+    Failed,
+}
+
+impl ReplyError {
+    /// A reply error whose message is made fit to travel.
+    pub fn new(kind: ReplyErrorKind, message: impl AsRef<str>) -> Self {
+        Self {
+            kind,
+            message: fit_text(message.as_ref(), MAX_TEXT),
+        }
+    }
 }
 
 /// Something that happened on a node, as it happened.
@@ -608,7 +662,31 @@ mod tests {
                 "reply_err",
                 Message::Reply(Reply {
                     id: 2,
-                    result: Err("no".into()),
+                    result: Err(ReplyError::new(ReplyErrorKind::Busy, "no")),
+                }),
+            ),
+            (
+                "reply_vm",
+                Message::Reply(Reply {
+                    id: 3,
+                    result: Ok(ReplyKind::Vm(VmInfo {
+                        id: VmId(Uuid::from_u128(7)),
+                        name: "w1".into(),
+                        state: VmState::Running,
+                        pid: Some(42),
+                        intent: Generation(3),
+                        generation: Generation(1 << 20),
+                    })),
+                }),
+            ),
+            (
+                "command_delete",
+                Message::Command(Command {
+                    id: 4,
+                    kind: CommandKind::DeleteVm {
+                        id: VmId(Uuid::from_u128(7)),
+                        generation: Generation(4),
+                    },
                 }),
             ),
             (
@@ -647,11 +725,11 @@ mod tests {
     /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
     #[test]
     fn golden_encodings() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v1.txt");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v2.txt");
         let got: String = samples()
             .iter()
             .map(|(name, m)| {
-                let bytes = encode(WIRE_MAGIC, 1, m, MAX_BODY).unwrap();
+                let bytes = encode(WIRE_MAGIC, 2, m, MAX_BODY).unwrap();
                 format!("{name} {}\n", hex(&bytes))
             })
             .collect();
@@ -660,7 +738,7 @@ mod tests {
             std::fs::write(path, &got).unwrap();
         }
         let want = std::fs::read_to_string(path).expect("golden file is checked in");
-        assert_eq!(got, want, "wire encoding of protocol v1 changed");
+        assert_eq!(got, want, "wire encoding of protocol v2 changed");
         for (_, m) in samples() {
             m.validate().unwrap();
         }

@@ -9,6 +9,47 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A generation of a record that two sides write. Each side bumps only its own: the
+/// coordinator the *desired* generation of a VM (each change of intent), the agent the
+/// *observed* generation (each state it reports). A receiver applies only what is newer than
+/// what it holds, so a repeated, late or reordered message is a no-op.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    /// The generation after this one.
+    pub fn next(self) -> Self {
+        Generation(self.0.saturating_add(1))
+    }
+}
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "g{}", self.0)
+    }
+}
+
+/// What the coordinator wants of a VM that exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Desired {
+    Running,
+    Stopped,
+}
+
+impl Desired {
+    /// The lower-case name used in listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Stopped => "stopped",
+        }
+    }
+}
+
 /// Where a VM stands.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -34,7 +34,7 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_BODY: u32 = 256 * 1024;
 
 /// The wire protocol versions this build speaks.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 2 };
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -130,6 +130,18 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
         return Err(FrameError::TrailingBytes(rest.len()));
     }
     Ok(value)
+}
+
+/// The version a frame's header carries (checked like [`decode`] checks it), so that a
+/// reader of records can choose the body's type before decoding it.
+pub fn peek_version(buf: &[u8], magic: [u8; 2], max_body: u32) -> Result<u16, FrameError> {
+    let Some(head) = buf.first_chunk::<HEADER_LEN>() else {
+        return Err(FrameError::Truncated {
+            need: HEADER_LEN,
+            have: buf.len(),
+        });
+    };
+    Ok(FrameHeader::parse(head, magic, max_body)?.version)
 }
 
 /// Decodes one whole frame from `buf` (exactly one frame, nothing after it), returning the

@@ -54,6 +54,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{vm}/stop"),
     ("post", "/v1/vms/{vm}/restart"),
     ("get", "/v1/vms/{vm}/console"),
+    ("get", "/v1/ops"),
+    ("get", "/v1/ops/{id}"),
     ("get", "/v1/events"),
 ];
 
@@ -94,12 +96,26 @@ impl ApiError {
     }
 }
 
-/// How a command to a node failed, as the API answers it: the node said no (409), it is
-/// busy (503), or it did not answer (504).
+/// How a command to a node failed, as the API answers it: the node said no (409), has no
+/// such thing (404), tried and failed (502), is busy (503), or did not answer (504).
 impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
+        use zy_common::proto::ReplyErrorKind;
         match e {
-            CommandError::Failed(m) => Self::new(StatusCode::CONFLICT, "node_refused", m),
+            CommandError::Rejected(r) => match r.kind {
+                ReplyErrorKind::Refused => {
+                    Self::new(StatusCode::CONFLICT, "node_refused", r.message)
+                }
+                ReplyErrorKind::NotFound => {
+                    Self::new(StatusCode::NOT_FOUND, "not_on_node", r.message)
+                }
+                ReplyErrorKind::Failed => {
+                    Self::new(StatusCode::BAD_GATEWAY, "node_failed", r.message)
+                }
+                ReplyErrorKind::Busy => {
+                    Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", r.message)
+                }
+            },
             CommandError::Busy => Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string()),
             CommandError::Disconnected | CommandError::Timeout => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
@@ -156,6 +172,8 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/vms/{vm}/stop", post(crate::vms::stop))
         .route("/v1/vms/{vm}/restart", post(crate::vms::restart))
         .route("/v1/vms/{vm}/console", get(crate::vms::console))
+        .route("/v1/ops", get(crate::vms::list_ops))
+        .route("/v1/ops/{id}", get(crate::vms::show_op))
         .route("/v1/events", get(crate::events::stream))
         .route(
             "/v1/images/{name}",
@@ -288,7 +306,7 @@ async fn remove_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult
     let n = find(&coord, &key)?;
     let id = n.record.id;
     // Its VMs would be orphans: they go first (a VM of a node that is away can be deleted).
-    let vms = coord.vms.on_node(id).await;
+    let vms = coord.vms.on_node(id);
     if !vms.is_empty() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -318,19 +336,9 @@ async fn remove_node(State(coord): Shared, Path(key): Path<String>) -> ApiResult
             reason: "node removed".into(),
         });
     }
-    // Deletions waiting for this node can never be carried out now.
-    for d in coord.vms.forget_node(id) {
-        let store = coord.store.clone();
-        let vm = d.id;
-        match tokio::task::spawn_blocking(move || store.finish_vm_deletion(vm)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => warn!(vm = %vm, error = %e, "cannot drop a deletion of a removed node"),
-            Err(e) => warn!(vm = %vm, error = %e, "cannot drop a deletion of a removed node"),
-        }
-        warn!(vm = %d.id, name = %d.name, "the removed node never removed this deleted VM; wipe the server before it is enrolled again");
-    }
-    // The zone's other nodes stop sending its network's traffic to it.
-    crate::vms::sync_peers(&coord, removed.zone).await;
+    // Deletions waiting for this node end with it, and its zone's other nodes stop sending
+    // its network's traffic to it: the reconciler sees it gone at its next tick.
+    coord.vms.wake.notify_one();
     info!(node = %id, name = %removed.name, "node removed");
     Ok(Json(RemovedNode {
         id,

@@ -78,10 +78,38 @@ pub enum Command {
     /// Images VMs boot from.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Operations: the durable record of every change of a VM, with its steps.
+    #[command(subcommand)]
+    Op(OpCmd),
     /// Follow the site's events (node membership, VM states) live, until interrupted.
     Events(JsonFlag),
     /// Is the coordinator up, and which version is it?
     Status(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OpCmd {
+    /// List operations, newest first.
+    Ls(JsonFlag),
+    /// One operation with its steps.
+    Show {
+        /// The operation id (printed by the command that started it).
+        id: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+}
+
+/// How a command that changes a VM waits for its operation.
+#[derive(Debug, Args)]
+pub struct WaitFlags {
+    /// Return as soon as the operation is recorded, printing its id, instead of following
+    /// it to its end.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Print JSON (the operation as it ended, or as recorded with --no-wait).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,7 +136,7 @@ pub enum VmCmd {
         #[arg(long)]
         stopped: bool,
         #[command(flatten)]
-        json: JsonFlag,
+        wait: WaitFlags,
     },
     /// List VMs.
     Ls(JsonFlag),
@@ -122,19 +150,19 @@ pub enum VmCmd {
     Start {
         vm: String,
         #[command(flatten)]
-        json: JsonFlag,
+        wait: WaitFlags,
     },
     /// Stop a VM (ACPI powerdown, then quit, then kill).
     Stop {
         vm: String,
         #[command(flatten)]
-        json: JsonFlag,
+        wait: WaitFlags,
     },
     /// Stop and start a VM.
     Restart {
         vm: String,
         #[command(flatten)]
-        json: JsonFlag,
+        wait: WaitFlags,
     },
     /// Show a VM's serial console (from its node); --follow keeps streaming it.
     Console {
@@ -146,11 +174,12 @@ pub enum VmCmd {
         #[arg(long, default_value_t = 100)]
         lines: u32,
     },
-    /// Delete a VM and everything of it on its node.
+    /// Delete a VM and everything of it on its node (at once if the node is connected, when
+    /// it returns otherwise).
     Delete {
         vm: String,
         #[command(flatten)]
-        json: JsonFlag,
+        wait: WaitFlags,
     },
 }
 
@@ -483,21 +512,21 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             disk,
             image,
             stopped,
-            json,
+            wait,
         }) => {
             let body = serde_json::json!({"name": name, "zone": zone, "vcpus": vcpus,
                 "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped});
-            let v: crate::vms::VmView = c.call(Method::POST, "/v1/vms", Some(body)).await?;
-            print(json.json, &v, || {
-                format!(
-                    "VM {} ({}) placed on {} with address {}; `zy vm show {}` follows it\n",
-                    v.name,
-                    v.id,
-                    v.node.as_deref().unwrap_or("-"),
-                    v.ip,
-                    v.name
-                )
-            })
+            let a = mutate(&c, Method::POST, "/v1/vms".into(), Some(body)).await?;
+            if !wait.json {
+                println!(
+                    "VM {} ({}) placed on {} with address {}",
+                    a.vm.name,
+                    a.vm.id,
+                    a.vm.node.as_deref().unwrap_or("-"),
+                    a.vm.ip
+                );
+            }
+            follow(&c, a, &wait).await
         }
         Command::Vm(VmCmd::Ls(j)) => {
             let vms: Vec<crate::vms::VmView> = c.call(Method::GET, "/v1/vms", None).await?;
@@ -513,9 +542,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             print(json.json, &v, || vm_detail(&v))
         }
-        Command::Vm(VmCmd::Start { vm, json }) => vm_action(&c, "start", &vm, json.json).await,
-        Command::Vm(VmCmd::Stop { vm, json }) => vm_action(&c, "stop", &vm, json.json).await,
-        Command::Vm(VmCmd::Restart { vm, json }) => vm_action(&c, "restart", &vm, json.json).await,
+        Command::Vm(VmCmd::Start { vm, wait }) => vm_action(&c, "start", &vm, &wait).await,
+        Command::Vm(VmCmd::Stop { vm, wait }) => vm_action(&c, "stop", &vm, &wait).await,
+        Command::Vm(VmCmd::Restart { vm, wait }) => vm_action(&c, "restart", &vm, &wait).await,
+        Command::Op(OpCmd::Ls(j)) => {
+            let ops: Vec<crate::vms::OpView> = c.call(Method::GET, "/v1/ops", None).await?;
+            print(j.json, &ops, || op_table(&ops))
+        }
+        Command::Op(OpCmd::Show { id, json }) => {
+            let op: crate::vms::OpView = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/ops/{}", path_segment(&id)?),
+                    None,
+                )
+                .await?;
+            print(json.json, &op, || op_detail(&op))
+        }
         Command::Vm(VmCmd::Console { vm, follow, lines }) => {
             let path = format!(
                 "/v1/vms/{}/console?lines={lines}&follow={follow}",
@@ -525,15 +568,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             c.stream_to(&path, &mut out).await?;
             Ok(())
         }
-        Command::Vm(VmCmd::Delete { vm, json }) => {
-            let v: crate::vms::VmView = c
-                .call(
-                    Method::DELETE,
-                    &format!("/v1/vms/{}", path_segment(&vm)?),
-                    None,
-                )
-                .await?;
-            print(json.json, &v, || format!("deleted VM {}\n", v.name))
+        Command::Vm(VmCmd::Delete { vm, wait }) => {
+            let path = format!("/v1/vms/{}", path_segment(&vm)?);
+            let a = mutate(&c, Method::DELETE, path, None).await?;
+            follow(&c, a, &wait).await
         }
         Command::Image(ImageCmd::Ls(j)) => {
             let images: Vec<crate::images::ImageView> =
@@ -789,15 +827,151 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
     s
 }
 
-async fn vm_action(c: &Client, action: &str, vm: &str, json: bool) -> Result<(), CliError> {
-    let v: crate::vms::VmView = c
-        .call(
-            Method::POST,
-            &format!("/v1/vms/{}/{action}", path_segment(vm)?),
-            None,
-        )
-        .await?;
-    print(json, &v, || format!("VM {} is {}\n", v.name, v.state))
+async fn vm_action(c: &Client, action: &str, vm: &str, wait: &WaitFlags) -> Result<(), CliError> {
+    let path = format!("/v1/vms/{}/{action}", path_segment(vm)?);
+    let a = mutate(c, Method::POST, path, None).await?;
+    follow(c, a, wait).await
+}
+
+/// Sends a request that starts an operation, with an idempotency key of its own: if the
+/// answer is lost on the way, sending it again returns the same operation, never a second.
+async fn mutate(
+    c: &Client,
+    method: Method,
+    path: String,
+    body: Option<serde_json::Value>,
+) -> Result<crate::vms::Accepted, CliError> {
+    let key: [u8; 16] = rand::random();
+    let c = c.with_idempotency_key(zy_common::token::hex(&key));
+    let mut tries = 0;
+    loop {
+        match c.call(method.clone(), &path, body.clone()).await {
+            Err(ClientError::Unreachable { .. }) if tries < 2 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
+/// Follows an operation to its end, printing each step as it is done, unless --no-wait.
+/// The work goes on at the coordinator whatever happens here (an interrupted `zy` changes
+/// nothing): this only watches.
+async fn follow(c: &Client, a: crate::vms::Accepted, wait: &WaitFlags) -> Result<(), CliError> {
+    let mut op = a.operation;
+    if wait.no_wait {
+        return print(wait.json, &op, || {
+            format!(
+                "operation {} ({} of VM {}) recorded; follow it with `zy op show {}`\n",
+                op.id,
+                op.kind.as_str(),
+                op.vm_name,
+                op.id
+            )
+        });
+    }
+    let mut shown = 0;
+    let mut errors = 0;
+    loop {
+        if !wait.json {
+            for s in op
+                .steps
+                .iter()
+                .skip(shown)
+                .take_while(|s| s.done_at.is_some())
+            {
+                println!("  done: {}", s.name);
+                shown += 1;
+            }
+        }
+        if op.state != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match c
+            .call::<crate::vms::OpView>(Method::GET, &format!("/v1/ops/{}", op.id), None)
+            .await
+        {
+            Ok(o) => {
+                op = o;
+                errors = 0;
+            }
+            // The coordinator restarting: the operation goes on; keep watching a while.
+            Err(ClientError::Unreachable { .. }) if errors < 40 => errors += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if wait.json {
+        print(true, &op, String::new)?;
+    }
+    match op.state.as_str() {
+        "succeeded" => {
+            if !wait.json {
+                println!("{} of VM {} succeeded", op.kind.as_str(), op.vm_name);
+            }
+            Ok(())
+        }
+        _ => Err(CliError {
+            code: ExitCode::Failure,
+            message: format!(
+                "{} of VM {} failed: {} (operation {})",
+                op.kind.as_str(),
+                op.vm_name,
+                op.reason.as_deref().unwrap_or("no reason given"),
+                op.id
+            ),
+        }),
+    }
+}
+
+fn op_table(ops: &[crate::vms::OpView]) -> String {
+    if ops.is_empty() {
+        return "no operations yet\n".into();
+    }
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|o| {
+            vec![
+                o.id.to_string(),
+                o.kind.as_str().to_string(),
+                o.vm_name.clone(),
+                o.state.clone(),
+                o.steps
+                    .get(o.current_step)
+                    .map(|s| s.name.clone())
+                    .unwrap_or_else(|| "-".into()),
+                o.created_at.clone(),
+            ]
+        })
+        .collect();
+    table(&["ID", "KIND", "VM", "STATE", "STEP", "CREATED"], &rows)
+}
+
+fn op_detail(o: &crate::vms::OpView) -> String {
+    let mut s = format!(
+        "operation: {}\nkind:      {}\nvm:        {} ({})\nstate:     {}\ncreated:   {}\nupdated:   {}\n",
+        o.id,
+        o.kind.as_str(),
+        o.vm_name,
+        o.vm,
+        o.state,
+        o.created_at,
+        o.updated_at
+    );
+    if let Some(r) = &o.reason {
+        s.push_str(&format!("reason:    {r}\n"));
+    }
+    s.push_str("steps:\n");
+    for (i, st) in o.steps.iter().enumerate() {
+        let mark = match (&st.done_at, i == o.current_step && o.state == "running") {
+            (Some(at), _) => format!("done {at}"),
+            (None, true) => "under way".into(),
+            (None, false) => "-".into(),
+        };
+        s.push_str(&format!("  {}. {:<22} {mark}\n", i + 1, st.name));
+    }
+    s
 }
 
 fn vm_table(vms: &[crate::vms::VmView]) -> String {
@@ -829,13 +1003,15 @@ fn vm_table(vms: &[crate::vms::VmView]) -> String {
 
 fn vm_detail(v: &crate::vms::VmView) -> String {
     let mut s = format!(
-        "name:      {}\nid:        {}\nzone:      {}\nstate:     {} since {} (wanted: {:?})\nnode:      {}\naddress:   {} (mac {})\nsize:      {} vCPU, {} MiB, {} GiB disk\nimage:     {}\nqemu pid:  {}\ncreated:   {}\n",
+        "name:      {}\nid:        {}\nzone:      {}\nstate:     {} since {} (wanted: {:?}, generation {}, node has {})\nnode:      {}\naddress:   {} (mac {})\nsize:      {} vCPU, {} MiB, {} GiB disk\nimage:     {}\nqemu pid:  {}\ncreated:   {}\n",
         v.name,
         v.id,
         v.zone,
         v.state,
         v.state_since,
         v.desired,
+        v.generation,
+        v.node_intent.map(|g| g.to_string()).unwrap_or("-".into()),
         v.node.as_deref().unwrap_or("-"),
         v.ip,
         v.mac,
@@ -848,6 +1024,9 @@ fn vm_detail(v: &crate::vms::VmView) -> String {
     );
     if let Some(r) = &v.reason {
         s.push_str(&format!("reason:    {r}\n"));
+    }
+    if let Some(op) = &v.operation {
+        s.push_str(&format!("operation: {op} under way\n"));
     }
     s
 }

@@ -40,6 +40,7 @@ pub struct Client {
     addr: String,
     token: Option<String>,
     tls: Arc<rustls::ClientConfig>,
+    idempotency_key: Option<String>,
 }
 
 impl Client {
@@ -54,6 +55,16 @@ impl Client {
             addr,
             token,
             tls: Arc::new(tls),
+            idempotency_key: None,
+        }
+    }
+
+    /// The same client, sending `key` as the `Idempotency-Key` of its requests: a request
+    /// sent again with the same key (after a lost answer) does not do the work twice.
+    pub fn with_idempotency_key(&self, key: String) -> Self {
+        Self {
+            idempotency_key: Some(key),
+            ..self.clone()
         }
     }
 
@@ -245,6 +256,9 @@ impl Client {
         }
         if json {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(k) = &self.idempotency_key {
+            req = req.header("idempotency-key", k.as_str());
         }
         let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
         sender

@@ -269,6 +269,7 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
     let (session, kicked) = Session::new(coord.fleet.next_session_id(), conn.remote_address(), tx);
     let session = session.with_conn(conn.clone());
     let sid = session.id;
+    let session_for_close = session.clone();
     let welcome = Message::Welcome(Welcome {
         node_id: who.node_id,
         report_interval_ms: coord.fleet.timings().report_interval.as_millis() as u32,
@@ -310,6 +311,8 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
     )
     .await;
     coord.fleet.detach(who.node_id, sid);
+    // Whoever waits for this node's replies learns now that none will come.
+    session_for_close.close();
     match end {
         SessionEnd::Closed(reason) => info!(%reason, "node disconnected"),
         SessionEnd::Protocol(reason) => warn!(%reason, "node broke the protocol; closed"),
@@ -408,8 +411,12 @@ async fn run_session(
     tokio::spawn(async move {
         while let Some(u) = vm_rx.recv().await {
             match u {
-                VmUpdate::Report(r) => crate::vms::on_report(&vm_coord, node, r).await,
-                VmUpdate::Event(e) => crate::vms::on_event(&vm_coord, node, e).await,
+                VmUpdate::Report(r) => {
+                    crate::vms::reconcile::observe(&vm_coord, node, r, true).await
+                }
+                VmUpdate::Event(e) => {
+                    crate::vms::reconcile::observe(&vm_coord, node, vec![e], false).await
+                }
             }
         }
     });

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use zy_common::ids::{NodeId, Zone};
 use zy_common::proto::{
-    CommandKind, Inventory, LoadReport, Message, RefusalCode, Reply, ReplyKind,
+    CommandKind, Inventory, LoadReport, Message, RefusalCode, Reply, ReplyError, ReplyKind,
 };
 use zy_common::quic::Timings;
 
@@ -30,8 +30,16 @@ pub struct Session {
     kick: Arc<watch::Sender<Option<Kick>>>,
     /// The QUIC connection, to open streams to the node (absent in tests without QUIC).
     pub conn: Option<quinn::Connection>,
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    pending: Arc<Mutex<Pending>>,
     next_command: Arc<AtomicU64>,
+}
+
+/// Commands waiting for replies; closed once the session ends, so that every waiter fails
+/// at once instead of waiting out its timeout.
+#[derive(Debug, Default)]
+struct Pending {
+    waiting: HashMap<u64, oneshot::Sender<Reply>>,
+    closed: bool,
 }
 
 /// Why a session is being closed from outside its task.
@@ -83,19 +91,25 @@ impl Session {
     ) -> Result<ReplyKind, CommandError> {
         let id = self.next_command.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        {
+            let mut p = lock(&self.pending);
+            if p.closed {
+                return Err(CommandError::Disconnected);
+            }
+            p.waiting.insert(id, tx);
+        }
         let msg = Message::Command(zy_common::proto::Command { id, kind });
         if let Err(e) = self.tx.try_send(msg) {
-            lock(&self.pending).remove(&id);
+            lock(&self.pending).waiting.remove(&id);
             return Err(match e {
                 mpsc::error::TrySendError::Full(_) => CommandError::Busy,
                 mpsc::error::TrySendError::Closed(_) => CommandError::Disconnected,
             });
         }
         let reply = tokio::time::timeout(timeout, rx).await;
-        lock(&self.pending).remove(&id);
+        lock(&self.pending).waiting.remove(&id);
         match reply {
-            Ok(Ok(r)) => r.result.map_err(CommandError::Failed),
+            Ok(Ok(r)) => r.result.map_err(CommandError::Rejected),
             Ok(Err(_)) => Err(CommandError::Disconnected),
             Err(_) => Err(CommandError::Timeout),
         }
@@ -103,9 +117,17 @@ impl Session {
 
     /// Routes a reply to the command waiting for it; unknown ids are ignored.
     pub fn deliver(&self, reply: Reply) {
-        if let Some(tx) = lock(&self.pending).remove(&reply.id) {
+        if let Some(tx) = lock(&self.pending).waiting.remove(&reply.id) {
             let _ = tx.send(reply);
         }
+    }
+
+    /// The session ended: every command waiting for a reply fails now with
+    /// [`CommandError::Disconnected`], and new ones fail at once.
+    pub fn close(&self) {
+        let mut p = lock(&self.pending);
+        p.closed = true;
+        p.waiting.clear();
     }
 }
 
@@ -118,8 +140,8 @@ pub enum CommandError {
     Busy,
     #[error("the node did not answer in time")]
     Timeout,
-    #[error("the node failed the command: {0}")]
-    Failed(String),
+    #[error("the node did not do it: {0}")]
+    Rejected(ReplyError),
 }
 
 /// A node as the fleet holds it.
@@ -555,6 +577,29 @@ mod tests {
         assert!(matches!(
             s.command(CommandKind::Ping, Duration::from_secs(1)).await,
             Err(CommandError::Busy)
+        ));
+    }
+
+    /// Review finding 2: a call to a node whose session ended waited out its whole timeout.
+    #[tokio::test]
+    async fn pending_calls_fail_as_soon_as_the_session_ends() {
+        let fleet = Fleet::new(vec![], vec![], Timings::default(), Instant::now());
+        let (s, _rx, _k) = session(&fleet);
+        let s2 = s.clone();
+        let t0 = tokio::time::Instant::now();
+        let waiting = tokio::spawn(async move {
+            s2.command(CommandKind::Ping, Duration::from_secs(600))
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.close();
+        let r = waiting.await.unwrap();
+        assert!(matches!(r, Err(CommandError::Disconnected)), "{r:?}");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        // And a new call after the end fails at once.
+        assert!(matches!(
+            s.command(CommandKind::Ping, Duration::from_secs(600)).await,
+            Err(CommandError::Disconnected)
         ));
     }
 }

@@ -17,6 +17,7 @@ pub mod fleet;
 pub mod https;
 pub mod images;
 pub mod membership;
+pub mod ops;
 pub mod placement;
 pub mod server;
 pub mod statedir;

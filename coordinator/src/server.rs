@@ -42,6 +42,8 @@ pub struct Coordinator {
     pub vms: crate::vms::Vms,
     /// The live event stream.
     pub events: crate::events::Events,
+    /// What the VM reconciler keeps between its ticks.
+    pub reconciler: Arc<std::sync::Mutex<crate::vms::reconcile::State>>,
 }
 
 /// Why the coordinator could not start.
@@ -93,8 +95,9 @@ impl Coordinator {
         );
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
-        let vms = crate::vms::Vms::new(store.vms()?, store.vm_deletions()?);
+        let vms = crate::vms::Vms::new(store.vms()?, store.ops()?);
         Ok(Self {
+            reconciler: Arc::default(),
             events: crate::events::Events::default(),
             vms,
             blobs,
@@ -160,6 +163,7 @@ impl Coordinator {
                 crate::api::router(coord.clone()),
             )),
             tokio::spawn(monitor(coord.clone())),
+            tokio::spawn(crate::vms::reconcile::run(coord.clone())),
         ];
         info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
               nodes = coord.fleet.snapshot().len(), "coordinator started");

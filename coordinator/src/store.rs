@@ -24,8 +24,9 @@ use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 
 use crate::membership::NodeState;
 
-/// The schema this build writes and reads.
-pub const SCHEMA_VERSION: u64 = 1;
+/// The schema this build writes and reads. Schema 1 (VMs without generations, deletions in
+/// a table of their own) is converted at open.
+pub const SCHEMA_VERSION: u64 = 2;
 /// The record body version this build writes and reads.
 const RECORD_VERSION: u16 = 1;
 /// Bound on one record.
@@ -40,7 +41,12 @@ const API_TOKENS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("api_toke
 const TRANSITIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("transitions");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
 const VMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vms");
+/// Schema 1 only: read once, by the conversion to schema 2.
 const VM_DELETIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vm_deletions");
+const OPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("operations");
+
+/// Finished operations kept for `zy op ls`; older ones are pruned.
+pub const FINISHED_OPS_KEPT: usize = 1000;
 
 /// How many transitions are kept per node; older ones are pruned.
 pub const TRANSITIONS_KEPT: usize = 200;
@@ -73,6 +79,19 @@ pub enum StoreError {
     Commit(#[from] redb::CommitError),
     #[error("could not encode a record")]
     Encode(#[source] FrameError),
+    #[error("VM {vm} changed meanwhile (stored revision {found:?}, expected {expected:?})")]
+    Conflict {
+        vm: zy_common::VmId,
+        expected: Option<u64>,
+        found: Option<u64>,
+        /// The VM as it is stored now, for the writer to retry from.
+        current: Option<Box<VmRec>>,
+    },
+    #[error("operation {op} changed meanwhile")]
+    OpConflict {
+        op: crate::ops::OpId,
+        current: Option<Box<crate::ops::OpRec>>,
+    },
 }
 
 /// A node as stored.
@@ -148,15 +167,30 @@ pub struct ImageRecord {
     pub created_at_ms: u64,
 }
 
-/// Whether a VM should run.
+/// What the site wants of a VM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VmDesired {
     Running,
     Stopped,
+    /// A tombstone: deleted at the site, kept until its node confirms it removed the VM.
+    Deleted,
 }
 
-/// A VM as stored: what was asked for, where it was placed, and what its node last said.
+/// What a VM's node last reported of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    pub state: zy_common::vm::VmState,
+    pub pid: Option<u32>,
+    /// The desired generation the node had taken up.
+    pub intent: zy_common::vm::Generation,
+    /// The node's observed generation: only a newer one replaces this.
+    pub generation: zy_common::vm::Generation,
+    pub at_ms: u64,
+}
+
+/// A VM as stored: what was asked for (with its desired generation), where it was placed,
+/// and what its node last said (with the node's observed generation).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmRec {
     pub id: zy_common::VmId,
@@ -169,25 +203,70 @@ pub struct VmRec {
     pub boot: zy_common::image::ImageKind,
     pub node: Option<NodeId>,
     pub desired: VmDesired,
-    pub state: zy_common::vm::VmState,
-    pub state_since_ms: u64,
+    /// Bumped by every change of intent.
+    pub generation: zy_common::vm::Generation,
+    pub observed: Option<Observed>,
     pub mac: [u8; 6],
     pub ip: std::net::Ipv4Addr,
-    pub pid: Option<u32>,
     pub created_at_ms: u64,
+    /// Bumped by every write of the row: writes are compare-and-swap on it.
+    pub rev: u64,
 }
 
-/// A VM deleted while its node was away: gone from the site's VMs, but its node still has
-/// it and removes it when it returns. Its address stays taken until then (the VM may still
-/// run on a node that is only cut off).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct VmDeletion {
-    pub id: zy_common::VmId,
-    pub name: String,
-    pub node: NodeId,
-    pub zone: Zone,
-    pub ip: std::net::Ipv4Addr,
-    pub at_ms: u64,
+/// A write of the VM table, checked against the revision the writer read.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VmWrite {
+    /// Store `rec` (whose `rev` is one more than `expect`, or 1 for a new VM).
+    Put {
+        rec: Box<VmRec>,
+        expect: Option<u64>,
+    },
+    /// Forget the VM.
+    Remove {
+        id: zy_common::VmId,
+        expect: Option<u64>,
+    },
+}
+
+mod v1 {
+    //! Schema 1 records, read once by the conversion.
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub enum Desired {
+        Running,
+        Stopped,
+    }
+
+    #[derive(Deserialize)]
+    pub struct VmRec {
+        pub id: zy_common::VmId,
+        pub name: String,
+        pub zone: Zone,
+        pub vcpus: u32,
+        pub memory_mib: u64,
+        pub disk_gib: u64,
+        pub image: String,
+        pub boot: zy_common::image::ImageKind,
+        pub node: Option<NodeId>,
+        pub desired: Desired,
+        pub state: zy_common::vm::VmState,
+        pub state_since_ms: u64,
+        pub mac: [u8; 6],
+        pub ip: std::net::Ipv4Addr,
+        pub pid: Option<u32>,
+        pub created_at_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct VmDeletion {
+        pub id: zy_common::VmId,
+        pub name: String,
+        pub node: NodeId,
+        pub zone: Zone,
+        pub ip: std::net::Ipv4Addr,
+        pub at_ms: u64,
+    }
 }
 
 /// A removed node: its certificate is refused from now on.
@@ -288,7 +367,11 @@ impl Store {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
-                // Older schemas are converted here, once, when there are any.
+                // Older schemas are converted here, once.
+                Some(1) => {
+                    convert_v1_vms(&txn)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
                 Some(_) => {}
             }
             seq = meta.get("transition_seq")?.map(|v| v.value()).unwrap_or(0);
@@ -298,7 +381,7 @@ impl Store {
             txn.open_table(NAMES)?;
             txn.open_table(IMAGES)?;
             txn.open_table(VMS)?;
-            txn.open_table(VM_DELETIONS)?;
+            txn.open_table(OPS)?;
         }
         txn.commit()?;
         Ok(Self {
@@ -349,47 +432,72 @@ impl Store {
         self.scan(VMS, "vms")
     }
 
-    /// Writes a VM (new or changed).
-    pub fn put_vm(&self, vm: &VmRec) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(VMS)?
-            .insert(vm.id.0.as_bytes().as_slice(), encode(vm)?.as_slice())?;
-        txn.commit()?;
-        Ok(())
+    /// Every operation.
+    pub fn ops(&self) -> Result<Vec<crate::ops::OpRec>, StoreError> {
+        self.scan(OPS, "operations")
     }
 
-    /// Forgets a VM.
-    pub fn remove_vm(&self, id: zy_common::VmId) -> Result<(), StoreError> {
+    /// Writes VMs and operations in one transaction: all or nothing. Each VM write is
+    /// compare-and-swap on the revision its writer read; one mismatch refuses the whole
+    /// batch with [`StoreError::Conflict`], carrying the VM as it is now. Finished
+    /// operations beyond [`FINISHED_OPS_KEPT`] are pruned, oldest first.
+    pub fn commit(
+        &self,
+        vms: &[VmWrite],
+        ops: &[crate::ops::OpRec],
+    ) -> Result<Vec<crate::ops::OpId>, StoreError> {
+        // An operation's revision is one more than the stored one (1 for a new one).
         let txn = self.db.begin_write()?;
-        txn.open_table(VMS)?.remove(id.0.as_bytes().as_slice())?;
+        let pruned;
+        {
+            let mut table = txn.open_table(VMS)?;
+            for w in vms {
+                let (id, expect) = match w {
+                    VmWrite::Put { rec, expect } => (rec.id, *expect),
+                    VmWrite::Remove { id, expect } => (*id, *expect),
+                };
+                let key = id.0.as_bytes();
+                let current: Option<VmRec> = table
+                    .get(key.as_slice())?
+                    .map(|v| decode("vms", key, v.value()))
+                    .transpose()?;
+                let found = current.as_ref().map(|c| c.rev);
+                if found != expect {
+                    return Err(StoreError::Conflict {
+                        vm: id,
+                        expected: expect,
+                        found,
+                        current: current.map(Box::new),
+                    });
+                }
+                match w {
+                    VmWrite::Put { rec, .. } => {
+                        table.insert(key.as_slice(), encode(rec)?.as_slice())?;
+                    }
+                    VmWrite::Remove { .. } => {
+                        table.remove(key.as_slice())?;
+                    }
+                }
+            }
+            let mut table = txn.open_table(OPS)?;
+            for op in ops {
+                let key = op.id.0.as_bytes();
+                let current: Option<crate::ops::OpRec> = table
+                    .get(key.as_slice())?
+                    .map(|v| decode("operations", key, v.value()))
+                    .transpose()?;
+                if current.as_ref().map_or(0, |c| c.rev) + 1 != op.rev {
+                    return Err(StoreError::OpConflict {
+                        op: op.id,
+                        current: current.map(Box::new),
+                    });
+                }
+                table.insert(key.as_slice(), encode(op)?.as_slice())?;
+            }
+            pruned = prune_ops(&mut table)?;
+        }
         txn.commit()?;
-        Ok(())
-    }
-
-    /// Deletes a VM whose node is away: the VM goes and its deletion is kept for the node,
-    /// in one transaction.
-    pub fn defer_vm_deletion(&self, d: &VmDeletion) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        let key = d.id.0.as_bytes();
-        txn.open_table(VMS)?.remove(key.as_slice())?;
-        txn.open_table(VM_DELETIONS)?
-            .insert(key.as_slice(), encode(d)?.as_slice())?;
-        txn.commit()?;
-        Ok(())
-    }
-
-    /// Deletions waiting for their nodes.
-    pub fn vm_deletions(&self) -> Result<Vec<VmDeletion>, StoreError> {
-        self.scan(VM_DELETIONS, "vm_deletions")
-    }
-
-    /// A node removed a deleted VM: forget the deletion.
-    pub fn finish_vm_deletion(&self, id: zy_common::VmId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        txn.open_table(VM_DELETIONS)?
-            .remove(id.0.as_bytes().as_slice())?;
-        txn.commit()?;
-        Ok(())
+        Ok(pruned)
     }
 
     /// Every image, by name.
@@ -660,6 +768,110 @@ impl Store {
     }
 }
 
+/// Converts schema 1's VMs (no generations) and pending deletions (a table of their own) to
+/// schema 2: every VM gets generation 1 and revision 1, what its node last said becomes an
+/// observation of generation 0 (any real report is newer), and each pending deletion becomes
+/// a tombstone.
+fn convert_v1_vms(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    use zy_common::vm::Generation;
+    let mut out = Vec::new();
+    {
+        let table = txn.open_table(VMS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v1::VmRec = decode("vms", k.value(), v.value())?;
+            out.push(VmRec {
+                id: old.id,
+                name: old.name,
+                zone: old.zone,
+                vcpus: old.vcpus,
+                memory_mib: old.memory_mib,
+                disk_gib: old.disk_gib,
+                image: old.image,
+                boot: old.boot,
+                node: old.node,
+                desired: match old.desired {
+                    v1::Desired::Running => VmDesired::Running,
+                    v1::Desired::Stopped => VmDesired::Stopped,
+                },
+                generation: Generation(1),
+                observed: Some(Observed {
+                    state: old.state,
+                    pid: old.pid,
+                    intent: Generation(0),
+                    generation: Generation(0),
+                    at_ms: old.state_since_ms,
+                }),
+                mac: old.mac,
+                ip: old.ip,
+                created_at_ms: old.created_at_ms,
+                rev: 1,
+            });
+        }
+    }
+    {
+        let table = txn.open_table(VM_DELETIONS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let d: v1::VmDeletion = decode("vm_deletions", k.value(), v.value())?;
+            out.push(VmRec {
+                id: d.id,
+                name: d.name,
+                zone: d.zone,
+                vcpus: 1,
+                memory_mib: 64,
+                disk_gib: 0,
+                image: String::new(),
+                boot: zy_common::image::ImageKind::Kernel {
+                    kernel: zy_common::blob::BlobHash([0; 32]),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                node: Some(d.node),
+                desired: VmDesired::Deleted,
+                generation: Generation(2),
+                observed: None,
+                mac: [0x52, 0x54, 0, 0, 0, 0],
+                ip: d.ip,
+                created_at_ms: d.at_ms,
+                rev: 1,
+            });
+        }
+    }
+    let mut table = txn.open_table(VMS)?;
+    for rec in &out {
+        table.insert(rec.id.0.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    txn.delete_table(VM_DELETIONS)?;
+    Ok(())
+}
+
+fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<crate::ops::OpId>, StoreError> {
+    if (table.len()? as usize) <= FINISHED_OPS_KEPT {
+        return Ok(Vec::new());
+    }
+    let mut finished = Vec::new();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let op: crate::ops::OpRec = decode("operations", k.value(), v.value())?;
+        if !op.is_running() {
+            finished.push((op.updated_at_ms, op.id));
+        }
+    }
+    if finished.len() <= FINISHED_OPS_KEPT {
+        return Ok(Vec::new());
+    }
+    finished.sort();
+    let drop: Vec<crate::ops::OpId> = finished[..finished.len() - FINISHED_OPS_KEPT]
+        .iter()
+        .map(|(_, id)| *id)
+        .collect();
+    for id in &drop {
+        table.remove(id.0.as_bytes().as_slice())?;
+    }
+    Ok(drop)
+}
+
 fn node_range(node: NodeId) -> (Vec<u8>, Vec<u8>) {
     let mut lo = node.as_bytes().to_vec();
     lo.extend_from_slice(&[0u8; 8]);
@@ -851,12 +1063,10 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    #[test]
-    fn a_deferred_deletion_takes_the_vm_away_in_one_step_and_survives_reopen() {
-        let (dir, s) = tmp();
-        let vm = VmRec {
+    fn vm(name: &str) -> VmRec {
+        VmRec {
             id: zy_common::VmId::new_random(),
-            name: "w2".into(),
+            name: name.into(),
             zone: Zone::Intranet,
             vcpus: 1,
             memory_mib: 128,
@@ -869,29 +1079,194 @@ mod tests {
             },
             node: Some(NodeId::new_random()),
             desired: VmDesired::Running,
-            state: zy_common::vm::VmState::Running,
-            state_since_ms: 1,
+            generation: zy_common::vm::Generation(1),
+            observed: None,
             mac: [0x52, 0x54, 0, 0, 0, 1],
             ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
-            pid: Some(7),
             created_at_ms: 1,
+            rev: 1,
+        }
+    }
+
+    #[test]
+    fn vm_writes_are_compare_and_swap_and_all_or_nothing() {
+        let (dir, s) = tmp();
+        let a = vm("a");
+        let b = vm("b");
+        s.commit(
+            &[
+                VmWrite::Put {
+                    rec: Box::new(a.clone()),
+                    expect: None,
+                },
+                VmWrite::Put {
+                    rec: Box::new(b.clone()),
+                    expect: None,
+                },
+            ],
+            &[],
+        )
+        .unwrap();
+        // A second create of the same VM is a conflict.
+        let err = s
+            .commit(
+                &[VmWrite::Put {
+                    rec: Box::new(a.clone()),
+                    expect: None,
+                }],
+                &[],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { found: Some(1), .. }),
+            "{err}"
+        );
+        // A stale writer loses, and takes nothing else with it.
+        let mut a2 = a.clone();
+        a2.rev = 2;
+        a2.desired = VmDesired::Stopped;
+        let mut b2 = b.clone();
+        b2.rev = 2;
+        let err = s
+            .commit(
+                &[
+                    VmWrite::Put {
+                        rec: Box::new(b2.clone()),
+                        expect: Some(1),
+                    },
+                    VmWrite::Put {
+                        rec: Box::new(a2.clone()),
+                        expect: Some(7),
+                    },
+                ],
+                &[],
+            )
+            .unwrap_err();
+        let StoreError::Conflict { current, .. } = err else {
+            panic!()
         };
-        s.put_vm(&vm).unwrap();
-        let d = VmDeletion {
-            id: vm.id,
-            name: vm.name.clone(),
-            node: vm.node.unwrap(),
-            zone: vm.zone,
-            ip: vm.ip,
-            at_ms: 5,
-        };
-        s.defer_vm_deletion(&d).unwrap();
+        assert_eq!(current.unwrap().rev, 1);
+        assert!(s.vms().unwrap().iter().all(|v| v.rev == 1));
+        s.commit(
+            &[
+                VmWrite::Put {
+                    rec: Box::new(a2.clone()),
+                    expect: Some(1),
+                },
+                VmWrite::Remove {
+                    id: b.id,
+                    expect: Some(1),
+                },
+            ],
+            &[],
+        )
+        .unwrap();
         drop(s);
         let s = Store::open(&dir.join("zy.redb")).unwrap();
-        assert!(s.vms().unwrap().is_empty());
-        assert_eq!(s.vm_deletions().unwrap(), vec![d]);
-        s.finish_vm_deletion(vm.id).unwrap();
-        assert!(s.vm_deletions().unwrap().is_empty());
+        assert_eq!(s.vms().unwrap(), vec![a2]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn schema_1_vms_and_deletions_are_converted_once_at_open() {
+        #[derive(Serialize)]
+        enum D1 {
+            Running,
+        }
+        #[derive(Serialize)]
+        struct V1 {
+            id: zy_common::VmId,
+            name: String,
+            zone: Zone,
+            vcpus: u32,
+            memory_mib: u64,
+            disk_gib: u64,
+            image: String,
+            boot: zy_common::image::ImageKind,
+            node: Option<NodeId>,
+            desired: D1,
+            state: zy_common::vm::VmState,
+            state_since_ms: u64,
+            mac: [u8; 6],
+            ip: std::net::Ipv4Addr,
+            pid: Option<u32>,
+            created_at_ms: u64,
+        }
+        #[derive(Serialize)]
+        struct Del1 {
+            id: zy_common::VmId,
+            name: String,
+            node: NodeId,
+            zone: Zone,
+            ip: std::net::Ipv4Addr,
+            at_ms: u64,
+        }
+        let (dir, s) = tmp();
+        let (live, gone) = (zy_common::VmId::new_random(), zy_common::VmId::new_random());
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 1)
+                .unwrap();
+            let old = V1 {
+                id: live,
+                name: "w1".into(),
+                zone: Zone::Intranet,
+                vcpus: 2,
+                memory_mib: 256,
+                disk_gib: 0,
+                image: "guest".into(),
+                boot: zy_common::image::ImageKind::Kernel {
+                    kernel: zy_common::blob::BlobHash([1; 32]),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                node: Some(NodeId::new_random()),
+                desired: D1::Running,
+                state: zy_common::vm::VmState::Running,
+                state_since_ms: 5,
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                ip: std::net::Ipv4Addr::new(10, 220, 0, 2),
+                pid: Some(9),
+                created_at_ms: 1,
+            };
+            txn.open_table(VMS)
+                .unwrap()
+                .insert(
+                    live.0.as_bytes().as_slice(),
+                    encode(&old).unwrap().as_slice(),
+                )
+                .unwrap();
+            let d = Del1 {
+                id: gone,
+                name: "w2".into(),
+                node: NodeId::new_random(),
+                zone: Zone::Intranet,
+                ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
+                at_ms: 7,
+            };
+            txn.open_table(VM_DELETIONS)
+                .unwrap()
+                .insert(gone.0.as_bytes().as_slice(), encode(&d).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let mut vms = s.vms().unwrap();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        assert_eq!(vms.len(), 2);
+        assert_eq!(vms[0].id, live);
+        assert_eq!(vms[0].desired, VmDesired::Running);
+        assert_eq!(vms[0].observed.as_ref().unwrap().pid, Some(9));
+        assert_eq!(vms[1].id, gone);
+        assert_eq!(vms[1].desired, VmDesired::Deleted);
+        drop(s);
+        // Opening again changes nothing.
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.vms().unwrap().len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -867,7 +867,10 @@ async fn sim_agent(
                             Ok(ReplyKind::Done)
                         }
                         // Simulated agents run no VMs.
-                        _ => Err("this simulated node runs no VMs".to_string()),
+                        _ => Err(zy_common::proto::ReplyError::new(
+                            zy_common::proto::ReplyErrorKind::Refused,
+                            "this simulated node runs no VMs",
+                        )),
                     };
                     let reply = Message::Reply(Reply { id: c.id, result });
                     if let Err(err) = wire::write_frame(&mut send, version, &reply).await {

@@ -118,7 +118,7 @@ impl Site {
     }
 
     /// Runs `zy`, failing the test with its stderr if it fails.
-    pub fn zy_ok(&self, args: &[&str]) {
+    pub fn zy_ok(&self, args: &[&str]) -> String {
         let out = self.zy(args);
         assert!(
             out.status.success(),
@@ -126,6 +126,7 @@ impl Site {
             args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Runs `zy ... --json` and decodes its output.

@@ -26,13 +26,16 @@ fn preamble() -> Vec<u8> {
     .to_vec()
 }
 
+/// The protocol version both daemons speak.
+const V: u16 = PROTOCOL_VERSIONS.max;
+
 fn frame(version: u16, m: &Message) -> Vec<u8> {
     wire::encode(WIRE_MAGIC, version, m, wire::MAX_BODY).unwrap()
 }
 
 fn header(len: u32) -> Vec<u8> {
     let mut h = WIRE_MAGIC.to_vec();
-    h.extend_from_slice(&1u16.to_be_bytes());
+    h.extend_from_slice(&V.to_be_bytes());
     h.extend_from_slice(&len.to_be_bytes());
     h
 }
@@ -78,7 +81,7 @@ fn stranger_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
         5 => {
             b = preamble();
             b.extend(frame(
-                1,
+                V,
                 &Message::Hello(Hello {
                     inventory: inventory(zy_common::Zone::Intranet),
                 }),
@@ -86,7 +89,7 @@ fn stranger_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
         }
         6 => {
             b = preamble();
-            b.extend(frame(1, &join_request("BAD NAME")));
+            b.extend(frame(V, &join_request("BAD NAME")));
         }
         7 => {
             b = Preamble {
@@ -98,7 +101,7 @@ fn stranger_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
         }
         8 => {
             b = preamble();
-            let mut f = frame(1, &join_request("n9"));
+            let mut f = frame(V, &join_request("n9"));
             let at = rng.random_range(0..f.len());
             f[at] ^= 1 << rng.random_range(0..8);
             b.extend(f);
@@ -125,11 +128,11 @@ fn node_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
             h
         }
         3 => frame(3, &Message::Load(load())),
-        4 => frame(1, &join_request("n9")),
+        4 => frame(V, &join_request("n9")),
         _ => {
             let mut l = load();
             l.cpu_percent = f32::NAN;
-            frame(1, &Message::Load(l))
+            frame(V, &Message::Load(l))
         }
     }
 }
@@ -246,9 +249,10 @@ fn garbage_frames_leave_both_daemons_healthy() {
             if i % 6 >= 3 {
                 let mut buf = Vec::new();
                 let mut r = answer.as_slice();
-                let m: Message = wire::read_frame(&mut r, 1, wire::MAX_BODY, &mut buf)
-                    .await
-                    .unwrap();
+                let m: Message =
+                    wire::read_frame(&mut r, PROTOCOL_VERSIONS.max, wire::MAX_BODY, &mut buf)
+                        .await
+                        .unwrap();
                 assert!(
                     matches!(
                         m,
@@ -334,12 +338,12 @@ fn garbage_frames_leave_both_daemons_healthy() {
             recv.read_exact(&mut pre).await.unwrap();
             let good_pre = Preamble {
                 range: PROTOCOL_VERSIONS,
-                chosen: 1,
+                chosen: V,
             }
             .to_bytes();
             let welcome = |node| {
                 frame(
-                    1,
+                    V,
                     &Message::Welcome(Welcome {
                         node_id: node,
                         report_interval_ms: 1000,
@@ -367,9 +371,10 @@ fn garbage_frames_leave_both_daemons_healthy() {
                 out.clear();
                 let mut io = tokio::io::join(&mut recv, &mut send);
                 let mut buf = Vec::new();
-                let hello: Message = wire::read_frame(&mut io, 1, wire::MAX_BODY, &mut buf)
-                    .await
-                    .unwrap_or_else(|e| panic!("case {case}: {e}"));
+                let hello: Message =
+                    wire::read_frame(&mut io, PROTOCOL_VERSIONS.max, wire::MAX_BODY, &mut buf)
+                        .await
+                        .unwrap_or_else(|e| panic!("case {case}: {e}"));
                 assert!(matches!(hello, Message::Hello(_)));
             }
             match case {
@@ -394,7 +399,7 @@ fn garbage_frames_leave_both_daemons_healthy() {
                 8 => {
                     out.extend(welcome(node2));
                     out.extend(frame(
-                        1,
+                        V,
                         &Message::Command(Command {
                             id: 1,
                             kind: CommandKind::SetReportInterval { ms: 0 },
@@ -403,23 +408,23 @@ fn garbage_frames_leave_both_daemons_healthy() {
                 }
                 9 => {
                     out.extend(welcome(node2));
-                    out.extend(frame(1, &join_request("x")));
+                    out.extend(frame(V, &join_request("x")));
                 }
                 10 => {
                     out.extend(welcome(node2));
                     out.extend(frame(
-                        1,
+                        V,
                         &Message::Refused(Refusal {
                             code: RefusalCode::Internal,
                             message: "try later".into(),
                         }),
                     ));
                 }
-                11 => out.extend(frame(1, &Message::Load(load()))),
+                11 => out.extend(frame(V, &Message::Load(load()))),
                 12 => {
                     out.extend(welcome(node2));
                     let mut f = frame(
-                        1,
+                        V,
                         &Message::Command(Command {
                             id: 2,
                             kind: CommandKind::Ping,
@@ -440,7 +445,7 @@ fn garbage_frames_leave_both_daemons_healthy() {
             // The last connection is honest: the agent answers a ping and reports load.
             out.extend(welcome(node2));
             out.extend(frame(
-                1,
+                V,
                 &Message::Command(Command {
                     id: 42,
                     kind: CommandKind::Ping,
@@ -451,11 +456,13 @@ fn garbage_frames_leave_both_daemons_healthy() {
             let mut buf = Vec::new();
             let (mut pong, mut loads) = (false, 0);
             while !(pong && loads >= 1) {
-                let m: Message =
-                    tokio::time::timeout(T, wire::read_frame(&mut io, 1, wire::MAX_BODY, &mut buf))
-                        .await
-                        .unwrap()
-                        .unwrap();
+                let m: Message = tokio::time::timeout(
+                    T,
+                    wire::read_frame(&mut io, PROTOCOL_VERSIONS.max, wire::MAX_BODY, &mut buf),
+                )
+                .await
+                .unwrap()
+                .unwrap();
                 match m {
                     Message::Reply(Reply {
                         id: 42,

@@ -372,19 +372,32 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
 
     site.lab.signal("agent-n1", Signal::SIGKILL);
     wait_for("the node to be away", Duration::from_secs(30), || {
-        let out = site.zy(&["vm", "stop", "w1"]);
-        (!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not connected"))
+        let ns: Vec<zy_coordinator::api_types::NodeView> = site.zy_json(&["node", "ls"]).ok()?;
+        ns.iter()
+            .any(|n| n.name == "n1" && !n.connected)
             .then_some(())
     })
     .unwrap();
-    // A refused stop records nothing.
+    // A stop while the node is away is recorded at once and carried out on its return; the
+    // caller need not wait (and an interrupted `zy` would change nothing).
+    let out = site.zy_ok(&["vm", "stop", "w1", "--no-wait", "--json"]);
+    let stop: zy_coordinator::vms::OpView = serde_json::from_str(&out).unwrap();
+    assert_eq!(stop.state, "running");
     assert_eq!(
         serde_json::to_value(vm(&site, "w1").desired).unwrap(),
-        "running"
+        "stopped"
     );
-    // A delete is taken at once; the node removes the VM when it returns.
-    site.zy_ok(&["vm", "delete", "w2"]);
-    assert!(!site.zy(&["vm", "show", "w2"]).status.success());
+    // One operation at a time per VM: a start meanwhile is refused, naming the stop.
+    let out = site.zy(&["vm", "start", "w1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains(&stop.id.to_string()),
+        "{err}"
+    );
+    // A delete is taken at once (its tombstone first); the node removes the VM when it
+    // returns.
+    site.zy_ok(&["vm", "delete", "w2", "--no-wait"]);
+    assert_eq!(vm(&site, "w2").state, "deleting");
     let w2_pid = w2.pid.unwrap() as i32;
     assert!(zy_lab::pid_alive(w2_pid), "still on the away node");
     // Removing the node would orphan its VMs: refused, naming them.
@@ -402,17 +415,26 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
                 .agent_dir(1)
                 .join("vms")
                 .join(w2.id.to_string())
-                .exists())
+                .exists()
+            && !site.zy(&["vm", "show", "w2"]).status.success())
         .then_some(())
     })
     .unwrap();
-    let again = wait_vm(&site, "w1", "running");
-    assert_eq!(again.pid, w1.pid, "w1 untouched");
+    // The stop recorded while the node was away is carried out now, and its operation ends.
+    wait_vm(&site, "w1", "stopped");
+    wait_for("the stop operation to succeed", BOOT, || {
+        let op: zy_coordinator::vms::OpView =
+            site.zy_json(&["op", "show", &stop.id.to_string()]).ok()?;
+        (op.state == "succeeded").then_some(())
+    })
+    .unwrap();
+    assert!(!zy_lab::pid_alive(w1.pid.unwrap() as i32));
+    // zy follows an operation to its end.
+    let out = site.zy_ok(&["vm", "start", "w1"]);
+    assert!(out.contains("start of VM w1 succeeded"), "{out}");
+    assert_eq!(vm(&site, "w1").state, "running");
     assert_eq!(vm(&site, "w3").state, "stopped", "w3 stays off");
-    assert!(site
-        .lab
-        .log("coordinator")
-        .contains("VM deleted on its returned node"));
+    assert!(site.lab.log("coordinator").contains("VM deleted"));
 }
 
 #[test]

@@ -1,29 +1,45 @@
 //! One task per VM owns its state and its QEMU process; everything else talks to it through
 //! a small bounded channel. A dispatcher that finds the channel full answers "busy" at once,
 //! so one stuck VM (a QEMU that ignores QMP) never stalls the node.
+//!
+//! The actor takes *intents*: "be running (or stopped) as of desired generation g". An
+//! intent of a generation the actor already holds, or an older one, is a no-op; a newer one
+//! is recorded on disk before it is acted on, so that an agent restarted in between carries
+//! it out. Every state the actor publishes carries a fresh observed generation.
+//!
+//! ```text
+//!   intent(g) --g <= held--> ignored
+//!      |
+//!      +-- g > held --> record (desired, g) --> start / stop as desired
+//!   delete --> stop (no grace: the disk goes) --> remove the VM's directory --> end
+//! ```
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 use zy_common::time::now_millis;
-use zy_common::vm::VmState;
+use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::VmId;
 
-use super::record::{Desired, VmRecord};
+use super::observed::ObservedClock;
+use super::record::VmRecord;
 use super::runner::{self, Launched, StopHow};
 use super::spec::VmPaths;
 
 /// Requests an actor takes.
 #[derive(Debug)]
 pub enum Request {
-    Start(oneshot::Sender<Result<(), String>>),
-    Stop {
-        grace: Duration,
-        reply: oneshot::Sender<Result<StopHow, String>>,
+    /// Be as desired, as of `generation`; ignored unless newer than what the actor holds.
+    Intent {
+        desired: Desired,
+        generation: Generation,
+        stop_grace_ms: u32,
     },
-    /// Stops the VM if it runs and removes every file of it.
+    /// Stops the VM if it runs and removes every file of it. Answers with how the VM
+    /// ended (or the reason it could not be removed).
     Delete(oneshot::Sender<Result<(), String>>),
 }
 
@@ -34,6 +50,10 @@ pub struct VmStatus {
     pub pid: Option<i32>,
     pub startup: Option<Duration>,
     pub since_ms: u64,
+    /// The desired generation the actor holds.
+    pub intent: Generation,
+    /// This status's observed generation.
+    pub generation: Generation,
 }
 
 /// A state change, for the link to report.
@@ -42,6 +62,20 @@ pub struct VmEvent {
     pub id: VmId,
     pub name: String,
     pub status: VmStatus,
+}
+
+impl VmEvent {
+    /// The event as the wire carries it.
+    pub fn info(&self) -> zy_common::proto::VmInfo {
+        zy_common::proto::VmInfo {
+            id: self.id,
+            name: self.name.clone(),
+            state: self.status.state.clone(),
+            pid: self.status.pid.map(|p| p as u32),
+            intent: self.status.intent,
+            generation: self.status.generation,
+        }
+    }
 }
 
 /// What every actor shares.
@@ -56,6 +90,8 @@ pub struct Ctx {
     pub netdev: Option<crate::netdev::Netdev>,
     /// Who runs QEMU and holds its limits: systemd or the agent itself.
     pub supervisor: runner::Supervisor,
+    /// Numbers every observation.
+    pub clock: Arc<ObservedClock>,
 }
 
 /// How others reach a VM's actor.
@@ -69,7 +105,7 @@ pub struct VmHandle {
 
 /// The actor's queue is full.
 #[derive(Debug, thiserror::Error)]
-#[error("VM {0} is busy with an earlier request; try again")]
+#[error("VM {0} is busy with earlier requests; try again")]
 pub struct Busy(pub VmId);
 
 impl VmHandle {
@@ -96,6 +132,8 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
         pid: live.as_ref().map(|l| l.pid),
         startup: None,
         since_ms: now_millis(),
+        intent: rec.intent,
+        generation: ctx.clock.next(),
     };
     let (state_tx, state_rx) = watch::channel(initial);
     let id = rec.spec.id;
@@ -117,6 +155,14 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
     }
 }
 
+/// Writes a VM's record off the runtime thread (it fsyncs).
+pub async fn save_record(rec: &VmRecord, paths: &VmPaths) -> Result<(), String> {
+    let (rec, paths) = (rec.clone(), paths.clone());
+    tokio::task::spawn_blocking(move || rec.save(&paths).map_err(|e| format!("{e:#}")))
+        .await
+        .map_err(|e| format!("the record writer failed: {e}"))?
+}
+
 struct Actor {
     ctx: Ctx,
     rec: VmRecord,
@@ -135,6 +181,8 @@ impl Actor {
             pid: self.live.as_ref().map(|l| l.pid),
             startup: self.live.as_ref().map(|l| l.startup),
             since_ms: now_millis(),
+            intent: self.rec.intent,
+            generation: self.ctx.clock.next(),
         };
         info!(vm = %self.rec.spec.id, name = %self.rec.spec.name, state = %status.state, "VM state");
         let _ = self.ctx.events.try_send(VmEvent {
@@ -145,17 +193,49 @@ impl Actor {
         self.state.send_replace(status);
     }
 
-    fn want(&mut self, desired: Desired) {
+    /// Records what the VM should be (by the agent's own decision, as when the guest
+    /// powers itself off: the generation stays).
+    async fn want(&mut self, desired: Desired) {
         if self.rec.desired != desired {
             self.rec.desired = desired;
-            if let Err(e) = self.rec.save(&self.paths()) {
+            if let Err(e) = save_record(&self.rec, &self.paths()).await {
                 warn!(vm = %self.rec.spec.id, error = %e, "cannot record the VM's desired state");
             }
         }
     }
 
+    /// Takes an intent if it is newer than the one held: recorded first, then acted on.
+    async fn intent(&mut self, desired: Desired, generation: Generation, grace_ms: u32) {
+        if generation <= self.rec.intent {
+            return;
+        }
+        let before = self.rec.clone();
+        self.rec.desired = desired;
+        self.rec.intent = generation;
+        self.rec.stop_grace_ms = grace_ms;
+        if let Err(e) = save_record(&self.rec, &self.paths()).await {
+            // Not taken: the coordinator sees the old generation and sends it again.
+            warn!(vm = %self.rec.spec.id, error = %e, "cannot record an intent; it is not taken");
+            self.rec = before;
+            return;
+        }
+        info!(vm = %self.rec.spec.id, desired = desired.as_str(), %generation, "intent taken");
+        match (desired, self.live.is_some()) {
+            (Desired::Running, false) => {
+                let _ = self.start().await;
+            }
+            (Desired::Stopped, true) => {
+                self.halt(Duration::from_millis(grace_ms.into())).await;
+            }
+            // Already as desired: say so with the new generation.
+            _ => {
+                let state = self.state.borrow().state.clone();
+                self.set(state);
+            }
+        }
+    }
+
     async fn start(&mut self) -> Result<(), String> {
-        self.want(Desired::Running);
         self.set(VmState::Starting);
         let launched = runner::launch(
             &self.ctx.qemu,
@@ -169,8 +249,7 @@ impl Actor {
                 self.live = Some(l);
                 if let Err(e) = self.plug().await {
                     // A VM without its network is not what was asked for.
-                    self.stop(Duration::from_secs(5)).await;
-                    self.want(Desired::Running);
+                    self.halt(Duration::from_secs(5)).await;
                     let reason = format!("cannot join its network: {e}");
                     self.set(VmState::failed(reason.clone()));
                     return Err(reason);
@@ -221,47 +300,44 @@ impl Actor {
             let _ = self.start().await;
         }
         loop {
-            let Some(live) = self.live.as_mut() else {
-                match rx.recv().await {
-                    // The agent is stopping: the VM's state stays as it is.
+            let req = match self.live.as_mut() {
+                // The agent is stopping: the VM's state stays as it is (QEMU keeps running
+                // and is re-attached later).
+                None => match rx.recv().await {
                     None => return,
-                    Some(Request::Start(reply)) => {
-                        let _ = reply.send(self.start().await);
-                    }
-                    Some(Request::Stop { reply, .. }) => {
-                        self.want(Desired::Stopped);
-                        let _ = reply.send(Ok(StopHow::AlreadyGone));
-                    }
-                    Some(Request::Delete(reply)) => {
-                        let _ = reply.send(self.delete().await);
-                        return;
-                    }
-                }
-                continue;
-            };
-            tokio::select! {
-                req = rx.recv() => match req {
-                    // The agent is stopping; QEMU keeps running and is re-attached later.
-                    None => return,
-                    Some(Request::Start(reply)) => { let _ = reply.send(Ok(())); }
-                    Some(Request::Stop { grace, reply }) => {
-                        let how = self.stop(grace).await;
-                        let _ = reply.send(Ok(how));
-                    }
-                    Some(Request::Delete(reply)) => {
-                        // Its disk is about to be discarded: no need to wait for the guest.
-                        self.stop(Duration::ZERO).await;
-                        let _ = reply.send(self.delete().await);
-                        return;
+                    Some(r) => r,
+                },
+                Some(live) => tokio::select! {
+                    req = rx.recv() => match req {
+                        None => return,
+                        Some(r) => r,
+                    },
+                    status = live.proc.exited() => {
+                        self.exited(status).await;
+                        continue;
                     }
                 },
-                status = live.proc.exited() => self.exited(status).await,
+            };
+            match req {
+                Request::Intent {
+                    desired,
+                    generation,
+                    stop_grace_ms,
+                } => self.intent(desired, generation, stop_grace_ms).await,
+                Request::Delete(reply) => {
+                    // Its disk is about to be discarded: no need to wait for the guest.
+                    if self.live.is_some() {
+                        self.halt(Duration::ZERO).await;
+                    }
+                    let _ = reply.send(self.delete().await);
+                    return;
+                }
             }
         }
     }
 
-    async fn stop(&mut self, grace: Duration) -> StopHow {
-        self.want(Desired::Stopped);
+    /// Stops QEMU (the desired state is the caller's to record).
+    async fn halt(&mut self, grace: Duration) -> StopHow {
         self.set(VmState::Stopping);
         let how = match self.live.as_mut() {
             Some(l) => runner::stop(l, grace).await,
@@ -295,7 +371,9 @@ impl Actor {
         self.unplug().await;
         self.ctx.supervisor.cleanup(self.rec.spec.id).await;
         if guest_poweroff && !guest_panicked {
-            self.want(Desired::Stopped);
+            // The guest chose to be off: it stays off across agent restarts until the next
+            // intent says otherwise.
+            self.want(Desired::Stopped).await;
             self.set(VmState::Stopped);
             return;
         }
@@ -323,11 +401,17 @@ impl Actor {
     }
 
     async fn delete(&mut self) -> Result<(), String> {
-        let dir = self.paths().dir;
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
-        }
+        remove_vm_dir(self.paths().dir).await
     }
+}
+
+/// Removes a VM's directory off the runtime thread; one already gone is fine.
+pub async fn remove_vm_dir(dir: PathBuf) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot remove {}: {e}", dir.display())),
+    })
+    .await
+    .map_err(|e| format!("the remover failed: {e}"))?
 }

@@ -1,17 +1,56 @@
 //! Every VM of the node: creates them, finds them again after an agent restart, and routes
 //! requests to their actors.
+//!
+//! A VM being made (its image fetched, its disk made) is a *preparation*: one slot per VM
+//! id, so that a second hand-over of the same VM joins the first instead of racing it, and a
+//! failed preparation removes only the directory it made itself. A preparation writes a
+//! marker into the directory it creates; an agent that restarts finds a directory with the
+//! marker and no record half-made by itself, and removes it (the coordinator hands the VM
+//! over again, since the node no longer reports it).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use tokio::sync::watch;
 use tracing::{error, info, warn};
+use zy_common::proto::VmInfo;
 use zy_common::time::now_millis;
+use zy_common::vm::{Generation, VmState};
 use zy_common::VmId;
 
-use super::actor::{self, Ctx, VmHandle};
+use super::actor::{self, Ctx, VmEvent, VmHandle, VmStatus};
 use super::record::{Desired, VmRecord};
 use super::runner;
 use super::spec::{SpecError, VmPaths, VmSpec};
+
+/// The file that marks a VM directory as being made by a preparation.
+pub const PREPARING_MARKER: &str = ".preparing";
+
+/// A VM being made.
+#[derive(Debug)]
+struct Prep {
+    name: String,
+    desired: Desired,
+    intent: Generation,
+    stop_grace_ms: u32,
+    /// Creating while under way; Failed once it failed (kept, so that the node reports the
+    /// failure until the VM is deleted or handed over again with a newer generation).
+    state: VmState,
+    generation: Generation,
+    cancelled: bool,
+    done: watch::Sender<bool>,
+}
+
+/// What [`VmManager::begin`] found.
+#[derive(Debug)]
+pub enum Begin {
+    /// The VM exists: give the intent to its actor.
+    Actor(VmHandle),
+    /// A preparation is under way (or failed, and this intent is not newer): nothing to do.
+    Joined(VmInfo),
+    /// A preparation was claimed: the caller makes the VM and calls [`VmManager::finish`].
+    Claimed(VmInfo),
+}
 
 /// Why a VM could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +74,7 @@ pub enum CreateError {
 pub struct VmManager {
     ctx: Ctx,
     vms: Mutex<HashMap<VmId, VmHandle>>,
+    preparing: Mutex<HashMap<VmId, Prep>>,
     /// QEMU processes of this data directory that no record names (found at start).
     strays: Vec<Stray>,
 }
@@ -90,6 +130,18 @@ impl VmManager {
         let entries = std::fs::read_dir(&dir).into_iter().flatten().flatten();
         for entry in entries {
             let path = VmPaths { dir: entry.path() }.record();
+            if !path.exists() && entry.path().join(PREPARING_MARKER).exists() {
+                // Half-made by a preparation of this agent that a restart cut short.
+                match std::fs::remove_dir_all(entry.path()) {
+                    Ok(()) => {
+                        info!(dir = %entry.path().display(), "removed a VM directory a cut-short preparation left")
+                    }
+                    Err(e) => {
+                        warn!(dir = %entry.path().display(), error = %e, "cannot remove a half-made VM directory")
+                    }
+                }
+                continue;
+            }
             let rec = match VmRecord::load(&path) {
                 Ok(r) => r,
                 Err(e) => {
@@ -119,8 +171,216 @@ impl VmManager {
         Self {
             ctx,
             vms: Mutex::new(vms),
+            preparing: Mutex::new(HashMap::new()),
             strays,
         }
+    }
+
+    fn preps(&self) -> std::sync::MutexGuard<'_, HashMap<VmId, Prep>> {
+        self.preparing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, id: VmId, p: &Prep) {
+        let _ = self.ctx.events.try_send(VmEvent {
+            id,
+            name: p.name.clone(),
+            status: VmStatus {
+                state: p.state.clone(),
+                pid: None,
+                startup: None,
+                since_ms: now_millis(),
+                intent: p.intent,
+                generation: p.generation,
+            },
+        });
+    }
+
+    fn prep_info(id: VmId, p: &Prep) -> VmInfo {
+        VmInfo {
+            id,
+            name: p.name.clone(),
+            state: p.state.clone(),
+            pid: None,
+            intent: p.intent,
+            generation: p.generation,
+        }
+    }
+
+    /// Where an intent for `id` goes: its actor, a preparation under way, or a new
+    /// preparation claimed by the caller. Never two preparations of one VM at once.
+    pub fn begin(
+        &self,
+        id: VmId,
+        name: &str,
+        desired: Desired,
+        intent: Generation,
+        stop_grace_ms: u32,
+    ) -> Begin {
+        let mut preps = self.preps();
+        if let Some(h) = self.get(id) {
+            return Begin::Actor(h);
+        }
+        if let Some(p) = preps.get_mut(&id) {
+            let newer = intent > p.intent;
+            if newer {
+                p.desired = desired;
+                p.intent = intent;
+                p.stop_grace_ms = stop_grace_ms;
+            }
+            let retry = newer && matches!(p.state, VmState::Failed(_));
+            if retry {
+                p.state = VmState::Creating;
+            }
+            if newer {
+                p.generation = self.ctx.clock.next();
+                self.emit(id, p);
+            }
+            let info = Self::prep_info(id, p);
+            return if retry {
+                Begin::Claimed(info)
+            } else {
+                Begin::Joined(info)
+            };
+        }
+        let (done, _) = watch::channel(false);
+        let p = Prep {
+            name: name.to_string(),
+            desired,
+            intent,
+            stop_grace_ms,
+            state: VmState::Creating,
+            generation: self.ctx.clock.next(),
+            cancelled: false,
+            done,
+        };
+        self.emit(id, &p);
+        let info = Self::prep_info(id, &p);
+        preps.insert(id, p);
+        Begin::Claimed(info)
+    }
+
+    /// Ends a preparation claimed with [`VmManager::begin`]: the VM is recorded and its actor
+    /// started as the latest intent says, or the failure is kept and reported; either way
+    /// the directory the preparation made goes if the VM is not kept.
+    pub async fn finish(
+        &self,
+        id: VmId,
+        made: Result<(VmSpec, Vec<(String, crate::netdev::Segment)>), String>,
+        own_dir: bool,
+    ) -> Result<(), String> {
+        let paths = VmPaths::new(&self.ctx.data_dir, id);
+        let (desired, intent, grace, cancelled) = match self.preps().get(&id) {
+            Some(p) => (p.desired, p.intent, p.stop_grace_ms, p.cancelled),
+            None => return Err(format!("no preparation of VM {id} under way")),
+        };
+        let made = match made {
+            Ok(m) if !cancelled => Ok(m),
+            Ok(_) => Err(None),
+            Err(e) => Err(Some(e)),
+        };
+        let result = match made {
+            Ok((spec, ports)) => {
+                let rec = VmRecord {
+                    spec,
+                    desired,
+                    intent,
+                    stop_grace_ms: grace,
+                    created_at_ms: now_millis(),
+                    ports,
+                };
+                match actor::save_record(&rec, &paths).await {
+                    Ok(()) => Ok(rec),
+                    Err(e) => Err(Some(format!("cannot record the VM: {e}"))),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let reason = {
+            let mut preps = self.preps();
+            let Some(p) = preps.get_mut(&id) else {
+                return Err(format!("the preparation of VM {id} vanished"));
+            };
+            match result {
+                Ok(mut rec) if !p.cancelled => {
+                    // Intents taken while the record was written.
+                    rec.desired = p.desired;
+                    rec.intent = p.intent;
+                    rec.stop_grace_ms = p.stop_grace_ms;
+                    let _ = std::fs::remove_file(paths.dir.join(PREPARING_MARKER));
+                    let handle = actor::spawn(self.ctx.clone(), rec, None);
+                    self.lock().insert(id, handle);
+                    if let Some(p) = preps.remove(&id) {
+                        p.done.send_replace(true);
+                    }
+                    return Ok(());
+                }
+                Err(Some(e)) => Some(e),
+                _ => None,
+            }
+        };
+        // Only what this preparation made: the slot guarantees nobody else made it.
+        let removed = if own_dir {
+            actor::remove_vm_dir(paths.dir.clone()).await
+        } else {
+            Ok(())
+        };
+        let mut preps = self.preps();
+        let Some(p) = preps.get_mut(&id) else {
+            return Err(format!("the preparation of VM {id} vanished"));
+        };
+        match reason {
+            Some(e) if !p.cancelled => {
+                p.state = VmState::failed(e.clone());
+                p.generation = self.ctx.clock.next();
+                self.emit(id, p);
+                p.done.send_replace(true);
+                Err(e)
+            }
+            _ => {
+                if let Some(p) = preps.remove(&id) {
+                    p.done.send_replace(true);
+                }
+                removed
+            }
+        }
+    }
+
+    /// Cancels the preparation of `id`, if any. Returns a receiver that turns true once it
+    /// has ended and cleaned up; `None` when there is no preparation under way (a failed one
+    /// is forgotten at once: it has cleaned up already).
+    pub fn cancel(&self, id: VmId) -> Option<watch::Receiver<bool>> {
+        let mut preps = self.preps();
+        let p = preps.get_mut(&id)?;
+        if matches!(p.state, VmState::Failed(_)) {
+            preps.remove(&id);
+            return None;
+        }
+        p.cancelled = true;
+        Some(p.done.subscribe())
+    }
+
+    /// Every VM and its state, preparations included, each as a fresh observation.
+    pub fn report(&self) -> Vec<VmInfo> {
+        let preps = self.preps();
+        let mut out: Vec<VmInfo> = preps
+            .iter()
+            .map(|(id, p)| VmInfo {
+                generation: self.ctx.clock.next(),
+                ..Self::prep_info(*id, p)
+            })
+            .collect();
+        for h in self.list() {
+            let s = h.status.borrow().clone();
+            out.push(VmInfo {
+                id: h.id,
+                name: h.name.clone(),
+                state: s.state,
+                pid: s.pid.map(|p| p as u32),
+                intent: s.intent,
+                generation: self.ctx.clock.next(),
+            });
+        }
+        out
     }
 
     /// QEMU processes found at start that no record names.
@@ -132,12 +392,13 @@ impl VmManager {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new VM and starts its actor (which starts it when `start`).
+    /// Records a new VM and starts its actor (which starts it when `desired` says so).
     pub fn create(
         &self,
         spec: VmSpec,
         ports: Vec<(String, crate::netdev::Segment)>,
-        start: bool,
+        desired: Desired,
+        intent: Generation,
     ) -> Result<VmHandle, CreateError> {
         spec.validate()?;
         let mut vms = self.lock();
@@ -151,11 +412,9 @@ impl VmManager {
         })?;
         let rec = VmRecord {
             spec,
-            desired: if start {
-                Desired::Running
-            } else {
-                Desired::Stopped
-            },
+            desired,
+            intent,
+            stop_grace_ms: super::record::DEFAULT_STOP_GRACE_MS,
             created_at_ms: now_millis(),
             ports,
         };

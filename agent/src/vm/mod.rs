@@ -20,6 +20,7 @@ pub mod actor;
 pub mod console;
 pub mod limits;
 pub mod manager;
+pub mod observed;
 pub mod qmp;
 pub mod record;
 pub mod runner;

@@ -387,8 +387,12 @@ pub async fn copy_console(sock: PathBuf, log: PathBuf) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if let Err(e) = append_capped(&log, &buf[..n], CONSOLE_CAP) {
-            debug!(error = %e, "console log write failed");
+        // Off the runtime thread: a slow disk must not hold up the node's reports.
+        let (l, chunk) = (log.clone(), buf[..n].to_vec());
+        match tokio::task::spawn_blocking(move || append_capped(&l, &chunk, CONSOLE_CAP)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(error = %e, "console log write failed"),
+            Err(e) => debug!(error = %e, "console log writer failed"),
         }
     }
 }

@@ -1,0 +1,1053 @@
+//! VMs at the coordinator: asked for through the API, placed on a node of their zone, given
+//! an address on their zone's network, and brought to what was asked by the reconciler
+//! ([`reconcile`]) through durable operations ([`crate::ops`]).
+//!
+//! The VM table lives in memory behind one mutex held only for map updates (never across
+//! I/O); every change is a batch computed from it and committed to the store with
+//! compare-and-swap on each row's revision, then applied to memory. A writer that lost a
+//! race retries from what the store now holds.
+//!
+//! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
+
+pub mod reconcile;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use tracing::info;
+use zy_common::image::ImageKind;
+use zy_common::proto::{WireNic, WireVm};
+use zy_common::time::{now_millis, rfc3339};
+use zy_common::vm::{Generation, VmState};
+use zy_common::{NodeId, VmId, Zone};
+
+use crate::api::ApiError;
+use crate::membership::NodeState;
+use crate::ops::{OpId, OpKind, OpRec, OpState};
+use crate::placement::{self, Demand, NodeCap};
+use crate::store::{StoreError, VmDesired, VmRec, VmWrite};
+use crate::Coordinator;
+
+/// A zone's network.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneNet {
+    pub vni: u32,
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// The network of each zone: separate VNIs and subnets, never shared.
+pub fn zone_net(zone: Zone) -> ZoneNet {
+    match zone {
+        Zone::Extranet => ZoneNet {
+            vni: 10,
+            base: Ipv4Addr::new(10, 210, 0, 0),
+            prefix: 16,
+        },
+        Zone::Intranet => ZoneNet {
+            vni: 20,
+            base: Ipv4Addr::new(10, 220, 0, 0),
+            prefix: 16,
+        },
+    }
+}
+
+/// The lowest free address of a network (from .2: .1 is kept for a gateway).
+pub fn allocate_ip(net: ZoneNet, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+    let base = u32::from(net.base);
+    let size = 1u32 << (32 - u32::from(net.prefix));
+    (2..size - 1)
+        .map(|i| Ipv4Addr::from(base + i))
+        .find(|ip| !taken.contains(ip))
+}
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disk_gib: u64,
+    pub image: String,
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A VM as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmView {
+    pub id: VmId,
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: String,
+    pub node: Option<String>,
+    pub node_id: Option<NodeId>,
+    pub desired: VmDesired,
+    /// The desired generation (bumped by each change of intent).
+    pub generation: u64,
+    /// The desired generation the node has taken up, and the node's observed generation.
+    pub node_intent: Option<u64>,
+    pub observed_generation: Option<u64>,
+    pub state: String,
+    pub reason: Option<String>,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub pid: Option<u32>,
+    pub state_since: String,
+    pub created_at: String,
+    /// The operation under way on this VM, if any.
+    pub operation: Option<OpId>,
+}
+
+/// An operation as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct OpView {
+    pub id: OpId,
+    pub kind: OpKind,
+    pub vm: VmId,
+    pub vm_name: String,
+    /// running, succeeded or failed.
+    pub state: String,
+    pub reason: Option<String>,
+    pub steps: Vec<StepView>,
+    /// The index of the step under way.
+    pub current_step: usize,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// One step of an operation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepView {
+    pub name: String,
+    pub done_at: Option<String>,
+}
+
+/// The answer to a request that changes a VM: the operation that carries it out (follow it
+/// at `GET /v1/ops/{id}`), and the VM as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Accepted {
+    pub operation: OpView,
+    pub vm: VmView,
+}
+
+/// The operation's view.
+pub fn op_view(op: &OpRec) -> OpView {
+    OpView {
+        id: op.id,
+        kind: op.kind,
+        vm: op.vm,
+        vm_name: op.vm_name.clone(),
+        state: op.state.name().into(),
+        reason: match &op.state {
+            OpState::Failed(r) => Some(r.clone()),
+            _ => None,
+        },
+        steps: op
+            .steps
+            .iter()
+            .map(|s| StepView {
+                name: s.name.clone(),
+                done_at: s.done_at_ms.map(rfc3339),
+            })
+            .collect(),
+        current_step: op.current,
+        created_at: rfc3339(op.created_at_ms),
+        updated_at: rfc3339(op.updated_at_ms),
+    }
+}
+
+/// The state shown for a VM: what its node last said, or pending.
+fn shown_state(v: &VmRec) -> (String, Option<String>, u64) {
+    if v.desired == VmDesired::Deleted {
+        return ("deleting".into(), None, v.created_at_ms);
+    }
+    match &v.observed {
+        None => ("pending".into(), None, v.created_at_ms),
+        Some(o) => (
+            o.state.name().into(),
+            match &o.state {
+                VmState::Failed(r) => Some(r.clone()),
+                _ => None,
+            },
+            o.at_ms,
+        ),
+    }
+}
+
+fn view(coord: &Coordinator, v: &VmRec, op: Option<OpId>) -> VmView {
+    let node = v
+        .node
+        .and_then(|n| coord.fleet.find(&n.to_string()))
+        .map(|n| n.record.name);
+    let (state, reason, since) = shown_state(v);
+    VmView {
+        id: v.id,
+        name: v.name.clone(),
+        zone: v.zone,
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib,
+        disk_gib: v.disk_gib,
+        image: v.image.clone(),
+        node,
+        node_id: v.node,
+        desired: v.desired,
+        generation: v.generation.0,
+        node_intent: v.observed.as_ref().map(|o| o.intent.0),
+        observed_generation: v.observed.as_ref().map(|o| o.generation.0),
+        state,
+        reason,
+        ip: v.ip,
+        mac: v
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"),
+        pid: v.observed.as_ref().and_then(|o| o.pid),
+        state_since: rfc3339(since),
+        created_at: rfc3339(v.created_at_ms),
+        operation: op,
+    }
+}
+
+/// The VM table and the operations, as the store holds them.
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    pub vms: HashMap<VmId, VmRec>,
+    pub ops: HashMap<OpId, OpRec>,
+}
+
+impl Table {
+    /// The operation under way on a VM.
+    pub fn running_op(&self, vm: VmId) -> Option<&OpRec> {
+        self.ops.values().find(|o| o.vm == vm && o.is_running())
+    }
+
+    /// A VM by id or name; a live VM wins over a tombstone of the same name.
+    pub fn find(&self, key: &str) -> Option<&VmRec> {
+        if let Ok(id) = key.parse::<VmId>() {
+            return self.vms.get(&id);
+        }
+        let mut named = self.vms.values().filter(|v| v.name == key);
+        let first = named.next()?;
+        if first.desired != VmDesired::Deleted {
+            return Some(first);
+        }
+        Some(
+            named
+                .find(|v| v.desired != VmDesired::Deleted)
+                .unwrap_or(first),
+        )
+    }
+}
+
+/// A batch of writes, committed in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub vms: Vec<VmWrite>,
+    pub ops: Vec<OpRec>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.vms.is_empty() && self.ops.is_empty()
+    }
+
+    /// Writes a changed VM (its revision bumped here).
+    pub fn put(&mut self, old: Option<&VmRec>, mut new: VmRec) {
+        new.rev = old.map_or(1, |o| o.rev + 1);
+        self.vms.push(VmWrite::Put {
+            rec: Box::new(new),
+            expect: old.map(|o| o.rev),
+        });
+    }
+
+    /// Forgets a VM.
+    pub fn remove(&mut self, old: &VmRec) {
+        self.vms.push(VmWrite::Remove {
+            id: old.id,
+            expect: Some(old.rev),
+        });
+    }
+
+    /// Writes a changed operation (its revision bumped here if the caller did not).
+    pub fn op(&mut self, old: Option<&OpRec>, mut new: OpRec) {
+        new.rev = old.map_or(1, |o| o.rev + 1);
+        self.ops.push(new);
+    }
+}
+
+/// The VMs of the site, in memory; every change is written to the store first.
+#[derive(Debug, Default)]
+pub struct Vms {
+    inner: std::sync::Mutex<Table>,
+    /// Wakes the reconciler (a new intent, an observation).
+    pub wake: tokio::sync::Notify,
+}
+
+impl Vms {
+    /// The VMs and operations the store holds.
+    pub fn new(vms: Vec<VmRec>, ops: Vec<OpRec>) -> Self {
+        Self {
+            inner: std::sync::Mutex::new(Table {
+                vms: vms.into_iter().map(|v| (v.id, v)).collect(),
+                ops: ops.into_iter().map(|o| (o.id, o)).collect(),
+            }),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A copy of the table (the lock is held only to copy).
+    pub fn snapshot(&self) -> Table {
+        self.lock().clone()
+    }
+
+    /// Runs `f` on the table under the lock (no I/O in `f`).
+    pub fn with<T>(&self, f: impl FnOnce(&Table) -> T) -> T {
+        f(&self.lock())
+    }
+
+    /// Names of the live (not deleted) VMs placed on `node`.
+    pub fn on_node(&self, node: NodeId) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
+            .vms
+            .values()
+            .filter(|v| v.node == Some(node) && v.desired != VmDesired::Deleted)
+            .map(|v| v.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A VM by id or name.
+    pub fn find(&self, key: &str) -> Result<VmRec, ApiError> {
+        self.lock().find(key).cloned().ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no VM `{}`; `zy vm ls` lists them",
+                zy_common::ids::truncate_for_error(key)
+            ))
+        })
+    }
+
+    /// Takes what a committed batch wrote. Rows are taken only if newer than what memory
+    /// holds, so batches applied out of order leave the newest.
+    fn apply(&self, b: &Batch) {
+        let mut t = self.lock();
+        for w in &b.vms {
+            match w {
+                VmWrite::Put { rec, .. } => {
+                    if t.vms.get(&rec.id).is_none_or(|m| m.rev < rec.rev) {
+                        t.vms.insert(rec.id, (**rec).clone());
+                    }
+                }
+                VmWrite::Remove { id, expect } => {
+                    if t.vms.get(id).is_some_and(|m| Some(m.rev) <= *expect) {
+                        t.vms.remove(id);
+                    }
+                }
+            }
+        }
+        for op in &b.ops {
+            if t.ops.get(&op.id).is_none_or(|m| m.rev < op.rev) {
+                t.ops.insert(op.id, op.clone());
+            }
+        }
+    }
+
+    /// Takes a row the store holds that memory lags behind (after a conflict).
+    fn refresh(&self, e: &StoreError) {
+        let mut t = self.lock();
+        match e {
+            StoreError::Conflict { vm, current, .. } => match current {
+                Some(c) => {
+                    if t.vms.get(vm).is_none_or(|m| m.rev < c.rev) {
+                        t.vms.insert(*vm, (**c).clone());
+                    }
+                }
+                None => {
+                    t.vms.remove(vm);
+                }
+            },
+            StoreError::OpConflict {
+                op,
+                current: Some(c),
+            } if t.ops.get(op).is_none_or(|m| m.rev < c.rev) => {
+                t.ops.insert(*op, (**c).clone());
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets finished operations the store pruned.
+    fn forget_ops(&self, ids: &[OpId]) {
+        let mut t = self.lock();
+        for id in ids {
+            t.ops.remove(id);
+        }
+    }
+}
+
+/// Computes a batch from the table with `plan` and commits it, compare-and-swap on every row;
+/// a writer that lost a race to another retries from what the store holds now. Returns what
+/// `plan` returned with the batch.
+pub async fn write<T>(
+    coord: &Coordinator,
+    mut plan: impl FnMut(&Table) -> Result<(Batch, T), ApiError>,
+) -> Result<T, ApiError> {
+    for _ in 0..16 {
+        let (batch, out) = coord.vms.with(&mut plan)?;
+        if batch.is_empty() {
+            return Ok(out);
+        }
+        let store = coord.store.clone();
+        let (vms, ops) = (batch.vms, batch.ops);
+        let result = tokio::task::spawn_blocking(move || {
+            let r = store.commit(&vms, &ops);
+            (r, Batch { vms, ops })
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        match result {
+            (Ok(pruned), batch) => {
+                coord.vms.apply(&batch);
+                coord.vms.forget_ops(&pruned);
+                coord.vms.wake.notify_one();
+                return Ok(out);
+            }
+            (Err(e @ (StoreError::Conflict { .. } | StoreError::OpConflict { .. })), _) => {
+                tracing::debug!(error = %e, "a VM write lost a race; retrying");
+                coord.vms.refresh(&e);
+            }
+            (Err(e), _) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "contended",
+        "the VM is being changed by many writers at once; try again",
+    ))
+}
+
+/// The underlay address of a connected node.
+fn node_ip(coord: &Coordinator, node: NodeId) -> Option<Ipv4Addr> {
+    let s = coord.fleet.session(node)?;
+    match s.remote.ip() {
+        std::net::IpAddr::V4(ip) => Some(ip),
+        std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+    }
+}
+
+/// The VM as its node is to be given it.
+pub fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, String> {
+    let net = zone_net(v.zone);
+    let local = node_ip(coord, node).ok_or("the node is not connected")?;
+    let peers = coord
+        .fleet
+        .snapshot()
+        .into_iter()
+        .filter(|n| n.record.zone == v.zone && n.record.id != node)
+        .filter_map(|n| node_ip(coord, n.record.id))
+        .collect();
+    Ok(WireVm {
+        id: v.id,
+        name: v.name.clone(),
+        zone: v.zone,
+        vcpus: v.vcpus,
+        memory_mib: v.memory_mib,
+        disk_gib: v.disk_gib,
+        image: v.boot.clone(),
+        nics: vec![WireNic {
+            vni: net.vni,
+            local,
+            mac: v.mac,
+            ip: v.ip,
+            prefix: net.prefix,
+            gateway: None,
+            peers,
+        }],
+    })
+}
+
+/// Reads the optional `Idempotency-Key` header: a second request with the same key gets the
+/// first one's operation instead of a second operation.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| (1..=128).contains(&k.len()) && k.chars().all(|c| c.is_ascii_graphic()))
+        .ok_or_else(|| {
+            ApiError::bad_request("Idempotency-Key must be 1 to 128 printable ASCII characters")
+        })?;
+    Ok(Some(key.to_string()))
+}
+
+/// The operation a key already started, as an answer.
+fn replay(coord: &Coordinator, t: &Table, key: &Option<String>) -> Option<Accepted> {
+    let key = key.as_ref()?;
+    let op = t.ops.values().find(|o| o.key.as_ref() == Some(key))?;
+    let vm = t.vms.get(&op.vm).map(|v| view(coord, v, Some(op.id)));
+    Some(Accepted {
+        operation: op_view(op),
+        vm: vm.unwrap_or_else(|| VmView {
+            id: op.vm,
+            name: op.vm_name.clone(),
+            ..gone_view()
+        }),
+    })
+}
+
+/// What is shown of a VM that is gone.
+fn gone_view() -> VmView {
+    VmView {
+        id: VmId(uuid::Uuid::nil()),
+        name: String::new(),
+        zone: Zone::Intranet,
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+        image: String::new(),
+        node: None,
+        node_id: None,
+        desired: VmDesired::Deleted,
+        generation: 0,
+        node_intent: None,
+        observed_generation: None,
+        state: "deleted".into(),
+        reason: None,
+        ip: Ipv4Addr::UNSPECIFIED,
+        mac: String::new(),
+        pid: None,
+        state_since: String::new(),
+        created_at: String::new(),
+        operation: None,
+    }
+}
+
+fn busy_with(op: &OpRec) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "operation_in_progress",
+        format!(
+            "VM {} is busy with a {} operation ({}); follow it with `zy op show {}`, or delete the VM",
+            op.vm_name,
+            op.kind.as_str(),
+            op.id,
+            op.id
+        ),
+    )
+}
+
+fn publish_op(coord: &Coordinator, op: &OpRec) {
+    let detail = match &op.state {
+        OpState::Failed(r) => format!("{} failed: {r}", op.kind.as_str()),
+        OpState::Succeeded => format!("{} succeeded", op.kind.as_str()),
+        OpState::Running => format!(
+            "{}: {}",
+            op.kind.as_str(),
+            op.steps
+                .get(op.current)
+                .map(|s| s.name.as_str())
+                .unwrap_or("")
+        ),
+    };
+    coord.events.publish(
+        "op",
+        op.id.to_string(),
+        op.vm_name.clone(),
+        op.state.name().into(),
+        detail,
+    );
+}
+
+pub async fn create(
+    State(coord): State<Arc<Coordinator>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    let req: CreateVm = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("bad VM request: {e}")))?;
+    zy_common::ids::validate_name(&req.name)
+        .map_err(|e| ApiError::bad_request(e.to_string().replace("node name", "VM name")))?;
+    if !(1..=64).contains(&req.vcpus) {
+        return Err(ApiError::bad_request(format!(
+            "{} vCPUs is outside 1..=64",
+            req.vcpus
+        )));
+    }
+    if !(64..=1024 * 1024).contains(&req.memory_mib) {
+        return Err(ApiError::bad_request(format!(
+            "{} MiB of memory is outside 64 MiB..=1 TiB",
+            req.memory_mib
+        )));
+    }
+    if req.disk_gib > 64 * 1024 {
+        return Err(ApiError::bad_request(format!(
+            "a {} GiB disk is over the 64 TiB limit",
+            req.disk_gib
+        )));
+    }
+    if let Some(a) = coord.vms.with(|t| replay(&coord, t, &key)) {
+        return Ok((StatusCode::OK, Json(a)));
+    }
+    let store = coord.store.clone();
+    let image_name = req.image.clone();
+    let image = tokio::task::spawn_blocking(move || store.image(&image_name))
+        .await
+        .map_err(ApiError::internal)??
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "no image `{}`; `zy image ls` lists them",
+                zy_common::ids::truncate_for_error(&req.image)
+            ))
+        })?;
+    let disk_gib = match &image.kind {
+        ImageKind::Disk { virtual_size, .. } => {
+            let min = virtual_size.div_ceil(1 << 30);
+            if req.disk_gib != 0 && req.disk_gib < min {
+                return Err(ApiError::bad_request(format!(
+                    "image {} needs a disk of at least {min} GiB",
+                    image.name
+                )));
+            }
+            req.disk_gib.max(min)
+        }
+        ImageKind::Kernel { .. } => req.disk_gib,
+    };
+    let nodes: Vec<NodeCap> = coord
+        .fleet
+        .snapshot()
+        .into_iter()
+        .map(|n| NodeCap {
+            id: n.record.id,
+            name: n.record.name.clone(),
+            zone: n.record.zone,
+            ready: n.record.state == NodeState::Ready && n.session.is_some(),
+            memory_mib: n
+                .record
+                .inventory
+                .as_ref()
+                .map(|i| i.memory_bytes >> 20)
+                .unwrap_or(0),
+            disk_free_gib: n
+                .record
+                .inventory
+                .as_ref()
+                .map(|i| i.disk_free_bytes >> 30)
+                .unwrap_or(0),
+        })
+        .collect();
+    let mac: [u8; 3] = rand::random();
+    let id = VmId::new_random();
+    let now = now_millis();
+    let accepted = write(&coord, |t| {
+        if let Some(a) = replay(&coord, t, &key) {
+            return Ok((Batch::default(), a));
+        }
+        if t.vms
+            .values()
+            .any(|v| v.name == req.name && v.desired != VmDesired::Deleted)
+        {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("a VM named `{}` exists", req.name),
+            ));
+        }
+        // Tombstones count: a deleted VM may still run on a node that is away.
+        let mut used: HashMap<NodeId, (u64, u64)> = HashMap::new();
+        for v in t.vms.values() {
+            if let Some(n) = v.node {
+                let e = used.entry(n).or_default();
+                e.0 += v.memory_mib;
+                e.1 += v.disk_gib;
+            }
+        }
+        let node = placement::place(
+            &nodes,
+            &used,
+            Demand {
+                zone: req.zone,
+                memory_mib: req.memory_mib,
+                disk_gib,
+            },
+        )
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
+        let taken: Vec<Ipv4Addr> = t
+            .vms
+            .values()
+            .filter(|v| v.zone == req.zone)
+            .map(|v| v.ip)
+            .collect();
+        let ip = allocate_ip(zone_net(req.zone), &taken).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "no_address",
+                format!("the {} network is full", req.zone),
+            )
+        })?;
+        let mut m = [0x52, 0x54, 0x00, mac[0], mac[1], mac[2]];
+        while t.vms.values().any(|v| v.mac == m) {
+            m[5] = m[5].wrapping_add(1);
+        }
+        let rec = VmRec {
+            id,
+            name: req.name.clone(),
+            zone: req.zone,
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib,
+            image: image.name.clone(),
+            boot: image.kind.clone(),
+            node: Some(node),
+            desired: if req.start {
+                VmDesired::Running
+            } else {
+                VmDesired::Stopped
+            },
+            generation: Generation(1),
+            observed: None,
+            mac: m,
+            ip,
+            created_at_ms: now,
+            rev: 1,
+        };
+        let op = OpRec::new(OpKind::Create, &rec, rec.generation, key.clone(), now);
+        let mut b = Batch::default();
+        b.put(None, rec.clone());
+        b.op(None, op.clone());
+        let a = Accepted {
+            operation: op_view(&op),
+            vm: view(&coord, &rec, Some(op.id)),
+        };
+        Ok((b, a))
+    })
+    .await?;
+    info!(vm = %accepted.vm.id, name = %accepted.vm.name, node = ?accepted.vm.node, ip = %accepted.vm.ip, op = %accepted.operation.id, "VM placed");
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+pub async fn list(State(coord): State<Arc<Coordinator>>) -> Json<Vec<VmView>> {
+    let mut out: Vec<VmView> = coord.vms.with(|t| {
+        t.vms
+            .values()
+            .map(|v| view(&coord, v, t.running_op(v.id).map(|o| o.id)))
+            .collect()
+    });
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Json(out)
+}
+
+pub async fn show(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    coord
+        .vms
+        .with(|t| {
+            t.find(&key)
+                .map(|v| view(&coord, v, t.running_op(v.id).map(|o| o.id)))
+        })
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no VM `{}`; `zy vm ls` lists them",
+                zy_common::ids::truncate_for_error(&key)
+            ))
+        })
+}
+
+/// Records a change of intent (start, stop, restart) and its operation in one transaction.
+async fn intend(
+    coord: Arc<Coordinator>,
+    headers: &HeaderMap,
+    key_path: &str,
+    kind: OpKind,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let key = idempotency_key(headers)?;
+    let now = now_millis();
+    let accepted = write(&coord, |t| {
+        if let Some(a) = replay(&coord, t, &key) {
+            return Ok((Batch::default(), a));
+        }
+        let v = t
+            .find(key_path)
+            .filter(|v| v.desired != VmDesired::Deleted)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no VM `{}`; `zy vm ls` lists them",
+                    zy_common::ids::truncate_for_error(key_path)
+                ))
+            })?;
+        if let Some(op) = t.running_op(v.id) {
+            return Err(busy_with(op));
+        }
+        let mut n = v.clone();
+        n.desired = match kind {
+            OpKind::Start => VmDesired::Running,
+            _ => VmDesired::Stopped,
+        };
+        n.generation = v.generation.next();
+        let op = OpRec::new(kind, &n, n.generation, key.clone(), now);
+        let mut b = Batch::default();
+        b.put(Some(v), n.clone());
+        b.op(None, op.clone());
+        let a = Accepted {
+            operation: op_view(&op),
+            vm: view(&coord, &n, Some(op.id)),
+        };
+        Ok((b, a))
+    })
+    .await?;
+    info!(vm = %accepted.vm.id, name = %accepted.vm.name, op = %accepted.operation.id, kind = kind.as_str(), "VM intent recorded");
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// How long a stop waits for the guest to power off after the ACPI button before QEMU is
+/// told to quit.
+pub const STOP_GRACE_MS: u32 = 30_000;
+
+/// `POST /v1/vms/{vm}/start`.
+pub async fn start(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    intend(coord, &headers, &key, OpKind::Start).await
+}
+
+/// `POST /v1/vms/{vm}/stop`: ACPI powerdown, then quit, then kill.
+pub async fn stop(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    intend(coord, &headers, &key, OpKind::Stop).await
+}
+
+/// `POST /v1/vms/{vm}/restart`: a stop, then a start.
+pub async fn restart(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    intend(coord, &headers, &key, OpKind::Restart).await
+}
+
+/// `DELETE /v1/vms/{vm}`: the tombstone is written first, always; an operation under way on
+/// the VM is superseded. The node removes the VM when it can (now, or when it returns).
+pub async fn delete(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key_path): Path<String>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let key = idempotency_key(&headers)?;
+    let now = now_millis();
+    let accepted = write(&coord, |t| {
+        if let Some(a) = replay(&coord, t, &key) {
+            return Ok((Batch::default(), a));
+        }
+        let v = t.find(&key_path).ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no VM `{}`; `zy vm ls` lists them",
+                zy_common::ids::truncate_for_error(&key_path)
+            ))
+        })?;
+        let mut b = Batch::default();
+        if v.desired == VmDesired::Deleted {
+            // Deleting what is being deleted: the same operation.
+            if let Some(op) = t.running_op(v.id) {
+                let a = Accepted {
+                    operation: op_view(op),
+                    vm: view(&coord, v, Some(op.id)),
+                };
+                return Ok((b, a));
+            }
+        }
+        if let Some(op) = t.running_op(v.id) {
+            let mut o = op.clone();
+            o.fail("superseded by a delete of the VM", now);
+            b.op(Some(op), o);
+        }
+        let mut n = v.clone();
+        n.desired = VmDesired::Deleted;
+        n.generation = v.generation.next();
+        let op = OpRec::new(OpKind::Delete, &n, n.generation, key.clone(), now);
+        b.put(Some(v), n.clone());
+        b.op(None, op.clone());
+        let a = Accepted {
+            operation: op_view(&op),
+            vm: view(&coord, &n, Some(op.id)),
+        };
+        Ok((b, a))
+    })
+    .await?;
+    info!(vm = %accepted.vm.id, name = %accepted.vm.name, op = %accepted.operation.id, "VM deleted at the site; its node removes it");
+    Ok((StatusCode::ACCEPTED, Json(accepted)))
+}
+
+/// `GET /v1/ops`: operations, newest first (running ones and the most recent finished).
+pub async fn list_ops(State(coord): State<Arc<Coordinator>>) -> Json<Vec<OpView>> {
+    let mut ops: Vec<OpRec> = coord.vms.with(|t| t.ops.values().cloned().collect());
+    ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.id.cmp(&a.id)));
+    Json(ops.iter().map(op_view).collect())
+}
+
+/// `GET /v1/ops/{id}`.
+pub async fn show_op(
+    State(coord): State<Arc<Coordinator>>,
+    Path(id): Path<String>,
+) -> Result<Json<OpView>, ApiError> {
+    let id: OpId = id.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "`{}` is not an operation id",
+            zy_common::ids::truncate_for_error(&id)
+        ))
+    })?;
+    coord
+        .vms
+        .with(|t| t.ops.get(&id).map(op_view))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no operation {id}; `zy op ls` lists them")))
+}
+
+/// `GET /v1/vms/{vm}/console?lines=N&follow=true`: the VM's console from its node, as plain
+/// text, streamed while `follow` holds.
+pub async fn console(
+    State(coord): State<Arc<Coordinator>>,
+    Path(key): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Result<axum::response::Response, ApiError> {
+    let (mut lines, mut follow) = (100u32, false);
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("lines", v)) => {
+                lines = v.parse().ok().filter(|n| *n <= 100_000).ok_or_else(|| {
+                    ApiError::bad_request("lines must be a number within 0..=100000")
+                })?
+            }
+            Some(("follow", v)) => {
+                follow = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("follow must be true or false"))?
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter `{}`: the console takes lines and follow",
+                    zy_common::ids::truncate_for_error(pair)
+                )))
+            }
+        }
+    }
+    let v = coord.vms.find(&key)?;
+    let conn = v
+        .node
+        .and_then(|n| coord.fleet.session(n))
+        .and_then(|s| s.conn)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "not_connected",
+                "the VM's node is not connected",
+            )
+        })?;
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "node_unreachable",
+            e.to_string(),
+        )
+    })?;
+    // The version is the one every session speaks today; streams reuse it.
+    let version = zy_common::wire::PROTOCOL_VERSIONS.max;
+    zy_common::wire::write_frame(
+        &mut send,
+        version,
+        &zy_common::proto::Message::Console {
+            id: v.id,
+            lines,
+            follow,
+        },
+    )
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "node_unreachable",
+            e.to_string(),
+        )
+    })?;
+    let _ = send.finish();
+    let stream = futures_util::stream::unfold(recv, |mut recv| async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), recv))
+            }
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), recv)),
+        }
+    });
+    axum::response::Response::builder()
+        .header(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )
+        .body(axum::body::Body::from_stream(stream))
+        .map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zones_never_share_a_network_and_addresses_are_unique() {
+        let (e, i) = (zone_net(Zone::Extranet), zone_net(Zone::Intranet));
+        assert_ne!(e.vni, i.vni);
+        assert_ne!(e.base, i.base);
+        let mut taken = Vec::new();
+        for _ in 0..300 {
+            let ip = allocate_ip(i, &taken).unwrap();
+            assert!(!taken.contains(&ip));
+            taken.push(ip);
+        }
+        assert_eq!(taken[0], Ipv4Addr::new(10, 220, 0, 2));
+        let tiny = ZoneNet {
+            vni: 1,
+            base: Ipv4Addr::new(10, 0, 0, 0),
+            prefix: 30,
+        };
+        assert_eq!(allocate_ip(tiny, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
+    }
+}

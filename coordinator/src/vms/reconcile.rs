@@ -1,0 +1,523 @@
+//! The reconciler: one task that brings every VM to what the site wants and every operation
+//! to its end, from what the store holds, whatever happened before (a coordinator restart,
+//! a node that reconnects, a reply that never came).
+//!
+//! Each tick (and whenever woken by a new intent or observation):
+//! 1. every running operation is advanced ([`crate::ops::advance`]), written with
+//!    compare-and-swap;
+//! 2. every VM whose node has not taken up its desired generation is sent its intent
+//!    ([`CommandKind::EnsureVm`] or [`CommandKind::DeleteVm`]), at most one in flight per VM,
+//!    sent again after a timeout, a disconnect or a busy node. Intents are idempotent by
+//!    (VM, generation) at the agent, so sending one twice is harmless;
+//! 3. every connected node whose zone's peers changed is told them, coalesced: one update per
+//!    node once its zone's membership has settled, not one per report.
+//!
+//! Observations from nodes ([`observe`]) are applied only when newer than the stored one
+//! (the agent's observed generation), a whole report in one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+use zy_common::proto::{CommandKind, ReplyErrorKind, ReplyKind, VmInfo, VmIntent};
+use zy_common::time::now_millis;
+use zy_common::vm::{Generation, VmState};
+use zy_common::{NodeId, VmId, Zone};
+
+use super::{publish_op, write, zone_net, Batch, Table};
+use crate::fleet::CommandError;
+use crate::ops::{self, Advance, OpKind};
+use crate::store::{Observed, VmDesired};
+use crate::Coordinator;
+
+/// How often the reconciler looks, when nothing wakes it sooner.
+pub const TICK: Duration = Duration::from_millis(250);
+/// How long an intent may go unanswered before it is sent again.
+const ENSURE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A delete stops QEMU at once and removes the VM's files: allow for a slow disk.
+const DELETE_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait before sending again to a node that was busy or went away.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// How long to wait before sending again an intent the node refused or failed.
+const RETRY_REFUSED: Duration = Duration::from_secs(30);
+/// Peer updates wait for the zone's membership to be unchanged this long...
+const PEERS_SETTLE: Duration = Duration::from_millis(500);
+/// ...but no longer than this while it keeps changing.
+const PEERS_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// What the reconciler keeps between ticks (in memory only: after a restart every intent is
+/// simply sent again).
+#[derive(Debug, Default)]
+pub struct State {
+    /// Per VM: the generation sent and when it may be sent again.
+    inflight: HashMap<VmId, (Generation, Instant)>,
+    /// Per node: the session and the peers it was last told, per VNI.
+    peers_sent: HashMap<NodeId, (u64, u32, Vec<Ipv4Addr>)>,
+    peers_inflight: HashSet<NodeId>,
+    /// Per zone: its connected nodes as last seen, since when, and when last sent.
+    zones: HashMap<Zone, ZonePeers>,
+    /// Peer updates sent (for the reconnect-storm benchmark).
+    pub peer_updates: u64,
+}
+
+#[derive(Debug)]
+struct ZonePeers {
+    /// Connected members: node, underlay address, session (a reconnect is a change too: the
+    /// node, or its peers, may have lost what they were told).
+    members: Vec<(NodeId, Ipv4Addr, u64)>,
+    changed: Instant,
+    first_unsent_change: Option<Instant>,
+    /// A change not yet told to every member.
+    dirty: bool,
+}
+
+/// Runs until the coordinator stops.
+pub async fn run(coord: Arc<Coordinator>) {
+    let state = coord.reconciler.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(TICK) => {}
+            _ = coord.vms.wake.notified() => {
+                // Let a burst of wake-ups coalesce.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        tick(&coord, &state).await;
+    }
+}
+
+fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One pass.
+pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
+    advance_ops(coord).await;
+    let table = coord.vms.snapshot();
+    let now = Instant::now();
+    let mut forget = Vec::new();
+    for v in table.vms.values() {
+        let enrolled = v
+            .node
+            .is_some_and(|n| coord.fleet.find(&n.to_string()).is_some());
+        if !enrolled {
+            if v.desired == VmDesired::Deleted {
+                forget.push(v.id);
+            }
+            continue;
+        }
+        let Some(node) = v.node else { continue };
+        let Some(session) = coord.fleet.session(node) else {
+            continue;
+        };
+        let (kind, timeout) = match ops::node_desired(v.desired) {
+            None => (
+                CommandKind::DeleteVm {
+                    id: v.id,
+                    generation: v.generation,
+                },
+                DELETE_TIMEOUT,
+            ),
+            Some(desired) => {
+                if v.observed
+                    .as_ref()
+                    .is_some_and(|o| o.intent >= v.generation)
+                {
+                    continue;
+                }
+                let vm = match super::wire(coord, v, node) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        warn!(vm = %v.id, error = %e, "cannot describe the VM to its node yet");
+                        continue;
+                    }
+                };
+                (
+                    CommandKind::EnsureVm(VmIntent {
+                        vm,
+                        desired,
+                        generation: v.generation,
+                        stop_grace_ms: super::STOP_GRACE_MS,
+                    }),
+                    ENSURE_TIMEOUT,
+                )
+            }
+        };
+        {
+            let mut s = lock(state);
+            match s.inflight.get(&v.id) {
+                Some((g, until)) if *g >= v.generation && *until > now => continue,
+                _ => {}
+            }
+            s.inflight.insert(v.id, (v.generation, now + timeout));
+        }
+        let (coord, state, id, generation) = (coord.clone(), state.clone(), v.id, v.generation);
+        tokio::spawn(async move {
+            let result = session.command(kind, timeout).await;
+            let retry = match result {
+                Ok(ReplyKind::Vm(info)) => {
+                    observe(&coord, node, vec![info], false).await;
+                    None
+                }
+                Ok(_) => {
+                    // A delete is done.
+                    finish_deletion(&coord, id).await;
+                    None
+                }
+                Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::NotFound => {
+                    finish_deletion(&coord, id).await;
+                    None
+                }
+                Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Busy => {
+                    Some(RETRY_AFTER)
+                }
+                Err(CommandError::Rejected(e)) => {
+                    warn!(vm = %id, %generation, error = %e.message, "the node refused the VM's intent");
+                    fail_op(&coord, id, &format!("the node refused: {}", e.message)).await;
+                    Some(RETRY_REFUSED)
+                }
+                Err(e) => {
+                    tracing::debug!(vm = %id, error = %e, "intent not delivered; sending again");
+                    Some(RETRY_AFTER)
+                }
+            };
+            let mut s = lock(&state);
+            match retry {
+                Some(after) => {
+                    s.inflight.insert(id, (generation, Instant::now() + after));
+                }
+                None => {
+                    // Answered: the observation it brought decides what is next. Hold off a
+                    // moment in case the answer was older than the intent.
+                    s.inflight
+                        .insert(id, (generation, Instant::now() + RETRY_AFTER));
+                }
+            }
+        });
+    }
+    for id in forget {
+        warn!(vm = %id, "a deleted VM's node was removed before it removed the VM; forgotten (wipe that server before enrolling it again)");
+        finish_deletion(coord, id).await;
+    }
+    sync_peers(coord, state, now);
+}
+
+/// Advances every running operation as far as it goes now.
+async fn advance_ops(coord: &Arc<Coordinator>) {
+    let now = now_millis();
+    let enrolled = |t: &Table, vm: VmId| {
+        t.vms
+            .get(&vm)
+            .and_then(|v| v.node)
+            .is_some_and(|n| coord.fleet.find(&n.to_string()).is_some())
+    };
+    let changed = write(coord, |t| {
+        let mut b = Batch::default();
+        let mut done = Vec::new();
+        for op in t.ops.values().filter(|o| o.is_running()) {
+            let vm = t.vms.get(&op.vm);
+            if let Advance::Write(next, v) = ops::advance(op, vm, enrolled(t, op.vm), now) {
+                if let (Some(v), Some(old)) = (v, vm) {
+                    b.put(Some(old), *v);
+                }
+                b.op(Some(op), next.clone());
+                done.push(next);
+            }
+        }
+        Ok((b, done))
+    })
+    .await;
+    match changed {
+        Ok(ops) => {
+            for op in &ops {
+                publish_op(coord, op);
+                if !op.is_running() {
+                    info!(op = %op.id, vm = %op.vm_name, kind = op.kind.as_str(), state = op.state.name(), "operation ended");
+                }
+            }
+        }
+        Err(e) => warn!(error = %e.message(), "cannot advance operations"),
+    }
+}
+
+/// Ends the operation under way on a VM as failed.
+async fn fail_op(coord: &Arc<Coordinator>, vm: VmId, reason: &str) {
+    let now = now_millis();
+    let r = write(coord, |t| {
+        let mut b = Batch::default();
+        let mut out = None;
+        if let Some(op) = t.running_op(vm).filter(|o| o.kind != OpKind::Delete) {
+            let mut n = op.clone();
+            n.fail(reason, now);
+            b.op(Some(op), n.clone());
+            out = Some(n);
+        }
+        Ok((b, out))
+    })
+    .await;
+    if let Ok(Some(op)) = r {
+        publish_op(coord, &op);
+    }
+}
+
+/// A deleted VM is gone from its node (or its node is gone): forget it, and finish its
+/// delete operation, in one transaction.
+pub async fn finish_deletion(coord: &Arc<Coordinator>, id: VmId) {
+    let now = now_millis();
+    let r = write(coord, |t| {
+        let mut b = Batch::default();
+        let mut out = Vec::new();
+        let Some(v) = t.vms.get(&id).filter(|v| v.desired == VmDesired::Deleted) else {
+            return Ok((b, out));
+        };
+        b.remove(v);
+        for op in t.ops.values().filter(|o| o.vm == id && o.is_running()) {
+            let mut n = op.clone();
+            if n.kind == OpKind::Delete {
+                while n.is_running() {
+                    n.step_done(now);
+                }
+            } else {
+                n.fail("the VM was deleted", now);
+            }
+            b.op(Some(op), n.clone());
+            out.push(n);
+        }
+        Ok((b, out))
+    })
+    .await;
+    match r {
+        Ok(ops) if !ops.is_empty() || coord.vms.with(|t| !t.vms.contains_key(&id)) => {
+            for op in &ops {
+                publish_op(coord, op);
+            }
+            coord.events.publish(
+                "vm",
+                id.to_string(),
+                ops.first().map(|o| o.vm_name.clone()).unwrap_or_default(),
+                "deleted".into(),
+                "removed from its node and forgotten".into(),
+            );
+            info!(vm = %id, "VM deleted");
+        }
+        Ok(_) => {}
+        Err(e) => warn!(vm = %id, error = %e.message(), "cannot record a finished deletion"),
+    }
+}
+
+/// What a node said of its VMs: each observation taken if newer than the stored one. A
+/// `full` report is the node's whole picture, so VMs placed on it that it does not list are
+/// not there: a deleted one is gone (forgotten), one it never had is handed over again, and
+/// one it had is lost (failed, not silently made anew with a blank disk).
+pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>, full: bool) {
+    let now = now_millis();
+    let result = write(coord, |t| {
+        let mut b = Batch::default();
+        let mut changes: Vec<(VmId, String, String, String)> = Vec::new();
+        for info in &infos {
+            let Some(v) = t.vms.get(&info.id) else {
+                if !full {
+                    warn!(vm = %info.id, node = %node, "a node reports a VM this coordinator does not know");
+                }
+                continue;
+            };
+            if v.node != Some(node) {
+                warn!(vm = %info.id, node = %node, "a node reports a VM placed elsewhere");
+                continue;
+            }
+            if v
+                .observed
+                .as_ref()
+                .is_some_and(|o| o.generation >= info.generation)
+            {
+                continue;
+            }
+            let before = v.observed.as_ref().map(|o| o.state.clone());
+            let mut n = v.clone();
+            // Running straight to stopped at the current intent with no operation under
+            // way: the guest powered itself off, and it is to stay off.
+            if before == Some(VmState::Running)
+                && info.state == VmState::Stopped
+                && v.desired == VmDesired::Running
+                && info.intent >= v.generation
+                && t.running_op(v.id).is_none()
+            {
+                n.desired = VmDesired::Stopped;
+                n.generation = v.generation.next();
+            }
+            n.observed = Some(Observed {
+                state: info.state.clone(),
+                pid: info.pid,
+                intent: info.intent,
+                generation: info.generation,
+                at_ms: now,
+            });
+            if before.as_ref() != Some(&info.state) {
+                changes.push((
+                    v.id,
+                    v.name.clone(),
+                    info.state.name().to_string(),
+                    match &info.state {
+                        VmState::Failed(r) => r.clone(),
+                        s => format!(
+                            "{} -> {}",
+                            before.as_ref().map(|b| b.name()).unwrap_or("pending"),
+                            s.name()
+                        ),
+                    },
+                ));
+            }
+            b.put(Some(v), n);
+        }
+        if full {
+            for v in t
+                .vms
+                .values()
+                .filter(|v| v.node == Some(node) && !infos.iter().any(|i| i.id == v.id))
+            {
+                match (&v.desired, v.observed.as_ref().map(|o| &o.state)) {
+                    (VmDesired::Deleted, _) => {
+                        b.remove(v);
+                        for op in t.ops.values().filter(|o| o.vm == v.id && o.is_running()) {
+                            let mut n = op.clone();
+                            while n.is_running() {
+                                n.step_done(now);
+                            }
+                            b.op(Some(op), n);
+                        }
+                        changes.push((
+                            v.id,
+                            v.name.clone(),
+                            "deleted".into(),
+                            "its node has no such VM".into(),
+                        ));
+                    }
+                    (_, None) => {}
+                    (
+                        _,
+                        Some(VmState::Pending | VmState::Creating | VmState::Failed(_)),
+                    ) => {
+                        // Never made (or its making was cut short): hand it over again.
+                        let mut n = v.clone();
+                        n.observed = None;
+                        b.put(Some(v), n);
+                    }
+                    (_, Some(_)) => {
+                        let mut n = v.clone();
+                        let reason = "lost: its node reported it no longer has this VM (its disk is gone); `zy vm start` makes it anew from its image, `zy vm delete` removes it";
+                        if let Some(o) = n.observed.as_mut() {
+                            o.state = VmState::failed(reason);
+                            o.pid = None;
+                            o.at_ms = now;
+                        }
+                        changes.push((v.id, v.name.clone(), "failed".into(), reason.into()));
+                        b.put(Some(v), n);
+                    }
+                }
+            }
+        }
+        Ok((b, changes))
+    })
+    .await;
+    match result {
+        Ok(changes) => {
+            for (id, name, state, detail) in changes {
+                info!(vm = %id, %name, %state, "VM state reported");
+                coord
+                    .events
+                    .publish("vm", id.to_string(), name, state, detail);
+            }
+        }
+        Err(e) => warn!(node = %node, error = %e.message(), "cannot record what a node reported"),
+    }
+}
+
+/// Tells connected nodes their zone's peers when they changed, coalesced per zone.
+fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
+    let mut by_zone: HashMap<Zone, Vec<(NodeId, Ipv4Addr, crate::fleet::Session)>> = HashMap::new();
+    for n in coord.fleet.snapshot() {
+        let Some(s) = n.session.clone() else { continue };
+        let ip = match s.remote.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => continue,
+            },
+        };
+        by_zone
+            .entry(n.record.zone)
+            .or_default()
+            .push((n.record.id, ip, s));
+    }
+    let mut s = lock(state);
+    let connected: HashSet<NodeId> = by_zone.values().flatten().map(|(id, _, _)| *id).collect();
+    s.peers_sent.retain(|n, _| connected.contains(n));
+    for zone in [Zone::Extranet, Zone::Intranet] {
+        let mut members: Vec<(NodeId, Ipv4Addr, u64)> = by_zone
+            .get(&zone)
+            .map(|v| v.iter().map(|(id, ip, s)| (*id, *ip, s.id)).collect())
+            .unwrap_or_default();
+        members.sort();
+        let z = s.zones.entry(zone).or_insert(ZonePeers {
+            members: Vec::new(),
+            changed: now,
+            first_unsent_change: None,
+            dirty: false,
+        });
+        if z.members != members {
+            z.members = members.clone();
+            z.changed = now;
+            z.first_unsent_change.get_or_insert(now);
+            z.dirty = true;
+        }
+        let settled = now.duration_since(z.changed) >= PEERS_SETTLE
+            || z.first_unsent_change
+                .is_some_and(|f| now.duration_since(f) >= PEERS_MAX_DELAY);
+        if !settled {
+            continue;
+        }
+        z.first_unsent_change = None;
+        let everyone = std::mem::take(&mut z.dirty);
+        let vni = zone_net(zone).vni;
+        for (id, ip, session) in by_zone.get(&zone).into_iter().flatten() {
+            let peers: Vec<Ipv4Addr> = members
+                .iter()
+                .filter(|(_, p, _)| p != ip)
+                .map(|(_, p, _)| *p)
+                .collect();
+            let up_to_date = !everyone
+                && s.peers_sent
+                    .get(id)
+                    .is_some_and(|(sid, v, p)| *sid == session.id && *v == vni && *p == peers);
+            if up_to_date || s.peers_inflight.contains(id) {
+                continue;
+            }
+            s.peers_inflight.insert(*id);
+            s.peer_updates += 1;
+            let (state, session, id) = (state.clone(), session.clone(), *id);
+            tokio::spawn(async move {
+                let r = session
+                    .command(
+                        CommandKind::SyncPeers {
+                            vni,
+                            peers: peers.clone(),
+                        },
+                        Duration::from_secs(30),
+                    )
+                    .await;
+                let mut s = lock(&state);
+                s.peers_inflight.remove(&id);
+                match r {
+                    Ok(_) => {
+                        s.peers_sent.insert(id, (session.id, vni, peers));
+                    }
+                    Err(e) => {
+                        warn!(node = %session.remote, error = %e, "cannot update a node's network peers; will try again");
+                    }
+                }
+            });
+        }
+    }
+}
