@@ -244,6 +244,23 @@ impl Node {
         let mut disks = Vec::new();
         let boot = match &vm.image {
             ImageKind::Disk { blob, format, .. } => {
+                // Inspected again here, before QEMU or qemu-img open it: the node trusts
+                // no header, not even one its coordinator accepted.
+                let (base, declared) = (self.cache.path(blob), *format);
+                blocking(move || {
+                    use std::io::Read;
+                    let mut head = Vec::new();
+                    let f = std::fs::File::open(&base)
+                        .map_err(|e| format!("cannot read the image {}: {e}", base.display()))?;
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    f.take(zy_common::image::INSPECT_BYTES as u64)
+                        .read_to_end(&mut head)
+                        .map_err(|e| format!("cannot read the image {}: {e}", base.display()))?;
+                    zy_common::image::inspect(&head, len, declared)
+                        .map(|_| ())
+                        .map_err(|e| format!("the image is refused: {e}"))
+                })
+                .await?;
                 let disk = paths.dir.join("disk0.qcow2");
                 let size = (vm.disk_gib > 0).then(|| format!("{}G", vm.disk_gib));
                 let (base, fmt, d) = (self.cache.path(blob), format.as_str(), disk.clone());

@@ -189,6 +189,10 @@ pub enum ImageCmd {
     Import {
         /// A disk image (qcow2 or raw).
         file: Option<PathBuf>,
+        /// The disk image's format, qcow2 or raw (default: from its extension, .qcow2 or
+        /// .raw/.img). The image is inspected and refused if it is not what is declared.
+        #[arg(long, value_parser = ["qcow2", "raw"])]
+        format: Option<String>,
         /// The image's name.
         #[arg(long)]
         name: String,
@@ -466,6 +470,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Image(ImageCmd::Import {
             file,
+            format,
             name,
             kernel,
             initrd,
@@ -475,8 +480,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             use crate::images::{BlobView, ImageView};
             let body = match (file, kernel) {
                 (Some(f), None) => {
+                    let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
+                    let format = match (format.as_deref(), ext) {
+                        (Some(f), _) => f.to_string(),
+                        (None, "qcow2") => "qcow2".into(),
+                        (None, "raw" | "img") => "raw".into(),
+                        (None, _) => {
+                            return Err(CliError {
+                                code: ExitCode::Usage,
+                                message: format!(
+                                    "say what {} is with --format qcow2 or --format raw",
+                                    f.display()
+                                ),
+                            })
+                        }
+                    };
                     let b: BlobView = c.upload("/v1/blobs", &f).await?;
-                    serde_json::json!({"name": name, "disk": b.hash})
+                    serde_json::json!({"name": name, "disk": b.hash, "format": format})
                 }
                 (None, Some(k)) => {
                     let kb: BlobView = c.upload("/v1/blobs", &k).await?;

@@ -33,8 +33,11 @@ pub struct BlobView {
 #[serde(deny_unknown_fields)]
 pub struct CreateImage {
     pub name: String,
-    /// A disk image: the blob holding it (format and size are read from it).
+    /// A disk image: the blob holding it (its size is read from it).
     pub disk: Option<BlobHash>,
+    /// The disk image's format as the uploader declares it: `qcow2` or `raw`. Required with
+    /// `disk`; the image is inspected and refused if it is not what is declared.
+    pub format: Option<DiskFormat>,
     /// A kernel image: the kernel's blob, and optionally an initramfs and a command line.
     pub kernel: Option<BlobHash>,
     pub initrd: Option<BlobHash>,
@@ -137,20 +140,18 @@ pub async fn create_image(
                     "initrd and cmdline go with a kernel image, not a disk image",
                 ));
             }
+            let format = req.format.ok_or_else(|| {
+                ApiError::bad_request("a disk image needs its `format` declared: qcow2 or raw")
+            })?;
             let len = need(*disk)?;
-            let mut head = vec![0u8; 64];
-            let n = {
-                use std::io::Read;
-                let mut f =
-                    std::fs::File::open(coord.blobs.path(disk)).map_err(ApiError::internal)?;
-                f.read(&mut head).map_err(ApiError::internal)?
-            };
-            let (format, virtual_size) = DiskFormat::sniff(&head[..n], len);
-            if virtual_size == 0 {
-                return Err(ApiError::bad_request(
-                    "the disk image has a virtual size of 0",
-                ));
-            }
+            let path = coord.blobs.path(disk);
+            let head = tokio::task::spawn_blocking(move || read_head(&path))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::internal)?;
+            // Inspected, not trusted: a header that names a host file is refused.
+            let virtual_size = zy_common::image::inspect(&head, len, format)
+                .map_err(|e| ApiError::bad_request(format!("image refused: {e}")))?;
             (
                 ImageKind::Disk {
                     blob: *disk,
@@ -161,6 +162,11 @@ pub async fn create_image(
             )
         }
         (None, Some(kernel)) => {
+            if req.format.is_some() {
+                return Err(ApiError::bad_request(
+                    "format goes with a disk image, not a kernel image",
+                ));
+            }
             let mut size = need(*kernel)?;
             if let Some(i) = req.initrd {
                 size += need(i)?;
@@ -209,6 +215,16 @@ pub async fn create_image(
     }
     info!(name = %rec.name, "image created");
     Ok((StatusCode::CREATED, Json(view(&rec))))
+}
+
+/// The first bytes of a blob, as many as inspection needs.
+pub fn read_head(path: &std::path::Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(zy_common::image::INSPECT_BYTES);
+    std::fs::File::open(path)?
+        .take(zy_common::image::INSPECT_BYTES as u64)
+        .read_to_end(&mut head)?;
+    Ok(head)
 }
 
 pub async fn delete_image(

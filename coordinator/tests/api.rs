@@ -287,10 +287,58 @@ async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
         .call(
             Method::POST,
             "/v1/images",
-            Some(serde_json::json!({"name": "d1", "disk": qb.hash})),
+            Some(serde_json::json!({"name": "d1", "disk": qb.hash, "format": "qcow2"})),
         )
         .await
         .unwrap();
+    // Review finding 4: images are inspected, not trusted. A qcow2 whose header names a
+    // host file as its backing file, the same declared raw, and a declaration missing.
+    let evil = dir.0.join("evil.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "/etc/hostname",
+            "-F",
+            "raw",
+        ])
+        .arg(&evil)
+        .arg("1G")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let eb: BlobView = c.upload("/v1/blobs", &evil).await.unwrap();
+    for (body, want) in [
+        (
+            serde_json::json!({"name": "e1", "disk": eb.hash, "format": "qcow2"}),
+            "backing file",
+        ),
+        (
+            serde_json::json!({"name": "e2", "disk": eb.hash, "format": "raw"}),
+            "declared raw but the file is a qcow2",
+        ),
+        (serde_json::json!({"name": "e3", "disk": qb.hash}), "format"),
+        (
+            serde_json::json!({"name": "e4", "disk": b.hash, "format": "qcow2"}),
+            "declared qcow2 but the file is a raw",
+        ),
+    ] {
+        let (got, _, msg) = api_err(
+            c.call::<serde_json::Value>(Method::POST, "/v1/images", Some(body.clone()))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(got, StatusCode::BAD_REQUEST, "{body}: {msg}");
+        assert!(msg.contains(want), "{body}: `{msg}` lacks `{want}`");
+    }
     assert!(matches!(
         disk.kind,
         zy_common::image::ImageKind::Disk {
