@@ -145,7 +145,7 @@ impl Node {
                 if nd
                     .link(&vxlan)
                     .await
-                    .map_err(|e| failed(format!("{e:#}")))?
+                    .map_err(|e| failed(zy_common::error::chain(&e)))?
                     .is_none()
                 {
                     // No VM of that network here: nothing to update.
@@ -153,7 +153,7 @@ impl Node {
                 }
                 nd.sync_peers(&vxlan, &peers.into_iter().collect())
                     .await
-                    .map_err(|e| failed(format!("{e:#}")))?;
+                    .map_err(|e| failed(zy_common::error::chain(&e)))?;
                 Ok(ReplyKind::Done)
             }
             CommandKind::Ping => Ok(ReplyKind::Pong),

@@ -72,10 +72,11 @@ const CHUNK: usize = 1 << 20;
 type WriteBack = Result<(zy_common::blob::BlobWriter, Vec<u8>), BlobError>;
 
 async fn joined(
+    hash: BlobHash,
     h: tokio::task::JoinHandle<WriteBack>,
 ) -> Result<(zy_common::blob::BlobWriter, Vec<u8>), FetchError> {
     Ok(h.await.map_err(|e| FetchError::Transfer {
-        hash: BlobHash([0; 32]),
+        hash,
         message: format!("the blob writer failed: {e}"),
     })??)
 }
@@ -133,7 +134,7 @@ pub async fn fetch_blob(c: &Conn, hash: BlobHash, dir: &BlobDir) -> Result<(), F
         buf.truncate(filled);
         left -= filled as u64;
         let (mut w, free) = match (writing.take(), idle.take()) {
-            (Some(h), _) => joined(h).await?,
+            (Some(h), _) => joined(hash, h).await?,
             (None, Some(w)) => (w, vec![0u8; CHUNK]),
             (None, None) => return Err(fail("the blob writer was lost".into())),
         };
@@ -144,7 +145,7 @@ pub async fn fetch_blob(c: &Conn, hash: BlobHash, dir: &BlobDir) -> Result<(), F
         }));
     }
     let w = match (writing.take(), idle.take()) {
-        (Some(h), _) => joined(h).await?.0,
+        (Some(h), _) => joined(hash, h).await?.0,
         (None, Some(w)) => w,
         (None, None) => return Err(fail("the blob writer was lost".into())),
     };

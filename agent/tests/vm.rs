@@ -253,6 +253,7 @@ mod manager {
         let paths = VmPaths::new(&tmp.0, id);
         let h = m
             .create(s.clone(), vec![], Desired::Running, Generation(1))
+            .await
             .unwrap();
         let pid = wait_state(&h, "running").await.unwrap();
         wait_console(
@@ -289,7 +290,7 @@ mod manager {
             zy_agent::vm::limits::Cgroups::None => unreachable!(),
         }
         assert!(matches!(
-            m.create(s, vec![], Desired::Running, Generation(1)),
+            m.create(s, vec![], Desired::Running, Generation(1)).await,
             Err(zy_agent::vm::manager::CreateError::Exists(_))
         ));
 
@@ -366,6 +367,7 @@ mod manager {
                 Desired::Running,
                 Generation(1),
             )
+            .await
             .unwrap();
         let mut off = spec("vm-off", None);
         if let Boot::Kernel { cmdline, .. } = &mut off.boot {
@@ -373,6 +375,7 @@ mod manager {
         }
         let b = m
             .create(off, vec![], Desired::Running, Generation(1))
+            .await
             .unwrap();
         let mut panics = spec("vm-panic", None);
         if let Boot::Kernel { cmdline, .. } = &mut panics.boot {
@@ -380,6 +383,7 @@ mod manager {
         }
         let p = m
             .create(panics, vec![], Desired::Running, Generation(1))
+            .await
             .unwrap();
         let pa = wait_state(&a, "running").await.unwrap();
         wait_state(&b, "running").await;

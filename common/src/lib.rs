@@ -10,6 +10,7 @@
 //! memory and fuzzable.
 
 pub mod blob;
+pub mod error;
 pub mod files;
 pub mod ids;
 pub mod image;

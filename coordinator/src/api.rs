@@ -128,7 +128,8 @@ impl From<CommandError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        Self::internal(e)
+        // With its cause: "store commit failed" alone tells ops nothing.
+        Self::internal(zy_common::error::chain(&e))
     }
 }
 

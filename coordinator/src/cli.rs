@@ -537,13 +537,13 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             let body = serde_json::json!({"name": name, "zone": zone, "vcpus": vcpus,
                 "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped});
             let a = mutate(&c, Method::POST, "/v1/vms".into(), Some(body)).await?;
-            if !wait.json {
+            if let (false, Some(vm)) = (wait.json, &a.vm) {
                 println!(
                     "VM {} ({}) placed on {} with address {}",
-                    a.vm.name,
-                    a.vm.id,
-                    a.vm.node.as_deref().unwrap_or("-"),
-                    a.vm.ip
+                    vm.name,
+                    vm.id,
+                    vm.node.as_deref().unwrap_or("-"),
+                    vm.ip
                 );
             }
             follow(&c, a, &wait).await

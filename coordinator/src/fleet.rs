@@ -191,6 +191,10 @@ pub struct Fleet {
     inner: Mutex<Inner>,
     timings: Timings,
     next_session: AtomicU64,
+    /// Bumped whenever a session is attached or detached or a node removed, so that work
+    /// that depends only on who is connected (peer updates) can skip a fleet that did not
+    /// change.
+    epoch: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -219,6 +223,7 @@ impl Fleet {
             }),
             timings,
             next_session: AtomicU64::new(1),
+            epoch: AtomicU64::new(0),
         }
     }
 
@@ -283,6 +288,7 @@ impl Fleet {
             });
         };
         let old = node.session.replace(session);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         node.connected_since_ms = Some(now_ms);
         node.record.inventory = Some(inventory.clone());
         node.last_report = now;
@@ -328,6 +334,7 @@ impl Fleet {
         if let Some(node) = nodes.get_mut(&id) {
             if node.session.as_ref().map(|s| s.id) == Some(session) {
                 node.session = None;
+                self.epoch.fetch_add(1, Ordering::Relaxed);
                 node.connected_since_ms = None;
                 pending.push(NodeUpdate {
                     node: id,
@@ -370,6 +377,7 @@ impl Fleet {
     /// Forgets a node and refuses it from now on. Returns its session to close.
     pub fn remove(&self, id: NodeId) -> Option<Session> {
         let mut inner = lock(&self.inner);
+        self.epoch.fetch_add(1, Ordering::Relaxed);
         inner.removed.insert(id);
         inner.pending.retain(|u| u.node != id);
         inner.nodes.remove(&id).and_then(|n| n.session)
@@ -390,6 +398,25 @@ impl Fleet {
             return inner.nodes.get(&id).cloned();
         }
         inner.nodes.values().find(|n| n.record.name == key).cloned()
+    }
+
+    /// Changes whenever who is connected changes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
+    }
+
+    /// Every connected node with its zone and session (no records copied).
+    pub fn connected(&self) -> Vec<(NodeId, Zone, Session)> {
+        lock(&self.inner)
+            .nodes
+            .values()
+            .filter_map(|n| Some((n.record.id, n.record.zone, n.session.clone()?)))
+            .collect()
+    }
+
+    /// The ids of every enrolled node.
+    pub fn enrolled(&self) -> HashSet<NodeId> {
+        lock(&self.inner).nodes.keys().copied().collect()
     }
 
     /// The session of a node, to send it commands.

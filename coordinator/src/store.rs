@@ -897,6 +897,33 @@ fn prune_transitions(
     Ok(())
 }
 
+/// A VM record for tests: running at generation 1, placed on a node, never observed.
+#[cfg(test)]
+pub(crate) fn test_vm(name: &str) -> VmRec {
+    VmRec {
+        id: zy_common::VmId::new_random(),
+        name: name.into(),
+        zone: Zone::Intranet,
+        vcpus: 1,
+        memory_mib: 128,
+        disk_gib: 0,
+        image: "guest".into(),
+        boot: zy_common::image::ImageKind::Kernel {
+            kernel: zy_common::blob::BlobHash([1; 32]),
+            initrd: None,
+            cmdline: String::new(),
+        },
+        node: Some(NodeId::new_random()),
+        desired: VmDesired::Running,
+        generation: zy_common::vm::Generation(1),
+        observed: None,
+        mac: [0x52, 0x54, 0, 0, 0, 1],
+        ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
+        created_at_ms: 1,
+        rev: 1,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1063,36 +1090,11 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    fn vm(name: &str) -> VmRec {
-        VmRec {
-            id: zy_common::VmId::new_random(),
-            name: name.into(),
-            zone: Zone::Intranet,
-            vcpus: 1,
-            memory_mib: 128,
-            disk_gib: 0,
-            image: "guest".into(),
-            boot: zy_common::image::ImageKind::Kernel {
-                kernel: zy_common::blob::BlobHash([1; 32]),
-                initrd: None,
-                cmdline: String::new(),
-            },
-            node: Some(NodeId::new_random()),
-            desired: VmDesired::Running,
-            generation: zy_common::vm::Generation(1),
-            observed: None,
-            mac: [0x52, 0x54, 0, 0, 0, 1],
-            ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
-            created_at_ms: 1,
-            rev: 1,
-        }
-    }
-
     #[test]
     fn vm_writes_are_compare_and_swap_and_all_or_nothing() {
         let (dir, s) = tmp();
-        let a = vm("a");
-        let b = vm("b");
+        let a = test_vm("a");
+        let b = test_vm("b");
         s.commit(
             &[
                 VmWrite::Put {

@@ -290,7 +290,7 @@ async fn api_create(api: &Client, name: &str, memory_mib: u64) -> Result<VmView>
         .call(method("POST"), "/v1/vms", Some(body))
         .await
         .with_context(|| format!("create {name}"))?;
-    Ok(a.vm)
+    a.vm.ok_or_else(|| anyhow!("create {name} answered without its VM"))
 }
 
 async fn api_list(api: &Client) -> Result<Vec<VmView>> {
@@ -314,7 +314,7 @@ async fn api_delete(api: &Client, key: &str) -> Result<VmView> {
     if op.state != "succeeded" {
         return Err(anyhow!("delete of {key} failed: {:?}", op.reason));
     }
-    Ok(a.vm)
+    a.vm.ok_or_else(|| anyhow!("delete of {key} answered without its VM"))
 }
 
 fn node_index(v: &VmView) -> Result<usize> {

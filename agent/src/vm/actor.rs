@@ -38,8 +38,8 @@ pub enum Request {
         generation: Generation,
         stop_grace_ms: u32,
     },
-    /// Stops the VM if it runs and removes every file of it. Answers with how the VM
-    /// ended (or the reason it could not be removed).
+    /// Stops the VM if it runs and removes every file of it. Answers once the files are
+    /// gone, or with why they could not be removed.
     Delete(oneshot::Sender<Result<(), String>>),
 }
 
@@ -158,7 +158,7 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
 /// Writes a VM's record off the runtime thread (it fsyncs).
 pub async fn save_record(rec: &VmRecord, paths: &VmPaths) -> Result<(), String> {
     let (rec, paths) = (rec.clone(), paths.clone());
-    tokio::task::spawn_blocking(move || rec.save(&paths).map_err(|e| format!("{e:#}")))
+    tokio::task::spawn_blocking(move || rec.save(&paths).map_err(|e| zy_common::error::chain(&e)))
         .await
         .map_err(|e| format!("the record writer failed: {e}"))?
 }

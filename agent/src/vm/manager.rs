@@ -65,8 +65,8 @@ pub enum CreateError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Record(#[from] super::record::RecordError),
+    #[error("the VM could not be made: {0}")]
+    Failed(String),
 }
 
 /// The node's VMs.
@@ -392,8 +392,10 @@ impl VmManager {
         self.vms.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new VM and starts its actor (which starts it when `desired` says so).
-    pub fn create(
+    /// Makes a VM from a spec whose disks already exist, through the same preparation
+    /// slot and [`VmManager::finish`] as a hand-over (used where nothing needs fetching, as
+    /// in tests): recorded, and its actor started (which starts it when `desired` says so).
+    pub async fn create(
         &self,
         spec: VmSpec,
         ports: Vec<(String, crate::netdev::Segment)>,
@@ -401,31 +403,29 @@ impl VmManager {
         intent: Generation,
     ) -> Result<VmHandle, CreateError> {
         spec.validate()?;
-        let mut vms = self.lock();
-        if vms.contains_key(&spec.id) {
-            return Err(CreateError::Exists(spec.id));
+        let id = spec.id;
+        let grace = super::record::DEFAULT_STOP_GRACE_MS;
+        match self.begin(id, &spec.name, desired, intent, grace) {
+            Begin::Claimed(_) => {}
+            Begin::Actor(_) | Begin::Joined(_) => return Err(CreateError::Exists(id)),
         }
-        let paths = VmPaths::new(&self.ctx.data_dir, spec.id);
-        std::fs::create_dir_all(&paths.dir).map_err(|source| CreateError::Files {
+        let paths = VmPaths::new(&self.ctx.data_dir, id);
+        // A failure removes the directory only if this call made it.
+        let own_dir = !paths.dir.exists();
+        let made = std::fs::create_dir_all(&paths.dir).map_err(|source| CreateError::Files {
             path: paths.dir.display().to_string(),
             source,
-        })?;
-        let rec = VmRecord {
-            spec,
-            desired,
-            intent,
-            stop_grace_ms: super::record::DEFAULT_STOP_GRACE_MS,
-            created_at_ms: now_millis(),
-            ports,
+        });
+        let result = match made {
+            Ok(()) => self.finish(id, Ok((spec, ports)), own_dir).await,
+            Err(e) => {
+                let _ = self.finish(id, Err(e.to_string()), false).await;
+                return Err(e);
+            }
         };
-        if let Err(e) = rec.save(&paths) {
-            let _ = std::fs::remove_dir_all(&paths.dir);
-            return Err(e.into());
-        }
-        let id = rec.spec.id;
-        let handle = actor::spawn(self.ctx.clone(), rec, None);
-        vms.insert(id, handle.clone());
-        Ok(handle)
+        result.map_err(CreateError::Failed)?;
+        self.get(id)
+            .ok_or(CreateError::Failed(format!("VM {id} vanished")))
     }
 
     /// A VM's handle.

@@ -111,3 +111,65 @@ impl VmRecord {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::spec::Boot;
+    use zy_common::proto::Accel;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: zy_common::VmId::new_random(),
+            name: "w1".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            accel: Accel::Tcg,
+            boot: Boot::Kernel {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            disks: vec![],
+            nics: vec![],
+        }
+    }
+
+    /// A version 1 record (before generations) is read as version 2 with generation 0, so
+    /// that the coordinator's first intent is newer; it is written back as version 2.
+    #[test]
+    fn version_1_records_are_converted_when_read() {
+        #[derive(Serialize)]
+        struct V1 {
+            spec: VmSpec,
+            desired: Desired,
+            created_at_ms: u64,
+            ports: Vec<(String, crate::netdev::Segment)>,
+        }
+        let dir = std::env::temp_dir().join(format!("zy-rec-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = VmPaths { dir: dir.clone() };
+        let old = V1 {
+            spec: spec(),
+            desired: Desired::Running,
+            created_at_ms: 5,
+            ports: vec![],
+        };
+        std::fs::write(paths.record(), wire::encode(MAGIC, 1, &old, MAX).unwrap()).unwrap();
+        let rec = VmRecord::load(&paths.record()).unwrap();
+        assert_eq!(rec.spec, old.spec);
+        assert_eq!(rec.desired, Desired::Running);
+        assert_eq!(rec.intent, Generation(0));
+        assert_eq!(rec.stop_grace_ms, DEFAULT_STOP_GRACE_MS);
+        rec.save(&paths).unwrap();
+        let bytes = std::fs::read(paths.record()).unwrap();
+        assert_eq!(wire::peek_version(&bytes, MAGIC, MAX), Ok(VERSION));
+        assert_eq!(VmRecord::load(&paths.record()).unwrap(), rec);
+        std::fs::write(paths.record(), wire::encode(MAGIC, 9, &old, MAX).unwrap()).unwrap();
+        assert!(matches!(
+            VmRecord::load(&paths.record()),
+            Err(RecordError::Corrupt { .. })
+        ));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

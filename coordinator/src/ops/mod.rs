@@ -327,30 +327,12 @@ pub fn node_desired(d: VmDesired) -> Option<Desired> {
 mod tests {
     use super::*;
     use crate::store::Observed;
-    use zy_common::{NodeId, Zone};
 
     fn vm(desired: VmDesired, generation: u64) -> VmRec {
         VmRec {
-            id: VmId::new_random(),
-            name: "w1".into(),
-            zone: Zone::Intranet,
-            vcpus: 1,
-            memory_mib: 128,
-            disk_gib: 0,
-            image: "guest".into(),
-            boot: zy_common::image::ImageKind::Kernel {
-                kernel: zy_common::blob::BlobHash([1; 32]),
-                initrd: None,
-                cmdline: String::new(),
-            },
-            node: Some(NodeId::new_random()),
             desired,
             generation: Generation(generation),
-            observed: None,
-            mac: [0x52, 0x54, 0, 0, 0, 1],
-            ip: std::net::Ipv4Addr::new(10, 220, 0, 2),
-            created_at_ms: 0,
-            rev: 1,
+            ..crate::store::test_vm("w1")
         }
     }
 

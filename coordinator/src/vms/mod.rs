@@ -143,7 +143,8 @@ pub struct StepView {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Accepted {
     pub operation: OpView,
-    pub vm: VmView,
+    /// Absent only when a repeated request finds its VM gone (a delete that has finished).
+    pub vm: Option<VmView>,
 }
 
 /// The operation's view.
@@ -509,42 +510,10 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 fn replay(coord: &Coordinator, t: &Table, key: &Option<String>) -> Option<Accepted> {
     let key = key.as_ref()?;
     let op = t.ops.values().find(|o| o.key.as_ref() == Some(key))?;
-    let vm = t.vms.get(&op.vm).map(|v| view(coord, v, Some(op.id)));
     Some(Accepted {
         operation: op_view(op),
-        vm: vm.unwrap_or_else(|| VmView {
-            id: op.vm,
-            name: op.vm_name.clone(),
-            ..gone_view()
-        }),
+        vm: t.vms.get(&op.vm).map(|v| view(coord, v, Some(op.id))),
     })
-}
-
-/// What is shown of a VM that is gone.
-fn gone_view() -> VmView {
-    VmView {
-        id: VmId(uuid::Uuid::nil()),
-        name: String::new(),
-        zone: Zone::Intranet,
-        vcpus: 0,
-        memory_mib: 0,
-        disk_gib: 0,
-        image: String::new(),
-        node: None,
-        node_id: None,
-        desired: VmDesired::Deleted,
-        generation: 0,
-        node_intent: None,
-        observed_generation: None,
-        state: "deleted".into(),
-        reason: None,
-        ip: Ipv4Addr::UNSPECIFIED,
-        mac: String::new(),
-        pid: None,
-        state_since: String::new(),
-        created_at: String::new(),
-        operation: None,
-    }
 }
 
 fn busy_with(op: &OpRec) -> ApiError {
@@ -742,12 +711,12 @@ pub async fn create(
         b.op(None, op.clone());
         let a = Accepted {
             operation: op_view(&op),
-            vm: view(&coord, &rec, Some(op.id)),
+            vm: Some(view(&coord, &rec, Some(op.id))),
         };
         Ok((b, a))
     })
     .await?;
-    info!(vm = %accepted.vm.id, name = %accepted.vm.name, node = ?accepted.vm.node, ip = %accepted.vm.ip, op = %accepted.operation.id, "VM placed");
+    info!(vm = %accepted.operation.vm, name = %accepted.operation.vm_name, op = %accepted.operation.id, "VM placed");
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -818,12 +787,12 @@ async fn intend(
         b.op(None, op.clone());
         let a = Accepted {
             operation: op_view(&op),
-            vm: view(&coord, &n, Some(op.id)),
+            vm: Some(view(&coord, &n, Some(op.id))),
         };
         Ok((b, a))
     })
     .await?;
-    info!(vm = %accepted.vm.id, name = %accepted.vm.name, op = %accepted.operation.id, kind = kind.as_str(), "VM intent recorded");
+    info!(vm = %accepted.operation.vm, name = %accepted.operation.vm_name, op = %accepted.operation.id, kind = kind.as_str(), "VM intent recorded");
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 
@@ -883,7 +852,7 @@ pub async fn delete(
             if let Some(op) = t.running_op(v.id) {
                 let a = Accepted {
                     operation: op_view(op),
-                    vm: view(&coord, v, Some(op.id)),
+                    vm: Some(view(&coord, v, Some(op.id))),
                 };
                 return Ok((b, a));
             }
@@ -901,12 +870,12 @@ pub async fn delete(
         b.op(None, op.clone());
         let a = Accepted {
             operation: op_view(&op),
-            vm: view(&coord, &n, Some(op.id)),
+            vm: Some(view(&coord, &n, Some(op.id))),
         };
         Ok((b, a))
     })
     .await?;
-    info!(vm = %accepted.vm.id, name = %accepted.vm.name, op = %accepted.operation.id, "VM deleted at the site; its node removes it");
+    info!(vm = %accepted.operation.vm, name = %accepted.operation.vm_name, op = %accepted.operation.id, "VM deleted at the site; its node removes it");
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }
 

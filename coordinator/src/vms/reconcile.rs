@@ -29,7 +29,7 @@ use zy_common::{NodeId, VmId, Zone};
 use super::{publish_op, write, zone_net, Batch, Table};
 use crate::fleet::CommandError;
 use crate::ops::{self, Advance, OpKind};
-use crate::store::{Observed, VmDesired};
+use crate::store::{Observed, VmDesired, VmRec};
 use crate::Coordinator;
 
 /// How often the reconciler looks, when nothing wakes it sooner.
@@ -51,13 +51,17 @@ const PEERS_MAX_DELAY: Duration = Duration::from_secs(5);
 /// simply sent again).
 #[derive(Debug, Default)]
 pub struct State {
-    /// Per VM: the generation sent and when it may be sent again.
-    inflight: HashMap<VmId, (Generation, Instant)>,
+    /// Per VM: the generation sent, the session it went on, and when it may be sent again
+    /// (at once if the node's session changed meanwhile).
+    inflight: HashMap<VmId, (Generation, u64, Instant)>,
     /// Per node: the session and the peers it was last told, per VNI.
     peers_sent: HashMap<NodeId, (u64, u32, Vec<Ipv4Addr>)>,
     peers_inflight: HashSet<NodeId>,
     /// Per zone: its connected nodes as last seen, since when, and when last sent.
     zones: HashMap<Zone, ZonePeers>,
+    /// The fleet epoch peers were last computed at, and whether an update failed since.
+    peers_epoch: Option<u64>,
+    peers_retry: bool,
     /// Peer updates sent (for the reconnect-storm benchmark).
     pub peer_updates: u64,
 }
@@ -94,24 +98,42 @@ fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
 
 /// One pass.
 pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
-    advance_ops(coord).await;
-    let table = coord.vms.snapshot();
+    let enrolled = coord.fleet.enrolled();
+    advance_ops(coord, &enrolled).await;
+    // Only the VMs whose node has not taken up what is wanted: in a settled site, none.
+    let pending: Vec<VmRec> = coord.vms.with(|t| {
+        t.vms
+            .values()
+            .filter(|v| {
+                v.desired == VmDesired::Deleted
+                    || v.observed.as_ref().is_none_or(|o| o.intent < v.generation)
+            })
+            .cloned()
+            .collect()
+    });
     let now = Instant::now();
     let mut forget = Vec::new();
-    for v in table.vms.values() {
-        let enrolled = v
-            .node
-            .is_some_and(|n| coord.fleet.find(&n.to_string()).is_some());
-        if !enrolled {
+    for v in &pending {
+        let Some(node) = v.node.filter(|n| enrolled.contains(n)) else {
             if v.desired == VmDesired::Deleted {
                 forget.push(v.id);
             }
             continue;
-        }
-        let Some(node) = v.node else { continue };
+        };
         let Some(session) = coord.fleet.session(node) else {
             continue;
         };
+        {
+            let s = lock(state);
+            match s.inflight.get(&v.id) {
+                Some((g, sid, until))
+                    if *g >= v.generation && *sid == session.id && *until > now =>
+                {
+                    continue
+                }
+                _ => {}
+            }
+        }
         let (kind, timeout) = match ops::node_desired(v.desired) {
             None => (
                 CommandKind::DeleteVm {
@@ -121,12 +143,6 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
                 DELETE_TIMEOUT,
             ),
             Some(desired) => {
-                if v.observed
-                    .as_ref()
-                    .is_some_and(|o| o.intent >= v.generation)
-                {
-                    continue;
-                }
                 let vm = match super::wire(coord, v, node) {
                     Ok(w) => w,
                     Err(e) => {
@@ -145,15 +161,11 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
                 )
             }
         };
-        {
-            let mut s = lock(state);
-            match s.inflight.get(&v.id) {
-                Some((g, until)) if *g >= v.generation && *until > now => continue,
-                _ => {}
-            }
-            s.inflight.insert(v.id, (v.generation, now + timeout));
-        }
+        lock(state)
+            .inflight
+            .insert(v.id, (v.generation, session.id, now + timeout));
         let (coord, state, id, generation) = (coord.clone(), state.clone(), v.id, v.generation);
+        let sid = session.id;
         tokio::spawn(async move {
             let result = session.command(kind, timeout).await;
             let retry = match result {
@@ -183,17 +195,13 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
                     Some(RETRY_AFTER)
                 }
             };
-            let mut s = lock(&state);
-            match retry {
-                Some(after) => {
-                    s.inflight.insert(id, (generation, Instant::now() + after));
-                }
-                None => {
-                    // Answered: the observation it brought decides what is next. Hold off a
-                    // moment in case the answer was older than the intent.
-                    s.inflight
-                        .insert(id, (generation, Instant::now() + RETRY_AFTER));
-                }
+            // Answered: the node reports taking the intent up as it does (an actor busy
+            // starting the VM takes it after that), so the entry stands until its timeout or
+            // a new session. Not delivered: sent again soon.
+            if let Some(after) = retry {
+                lock(&state)
+                    .inflight
+                    .insert(id, (generation, sid, Instant::now() + after));
             }
         });
     }
@@ -205,13 +213,13 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
 }
 
 /// Advances every running operation as far as it goes now.
-async fn advance_ops(coord: &Arc<Coordinator>) {
+async fn advance_ops(coord: &Arc<Coordinator>, nodes: &HashSet<NodeId>) {
     let now = now_millis();
     let enrolled = |t: &Table, vm: VmId| {
         t.vms
             .get(&vm)
             .and_then(|v| v.node)
-            .is_some_and(|n| coord.fleet.find(&n.to_string()).is_some())
+            .is_some_and(|n| nodes.contains(&n))
     };
     let changed = write(coord, |t| {
         let mut b = Batch::default();
@@ -268,43 +276,52 @@ pub async fn finish_deletion(coord: &Arc<Coordinator>, id: VmId) {
     let now = now_millis();
     let r = write(coord, |t| {
         let mut b = Batch::default();
-        let mut out = Vec::new();
-        let Some(v) = t.vms.get(&id).filter(|v| v.desired == VmDesired::Deleted) else {
-            return Ok((b, out));
-        };
-        b.remove(v);
-        for op in t.ops.values().filter(|o| o.vm == id && o.is_running()) {
-            let mut n = op.clone();
-            if n.kind == OpKind::Delete {
-                while n.is_running() {
-                    n.step_done(now);
-                }
-            } else {
-                n.fail("the VM was deleted", now);
-            }
-            b.op(Some(op), n.clone());
-            out.push(n);
-        }
+        let out = t
+            .vms
+            .get(&id)
+            .filter(|v| v.desired == VmDesired::Deleted)
+            .map(|v| (v.name.clone(), forget(t, v, &mut b, now)));
         Ok((b, out))
     })
     .await;
     match r {
-        Ok(ops) if !ops.is_empty() || coord.vms.with(|t| !t.vms.contains_key(&id)) => {
+        Ok(Some((name, ops))) => {
             for op in &ops {
                 publish_op(coord, op);
             }
             coord.events.publish(
                 "vm",
                 id.to_string(),
-                ops.first().map(|o| o.vm_name.clone()).unwrap_or_default(),
+                name,
                 "deleted".into(),
                 "removed from its node and forgotten".into(),
             );
             info!(vm = %id, "VM deleted");
         }
-        Ok(_) => {}
+        // Forgotten already (a report said so first).
+        Ok(None) => {}
         Err(e) => warn!(vm = %id, error = %e.message(), "cannot record a finished deletion"),
     }
+}
+
+/// Adds to `b` the end of a deleted VM: its record goes, its delete operation succeeds and
+/// any other still running fails. Returns the operations as written.
+fn forget(t: &Table, v: &VmRec, b: &mut Batch, now: u64) -> Vec<ops::OpRec> {
+    b.remove(v);
+    let mut out = Vec::new();
+    for op in t.ops.values().filter(|o| o.vm == v.id && o.is_running()) {
+        let mut n = op.clone();
+        if n.kind == OpKind::Delete {
+            while n.is_running() {
+                n.step_done(now);
+            }
+        } else {
+            n.fail("the VM was deleted", now);
+        }
+        b.op(Some(op), n.clone());
+        out.push(n);
+    }
+    out
 }
 
 /// What a node said of its VMs: each observation taken if newer than the stored one. A
@@ -315,6 +332,7 @@ pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>,
     let now = now_millis();
     let result = write(coord, |t| {
         let mut b = Batch::default();
+        let mut ended = Vec::new();
         let mut changes: Vec<(VmId, String, String, String)> = Vec::new();
         for info in &infos {
             let Some(v) = t.vms.get(&info.id) else {
@@ -372,21 +390,15 @@ pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>,
             b.put(Some(v), n);
         }
         if full {
+            let listed: HashSet<VmId> = infos.iter().map(|i| i.id).collect();
             for v in t
                 .vms
                 .values()
-                .filter(|v| v.node == Some(node) && !infos.iter().any(|i| i.id == v.id))
+                .filter(|v| v.node == Some(node) && !listed.contains(&v.id))
             {
                 match (&v.desired, v.observed.as_ref().map(|o| &o.state)) {
                     (VmDesired::Deleted, _) => {
-                        b.remove(v);
-                        for op in t.ops.values().filter(|o| o.vm == v.id && o.is_running()) {
-                            let mut n = op.clone();
-                            while n.is_running() {
-                                n.step_done(now);
-                            }
-                            b.op(Some(op), n);
-                        }
+                        ended.extend(forget(t, v, &mut b, now));
                         changes.push((
                             v.id,
                             v.name.clone(),
@@ -418,11 +430,14 @@ pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>,
                 }
             }
         }
-        Ok((b, changes))
+        Ok((b, (changes, ended)))
     })
     .await;
     match result {
-        Ok(changes) => {
+        Ok((changes, ended)) => {
+            for op in &ended {
+                publish_op(coord, op);
+            }
             for (id, name, state, detail) in changes {
                 info!(vm = %id, %name, %state, "VM state reported");
                 coord
@@ -436,9 +451,19 @@ pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>,
 
 /// Tells connected nodes their zone's peers when they changed, coalesced per zone.
 fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
+    let epoch = coord.fleet.epoch();
+    {
+        let mut s = lock(state);
+        let unchanged =
+            s.peers_epoch == Some(epoch) && !s.peers_retry && s.zones.values().all(|z| !z.dirty);
+        if unchanged {
+            return;
+        }
+        s.peers_epoch = Some(epoch);
+        s.peers_retry = false;
+    }
     let mut by_zone: HashMap<Zone, Vec<(NodeId, Ipv4Addr, crate::fleet::Session)>> = HashMap::new();
-    for n in coord.fleet.snapshot() {
-        let Some(s) = n.session.clone() else { continue };
+    for (id, zone, s) in coord.fleet.connected() {
         let ip = match s.remote.ip() {
             std::net::IpAddr::V4(ip) => ip,
             std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
@@ -446,10 +471,7 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
                 None => continue,
             },
         };
-        by_zone
-            .entry(n.record.zone)
-            .or_default()
-            .push((n.record.id, ip, s));
+        by_zone.entry(zone).or_default().push((id, ip, s));
     }
     let mut s = lock(state);
     let connected: HashSet<NodeId> = by_zone.values().flatten().map(|(id, _, _)| *id).collect();
@@ -491,7 +513,12 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
                 && s.peers_sent
                     .get(id)
                     .is_some_and(|(sid, v, p)| *sid == session.id && *v == vni && *p == peers);
-            if up_to_date || s.peers_inflight.contains(id) {
+            if up_to_date {
+                continue;
+            }
+            if s.peers_inflight.contains(id) {
+                // Looked at again once that one is answered.
+                s.peers_retry = true;
                 continue;
             }
             s.peers_inflight.insert(*id);
@@ -514,6 +541,7 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
                         s.peers_sent.insert(id, (session.id, vni, peers));
                     }
                     Err(e) => {
+                        s.peers_retry = true;
                         warn!(node = %session.remote, error = %e, "cannot update a node's network peers; will try again");
                     }
                 }
