@@ -114,10 +114,10 @@ up() {
     echo
     echo "booting two VMs, one on each node..."
     zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz \
-        --cmdline "console=ttyS0 quiet no_timer_check" --name guest >/dev/null
+        --cmdline "console=ttyS0 quiet no_timer_check" --name guest --zone intranet >/dev/null
     # The same kernel with a command line that makes the guest ping its neighbour.
     zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz \
-        --cmdline "console=ttyS0 quiet no_timer_check zy.probe=10.220.0.3" --name pinger >/dev/null
+        --cmdline "console=ttyS0 quiet no_timer_check zy.probe=10.220.0.3" --name pinger --zone intranet >/dev/null
     zy vm create --name vm1 --zone intranet --memory 256 --image pinger >/dev/null
     zy vm create --name vm2 --zone intranet --memory 256 --image guest >/dev/null
     wait_until 180 "vm1 to reach vm2" sh -c "ZY_CONFIG='$QS/coordinator/zy.toml' '$BIN/zy' vm console vm1 --lines 200 | grep -q 'ZY-PING 10.220.0.3 ok'"

@@ -158,6 +158,50 @@ impl BlobDir {
         w.finish(None)
     }
 
+    /// Removes what nothing needs and is older than `grace`: blobs whose hash `keep` refuses
+    /// (uploaded but never named by an image, or left by a deleted one) and unfinished
+    /// uploads a crash left behind. Returns what was removed. The grace period lets an
+    /// upload be followed by the image that names it.
+    pub fn collect(
+        &self,
+        keep: &dyn Fn(&BlobHash) -> bool,
+        grace: std::time::Duration,
+    ) -> Result<Vec<PathBuf>, BlobError> {
+        let io = |source| BlobError::Io {
+            path: self.dir.clone(),
+            source,
+        };
+        let now = std::time::SystemTime::now();
+        let mut removed = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let wanted = match name.parse::<BlobHash>() {
+                Ok(h) => keep(&h),
+                Err(_) => !name.starts_with(".incoming-"),
+            };
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .map(|m| now.duration_since(m).unwrap_or_default() >= grace)
+                .unwrap_or(false);
+            if !wanted && old {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed.push(entry.path()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(BlobError::Io {
+                            path: entry.path(),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes a blob; absent is fine.
     pub fn remove(&self, h: &BlobHash) -> Result<(), BlobError> {
         match std::fs::remove_file(self.path(h)) {
@@ -264,6 +308,31 @@ mod tests {
         // Nothing but the one good blob is left.
         let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
         assert_eq!(names.len(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unneeded_blobs_and_abandoned_uploads_are_collected_after_their_grace() {
+        let dir = std::env::temp_dir().join(format!("zy-gc-{}", rand::random::<u64>()));
+        let d = BlobDir::open(&dir).unwrap();
+        let (kept, _) = d.put(&mut &b"kept"[..], 100).unwrap();
+        let (orphan, _) = d.put(&mut &b"orphan"[..], 100).unwrap();
+        let w = d.writer(100).unwrap();
+        std::mem::forget(w);
+        std::fs::write(dir.join("README"), b"not ours").unwrap();
+        let keep = |h: &BlobHash| *h == kept;
+        // Within the grace period nothing goes.
+        assert!(d
+            .collect(&keep, std::time::Duration::from_secs(3600))
+            .unwrap()
+            .is_empty());
+        let removed = d.collect(&keep, std::time::Duration::ZERO).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert!(d.has(&kept) && !d.has(&orphan));
+        assert!(
+            dir.join("README").exists(),
+            "files that are not blobs are left"
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -205,6 +205,12 @@ pub enum ImageCmd {
         /// The base kernel command line that goes with --kernel.
         #[arg(long, requires = "kernel")]
         cmdline: Option<String>,
+        /// The zone whose VMs may boot it (extranet or intranet)...
+        #[arg(long, required_unless_present = "shared", conflicts_with = "shared")]
+        zone: Option<Zone>,
+        /// ...or: shared with both zones (a platform image).
+        #[arg(long)]
+        shared: bool,
         #[command(flatten)]
         json: JsonFlag,
     },
@@ -475,10 +481,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             kernel,
             initrd,
             cmdline,
+            zone,
+            shared,
             json,
         }) => {
             use crate::images::{BlobView, ImageView};
-            let body = match (file, kernel) {
+            let mut body = match (file, kernel) {
                 (Some(f), None) => {
                     let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
                     let format = match (format.as_deref(), ext) {
@@ -515,6 +523,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                     })
                 }
             };
+            body["zone"] = serde_json::json!(zone);
+            body["shared"] = serde_json::json!(shared);
             let img: ImageView = c.call(Method::POST, "/v1/images", Some(body)).await?;
             print(json.json, &img, || {
                 format!(
@@ -1054,7 +1064,7 @@ fn vm_detail(v: &crate::vms::VmView) -> String {
 fn image_table(images: &[crate::images::ImageView]) -> String {
     use zy_common::image::ImageKind;
     if images.is_empty() {
-        return "no images: `zy image import FILE --name N` uploads one\n".into();
+        return "no images: `zy image import FILE --name N --zone Z` uploads one\n".into();
     }
     let rows: Vec<Vec<String>> = images
         .iter()
@@ -1084,13 +1094,19 @@ fn image_table(images: &[crate::images::ImageView]) -> String {
             vec![
                 i.name.clone(),
                 kind.into(),
+                i.zone
+                    .map(|z| z.to_string())
+                    .unwrap_or_else(|| "shared".into()),
                 human_bytes(i.size_bytes),
                 detail,
                 i.created_at.clone(),
             ]
         })
         .collect();
-    table(&["NAME", "KIND", "SIZE", "DETAIL", "CREATED"], &rows)
+    table(
+        &["NAME", "KIND", "ZONE", "SIZE", "DETAIL", "CREATED"],
+        &rows,
+    )
 }
 
 fn token_table(ts: &[TokenView]) -> String {

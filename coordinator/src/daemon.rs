@@ -297,7 +297,12 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
         }
     }
     info!("node connected");
-    tokio::spawn(serve_streams(coord.blobs.clone(), conn.clone(), version));
+    tokio::spawn(serve_streams(
+        coord.clone(),
+        who.node_id,
+        conn.clone(),
+        version,
+    ));
     let end = run_session(
         coord,
         &conn,
@@ -321,19 +326,38 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
 }
 
 /// Serves the streams a node opens besides its control stream: blob fetches.
-async fn serve_streams(blobs: zy_common::blob::BlobDir, conn: quinn::Connection, version: u16) {
+async fn serve_streams(
+    coord: Arc<Coordinator>,
+    node: NodeId,
+    conn: quinn::Connection,
+    version: u16,
+) {
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let blobs = blobs.clone();
+        let coord = coord.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_fetch(&blobs, send, recv, version).await {
+            if let Err(e) = serve_fetch(&coord, node, send, recv, version).await {
                 debug!(error = %e, "blob stream ended with an error");
             }
         });
     }
 }
 
+/// Whether `node` may fetch `hash`: only the blobs of images that VMs placed on it boot.
+/// Anything else (another zone's image, an image no VM of its uses) it is refused, in the
+/// same words as a blob that does not exist, so that it learns nothing of what is stored.
+fn may_fetch(coord: &Coordinator, node: NodeId, hash: &zy_common::blob::BlobHash) -> bool {
+    coord.vms.with(|t| {
+        t.vms.values().any(|v| {
+            v.node == Some(node)
+                && v.desired != crate::store::VmDesired::Deleted
+                && v.boot.blobs().contains(hash)
+        })
+    })
+}
+
 async fn serve_fetch(
-    blobs: &zy_common::blob::BlobDir,
+    coord: &Coordinator,
+    node: NodeId,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     version: u16,
@@ -358,7 +382,15 @@ async fn serve_fetch(
         let _ = send.finish();
         return Err("unexpected first message on a stream".into());
     };
-    let Some(size) = blobs.size(&hash) else {
+    let blobs = &coord.blobs;
+    let size = match may_fetch(coord, node, &hash) {
+        true => blobs.size(&hash),
+        false => {
+            warn!(%hash, "refused a blob no VM of this node needs");
+            None
+        }
+    };
+    let Some(size) = size else {
         let msg = Message::Refused(Refusal {
             code: RefusalCode::NotFound,
             message: format!("no blob {hash} here"),

@@ -13,6 +13,7 @@ use tracing::info;
 use zy_common::blob::{BlobError, BlobHash};
 use zy_common::image::{DiskFormat, ImageKind};
 use zy_common::time::{now_millis, rfc3339};
+use zy_common::Zone;
 
 use crate::api::ApiError;
 use crate::store::ImageRecord;
@@ -40,6 +41,11 @@ pub struct CreateImage {
     pub format: Option<DiskFormat>,
     /// A kernel image: the kernel's blob, and optionally an initramfs and a command line.
     pub kernel: Option<BlobHash>,
+    /// The zone whose VMs may boot it...
+    pub zone: Option<Zone>,
+    /// ...or `true`: shared with both zones (a platform image). Exactly one of the two.
+    #[serde(default)]
+    pub shared: bool,
     pub initrd: Option<BlobHash>,
     pub cmdline: Option<String>,
 }
@@ -51,6 +57,9 @@ pub struct ImageView {
     pub kind: ImageKind,
     pub size_bytes: u64,
     pub created_at: String,
+    /// The zone whose VMs may boot it; absent for a shared image.
+    pub zone: Option<Zone>,
+    pub shared: bool,
 }
 
 fn view(r: &ImageRecord) -> ImageView {
@@ -59,6 +68,8 @@ fn view(r: &ImageRecord) -> ImageView {
         kind: r.kind.clone(),
         size_bytes: r.size_bytes,
         created_at: rfc3339(r.created_at_ms),
+        zone: r.zone,
+        shared: r.zone.is_none(),
     }
 }
 
@@ -125,7 +136,17 @@ pub async fn create_image(
 ) -> Result<(StatusCode, Json<ImageView>), ApiError> {
     let req: CreateImage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad image request: {e}")))?;
-    zy_common::ids::validate_name(&req.name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    zy_common::ids::validate_name(&req.name)
+        .map_err(|e| ApiError::bad_request(e.to_string().replace("node name", "image name")))?;
+    let zone = match (req.zone, req.shared) {
+        (Some(z), false) => Some(z),
+        (None, true) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "say whose the image is: `zone` (extranet or intranet), or `shared: true` for both zones",
+            ))
+        }
+    };
     let need = |h: BlobHash| -> Result<u64, ApiError> {
         coord.blobs.size(&h).ok_or_else(|| {
             ApiError::bad_request(format!(
@@ -197,6 +218,7 @@ pub async fn create_image(
         kind,
         size_bytes: size,
         created_at_ms: now_millis(),
+        zone,
     };
     let store = coord.store.clone();
     let r = rec.clone();
@@ -231,6 +253,27 @@ pub async fn delete_image(
     State(coord): State<Arc<Coordinator>>,
     Path(name): Path<String>,
 ) -> Result<Json<ImageView>, ApiError> {
+    // VMs boot from it (and their nodes fetch it again after a cache loss): not while used.
+    let mut users: Vec<String> = coord.vms.with(|t| {
+        t.vms
+            .values()
+            .filter(|v| v.image == name && v.desired != crate::store::VmDesired::Deleted)
+            .map(|v| v.name.clone())
+            .collect()
+    });
+    if !users.is_empty() {
+        users.sort();
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "image_in_use",
+            format!(
+                "image {} is used by {} VM(s): {}; delete them first",
+                zy_common::ids::truncate_for_error(&name),
+                users.len(),
+                users.join(", ")
+            ),
+        ));
+    }
     let store = coord.store.clone();
     let n = name.clone();
     let rec = tokio::task::spawn_blocking(move || store.remove_image(&n))

@@ -25,6 +25,11 @@ const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 /// How often membership is evaluated and made durable.
 const MONITOR_TICK: Duration = Duration::from_millis(250);
 
+/// How often unneeded blobs are looked for, and how long an uploaded blob may wait for the
+/// image that names it.
+const BLOB_COLLECT_EVERY: Duration = Duration::from_secs(600);
+const BLOB_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 /// Everything a running coordinator holds; shared by the daemon sessions and the API.
 #[derive(Debug)]
 pub struct Coordinator {
@@ -164,6 +169,7 @@ impl Coordinator {
             )),
             tokio::spawn(monitor(coord.clone())),
             tokio::spawn(crate::vms::reconcile::run(coord.clone())),
+            tokio::spawn(collect_blobs(coord.clone())),
         ];
         info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
               nodes = coord.fleet.snapshot().len(), "coordinator started");
@@ -231,6 +237,37 @@ async fn monitor(coord: Arc<Coordinator>) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "could not record membership changes"),
             Err(e) => error!(error = %e, "membership writer panicked"),
+        }
+    }
+}
+
+/// Removes blobs that no image and no VM needs once they are older than [`BLOB_GRACE`]
+/// (uploads never made into an image, uploads a crash cut short).
+async fn collect_blobs(coord: Arc<Coordinator>) {
+    let mut tick = tokio::time::interval(BLOB_COLLECT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let mut keep: std::collections::HashSet<zy_common::blob::BlobHash> = coord
+            .vms
+            .with(|t| t.vms.values().flat_map(|v| v.boot.blobs()).collect());
+        let (store, blobs) = (coord.store.clone(), coord.blobs.clone());
+        let r = tokio::task::spawn_blocking(move || {
+            for img in store.images().map_err(|e| zy_common::error::chain(&e))? {
+                keep.extend(img.kind.blobs());
+            }
+            blobs
+                .collect(&|h| keep.contains(h), BLOB_GRACE)
+                .map_err(|e| zy_common::error::chain(&e))
+        })
+        .await;
+        match r {
+            Ok(Ok(removed)) if !removed.is_empty() => {
+                info!(count = removed.len(), "removed blobs nothing needs")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => error!(error = %e, "cannot collect unneeded blobs"),
+            Err(e) => error!(error = %e, "the blob collector failed"),
         }
     }
 }

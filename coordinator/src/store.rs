@@ -158,13 +158,15 @@ pub struct ApiTokenRecord {
     pub created_at_ms: u64,
 }
 
-/// An image as stored: its name and how it boots, by blob hash.
+/// An image as stored: its name, how it boots (by blob hash), and whose it is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
     pub name: String,
     pub kind: zy_common::image::ImageKind,
     pub size_bytes: u64,
     pub created_at_ms: u64,
+    /// The zone whose VMs may boot it; `None`: shared by a platform admin with both zones.
+    pub zone: Option<Zone>,
 }
 
 /// What the site wants of a VM.
@@ -255,6 +257,14 @@ mod v1 {
         pub mac: [u8; 6],
         pub ip: std::net::Ipv4Addr,
         pub pid: Option<u32>,
+        pub created_at_ms: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct ImageRecord {
+        pub name: String,
+        pub kind: zy_common::image::ImageKind,
+        pub size_bytes: u64,
         pub created_at_ms: u64,
     }
 
@@ -369,7 +379,7 @@ impl Store {
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
                 // Older schemas are converted here, once.
                 Some(1) => {
-                    convert_v1_vms(&txn)?;
+                    convert_v1(&txn)?;
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -768,12 +778,33 @@ impl Store {
     }
 }
 
-/// Converts schema 1's VMs (no generations) and pending deletions (a table of their own) to
-/// schema 2: every VM gets generation 1 and revision 1, what its node last said becomes an
-/// observation of generation 0 (any real report is newer), and each pending deletion becomes
-/// a tombstone.
-fn convert_v1_vms(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+/// Converts schema 1 to schema 2: every VM gets generation 1 and revision 1, what its node
+/// last said becomes an observation of generation 0 (any real report is newer), each pending
+/// deletion (a table of its own in schema 1) becomes a tombstone, and every image, which any
+/// zone could boot, becomes shared.
+fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     use zy_common::vm::Generation;
+    let mut images = Vec::new();
+    {
+        let table = txn.open_table(IMAGES)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v1::ImageRecord = decode("images", k.value().as_bytes(), v.value())?;
+            images.push(ImageRecord {
+                name: old.name,
+                kind: old.kind,
+                size_bytes: old.size_bytes,
+                created_at_ms: old.created_at_ms,
+                zone: None,
+            });
+        }
+    }
+    {
+        let mut table = txn.open_table(IMAGES)?;
+        for rec in &images {
+            table.insert(rec.name.as_str(), encode(rec)?.as_slice())?;
+        }
+    }
     let mut out = Vec::new();
     {
         let table = txn.open_table(VMS)?;
@@ -1170,7 +1201,7 @@ mod tests {
     }
 
     #[test]
-    fn schema_1_vms_and_deletions_are_converted_once_at_open() {
+    fn schema_1_vms_deletions_and_images_are_converted_once_at_open() {
         #[derive(Serialize)]
         enum D1 {
             Running,
@@ -1252,6 +1283,27 @@ mod tests {
                 .unwrap()
                 .insert(gone.0.as_bytes().as_slice(), encode(&d).unwrap().as_slice())
                 .unwrap();
+            #[derive(Serialize)]
+            struct Img1 {
+                name: String,
+                kind: zy_common::image::ImageKind,
+                size_bytes: u64,
+                created_at_ms: u64,
+            }
+            let img = Img1 {
+                name: "guest".into(),
+                kind: zy_common::image::ImageKind::Kernel {
+                    kernel: zy_common::blob::BlobHash([1; 32]),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                size_bytes: 10,
+                created_at_ms: 1,
+            };
+            txn.open_table(IMAGES)
+                .unwrap()
+                .insert("guest", encode(&img).unwrap().as_slice())
+                .unwrap();
             txn.commit().unwrap();
         }
         drop(s);
@@ -1265,6 +1317,9 @@ mod tests {
         assert_eq!(vms[0].observed.as_ref().unwrap().pid, Some(9));
         assert_eq!(vms[1].id, gone);
         assert_eq!(vms[1].desired, VmDesired::Deleted);
+        // Images any zone could boot stay so: shared.
+        let img = s.image("guest").unwrap().unwrap();
+        assert_eq!((img.size_bytes, img.zone), (10, None));
         drop(s);
         // Opening again changes nothing.
         let s = Store::open(&dir.join("zy.redb")).unwrap();

@@ -227,39 +227,39 @@ async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
         .call(
             Method::POST,
             "/v1/images",
-            Some(serde_json::json!({"name": "k1", "kernel": b.hash, "cmdline": "console=ttyS0"})),
+            Some(serde_json::json!({"name": "k1", "zone": "intranet", "kernel": b.hash, "cmdline": "console=ttyS0"})),
         )
         .await
         .unwrap();
     assert_eq!(img.size_bytes, bytes.len() as u64);
     let bad: Vec<(serde_json::Value, StatusCode, &str)> = vec![
         (
-            serde_json::json!({"name": "k1", "kernel": b.hash}),
+            serde_json::json!({"name": "k1", "zone": "intranet", "kernel": b.hash}),
             StatusCode::CONFLICT,
             "exists",
         ),
         (
-            serde_json::json!({"name": "k2", "kernel": "00".repeat(32)}),
+            serde_json::json!({"name": "k2", "zone": "intranet", "kernel": "00".repeat(32)}),
             StatusCode::BAD_REQUEST,
             "not stored here",
         ),
         (
-            serde_json::json!({"name": "k3", "kernel": b.hash, "disk": b.hash}),
+            serde_json::json!({"name": "k3", "zone": "intranet", "kernel": b.hash, "disk": b.hash}),
             StatusCode::BAD_REQUEST,
             "exactly one",
         ),
         (
-            serde_json::json!({"name": "Bad Name", "kernel": b.hash}),
+            serde_json::json!({"name": "Bad Name", "zone": "intranet", "kernel": b.hash}),
             StatusCode::BAD_REQUEST,
-            "bad node name",
+            "bad image name",
         ),
         (
-            serde_json::json!({"name": "k4", "disk": b.hash, "cmdline": "x"}),
+            serde_json::json!({"name": "k4", "zone": "intranet", "disk": b.hash, "cmdline": "x"}),
             StatusCode::BAD_REQUEST,
             "go with a kernel",
         ),
         (
-            serde_json::json!({"name": "k5", "kernel": "xyz"}),
+            serde_json::json!({"name": "k5", "zone": "intranet", "kernel": "xyz"}),
             StatusCode::BAD_REQUEST,
             "bad image request",
         ),
@@ -287,7 +287,7 @@ async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
         .call(
             Method::POST,
             "/v1/images",
-            Some(serde_json::json!({"name": "d1", "disk": qb.hash, "format": "qcow2"})),
+            Some(serde_json::json!({"name": "d1", "zone": "intranet", "disk": qb.hash, "format": "qcow2"})),
         )
         .await
         .unwrap();
@@ -318,17 +318,28 @@ async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
     let eb: BlobView = c.upload("/v1/blobs", &evil).await.unwrap();
     for (body, want) in [
         (
-            serde_json::json!({"name": "e1", "disk": eb.hash, "format": "qcow2"}),
+            serde_json::json!({"name": "e1", "zone": "intranet", "disk": eb.hash, "format": "qcow2"}),
             "backing file",
         ),
         (
-            serde_json::json!({"name": "e2", "disk": eb.hash, "format": "raw"}),
+            serde_json::json!({"name": "e2", "zone": "intranet", "disk": eb.hash, "format": "raw"}),
             "declared raw but the file is a qcow2",
         ),
-        (serde_json::json!({"name": "e3", "disk": qb.hash}), "format"),
         (
-            serde_json::json!({"name": "e4", "disk": b.hash, "format": "qcow2"}),
+            serde_json::json!({"name": "e3", "zone": "intranet", "disk": qb.hash}),
+            "format",
+        ),
+        (
+            serde_json::json!({"name": "e4", "zone": "intranet", "disk": b.hash, "format": "qcow2"}),
             "declared qcow2 but the file is a raw",
+        ),
+        (
+            serde_json::json!({"name": "e5", "disk": qb.hash, "format": "qcow2"}),
+            "say whose the image is",
+        ),
+        (
+            serde_json::json!({"name": "e6", "disk": qb.hash, "format": "qcow2", "zone": "intranet", "shared": true}),
+            "say whose the image is",
         ),
     ] {
         let (got, _, msg) = api_err(

@@ -77,6 +77,8 @@ impl Site {
             cmdline,
             "--name",
             name,
+            // The lab's guests boot in both zones.
+            "--shared",
         ]);
         if !out.status.success() {
             bail!(

@@ -25,8 +25,24 @@ fn nodes_fetch_blobs_by_hash_and_verify_them() {
             file.to_str().unwrap(),
             "--name",
             "k1",
+            "--zone",
+            "intranet",
         ])
         .unwrap();
+    // The same bytes again as another zone's image: stored once, named twice.
+    let ext: ImageView = site
+        .zy_json(&[
+            "image",
+            "import",
+            "--kernel",
+            file.to_str().unwrap(),
+            "--name",
+            "k2",
+            "--zone",
+            "extranet",
+        ])
+        .unwrap();
+    assert_eq!(ext.kind, img.kind);
     let hash = zy_common::image::ImageKind::blobs(&img.kind)[0];
     assert_eq!(hash, BlobHash::of(&bytes));
     let table = String::from_utf8(site.zy(&["image", "ls"]).stdout).unwrap();
@@ -42,6 +58,33 @@ fn nodes_fetch_blobs_by_hash_and_verify_them() {
             conn: conn.clone(),
             version,
         };
+        // Review finding 5: any node could fetch any blob. Now only what a VM placed on it
+        // boots: nothing yet, and an image of the other zone never.
+        assert!(matches!(
+            fetch_blob(&c, hash, &cache).await,
+            Err(FetchError::NotFound(_))
+        ));
+        let out = site.zy(&[
+            "vm", "create", "--name", "x1", "--zone", "intranet", "--memory", "64", "--image", "k2",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("extranet zone"),
+            "{err}"
+        );
+        site.zy_ok(&[
+            "vm",
+            "create",
+            "--name",
+            "v1",
+            "--zone",
+            "intranet",
+            "--memory",
+            "64",
+            "--image",
+            "k1",
+            "--no-wait",
+        ]);
         fetch_blob(&c, hash, &cache).await.unwrap();
         assert_eq!(std::fs::read(cache.path(&hash)).unwrap(), bytes);
         let unknown = BlobHash([9; 32]);
@@ -79,6 +122,13 @@ fn nodes_fetch_blobs_by_hash_and_verify_them() {
         assert!(matches!(m, Message::Refused(r) if r.code == RefusalCode::BadRequest));
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(conn.close_reason().is_none());
+        // An image in use cannot be deleted; the message names its VMs.
+        let out = site.zy(&["image", "rm", "k1"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("used by 1 VM(s): v1"),
+            "{err}"
+        );
     });
 }
 

@@ -302,7 +302,15 @@ fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
         "build the test guest: images/make-test-guest.sh"
     );
     let ok = |args: &[&str]| site.zy_ok(args);
-    ok(&["image", "import", &disk.to_string_lossy(), "--name", "disk"]);
+    ok(&[
+        "image",
+        "import",
+        &disk.to_string_lossy(),
+        "--name",
+        "disk",
+        "--zone",
+        "intranet",
+    ]);
     // The image holds a kernel command line without any address: only the seed has it.
     ok(&[
         "vm", "create", "--name", "d1", "--zone", "intranet", "--memory", "256", "--disk", "1",

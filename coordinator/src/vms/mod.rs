@@ -594,6 +594,14 @@ pub async fn create(
                 zy_common::ids::truncate_for_error(&req.image)
             ))
         })?;
+    if image.zone.is_some_and(|z| z != req.zone) {
+        return Err(ApiError::bad_request(format!(
+            "image {} belongs to the {} zone; a {} VM boots an image of its own zone or a shared one",
+            image.name,
+            image.zone.map(|z| z.to_string()).unwrap_or_default(),
+            req.zone
+        )));
+    }
     let disk_gib = match &image.kind {
         ImageKind::Disk { virtual_size, .. } => {
             let min = virtual_size.div_ceil(1 << 30);
