@@ -7,8 +7,9 @@
 #   <out>/disk.qcow2       the same guest as a bootable disk image (FAT, SYSLINUX), which
 #                          has no address on its command line: it must come from the seed
 #
-# The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=` (and, for tests,
-# `zy.poweroff_after=<seconds>`, `zy.panic_after=<seconds>`, `zy.probe=<ip>,<ip>`) from
+# The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=`, `zy.mtu=` (and, for tests,
+# `zy.poweroff_after=<seconds>`, `zy.panic_after=<seconds>`, `zy.probe=<ip>,<ip>`,
+# `zy.bigping=<ip>`, `zy.tcpsink=<port>`, `zy.tcpsend=<ip>:<port>`) from
 # /proc/cmdline. Without `zy.ip`
 # it looks for a cloud-init NoCloud seed (a FAT disk holding meta-data and network-config)
 # and takes its name, address, gateway and MTU from there, printing `ZY-SEED <instance-id>`.
@@ -96,6 +97,10 @@ for arg in $(cat /proc/cmdline); do
         zy.gw=*) ZY_gw="${arg#zy.gw=}" ;;
         zy.poweroff_after=*) ZY_poweroff_after="${arg#zy.poweroff_after=}" ;;
         zy.probe=*) ZY_probe="${arg#zy.probe=}" ;;
+        zy.mtu=*) ZY_mtu="${arg#zy.mtu=}" ;;
+        zy.bigping=*) ZY_bigping="${arg#zy.bigping=}" ;;
+        zy.tcpsink=*) ZY_tcpsink="${arg#zy.tcpsink=}" ;;
+        zy.tcpsend=*) ZY_tcpsend="${arg#zy.tcpsend=}" ;;
         zy.panic_after=*) ZY_panic_after="${arg#zy.panic_after=}" ;;
     esac
 done
@@ -167,6 +172,24 @@ if [ -n "$ZY_probe" ]; then
         done
         sleep 1
     done) &
+fi
+# Tests of the overlay's MTU: full-size pings (1472 bytes of payload: a 1500-byte packet,
+# which the guest must cut to its MTU) and a TCP transfer of 4 MiB.
+if [ -n "$ZY_bigping" ]; then
+    (while true; do
+        if ping -c 2 -W 2 -s 1472 "$ZY_bigping" >/dev/null 2>&1; then echo "ZY-BIGPING $ZY_bigping ok"; else echo "ZY-BIGPING $ZY_bigping fail"; fi
+        sleep 2
+    done) &
+fi
+if [ -n "$ZY_tcpsink" ]; then
+    # nc ends when the sender closes; its own stdin must not end first.
+    (sleep 100000 | nc -l -p "$ZY_tcpsink" | wc -c | sed 's/^/ZY-TCP received /') &
+fi
+if [ -n "$ZY_tcpsend" ]; then
+    (until dd if=/dev/zero bs=4096 count=1024 2>/dev/null | nc -w 5 "${ZY_tcpsend%:*}" "${ZY_tcpsend#*:}" 2>/dev/null; do
+        sleep 1
+    done
+    echo "ZY-TCP sent") &
 fi
 # Tests of guest health ask for a kernel panic (which pvpanic reports to QEMU).
 if [ -n "$ZY_panic_after" ]; then

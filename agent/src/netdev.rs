@@ -33,6 +33,8 @@ pub const VXLAN_PORT: u16 = 4789;
 pub const VXLAN_OVERHEAD: u32 = 50;
 /// The backbone's MTU, assumed for now (jumbo frames would lift the guests' MTU with it).
 pub const UNDERLAY_MTU: u32 = 1500;
+/// The MTU a guest gets on a zone network: the underlay's less VXLAN's headers.
+pub const OVERLAY_MTU: u32 = UNDERLAY_MTU - VXLAN_OVERHEAD;
 
 /// What failed on the host's network.
 #[derive(Debug, thiserror::Error)]

@@ -281,7 +281,7 @@ impl Node {
                             ip: n.ip,
                             prefix: n.prefix,
                             gateway: n.gateway,
-                            mtu: crate::netdev::UNDERLAY_MTU - crate::netdev::VXLAN_OVERHEAD,
+                            mtu: crate::netdev::OVERLAY_MTU,
                         })
                         .collect(),
                 };
@@ -314,7 +314,12 @@ impl Node {
                 }
                 let mut line = format!("{cmdline} zy.name={}", vm.name);
                 if let Some(n) = vm.nics.first() {
-                    line.push_str(&format!(" zy.ip={}/{}", n.ip, n.prefix));
+                    line.push_str(&format!(
+                        " zy.ip={}/{} zy.mtu={}",
+                        n.ip,
+                        n.prefix,
+                        crate::netdev::OVERLAY_MTU
+                    ));
                     if let Some(gw) = n.gateway {
                         line.push_str(&format!(" zy.gw={gw}"));
                     }

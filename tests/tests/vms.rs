@@ -69,8 +69,10 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
     // extranet VM's address.
     import(
         "prober",
-        "console=ttyS0 quiet no_timer_check zy.probe=10.220.0.3,10.210.0.2",
+        "console=ttyS0 quiet no_timer_check zy.probe=10.220.0.3,10.210.0.2 zy.bigping=10.220.0.3 zy.tcpsend=10.220.0.3:5000",
     );
+    // Its peer takes a TCP transfer.
+    import("sink", "console=ttyS0 quiet no_timer_check zy.tcpsink=5000");
 
     let create = |name: &str, zone: &str, image: &str| {
         let out = site.zy(&[
@@ -83,7 +85,7 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         );
     };
     create("a1", "intranet", "prober"); // 10.220.0.2, on the intranet node with most room
-    create("a2", "intranet", "guest"); // 10.220.0.3, on the other intranet node
+    create("a2", "intranet", "sink"); // 10.220.0.3, on the other intranet node
     create("b1", "extranet", "guest"); // 10.210.0.2, on n3
     let a1 = wait_vm(&site, "a1", "running");
     let a2 = wait_vm(&site, "a2", "running");
@@ -115,6 +117,21 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
         log.contains("ZY-PING 10.210.0.2 fail") && !log.contains("ZY-PING 10.210.0.2 ok"),
         "{log}"
     );
+    // Review finding 11: kernel-image guests ran at 1500 on the 1450 VXLAN path, so packets
+    // over 1450 bytes between nodes vanished. The guest is told the overlay's MTU, full-size
+    // pings cross the nodes, and a 4 MiB TCP transfer arrives whole.
+    assert!(log.contains("ZY-NET 10.220.0.2/16 mtu 1450"), "{log}");
+    wait_for(
+        "full-size pings and a TCP transfer across nodes",
+        BOOT,
+        || {
+            let log = console(&site, node_of(&a1), &a1);
+            let peer = console(&site, node_of(&a2), &a2);
+            (log.contains("ZY-BIGPING 10.220.0.3 ok") && peer.contains("ZY-TCP received 4194304"))
+                .then_some(())
+        },
+    )
+    .unwrap();
 
     // The console comes from the node through the coordinator, whole or followed.
     let out = site.zy(&["vm", "console", "a1", "--lines", "500"]);

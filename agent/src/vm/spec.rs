@@ -239,9 +239,11 @@ impl VmSpec {
             ]);
             push(&[
                 "-device",
+                // host_mtu tells the guest's driver the overlay's MTU (VIRTIO_NET_F_MTU), so
+                // that it never sends what the VXLAN path would drop.
                 &format!(
-                    "virtio-net-pci,netdev=nic{i},id=nic{i},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                    m[0], m[1], m[2], m[3], m[4], m[5]
+                    "virtio-net-pci,netdev=nic{i},id=nic{i},mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x},host_mtu={}",
+                    m[0], m[1], m[2], m[3], m[4], m[5], crate::netdev::OVERLAY_MTU
                 ),
             ]);
         }
@@ -288,7 +290,9 @@ mod tests {
             "{args}"
         );
         assert!(args.contains("-qmp unix:/v/x/qmp.sock,server=on,wait=off"));
-        assert!(args.contains("virtio-net-pci,netdev=nic0,id=nic0,mac=52:54:00:01:02:03"));
+        assert!(
+            args.contains("virtio-net-pci,netdev=nic0,id=nic0,mac=52:54:00:01:02:03,host_mtu=1450")
+        );
         assert!(args.contains("driver=qcow2,file=file0,node-name=disk0"));
         assert!(args.contains("-append console=ttyS0 zy.name=web-1"));
     }
