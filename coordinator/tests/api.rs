@@ -367,3 +367,56 @@ async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
     assert!(running.coord.blobs.has(&qb.hash));
     running.shutdown().await;
 }
+
+/// Review finding 12: about 600 idle TCP connections (each holding one of 512 slots until its
+/// TLS handshake timed out after 10 s) made `zy status` take 10 s, and 700 re-opened in a
+/// loop made it fail. One source must not starve the others: here 700 connections that
+/// never say a word come from 127.0.0.2 and keep being re-opened, while a client from
+/// 127.0.0.1 is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_source_cannot_starve_the_api() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let (_dir, running, c, _token) = start().await;
+    let api = running.bound.api;
+    let open = move || async move {
+        let s = tokio::net::TcpSocket::new_v4().ok()?;
+        s.bind("127.0.0.2:0".parse().unwrap()).ok()?;
+        s.connect(api).await.ok()
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // 700 opened at once and held, and more opened and dropped in a loop, until the end.
+    let attack = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let held: Vec<tokio::net::TcpStream> =
+                futures_util::future::join_all((0..700).map(|_| open()))
+                    .await
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = open().await;
+            }
+            held.len()
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let h: Health = tokio::time::timeout(
+            std::time::Duration::from_secs(8),
+            c.call(Method::GET, "/v1/health", None),
+        )
+        .await
+        .expect("the API answered another source while one held 700 idle connections")
+        .unwrap();
+        assert_eq!(h.status, "ok");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        attack.await.unwrap() >= 500,
+        "the attack opened its connections"
+    );
+    running.shutdown().await;
+}
