@@ -17,6 +17,7 @@ pub mod image;
 pub mod logging;
 pub mod proto;
 pub mod quic;
+pub mod resources;
 pub mod sdnotify;
 pub mod time;
 pub mod tls;

@@ -25,10 +25,17 @@ pub struct CoordinatorConfig {
     /// Most enrollments in flight at once; more wait their turn.
     #[serde(default = "default_max_joins")]
     pub max_concurrent_joins: usize,
+    /// vCPUs placed per host CPU (1.0 to 16.0): how far guests may share a node's CPUs.
+    #[serde(default = "default_overcommit")]
+    pub cpu_overcommit: f64,
 }
 
 fn default_max_joins() -> usize {
     64
+}
+
+fn default_overcommit() -> f64 {
+    zy_common::resources::MODEL.cpu_overcommit_milli as f64 / 1000.0
 }
 
 impl Default for CoordinatorConfig {
@@ -39,6 +46,7 @@ impl Default for CoordinatorConfig {
             api_listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             timings: Timings::default(),
             max_concurrent_joins: default_max_joins(),
+            cpu_overcommit: default_overcommit(),
         }
     }
 }
@@ -90,7 +98,21 @@ impl CoordinatorConfig {
         if self.max_concurrent_joins == 0 || self.max_concurrent_joins > 10_000 {
             return Err("key `max_concurrent_joins` must be within 1..=10000".into());
         }
+        if !(1.0..=16.0).contains(&self.cpu_overcommit) {
+            return Err(format!(
+                "key `cpu_overcommit` is {}, not within 1.0..=16.0 vCPUs per host CPU",
+                self.cpu_overcommit
+            ));
+        }
         Ok(())
+    }
+
+    /// The resource model with this site's CPU overcommit.
+    pub fn resource_model(&self) -> zy_common::resources::ResourceModel {
+        zy_common::resources::ResourceModel {
+            cpu_overcommit_milli: (self.cpu_overcommit * 1000.0).round() as u64,
+            ..zy_common::resources::MODEL
+        }
     }
 
     /// The config as TOML text.

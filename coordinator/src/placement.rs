@@ -1,12 +1,11 @@
 //! Where a new VM goes. For now: the Ready node of the VM's zone with the most free memory
-//! that also has the disk it needs (the bin-packer issue replaces this). Pure: no I/O.
+//! that has room for it in every dimension of [`zy_common::resources`] (the bin-packer issue
+//! replaces the choice, not the model). Pure: no I/O.
 
 use std::collections::HashMap;
 
+use zy_common::resources::Resources;
 use zy_common::{NodeId, Zone};
-
-/// Memory kept for the host itself on every node.
-pub const HOST_RESERVE_MIB: u64 = 512;
 
 /// What placement knows of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -15,16 +14,16 @@ pub struct NodeCap {
     pub name: String,
     pub zone: Zone,
     pub ready: bool,
-    pub memory_mib: u64,
-    pub disk_free_gib: u64,
+    /// What it offers to VMs, by the resource model.
+    pub capacity: Resources,
 }
 
 /// What a VM needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Demand {
     pub zone: Zone,
-    pub memory_mib: u64,
-    pub disk_gib: u64,
+    /// Its cost by the resource model.
+    pub need: Resources,
 }
 
 /// Why a VM has nowhere to go.
@@ -32,33 +31,35 @@ pub struct Demand {
 pub enum PlaceError {
     #[error("no node of zone {0} is ready: enroll one, or wait for it to report")]
     NoNode(Zone),
-    #[error("no node of zone {zone} has room for {memory_mib} MiB and {disk_gib} GiB of disk: the most free memory on one node is {best_free_mib} MiB")]
+    #[error("no node of zone {zone} has room for {} vCPU(s), {} MiB of memory (with QEMU's own) and {} GiB of disk: the most room left on one node is {} vCPU(s), {} MiB and {} GiB", fmt_vcpus(need.vcpu_milli), need.memory_mib, need.disk_gib, fmt_vcpus(best.vcpu_milli), best.memory_mib, best.disk_gib)]
     NoRoom {
         zone: Zone,
-        memory_mib: u64,
-        disk_gib: u64,
-        best_free_mib: u64,
+        need: Resources,
+        /// The most left in each dimension on any one ready node of the zone.
+        best: Resources,
     },
 }
 
-/// Picks a node. `used` is memory (MiB) and disk (GiB) already given to VMs per node.
+fn fmt_vcpus(milli: u64) -> String {
+    if milli % 1000 == 0 {
+        (milli / 1000).to_string()
+    } else {
+        format!("{:.1}", milli as f64 / 1000.0)
+    }
+}
+
+/// Picks a node. `used` is what VMs already take of each node, by the resource model.
 pub fn place(
     nodes: &[NodeCap],
-    used: &HashMap<NodeId, (u64, u64)>,
+    used: &HashMap<NodeId, Resources>,
     d: Demand,
 ) -> Result<NodeId, PlaceError> {
-    let candidates: Vec<(&NodeCap, u64, u64)> = nodes
+    let candidates: Vec<(&NodeCap, Resources)> = nodes
         .iter()
         .filter(|n| n.zone == d.zone && n.ready)
         .map(|n| {
-            let (mem, disk) = used.get(&n.id).copied().unwrap_or((0, 0));
-            (
-                n,
-                n.memory_mib
-                    .saturating_sub(HOST_RESERVE_MIB)
-                    .saturating_sub(mem),
-                n.disk_free_gib.saturating_sub(disk),
-            )
+            let u = used.get(&n.id).copied().unwrap_or_default();
+            (n, n.capacity.left(&u))
         })
         .collect();
     if candidates.is_empty() {
@@ -66,14 +67,21 @@ pub fn place(
     }
     candidates
         .iter()
-        .filter(|(_, mem, disk)| *mem >= d.memory_mib && *disk >= d.disk_gib)
-        .max_by(|a, b| a.1.cmp(&b.1).then_with(|| b.0.name.cmp(&a.0.name)))
-        .map(|(n, _, _)| n.id)
-        .ok_or(PlaceError::NoRoom {
+        .filter(|(_, left)| left.fits(&Resources::default(), &d.need))
+        .max_by(|a, b| {
+            a.1.memory_mib
+                .cmp(&b.1.memory_mib)
+                .then_with(|| b.0.name.cmp(&a.0.name))
+        })
+        .map(|(n, _)| n.id)
+        .ok_or_else(|| PlaceError::NoRoom {
             zone: d.zone,
-            memory_mib: d.memory_mib,
-            disk_gib: d.disk_gib,
-            best_free_mib: candidates.iter().map(|c| c.1).max().unwrap_or(0),
+            need: d.need,
+            best: Resources {
+                vcpu_milli: candidates.iter().map(|c| c.1.vcpu_milli).max().unwrap_or(0),
+                memory_mib: candidates.iter().map(|c| c.1.memory_mib).max().unwrap_or(0),
+                disk_gib: candidates.iter().map(|c| c.1.disk_gib).max().unwrap_or(0),
+            },
         })
 }
 
@@ -81,6 +89,7 @@ pub fn place(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use zy_common::resources::{VmSize, MODEL};
 
     fn node(name: &str, zone: Zone, mem: u64) -> NodeCap {
         NodeCap {
@@ -88,33 +97,49 @@ mod tests {
             name: name.into(),
             zone,
             ready: true,
-            memory_mib: mem,
-            disk_free_gib: 100,
+            capacity: MODEL.capacity(4, mem, 100),
+        }
+    }
+
+    fn demand(vcpus: u32, memory_mib: u64) -> Demand {
+        Demand {
+            zone: Zone::Intranet,
+            need: MODEL.cost(VmSize {
+                vcpus,
+                memory_mib,
+                disk_gib: 1,
+            }),
         }
     }
 
     #[test]
-    fn fits_within_the_zone_by_free_memory() {
+    fn fits_within_the_zone_by_free_memory_and_vcpus() {
         let a = node("a", Zone::Intranet, 4096);
         let b = node("b", Zone::Intranet, 8192);
         let c = node("c", Zone::Extranet, 65536);
         let nodes = vec![a.clone(), b.clone(), c.clone()];
-        let d = Demand {
-            zone: Zone::Intranet,
-            memory_mib: 1024,
-            disk_gib: 1,
-        };
+        let d = demand(1, 1024);
         assert_eq!(place(&nodes, &HashMap::new(), d), Ok(b.id));
-        let used = HashMap::from([(b.id, (6000, 0))]);
+        let used = HashMap::from([(
+            b.id,
+            Resources {
+                memory_mib: 6000,
+                ..Resources::default()
+            },
+        )]);
         assert_eq!(place(&nodes, &used, d), Ok(a.id));
-        let big = Demand {
-            memory_mib: 10_000,
-            ..d
-        };
-        assert!(matches!(
-            place(&nodes, &HashMap::new(), big),
-            Err(PlaceError::NoRoom { .. })
-        ));
+        // b has the memory but no vCPUs left (4 CPUs x 4): a takes it.
+        let used = HashMap::from([(
+            b.id,
+            Resources {
+                vcpu_milli: 16_000,
+                ..Resources::default()
+            },
+        )]);
+        assert_eq!(place(&nodes, &used, d), Ok(a.id));
+        let err = place(&nodes, &HashMap::new(), demand(1, 10_000)).unwrap_err();
+        assert!(matches!(err, PlaceError::NoRoom { .. }));
+        assert!(err.to_string().contains("10256 MiB") && err.to_string().contains("7680 MiB"), "{err}");
         let mut down = nodes.clone();
         for n in &mut down {
             n.ready = n.zone != Zone::Intranet;
@@ -126,27 +151,27 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the fleet, a placement is in the right zone, on a ready node, and fits.
+        /// Whatever the fleet, a placement is in the right zone, on a ready node, and fits in
+        /// every dimension; a refusal means no such node exists.
         #[test]
         fn placements_respect_zone_readiness_and_room(
-            mems in proptest::collection::vec((1024u64..65536, any::<bool>(), any::<bool>()), 1..20),
+            mems in proptest::collection::vec((1024u64..65536, any::<bool>(), any::<bool>(), 0u64..20_000), 1..20),
             want in 64u64..16384,
+            vcpus in 1u32..16,
         ) {
-            let nodes: Vec<NodeCap> = mems.iter().enumerate().map(|(i, (m, z, r))| NodeCap {
+            let nodes: Vec<NodeCap> = mems.iter().enumerate().map(|(i, (m, z, r, _))| NodeCap {
                 id: NodeId::new_random(),
                 name: format!("n{i}"),
                 zone: if *z { Zone::Intranet } else { Zone::Extranet },
                 ready: *r,
-                memory_mib: *m,
-                disk_free_gib: 10,
+                capacity: MODEL.capacity(2, *m, 10),
             }).collect();
-            let d = Demand { zone: Zone::Intranet, memory_mib: want, disk_gib: 1 };
-            if let Ok(id) = place(&nodes, &HashMap::new(), d) {
-                let n = nodes.iter().find(|n| n.id == id).unwrap();
-                prop_assert!(n.zone == Zone::Intranet && n.ready);
-                prop_assert!(n.memory_mib - HOST_RESERVE_MIB >= want);
-            } else {
-                prop_assert!(!nodes.iter().any(|n| n.zone == Zone::Intranet && n.ready && n.memory_mib.saturating_sub(HOST_RESERVE_MIB) >= want));
+            let used: HashMap<NodeId, Resources> = nodes.iter().zip(&mems).map(|(n, (_, _, _, v))| (n.id, Resources { vcpu_milli: *v, memory_mib: 0, disk_gib: 0 })).collect();
+            let d = demand(vcpus, want);
+            let fits = |n: &NodeCap| n.zone == Zone::Intranet && n.ready && n.capacity.fits(&used[&n.id], &d.need);
+            match place(&nodes, &used, d) {
+                Ok(id) => prop_assert!(fits(nodes.iter().find(|n| n.id == id).unwrap())),
+                Err(_) => prop_assert!(!nodes.iter().any(fits)),
             }
         }
     }

@@ -215,6 +215,17 @@ pub struct VmRec {
     pub rev: u64,
 }
 
+impl VmRec {
+    /// What the VM asks of its node.
+    pub fn size(&self) -> zy_common::resources::VmSize {
+        zy_common::resources::VmSize {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+        }
+    }
+}
+
 /// A write of the VM table, checked against the revision the writer read.
 #[derive(Clone, Debug, PartialEq)]
 pub enum VmWrite {

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 
 use zy_common::VmId;
 
-/// Memory QEMU itself needs beyond the guest's RAM.
-pub const QEMU_OVERHEAD_MIB: u64 = 256;
 /// Threads and processes a QEMU may have.
 pub const PIDS_MAX: u32 = 512;
 const PERIOD_US: u64 = 100_000;
@@ -84,7 +82,8 @@ impl Cgroups {
     /// Makes the VM's cgroup with its limits and moves `pid` into it.
     pub fn apply(&self, id: VmId, pid: i32, vcpus: u32, memory_mib: u64) -> Result<(), LimitError> {
         let quota = u64::from(vcpus) * PERIOD_US;
-        let mem = (memory_mib + QEMU_OVERHEAD_MIB) << 20;
+        // The same sum the coordinator placed the VM by.
+        let mem = zy_common::resources::MODEL.vm_memory_mib(memory_mib) << 20;
         match self {
             Cgroups::V2(root) => {
                 // Children can only use controllers their parent delegates.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use zbus::{OwnedObjectPath, Variant};
 use zy_common::VmId;
 
-use super::limits::{PIDS_MAX, QEMU_OVERHEAD_MIB};
+use super::limits::PIDS_MAX;
 
 /// The slice every VM unit goes into (`zy.slice/zy-vms.slice` in the cgroup tree).
 pub const SLICE: &str = "zy-vms.slice";
@@ -211,7 +211,7 @@ impl Systemd {
                 ),
                 (
                     "MemoryMax",
-                    Variant::from((memory_mib + QEMU_OVERHEAD_MIB) << 20),
+                    Variant::from(zy_common::resources::MODEL.vm_memory_mib(memory_mib) << 20),
                 ),
                 ("TasksMax", Variant::from(u64::from(PIDS_MAX))),
                 // QEMU is stopped through QMP; this is only the last resort.

@@ -32,6 +32,7 @@ use crate::ops::{OpId, OpKind, OpRec, OpState};
 use crate::placement::{self, Demand, NodeCap};
 use crate::store::{StoreError, VmDesired, VmRec, VmWrite};
 use crate::Coordinator;
+use zy_common::resources::{Resources, VmSize};
 
 /// A zone's network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -615,6 +616,7 @@ pub async fn create(
         }
         ImageKind::Kernel { .. } => req.disk_gib,
     };
+    let model = coord.config.resource_model();
     let nodes: Vec<NodeCap> = coord
         .fleet
         .snapshot()
@@ -624,18 +626,12 @@ pub async fn create(
             name: n.record.name.clone(),
             zone: n.record.zone,
             ready: n.record.state == NodeState::Ready && n.session.is_some(),
-            memory_mib: n
+            capacity: n
                 .record
                 .inventory
                 .as_ref()
-                .map(|i| i.memory_bytes >> 20)
-                .unwrap_or(0),
-            disk_free_gib: n
-                .record
-                .inventory
-                .as_ref()
-                .map(|i| i.disk_free_bytes >> 30)
-                .unwrap_or(0),
+                .map(|i| model.capacity(i.cpus, i.memory_bytes >> 20, i.disk_free_bytes >> 30))
+                .unwrap_or_default(),
         })
         .collect();
     let mac: [u8; 3] = rand::random();
@@ -656,21 +652,24 @@ pub async fn create(
             ));
         }
         // Tombstones count: a deleted VM may still run on a node that is away.
-        let mut used: HashMap<NodeId, (u64, u64)> = HashMap::new();
+        let mut used: HashMap<NodeId, Resources> = HashMap::new();
         for v in t.vms.values() {
             if let Some(n) = v.node {
                 let e = used.entry(n).or_default();
-                e.0 += v.memory_mib;
-                e.1 += v.disk_gib;
+                *e = e.plus(&model.cost(v.size()));
             }
         }
+        let size = VmSize {
+            vcpus: req.vcpus,
+            memory_mib: req.memory_mib,
+            disk_gib,
+        };
         let node = placement::place(
             &nodes,
             &used,
             Demand {
                 zone: req.zone,
-                memory_mib: req.memory_mib,
-                disk_gib,
+                need: model.cost(size),
             },
         )
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
