@@ -139,7 +139,10 @@ mod tests {
         assert_eq!(place(&nodes, &used, d), Ok(a.id));
         let err = place(&nodes, &HashMap::new(), demand(1, 10_000)).unwrap_err();
         assert!(matches!(err, PlaceError::NoRoom { .. }));
-        assert!(err.to_string().contains("10256 MiB") && err.to_string().contains("7680 MiB"), "{err}");
+        assert!(
+            err.to_string().contains("10256 MiB") && err.to_string().contains("7680 MiB"),
+            "{err}"
+        );
         let mut down = nodes.clone();
         for n in &mut down {
             n.ready = n.zone != Zone::Intranet;
