@@ -707,6 +707,8 @@ struct SimStats {
     reports: AtomicU64,
     replies: AtomicU64,
     lost: AtomicU64,
+    /// Network peer updates the coordinator sent (SyncPeers), over all agents.
+    peer_updates: AtomicU64,
 }
 
 /// What every simulated agent shares.
@@ -866,6 +868,11 @@ async fn sim_agent(
                             ticker = tokio::time::interval(Duration::from_millis(ms.into()));
                             Ok(ReplyKind::Done)
                         }
+                        // As a real agent with no VM of that network: nothing to update.
+                        CommandKind::SyncPeers { .. } => {
+                            sh.stats.peer_updates.fetch_add(1, Ordering::Relaxed);
+                            Ok(ReplyKind::Done)
+                        }
                         // Simulated agents run no VMs.
                         _ => Err(zy_common::proto::ReplyError::new(
                             zy_common::proto::ReplyErrorKind::Refused,
@@ -922,6 +929,7 @@ struct FleetFigures {
     reports_per_s: f64,
     ready_after: usize,
     lost: u64,
+    peer_updates: u64,
     connect_failed: u64,
     ping_ms: Vec<f64>,
     pings_failed: usize,
@@ -1045,6 +1053,15 @@ fn coordinator_figures(
             "—",
         );
     }
+    res.row(
+        format!("Network peer updates sent while {label} agents connected and reported"),
+        format!(
+            "{} in all, {:.2} per agent",
+            f.peer_updates,
+            f.peer_updates as f64 / n.max(1) as f64
+        ),
+        "O(nodes): one per node per settled change of its zone, not one per report",
+    );
     res.row(
         format!("API `GET /v1/nodes` (`zy node ls`), {label} nodes"),
         format!(
@@ -1220,6 +1237,7 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
         reports_per_s,
         ready_after,
         lost: sh.stats.lost.load(Ordering::Relaxed),
+        peer_updates: sh.stats.peer_updates.load(Ordering::Relaxed),
         connect_failed: sh.stats.connect_failed.load(Ordering::Relaxed),
         ping_ms,
         pings_failed,

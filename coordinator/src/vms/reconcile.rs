@@ -46,6 +46,8 @@ const RETRY_REFUSED: Duration = Duration::from_secs(30);
 const PEERS_SETTLE: Duration = Duration::from_millis(500);
 /// ...but no longer than this while it keeps changing.
 const PEERS_MAX_DELAY: Duration = Duration::from_secs(5);
+/// How long a node whose peer update failed waits for the next one.
+const PEERS_RETRY: Duration = Duration::from_secs(10);
 
 /// What the reconciler keeps between ticks (in memory only: after a restart every intent is
 /// simply sent again).
@@ -62,6 +64,8 @@ pub struct State {
     /// The fleet epoch peers were last computed at, and whether an update failed since.
     peers_epoch: Option<u64>,
     peers_retry: bool,
+    /// Per node whose last update failed: not before when to send it again.
+    peers_backoff: HashMap<NodeId, Instant>,
     /// Peer updates sent (for the reconnect-storm benchmark).
     pub peer_updates: u64,
 }
@@ -476,6 +480,7 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
     let mut s = lock(state);
     let connected: HashSet<NodeId> = by_zone.values().flatten().map(|(id, _, _)| *id).collect();
     s.peers_sent.retain(|n, _| connected.contains(n));
+    s.peers_backoff.retain(|n, _| connected.contains(n));
     for zone in [Zone::Extranet, Zone::Intranet] {
         let mut members: Vec<(NodeId, Ipv4Addr, u64)> = by_zone
             .get(&zone)
@@ -516,8 +521,8 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
             if up_to_date {
                 continue;
             }
-            if s.peers_inflight.contains(id) {
-                // Looked at again once that one is answered.
+            if s.peers_inflight.contains(id) || s.peers_backoff.get(id).is_some_and(|t| *t > now) {
+                // Looked at again once that one is answered, or its backoff is over.
                 s.peers_retry = true;
                 continue;
             }
@@ -538,9 +543,12 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
                 s.peers_inflight.remove(&id);
                 match r {
                     Ok(_) => {
+                        s.peers_backoff.remove(&id);
                         s.peers_sent.insert(id, (session.id, vni, peers));
                     }
                     Err(e) => {
+                        // A node that cannot take it is not asked again every tick.
+                        s.peers_backoff.insert(id, Instant::now() + PEERS_RETRY);
                         s.peers_retry = true;
                         warn!(node = %session.remote, error = %e, "cannot update a node's network peers; will try again");
                     }
