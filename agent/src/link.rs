@@ -295,6 +295,11 @@ async fn drive(
     });
     let _reader = AbortOnDrop(reader);
 
+    // Commands run as tasks of this session: when it ends they end with it, so that no
+    // command of an ended session is carried out after the next session's report (what
+    // they had started, an actor carries on; the coordinator sends again what it still
+    // wants).
+    let mut handlers = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -319,7 +324,7 @@ async fn drive(
                                 let node = node.clone();
                                 let tx = reply_tx.clone();
                                 let id = c.id;
-                                tokio::spawn(async move {
+                                handlers.spawn(async move {
                                     let result = node.handle(vm_command).await;
                                     let _ = tx.send(Reply { id, result }).await;
                                 });
@@ -338,6 +343,7 @@ async fn drive(
                     }
                 }
             }
+            Some(_) = handlers.join_next(), if !handlers.is_empty() => {}
             Some(reply) = reply_rx.recv() => {
                 wire::write_frame(&mut send, version, &Message::Reply(reply)).await.map_err(stream)?;
             }

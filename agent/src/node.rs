@@ -124,7 +124,7 @@ impl Node {
     }
 
     /// Every VM and its state, for the coordinator on (re)connect.
-    pub fn report(&self) -> Vec<VmInfo> {
+    pub fn report(&self) -> zy_common::proto::VmReport {
         self.vms.report()
     }
 
@@ -186,6 +186,9 @@ impl Node {
                 })
             }
             Begin::Joined(info) => Ok(info),
+            Begin::Deleted => Err(refused(format!(
+                "VM {id} was deleted on this node; an intent for it is late news"
+            ))),
             Begin::Claimed(info) => {
                 let node = self.clone();
                 tokio::spawn(async move {
@@ -215,15 +218,27 @@ impl Node {
                     "VM {id} holds intent {held}, newer than this deletion's {generation}"
                 )));
             }
+            // Marked first: a hand-over of this VM arriving late must not start it again.
+            self.vms.mark_deleted(id);
+            if h.ended() {
+                // An earlier delete finished without its caller (its session ended).
+                self.vms.forget(id);
+                return Ok(());
+            }
             let (tx, rx) = oneshot::channel();
             h.send(Request::Delete(tx))
                 .map_err(|e| ReplyError::new(ReplyErrorKind::Busy, e.to_string()))?;
-            rx.await
-                .map_err(|_| failed("the VM's actor stopped"))?
+            let done = rx.await;
+            // Gone either way once the actor has ended.
+            if done.is_ok() || h.ended() {
+                self.vms.forget(id);
+            }
+            done.map_err(|_| failed("the VM's actor stopped"))?
                 .map_err(failed)?;
-            self.vms.forget(id);
             return Ok(());
         }
+        // Marked first: a hand-over of this VM arriving late must not start it again.
+        self.vms.mark_deleted(id);
         if let Some(mut done) = self.vms.cancel(id) {
             let _ = done.wait_for(|d| *d).await;
         }

@@ -596,7 +596,10 @@ mod handover {
         let t0 = Instant::now();
         loop {
             let r = node.report();
-            if r.iter().any(|i| i.id == id && i.state.name() == "failed") {
+            if r.vms
+                .iter()
+                .any(|i| i.id == id && i.state.name() == "failed")
+            {
                 break;
             }
             assert!(t0.elapsed() < Duration::from_secs(10), "{r:?}");

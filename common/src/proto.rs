@@ -58,7 +58,7 @@ pub enum Message {
         size: u64,
     },
     /// Agent → coordinator after Welcome: every VM the node has.
-    VmReport(Vec<VmInfo>),
+    VmReport(VmReport),
     /// Coordinator → agent, first frame of a stream the coordinator opens: send this VM's
     /// console, its last `lines` lines and then, if `follow`, what it prints as it prints it.
     /// The agent answers with raw console bytes (or a `Refused`) until either side stops.
@@ -146,7 +146,7 @@ impl Message {
             Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
             Message::Console { lines, .. } if *lines <= 100_000 => Ok(()),
             Message::Console { .. } => invalid("more than 100000 console lines".into()),
-            Message::VmReport(vms) => {
+            Message::VmReport(VmReport { vms, .. }) => {
                 if vms.len() > 10_000 {
                     return invalid(format!("{} VMs on one node is not plausible", vms.len()));
                 }
@@ -442,6 +442,15 @@ pub struct WireNic {
     pub gateway: Option<std::net::Ipv4Addr>,
     /// The underlay addresses of the other nodes of this network.
     pub peers: Vec<std::net::Ipv4Addr>,
+}
+
+/// A node's whole picture, as of one observed generation: every VM it has. A VM it does not
+/// list it did not have at that generation; an observation of it newer than that came
+/// later and stands.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmReport {
+    pub generation: Generation,
+    pub vms: Vec<VmInfo>,
 }
 
 /// A VM as a node reports it.

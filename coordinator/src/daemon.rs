@@ -444,10 +444,10 @@ async fn run_session(
         while let Some(u) = vm_rx.recv().await {
             match u {
                 VmUpdate::Report(r) => {
-                    crate::vms::reconcile::observe(&vm_coord, node, r, true).await
+                    crate::vms::reconcile::observe(&vm_coord, node, r.vms, Some(r.generation)).await
                 }
                 VmUpdate::Event(e) => {
-                    crate::vms::reconcile::observe(&vm_coord, node, vec![e], false).await
+                    crate::vms::reconcile::observe(&vm_coord, node, vec![e], None).await
                 }
             }
         }
@@ -516,7 +516,7 @@ async fn run_session(
 
 /// A VM change from a node, applied in order.
 enum VmUpdate {
-    Report(Vec<zy_common::proto::VmInfo>),
+    Report(zy_common::proto::VmReport),
     Event(zy_common::proto::VmInfo),
 }
 

@@ -20,6 +20,8 @@ pub mod membership;
 pub mod ops;
 pub mod placement;
 pub mod server;
+#[cfg(test)]
+mod sim;
 pub mod statedir;
 pub mod store;
 mod sys;

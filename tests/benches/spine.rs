@@ -1060,7 +1060,7 @@ fn coordinator_figures(
             f.peer_updates,
             f.peer_updates as f64 / n.max(1) as f64
         ),
-        "O(nodes): one per node per settled change of its zone, not one per report",
+        "none to nodes without VMs; O(nodes) for those with VMs, not O(nodes²)",
     );
     res.row(
         format!("API `GET /v1/nodes` (`zy node ls`), {label} nodes"),

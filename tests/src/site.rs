@@ -40,11 +40,11 @@ impl Site {
         if !out.status.success() {
             bail!("init failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        // The lab's guests are tiny and mostly idle: ten to a 2-CPU node is what the tests
-        // and benchmarks run (production keeps the default of 4).
+        // The lab's guests are tiny and mostly idle: ten to twenty on a 2-CPU node is what
+        // the tests and benchmarks run (production keeps the default of 4).
         let cfg_path = state.join(zy_coordinator::config::CONFIG_FILE);
         let mut cfg = zy_coordinator::config::CoordinatorConfig::load(&cfg_path)?;
-        cfg.cpu_overcommit = 8.0;
+        cfg.cpu_overcommit = 16.0;
         std::fs::write(&cfg_path, cfg.to_toml())?;
         let site = Site { lab, state };
         site.start_coordinator()?;

@@ -469,7 +469,7 @@ fn garbage_frames_leave_both_daemons_healthy() {
                         result: Ok(ReplyKind::Pong),
                     }) => pong = true,
                     Message::Load(_) => loads += 1,
-                    Message::VmReport(vms) => assert!(vms.is_empty()),
+                    Message::VmReport(r) => assert!(r.vms.is_empty()),
                     other => panic!("unexpected {other:?}"),
                 }
             }

@@ -114,6 +114,11 @@ impl VmHandle {
         self.tx.try_send(r).map_err(|_| Busy(self.id))
     }
 
+    /// Whether the actor has ended (its VM deleted).
+    pub fn ended(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// The current state.
     pub fn state(&self) -> VmState {
         self.status.borrow().state.clone()

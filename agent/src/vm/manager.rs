@@ -50,6 +50,19 @@ pub enum Begin {
     Joined(VmInfo),
     /// A preparation was claimed: the caller makes the VM and calls [`VmManager::finish`].
     Claimed(VmInfo),
+    /// This node deleted the VM: an intent for it is late news and makes nothing.
+    Deleted,
+}
+
+/// How many deleted VM ids the manager remembers (a late intent for an older one could make
+/// it again, but intents only arrive late within a few seconds of a reconnect).
+const DELETED_KEPT: usize = 100_000;
+
+/// VMs this node deleted, most recent last.
+#[derive(Debug, Default)]
+struct Deleted {
+    ids: std::collections::HashSet<VmId>,
+    order: std::collections::VecDeque<VmId>,
 }
 
 /// Why a VM could not be created.
@@ -75,6 +88,9 @@ pub struct VmManager {
     ctx: Ctx,
     vms: Mutex<HashMap<VmId, VmHandle>>,
     preparing: Mutex<HashMap<VmId, Prep>>,
+    /// VMs deleted here while this agent runs: a command of an ended session carried out
+    /// late must not make one anew.
+    deleted: Mutex<Deleted>,
     /// QEMU processes of this data directory that no record names (found at start).
     strays: Vec<Stray>,
 }
@@ -172,6 +188,7 @@ impl VmManager {
             ctx,
             vms: Mutex::new(vms),
             preparing: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(Deleted::default()),
             strays,
         }
     }
@@ -219,6 +236,9 @@ impl VmManager {
         let mut preps = self.preps();
         if let Some(h) = self.get(id) {
             return Begin::Actor(h);
+        }
+        if self.was_deleted(id) {
+            return Begin::Deleted;
         }
         if let Some(p) = preps.get_mut(&id) {
             let newer = intent > p.intent;
@@ -359,8 +379,10 @@ impl VmManager {
         Some(p.done.subscribe())
     }
 
-    /// Every VM and its state, preparations included, each as a fresh observation.
-    pub fn report(&self) -> Vec<VmInfo> {
+    /// Every VM and its state, preparations included, each as a fresh observation; the
+    /// report's own generation is taken first, so every VM it lists is at least as new.
+    pub fn report(&self) -> zy_common::proto::VmReport {
+        let generation = self.ctx.clock.next();
         let preps = self.preps();
         let mut out: Vec<VmInfo> = preps
             .iter()
@@ -380,7 +402,10 @@ impl VmManager {
                 generation: self.ctx.clock.next(),
             });
         }
-        out
+        zy_common::proto::VmReport {
+            generation,
+            vms: out,
+        }
     }
 
     /// QEMU processes found at start that no record names.
@@ -407,7 +432,9 @@ impl VmManager {
         let grace = super::record::DEFAULT_STOP_GRACE_MS;
         match self.begin(id, &spec.name, desired, intent, grace) {
             Begin::Claimed(_) => {}
-            Begin::Actor(_) | Begin::Joined(_) => return Err(CreateError::Exists(id)),
+            Begin::Actor(_) | Begin::Joined(_) | Begin::Deleted => {
+                return Err(CreateError::Exists(id))
+            }
         }
         let paths = VmPaths::new(&self.ctx.data_dir, id);
         // A failure removes the directory only if this call made it.
@@ -426,6 +453,28 @@ impl VmManager {
         result.map_err(CreateError::Failed)?;
         self.get(id)
             .ok_or(CreateError::Failed(format!("VM {id} vanished")))
+    }
+
+    /// Remembers that this node deleted `id`.
+    pub fn mark_deleted(&self, id: VmId) {
+        let mut d = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+        if d.ids.insert(id) {
+            d.order.push_back(id);
+            if d.order.len() > DELETED_KEPT {
+                if let Some(old) = d.order.pop_front() {
+                    d.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Whether this node deleted `id`.
+    pub fn was_deleted(&self, id: VmId) -> bool {
+        self.deleted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .contains(&id)
     }
 
     /// A VM's handle.

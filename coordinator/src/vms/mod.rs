@@ -259,6 +259,48 @@ impl Table {
     }
 }
 
+impl Table {
+    /// Applies a batch as the store would: every row compare-and-swap on its revision, all
+    /// or nothing. (The in-memory twin of [`crate::store::Store::commit`], for simulations.)
+    pub fn commit(&mut self, b: &Batch) -> Result<(), String> {
+        for w in &b.vms {
+            let (id, expect) = match w {
+                VmWrite::Put { rec, expect } => (rec.id, *expect),
+                VmWrite::Remove { id, expect } => (*id, *expect),
+            };
+            let found = self.vms.get(&id).map(|v| v.rev);
+            if found != expect {
+                return Err(format!(
+                    "VM {id}: stored revision {found:?}, expected {expect:?}"
+                ));
+            }
+        }
+        for op in &b.ops {
+            let found = self.ops.get(&op.id).map_or(0, |o| o.rev);
+            if found + 1 != op.rev {
+                return Err(format!(
+                    "operation {}: stored revision {found}, written {}",
+                    op.id, op.rev
+                ));
+            }
+        }
+        for w in &b.vms {
+            match w {
+                VmWrite::Put { rec, .. } => {
+                    self.vms.insert(rec.id, (**rec).clone());
+                }
+                VmWrite::Remove { id, .. } => {
+                    self.vms.remove(id);
+                }
+            }
+        }
+        for op in &b.ops {
+            self.ops.insert(op.id, op.clone());
+        }
+        Ok(())
+    }
+}
+
 /// A batch of writes, committed in one transaction.
 #[derive(Debug, Default)]
 pub struct Batch {
@@ -453,23 +495,35 @@ pub async fn write<T>(
 
 /// The underlay address of a connected node.
 fn node_ip(coord: &Coordinator, node: NodeId) -> Option<Ipv4Addr> {
-    let s = coord.fleet.session(node)?;
+    session_ip(&coord.fleet.session(node)?)
+}
+
+/// The underlay address a session comes from.
+pub fn session_ip(s: &crate::fleet::Session) -> Option<Ipv4Addr> {
     match s.remote.ip() {
         std::net::IpAddr::V4(ip) => Some(ip),
         std::net::IpAddr::V6(ip) => ip.to_ipv4_mapped(),
     }
 }
 
-/// The VM as its node is to be given it.
+/// The nodes that host VMs (tombstones included: theirs may still run): only they take part
+/// in their zone's network.
+pub fn hosting(t: &Table) -> std::collections::HashSet<NodeId> {
+    t.vms.values().filter_map(|v| v.node).collect()
+}
+
+/// The VM as its node is to be given it, with its network's peers: the other connected
+/// nodes of its zone that host VMs.
 pub fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, String> {
     let net = zone_net(v.zone);
     let local = node_ip(coord, node).ok_or("the node is not connected")?;
+    let hosts = coord.vms.with(hosting);
     let peers = coord
         .fleet
-        .snapshot()
+        .connected()
         .into_iter()
-        .filter(|n| n.record.zone == v.zone && n.record.id != node)
-        .filter_map(|n| node_ip(coord, n.record.id))
+        .filter(|(id, zone, _)| *zone == v.zone && *id != node && hosts.contains(id))
+        .filter_map(|(_, _, s)| session_ip(&s))
         .collect();
     Ok(WireVm {
         id: v.id,
@@ -712,10 +766,7 @@ pub async fn create(
             created_at_ms: now,
             rev: 1,
         };
-        let op = OpRec::new(OpKind::Create, &rec, rec.generation, key.clone(), now);
-        let mut b = Batch::default();
-        b.put(None, rec.clone());
-        b.op(None, op.clone());
+        let (b, op) = plan_create(t, rec.clone(), key.clone(), now)?;
         let a = Accepted {
             operation: op_view(&op),
             vm: Some(view(&coord, &rec, Some(op.id))),
@@ -757,6 +808,99 @@ pub async fn show(
         })
 }
 
+/// A change of intent (start, stop, restart) and its operation, as one batch; refused while
+/// another operation runs on the VM. Pure.
+pub fn plan_intend(
+    t: &Table,
+    key_path: &str,
+    kind: OpKind,
+    key: Option<String>,
+    now: u64,
+) -> Result<(Batch, VmRec, OpRec), ApiError> {
+    let v = t
+        .find(key_path)
+        .filter(|v| v.desired != VmDesired::Deleted)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no VM `{}`; `zy vm ls` lists them",
+                zy_common::ids::truncate_for_error(key_path)
+            ))
+        })?;
+    if let Some(op) = t.running_op(v.id) {
+        return Err(busy_with(op));
+    }
+    let mut n = v.clone();
+    n.desired = match kind {
+        OpKind::Start => VmDesired::Running,
+        _ => VmDesired::Stopped,
+    };
+    n.generation = v.generation.next();
+    let op = OpRec::new(kind, &n, n.generation, key, now);
+    let mut b = Batch::default();
+    b.put(Some(v), n.clone());
+    b.op(None, op.clone());
+    Ok((b, n, op))
+}
+
+/// A delete: its tombstone and operation as one batch, superseding an operation under way;
+/// deleting what is being deleted returns the delete under way (an empty batch). Pure.
+pub fn plan_delete(
+    t: &Table,
+    key_path: &str,
+    key: Option<String>,
+    now: u64,
+) -> Result<(Batch, VmRec, OpRec), ApiError> {
+    let v = t.find(key_path).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no VM `{}`; `zy vm ls` lists them",
+            zy_common::ids::truncate_for_error(key_path)
+        ))
+    })?;
+    let mut b = Batch::default();
+    if v.desired == VmDesired::Deleted {
+        if let Some(op) = t.running_op(v.id) {
+            return Ok((b, v.clone(), op.clone()));
+        }
+    }
+    if let Some(op) = t.running_op(v.id) {
+        let mut o = op.clone();
+        o.fail("superseded by a delete of the VM", now);
+        b.op(Some(op), o);
+    }
+    let mut n = v.clone();
+    n.desired = VmDesired::Deleted;
+    n.generation = v.generation.next();
+    let op = OpRec::new(OpKind::Delete, &n, n.generation, key, now);
+    b.put(Some(v), n.clone());
+    b.op(None, op.clone());
+    Ok((b, n, op))
+}
+
+/// A new VM, placed and addressed, and its create operation, as one batch; refused if a
+/// live VM has its name. Pure.
+pub fn plan_create(
+    t: &Table,
+    rec: VmRec,
+    key: Option<String>,
+    now: u64,
+) -> Result<(Batch, OpRec), ApiError> {
+    if t.vms
+        .values()
+        .any(|v| v.name == rec.name && v.desired != VmDesired::Deleted)
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("a VM named `{}` exists", rec.name),
+        ));
+    }
+    let op = OpRec::new(OpKind::Create, &rec, rec.generation, key, now);
+    let mut b = Batch::default();
+    b.put(None, rec);
+    b.op(None, op.clone());
+    Ok((b, op))
+}
+
 /// Records a change of intent (start, stop, restart) and its operation in one transaction.
 async fn intend(
     coord: Arc<Coordinator>,
@@ -770,28 +914,7 @@ async fn intend(
         if let Some(a) = replay(&coord, t, &key) {
             return Ok((Batch::default(), a));
         }
-        let v = t
-            .find(key_path)
-            .filter(|v| v.desired != VmDesired::Deleted)
-            .ok_or_else(|| {
-                ApiError::not_found(format!(
-                    "no VM `{}`; `zy vm ls` lists them",
-                    zy_common::ids::truncate_for_error(key_path)
-                ))
-            })?;
-        if let Some(op) = t.running_op(v.id) {
-            return Err(busy_with(op));
-        }
-        let mut n = v.clone();
-        n.desired = match kind {
-            OpKind::Start => VmDesired::Running,
-            _ => VmDesired::Stopped,
-        };
-        n.generation = v.generation.next();
-        let op = OpRec::new(kind, &n, n.generation, key.clone(), now);
-        let mut b = Batch::default();
-        b.put(Some(v), n.clone());
-        b.op(None, op.clone());
+        let (b, n, op) = plan_intend(t, key_path, kind, key.clone(), now)?;
         let a = Accepted {
             operation: op_view(&op),
             vm: Some(view(&coord, &n, Some(op.id))),
@@ -847,34 +970,7 @@ pub async fn delete(
         if let Some(a) = replay(&coord, t, &key) {
             return Ok((Batch::default(), a));
         }
-        let v = t.find(&key_path).ok_or_else(|| {
-            ApiError::not_found(format!(
-                "no VM `{}`; `zy vm ls` lists them",
-                zy_common::ids::truncate_for_error(&key_path)
-            ))
-        })?;
-        let mut b = Batch::default();
-        if v.desired == VmDesired::Deleted {
-            // Deleting what is being deleted: the same operation.
-            if let Some(op) = t.running_op(v.id) {
-                let a = Accepted {
-                    operation: op_view(op),
-                    vm: Some(view(&coord, v, Some(op.id))),
-                };
-                return Ok((b, a));
-            }
-        }
-        if let Some(op) = t.running_op(v.id) {
-            let mut o = op.clone();
-            o.fail("superseded by a delete of the VM", now);
-            b.op(Some(op), o);
-        }
-        let mut n = v.clone();
-        n.desired = VmDesired::Deleted;
-        n.generation = v.generation.next();
-        let op = OpRec::new(OpKind::Delete, &n, n.generation, key.clone(), now);
-        b.put(Some(v), n.clone());
-        b.op(None, op.clone());
+        let (b, n, op) = plan_delete(t, &key_path, key.clone(), now)?;
         let a = Accepted {
             operation: op_view(&op),
             vm: Some(view(&coord, &n, Some(op.id))),

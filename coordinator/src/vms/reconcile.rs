@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use zy_common::proto::{CommandKind, ReplyErrorKind, ReplyKind, VmInfo, VmIntent};
 use zy_common::time::now_millis;
-use zy_common::vm::{Generation, VmState};
+use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::{NodeId, VmId, Zone};
 
 use super::{publish_op, write, zone_net, Batch, Table};
@@ -66,6 +66,8 @@ pub struct State {
     peers_retry: bool,
     /// Per node whose last update failed: not before when to send it again.
     peers_backoff: HashMap<NodeId, Instant>,
+    /// The nodes hosting VMs when peers were last computed.
+    peers_hosting: HashSet<NodeId>,
     /// Peer updates sent (for the reconnect-storm benchmark).
     pub peer_updates: u64,
 }
@@ -87,10 +89,8 @@ pub async fn run(coord: Arc<Coordinator>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
-            _ = coord.vms.wake.notified() => {
-                // Let a burst of wake-ups coalesce.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // Wake-ups while a tick runs are kept as one by the Notify.
+            _ = coord.vms.wake.notified() => {}
         }
         tick(&coord, &state).await;
     }
@@ -100,24 +100,36 @@ fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     s.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a VM's node is to be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    Ensure(Desired),
+    Delete,
+}
+
+/// The VMs whose node has not taken up what is wanted (in a settled site, none), each with
+/// what to send it. Pure.
+pub fn pending_intents(t: &Table) -> Vec<(VmRec, Intent)> {
+    t.vms
+        .values()
+        .filter_map(|v| match ops::node_desired(v.desired) {
+            None => Some((v.clone(), Intent::Delete)),
+            Some(d) if v.observed.as_ref().is_none_or(|o| o.intent < v.generation) => {
+                Some((v.clone(), Intent::Ensure(d)))
+            }
+            Some(_) => None,
+        })
+        .collect()
+}
+
 /// One pass.
 pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
     let enrolled = coord.fleet.enrolled();
     advance_ops(coord, &enrolled).await;
-    // Only the VMs whose node has not taken up what is wanted: in a settled site, none.
-    let pending: Vec<VmRec> = coord.vms.with(|t| {
-        t.vms
-            .values()
-            .filter(|v| {
-                v.desired == VmDesired::Deleted
-                    || v.observed.as_ref().is_none_or(|o| o.intent < v.generation)
-            })
-            .cloned()
-            .collect()
-    });
+    let pending = coord.vms.with(pending_intents);
     let now = Instant::now();
     let mut forget = Vec::new();
-    for v in &pending {
+    for (v, intent) in &pending {
         let Some(node) = v.node.filter(|n| enrolled.contains(n)) else {
             if v.desired == VmDesired::Deleted {
                 forget.push(v.id);
@@ -138,15 +150,15 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
                 _ => {}
             }
         }
-        let (kind, timeout) = match ops::node_desired(v.desired) {
-            None => (
+        let (kind, timeout) = match *intent {
+            Intent::Delete => (
                 CommandKind::DeleteVm {
                     id: v.id,
                     generation: v.generation,
                 },
                 DELETE_TIMEOUT,
             ),
-            Some(desired) => {
+            Intent::Ensure(desired) => {
                 let vm = match super::wire(coord, v, node) {
                     Ok(w) => w,
                     Err(e) => {
@@ -174,7 +186,7 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
             let result = session.command(kind, timeout).await;
             let retry = match result {
                 Ok(ReplyKind::Vm(info)) => {
-                    observe(&coord, node, vec![info], false).await;
+                    observe(&coord, node, vec![info], None).await;
                     None
                 }
                 Ok(_) => {
@@ -217,30 +229,28 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
 }
 
 /// Advances every running operation as far as it goes now.
+/// Every running operation advanced as far as it goes now, as a batch and the operations it
+/// writes. Pure.
+pub fn plan_advance(t: &Table, nodes: &HashSet<NodeId>, now: u64) -> (Batch, Vec<ops::OpRec>) {
+    let mut b = Batch::default();
+    let mut done = Vec::new();
+    for op in t.ops.values().filter(|o| o.is_running()) {
+        let vm = t.vms.get(&op.vm);
+        let enrolled = vm.and_then(|v| v.node).is_some_and(|n| nodes.contains(&n));
+        if let Advance::Write(next, v) = ops::advance(op, vm, enrolled, now) {
+            if let (Some(v), Some(old)) = (v, vm) {
+                b.put(Some(old), *v);
+            }
+            b.op(Some(op), next.clone());
+            done.push(next);
+        }
+    }
+    (b, done)
+}
+
 async fn advance_ops(coord: &Arc<Coordinator>, nodes: &HashSet<NodeId>) {
     let now = now_millis();
-    let enrolled = |t: &Table, vm: VmId| {
-        t.vms
-            .get(&vm)
-            .and_then(|v| v.node)
-            .is_some_and(|n| nodes.contains(&n))
-    };
-    let changed = write(coord, |t| {
-        let mut b = Batch::default();
-        let mut done = Vec::new();
-        for op in t.ops.values().filter(|o| o.is_running()) {
-            let vm = t.vms.get(&op.vm);
-            if let Advance::Write(next, v) = ops::advance(op, vm, enrolled(t, op.vm), now) {
-                if let (Some(v), Some(old)) = (v, vm) {
-                    b.put(Some(old), *v);
-                }
-                b.op(Some(op), next.clone());
-                done.push(next);
-            }
-        }
-        Ok((b, done))
-    })
-    .await;
+    let changed = write(coord, |t| Ok(plan_advance(t, nodes, now))).await;
     match changed {
         Ok(ops) => {
             for op in &ops {
@@ -278,16 +288,7 @@ async fn fail_op(coord: &Arc<Coordinator>, vm: VmId, reason: &str) {
 /// delete operation, in one transaction.
 pub async fn finish_deletion(coord: &Arc<Coordinator>, id: VmId) {
     let now = now_millis();
-    let r = write(coord, |t| {
-        let mut b = Batch::default();
-        let out = t
-            .vms
-            .get(&id)
-            .filter(|v| v.desired == VmDesired::Deleted)
-            .map(|v| (v.name.clone(), forget(t, v, &mut b, now)));
-        Ok((b, out))
-    })
-    .await;
+    let r = write(coord, |t| Ok(plan_forget(t, id, now))).await;
     match r {
         Ok(Some((name, ops))) => {
             for op in &ops {
@@ -306,6 +307,18 @@ pub async fn finish_deletion(coord: &Arc<Coordinator>, id: VmId) {
         Ok(None) => {}
         Err(e) => warn!(vm = %id, error = %e.message(), "cannot record a finished deletion"),
     }
+}
+
+/// A deleted VM's end, if it is a tombstone: the batch, its name and the operations
+/// written. Pure.
+pub fn plan_forget(t: &Table, id: VmId, now: u64) -> (Batch, Option<(String, Vec<ops::OpRec>)>) {
+    let mut b = Batch::default();
+    let out = t
+        .vms
+        .get(&id)
+        .filter(|v| v.desired == VmDesired::Deleted)
+        .map(|v| (v.name.clone(), forget(t, v, &mut b, now)));
+    (b, out)
 }
 
 /// Adds to `b` the end of a deleted VM: its record goes, its delete operation succeeds and
@@ -328,120 +341,126 @@ fn forget(t: &Table, v: &VmRec, b: &mut Batch, now: u64) -> Vec<ops::OpRec> {
     out
 }
 
+/// A state change to publish: VM, name, state, detail.
+pub type Change = (VmId, String, String, String);
+
+/// What a node said, as a batch: each observation taken if newer than the stored one, and
+/// for a `full` report what the node does not list (see [`observe`]). Pure.
+pub fn plan_observe(
+    t: &Table,
+    node: NodeId,
+    infos: &[VmInfo],
+    full: Option<Generation>,
+    now: u64,
+) -> (Batch, Vec<Change>) {
+    let mut b = Batch::default();
+    let mut changes: Vec<Change> = Vec::new();
+    for info in infos {
+        let Some(v) = t.vms.get(&info.id) else {
+            if full.is_none() {
+                warn!(vm = %info.id, node = %node, "a node reports a VM this coordinator does not know");
+            }
+            continue;
+        };
+        if v.node != Some(node) {
+            warn!(vm = %info.id, node = %node, "a node reports a VM placed elsewhere");
+            continue;
+        }
+        if v.observed
+            .as_ref()
+            .is_some_and(|o| o.generation >= info.generation)
+        {
+            continue;
+        }
+        let before = v.observed.as_ref().map(|o| o.state.clone());
+        let mut n = v.clone();
+        // Running straight to stopped at the current intent with no operation under
+        // way: the guest powered itself off, and it is to stay off.
+        if before == Some(VmState::Running)
+            && info.state == VmState::Stopped
+            && v.desired == VmDesired::Running
+            && info.intent >= v.generation
+            && t.running_op(v.id).is_none()
+        {
+            n.desired = VmDesired::Stopped;
+            n.generation = v.generation.next();
+        }
+        n.observed = Some(Observed {
+            state: info.state.clone(),
+            pid: info.pid,
+            intent: info.intent,
+            generation: info.generation,
+            at_ms: now,
+        });
+        if before.as_ref() != Some(&info.state) {
+            changes.push((
+                v.id,
+                v.name.clone(),
+                info.state.name().to_string(),
+                match &info.state {
+                    VmState::Failed(r) => r.clone(),
+                    s => format!(
+                        "{} -> {}",
+                        before.as_ref().map(|b| b.name()).unwrap_or("pending"),
+                        s.name()
+                    ),
+                },
+            ));
+        }
+        b.put(Some(v), n);
+    }
+    if let Some(report) = full {
+        let listed: HashSet<VmId> = infos.iter().map(|i| i.id).collect();
+        for v in t.vms.values().filter(|v| {
+            v.node == Some(node)
+                && !listed.contains(&v.id)
+                // Seen since the report was taken: the report is old news about it.
+                && v.observed.as_ref().is_none_or(|o| o.generation < report)
+        }) {
+            match (&v.desired, v.observed.as_ref().map(|o| &o.state)) {
+                // Forgotten only when the node confirms the delete, never on absence: a
+                // report cannot prove that no command made the VM since it was taken.
+                (VmDesired::Deleted, _) | (_, None) => {}
+                (_, Some(VmState::Pending | VmState::Creating | VmState::Failed(_))) => {
+                    // Never made (or its making was cut short): hand it over again.
+                    let mut n = v.clone();
+                    n.observed = None;
+                    b.put(Some(v), n);
+                }
+                (_, Some(_)) => {
+                    let mut n = v.clone();
+                    let reason = "lost: its node reported it no longer has this VM (its disk is gone); `zy vm start` makes it anew from its image, `zy vm delete` removes it";
+                    if let Some(o) = n.observed.as_mut() {
+                        o.state = VmState::failed(reason);
+                        o.pid = None;
+                        o.generation = report;
+                        o.at_ms = now;
+                    }
+                    changes.push((v.id, v.name.clone(), "failed".into(), reason.into()));
+                    b.put(Some(v), n);
+                }
+            }
+        }
+    }
+    (b, changes)
+}
+
 /// What a node said of its VMs: each observation taken if newer than the stored one. A
-/// `full` report is the node's whole picture, so VMs placed on it that it does not list are
-/// not there: a deleted one is gone (forgotten), one it never had is handed over again, and
-/// one it had is lost (failed, not silently made anew with a blank disk).
-pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>, full: bool) {
+/// `full` report (with its generation) is the node's whole picture as of that generation,
+/// so a VM placed on it that it does not list, and of which nothing newer was heard, was
+/// not there: one it never had is handed over again, one it had is lost (failed, not
+/// silently made anew with a blank disk). A deleted one is forgotten only when the node
+/// confirms its delete.
+pub async fn observe(
+    coord: &Arc<Coordinator>,
+    node: NodeId,
+    infos: Vec<VmInfo>,
+    full: Option<Generation>,
+) {
     let now = now_millis();
-    let result = write(coord, |t| {
-        let mut b = Batch::default();
-        let mut ended = Vec::new();
-        let mut changes: Vec<(VmId, String, String, String)> = Vec::new();
-        for info in &infos {
-            let Some(v) = t.vms.get(&info.id) else {
-                if !full {
-                    warn!(vm = %info.id, node = %node, "a node reports a VM this coordinator does not know");
-                }
-                continue;
-            };
-            if v.node != Some(node) {
-                warn!(vm = %info.id, node = %node, "a node reports a VM placed elsewhere");
-                continue;
-            }
-            if v
-                .observed
-                .as_ref()
-                .is_some_and(|o| o.generation >= info.generation)
-            {
-                continue;
-            }
-            let before = v.observed.as_ref().map(|o| o.state.clone());
-            let mut n = v.clone();
-            // Running straight to stopped at the current intent with no operation under
-            // way: the guest powered itself off, and it is to stay off.
-            if before == Some(VmState::Running)
-                && info.state == VmState::Stopped
-                && v.desired == VmDesired::Running
-                && info.intent >= v.generation
-                && t.running_op(v.id).is_none()
-            {
-                n.desired = VmDesired::Stopped;
-                n.generation = v.generation.next();
-            }
-            n.observed = Some(Observed {
-                state: info.state.clone(),
-                pid: info.pid,
-                intent: info.intent,
-                generation: info.generation,
-                at_ms: now,
-            });
-            if before.as_ref() != Some(&info.state) {
-                changes.push((
-                    v.id,
-                    v.name.clone(),
-                    info.state.name().to_string(),
-                    match &info.state {
-                        VmState::Failed(r) => r.clone(),
-                        s => format!(
-                            "{} -> {}",
-                            before.as_ref().map(|b| b.name()).unwrap_or("pending"),
-                            s.name()
-                        ),
-                    },
-                ));
-            }
-            b.put(Some(v), n);
-        }
-        if full {
-            let listed: HashSet<VmId> = infos.iter().map(|i| i.id).collect();
-            for v in t
-                .vms
-                .values()
-                .filter(|v| v.node == Some(node) && !listed.contains(&v.id))
-            {
-                match (&v.desired, v.observed.as_ref().map(|o| &o.state)) {
-                    (VmDesired::Deleted, _) => {
-                        ended.extend(forget(t, v, &mut b, now));
-                        changes.push((
-                            v.id,
-                            v.name.clone(),
-                            "deleted".into(),
-                            "its node has no such VM".into(),
-                        ));
-                    }
-                    (_, None) => {}
-                    (
-                        _,
-                        Some(VmState::Pending | VmState::Creating | VmState::Failed(_)),
-                    ) => {
-                        // Never made (or its making was cut short): hand it over again.
-                        let mut n = v.clone();
-                        n.observed = None;
-                        b.put(Some(v), n);
-                    }
-                    (_, Some(_)) => {
-                        let mut n = v.clone();
-                        let reason = "lost: its node reported it no longer has this VM (its disk is gone); `zy vm start` makes it anew from its image, `zy vm delete` removes it";
-                        if let Some(o) = n.observed.as_mut() {
-                            o.state = VmState::failed(reason);
-                            o.pid = None;
-                            o.at_ms = now;
-                        }
-                        changes.push((v.id, v.name.clone(), "failed".into(), reason.into()));
-                        b.put(Some(v), n);
-                    }
-                }
-            }
-        }
-        Ok((b, (changes, ended)))
-    })
-    .await;
+    let result = write(coord, |t| Ok(plan_observe(t, node, &infos, full, now))).await;
     match result {
-        Ok((changes, ended)) => {
-            for op in &ended {
-                publish_op(coord, op);
-            }
+        Ok(changes) => {
             for (id, name, state, detail) in changes {
                 info!(vm = %id, %name, %state, "VM state reported");
                 coord
@@ -453,11 +472,19 @@ pub async fn observe(coord: &Arc<Coordinator>, node: NodeId, infos: Vec<VmInfo>,
     }
 }
 
-/// Tells connected nodes their zone's peers when they changed, coalesced per zone.
+/// Tells connected nodes that host VMs their zone's peers when they changed, coalesced per
+/// zone.
 fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
     let epoch = coord.fleet.epoch();
+    // A zone's network spans the nodes that host its VMs; the others need nothing (a node's
+    // first VM brings it the peers of the moment).
+    let hosting = coord.vms.with(super::hosting);
     {
         let mut s = lock(state);
+        if s.peers_hosting != hosting {
+            s.peers_hosting = hosting.clone();
+            s.peers_epoch = None;
+        }
         let unchanged =
             s.peers_epoch == Some(epoch) && !s.peers_retry && s.zones.values().all(|z| !z.dirty);
         if unchanged {
@@ -468,12 +495,11 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
     }
     let mut by_zone: HashMap<Zone, Vec<(NodeId, Ipv4Addr, crate::fleet::Session)>> = HashMap::new();
     for (id, zone, s) in coord.fleet.connected() {
-        let ip = match s.remote.ip() {
-            std::net::IpAddr::V4(ip) => ip,
-            std::net::IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-                Some(ip) => ip,
-                None => continue,
-            },
+        if !hosting.contains(&id) {
+            continue;
+        }
+        let Some(ip) = super::session_ip(&s) else {
+            continue;
         };
         by_zone.entry(zone).or_default().push((id, ip, s));
     }
