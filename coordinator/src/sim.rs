@@ -740,6 +740,8 @@ mod tests {
         for seed in seeds {
             let r = run(seed, SimConfig::default()).unwrap_or_else(|v| panic!("{v}"));
             total.vms_created += r.vms_created;
+            total.vms_deleted += r.vms_deleted;
+            total.api_requests += r.api_requests;
             total.coordinator_crashes += r.coordinator_crashes;
             total.agent_crashes += r.agent_crashes;
             total.session_breaks += r.session_breaks;

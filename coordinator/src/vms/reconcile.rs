@@ -420,11 +420,18 @@ pub fn plan_observe(
             match (&v.desired, v.observed.as_ref().map(|o| &o.state)) {
                 // Forgotten only when the node confirms the delete, never on absence: a
                 // report cannot prove that no command made the VM since it was taken.
-                (VmDesired::Deleted, _) | (_, None) => {}
-                (_, Some(VmState::Pending | VmState::Creating | VmState::Failed(_))) => {
-                    // Never made (or its making was cut short): hand it over again.
+                (VmDesired::Deleted, _) => {}
+                (_, None | Some(VmState::Pending | VmState::Creating | VmState::Failed(_))) => {
+                    // Never made (or its making was cut short): absent as of the report, so
+                    // that older news of it is refused, and handed over again (no intent).
                     let mut n = v.clone();
-                    n.observed = None;
+                    n.observed = Some(Observed {
+                        state: VmState::Pending,
+                        pid: None,
+                        intent: Generation(0),
+                        generation: report,
+                        at_ms: now,
+                    });
                     b.put(Some(v), n);
                 }
                 (_, Some(_)) => {
