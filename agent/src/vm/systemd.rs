@@ -291,21 +291,35 @@ impl Systemd {
 
     /// How VM `id`'s unit ended (`None` if systemd already forgot it, as it does with units
     /// that ended cleanly), then lets systemd forget a failed one.
+    ///
+    /// QEMU counts as gone once it is a zombie, which can be before systemd has reaped it
+    /// and recorded how it ended (a busy host): until then the unit still shows a blank
+    /// exit (`ExecMainCode` 0, result `success`), so this waits, up to 5 s, for the record.
     pub async fn ended(&self, id: VmId) -> Option<String> {
         let unit = Self::unit(id);
-        let how = timed(async {
-            let s = self.service(&unit).await?;
-            let call = |source| SystemdError::Call {
-                unit: unit.clone(),
-                source,
-            };
-            let result = s.result().await.map_err(call)?;
-            let code = s.exec_main_code().await.map_err(call)?;
-            let status = s.exec_main_status().await.map_err(call)?;
-            Ok(describe_exit(&result, code, status))
-        })
-        .await
-        .ok();
+        let mut how = None;
+        for _ in 0..100 {
+            let read = timed(async {
+                let s = self.service(&unit).await?;
+                let call = |source| SystemdError::Call {
+                    unit: unit.clone(),
+                    source,
+                };
+                Ok(ExitRecord {
+                    main_pid: s.main_pid().await.map_err(call)?,
+                    result: s.result().await.map_err(call)?,
+                    code: s.exec_main_code().await.map_err(call)?,
+                    status: s.exec_main_status().await.map_err(call)?,
+                })
+            })
+            .await;
+            let Ok(rec) = read else { break };
+            how = Some(rec.describe());
+            if rec.settled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.forget(id).await;
         how
     }
@@ -376,6 +390,27 @@ fn sandbox(vm_dir: &Path, data_dir: &Path) -> Vec<(&'static str, Variant<'static
     p
 }
 
+/// What systemd says of a unit's main process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ExitRecord {
+    main_pid: u32,
+    result: String,
+    code: i32,
+    status: i32,
+}
+
+impl ExitRecord {
+    /// Whether systemd has reaped the main process and recorded how it ended: a unit still
+    /// holding a main pid, or one with no exit code yet, has not.
+    fn settled(&self) -> bool {
+        self.main_pid == 0 && self.code != 0
+    }
+
+    fn describe(&self) -> String {
+        describe_exit(&self.result, self.code, self.status)
+    }
+}
+
 /// Words for a service's end from its `Result`, `ExecMainCode` (a `CLD_*` code) and
 /// `ExecMainStatus`.
 pub fn describe_exit(result: &str, code: i32, status: i32) -> String {
@@ -399,6 +434,27 @@ pub fn describe_exit(result: &str, code: i32, status: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exit_counts_only_once_systemd_has_recorded_it() {
+        let rec = |main_pid, result: &str, code, status| ExitRecord {
+            main_pid,
+            result: result.to_string(),
+            code,
+            status,
+        };
+        // QEMU is a zombie systemd has not reaped: it still is the main pid, no exit yet
+        // (read as "unit result success, ended" before this waited, a lab run found).
+        assert!(!rec(4242, "success", 0, 0).settled());
+        assert_eq!(
+            rec(4242, "success", 0, 0).describe(),
+            "unit result success, ended"
+        );
+        // Reaped but not yet recorded.
+        assert!(!rec(0, "success", 0, 0).settled());
+        assert!(rec(0, "signal", 2, 9).settled());
+        assert!(rec(0, "success", 1, 0).settled());
+    }
 
     #[test]
     fn exits_are_described_for_people() {
