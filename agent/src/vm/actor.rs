@@ -300,9 +300,19 @@ impl Actor {
                 warn!(vm = %self.rec.spec.id, error = %e, "re-attached VM cannot rejoin its network");
             }
         }
-        // Reconcile: start what should run and does not.
-        if self.live.is_none() && self.rec.desired == Desired::Running {
-            let _ = self.start().await;
+        // Reconcile: start what should run and does not, and stop what runs but should not
+        // (an agent killed in the middle of a stop re-attaches to a QEMU whose intent,
+        // already taken and recorded, says stopped: nobody would send it again).
+        match (self.live.is_some(), self.rec.desired) {
+            (false, Desired::Running) => {
+                let _ = self.start().await;
+            }
+            (true, Desired::Stopped) => {
+                info!(vm = %self.rec.spec.id, "re-attached VM should be stopped; stopping it");
+                let grace = Duration::from_millis(self.rec.stop_grace_ms.into());
+                self.halt(grace).await;
+            }
+            _ => {}
         }
         loop {
             let req = match self.live.as_mut() {
