@@ -11,7 +11,7 @@
 
 pub mod reconcile;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -228,11 +228,13 @@ fn view(coord: &Coordinator, v: &VmRec, op: Option<OpId>) -> VmView {
     }
 }
 
-/// The VM table and the operations, as the store holds them.
+/// The VM table and the operations, as the store holds them. Ordered maps: whatever is
+/// planned from the table comes out in the same order every time (the simulation's
+/// reproducibility by seed depends on it, and so does reading a log twice).
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    pub vms: HashMap<VmId, VmRec>,
-    pub ops: HashMap<OpId, OpRec>,
+    pub vms: BTreeMap<VmId, VmRec>,
+    pub ops: BTreeMap<OpId, OpRec>,
 }
 
 impl Table {
