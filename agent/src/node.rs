@@ -1,6 +1,10 @@
 //! The node's side of VM commands: turns a VM as the coordinator describes it into a VM on
 //! this node (image blobs fetched and verified, disk made, network joined) and routes
 //! start/stop/delete to the VM's actor.
+//!
+//! The host is reached through [`Host`]: the VM runner, the networks and the blob source
+//! are traits, real here ([`Node::start`]) and in-memory fakes in unit tests
+//! ([`Node::with_host`]).
 
 use std::sync::Arc;
 
@@ -14,11 +18,12 @@ use zy_common::proto::{
 use zy_common::vm::Generation;
 use zy_common::VmId;
 
-use crate::netdev::Segment;
-use crate::uplink::Uplink;
+use crate::netdev::{Networks, Segment};
+use crate::uplink::{BlobSource, Uplink};
 use crate::vm::actor::{Ctx, Request, VmEvent};
 use crate::vm::manager::{Begin, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
+use crate::vm::runner::{QemuRunner, VmRunner};
 use crate::vm::seed::{Seed, SeedNic};
 use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
@@ -26,10 +31,21 @@ use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 #[derive(Debug)]
 pub struct Node {
     pub vms: VmManager,
-    netdev: Option<crate::netdev::Netdev>,
-    pub uplink: Uplink,
+    networks: Option<Arc<dyn Networks>>,
+    blobs: Arc<dyn BlobSource>,
     pub cache: BlobDir,
     pub accel: Accel,
+}
+
+/// What the node's VM side uses of the host.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Runs the VMs.
+    pub runner: Arc<dyn VmRunner>,
+    /// The node's networks; none where netlink cannot be had (VMs then get no networks).
+    pub networks: Option<Arc<dyn Networks>>,
+    /// Where image blobs come from.
+    pub blobs: Arc<dyn BlobSource>,
 }
 
 /// Why the node's VM side could not start.
@@ -92,21 +108,37 @@ impl Node {
         supervisor: crate::vm::runner::Supervisor,
         uplink: Uplink,
     ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
-        let (tx, rx) = mpsc::channel(256);
-        let netdev = match crate::netdev::Netdev::new() {
-            Ok(n) => Some(n),
+        let networks = match crate::netdev::Netdev::new() {
+            Ok(n) => Some(Arc::new(n) as Arc<dyn Networks>),
             Err(e) => {
                 warn!(error = %e, "no netlink: VMs will have no networks");
                 None
             }
         };
+        let host = Host {
+            runner: Arc::new(QemuRunner {
+                qemu: ctx_qemu,
+                supervisor,
+            }),
+            networks,
+            blobs: Arc::new(uplink),
+        };
+        Self::with_host(host, data_dir, accel).await
+    }
+
+    /// Recovers the node's VMs on the given host parts.
+    pub async fn with_host(
+        host: Host,
+        data_dir: &std::path::Path,
+        accel: Accel,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
+        let (tx, rx) = mpsc::channel(256);
         let clock = Arc::new(ObservedClock::open(&data_dir.join("observed-generation"))?);
         let ctx = Ctx {
-            qemu: ctx_qemu,
             data_dir: data_dir.to_path_buf(),
             events: tx,
-            netdev: netdev.clone(),
-            supervisor,
+            networks: host.networks.clone(),
+            runner: host.runner,
             clock,
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
@@ -114,8 +146,8 @@ impl Node {
         Ok((
             Arc::new(Self {
                 vms,
-                netdev,
-                uplink,
+                networks: host.networks,
+                blobs: host.blobs,
                 cache,
                 accel,
             }),
@@ -137,21 +169,10 @@ impl Node {
                 self.delete(id, generation).await.map(|()| ReplyKind::Done)
             }
             CommandKind::SyncPeers { vni, peers } => {
-                let Some(nd) = &self.netdev else {
+                let Some(n) = &self.networks else {
                     return Ok(ReplyKind::Done);
                 };
-                let vxlan = format!("zyvx{vni}");
-                let _one_at_a_time = nd.changing().await;
-                if nd
-                    .link(&vxlan)
-                    .await
-                    .map_err(|e| failed(zy_common::error::chain(&e)))?
-                    .is_none()
-                {
-                    // No VM of that network here: nothing to update.
-                    return Ok(ReplyKind::Done);
-                }
-                nd.sync_peers(&vxlan, &peers.into_iter().collect())
+                n.sync_peers(vni, &peers.into_iter().collect())
                     .await
                     .map_err(|e| failed(zy_common::error::chain(&e)))?;
                 Ok(ReplyKind::Done)
@@ -251,7 +272,7 @@ impl Node {
         paths: &VmPaths,
     ) -> Result<(VmSpec, Vec<(String, Segment)>), String> {
         for blob in vm.image.blobs() {
-            self.uplink
+            self.blobs
                 .ensure_blob(blob, &self.cache)
                 .await
                 .map_err(|e| format!("cannot get the image: {e}"))?;

@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,8 +27,9 @@ use zy_common::VmId;
 
 use super::observed::ObservedClock;
 use super::record::VmRecord;
-use super::runner::{self, Launched, StopHow};
+use super::runner::{self, Exit, RunningVm, StopHow, VmRunner};
 use super::spec::VmPaths;
+use crate::netdev::Networks;
 
 /// Requests an actor takes.
 #[derive(Debug)]
@@ -81,15 +83,14 @@ impl VmEvent {
 /// What every actor shares.
 #[derive(Clone, Debug)]
 pub struct Ctx {
-    pub qemu: PathBuf,
     pub data_dir: PathBuf,
     /// State changes; full means the link is away and the coordinator will get the whole
     /// picture on reconnect anyway, so events are dropped rather than waited for.
     pub events: mpsc::Sender<VmEvent>,
-    /// Netlink, to join taps to their networks (none in tests without networks).
-    pub netdev: Option<crate::netdev::Netdev>,
-    /// Who runs QEMU and holds its limits: systemd or the agent itself.
-    pub supervisor: runner::Supervisor,
+    /// Joins taps to their networks (none on a host without netlink).
+    pub networks: Option<Arc<dyn Networks>>,
+    /// Runs the VMs: QEMU under systemd or the agent itself.
+    pub runner: Arc<dyn VmRunner>,
     /// Numbers every observation.
     pub clock: Arc<ObservedClock>,
 }
@@ -126,7 +127,7 @@ impl VmHandle {
 }
 
 /// Starts a VM's actor. `live` is its QEMU if one was found running.
-pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
+pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Box<dyn RunningVm>>) -> VmHandle {
     let (tx, rx) = mpsc::channel(4);
     let initial = VmStatus {
         state: if live.is_some() {
@@ -134,7 +135,7 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
         } else {
             VmState::Stopped
         },
-        pid: live.as_ref().map(|l| l.pid),
+        pid: live.as_ref().map(|l| l.pid()),
         startup: None,
         since_ms: now_millis(),
         intent: rec.intent,
@@ -171,7 +172,7 @@ pub async fn save_record(rec: &VmRecord, paths: &VmPaths) -> Result<(), String> 
 struct Actor {
     ctx: Ctx,
     rec: VmRecord,
-    live: Option<Launched>,
+    live: Option<Box<dyn RunningVm>>,
     state: watch::Sender<VmStatus>,
 }
 
@@ -183,8 +184,8 @@ impl Actor {
     fn set(&self, state: VmState) {
         let status = VmStatus {
             state,
-            pid: self.live.as_ref().map(|l| l.pid),
-            startup: self.live.as_ref().map(|l| l.startup),
+            pid: self.live.as_ref().map(|l| l.pid()),
+            startup: self.live.as_ref().map(|l| l.startup()),
             since_ms: now_millis(),
             intent: self.rec.intent,
             generation: self.ctx.clock.next(),
@@ -242,13 +243,7 @@ impl Actor {
 
     async fn start(&mut self) -> Result<(), String> {
         self.set(VmState::Starting);
-        let launched = runner::launch(
-            &self.ctx.qemu,
-            &self.rec.spec,
-            &self.paths(),
-            &self.ctx.supervisor,
-        )
-        .await;
+        let launched = self.ctx.runner.start(&self.rec.spec, &self.paths()).await;
         match launched {
             Ok(l) => {
                 self.live = Some(l);
@@ -272,25 +267,17 @@ impl Actor {
 
     /// Joins each tap (made by QEMU) to its network; idempotent.
     async fn plug(&self) -> Result<(), crate::netdev::NetdevError> {
-        let Some(nd) = &self.ctx.netdev else {
-            return Ok(());
-        };
-        let _one_at_a_time = nd.changing().await;
-        for (tap, seg) in &self.rec.ports {
-            nd.ensure_segment(seg).await?;
-            nd.attach(tap, seg).await?;
+        match &self.ctx.networks {
+            Some(n) => n.join(&self.rec.ports).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Removes networks no VM uses any more (the taps went with QEMU).
     async fn unplug(&self) {
-        let Some(nd) = &self.ctx.netdev else { return };
-        let _one_at_a_time = nd.changing().await;
-        for (_, seg) in &self.rec.ports {
-            if let Err(e) = nd.release_segment(seg).await {
-                warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
-            }
+        let Some(n) = &self.ctx.networks else { return };
+        for e in n.leave(&self.rec.ports).await {
+            warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
         }
     }
 
@@ -317,7 +304,7 @@ impl Actor {
                         None => return,
                         Some(r) => r,
                     },
-                    status = live.proc.exited() => {
+                    status = live.exited() => {
                         self.exited(status).await;
                         continue;
                     }
@@ -345,43 +332,35 @@ impl Actor {
     async fn halt(&mut self, grace: Duration) -> StopHow {
         self.set(VmState::Stopping);
         let how = match self.live.as_mut() {
-            Some(l) => runner::stop(l, grace).await,
+            Some(l) => l.stop(grace).await,
             None => StopHow::AlreadyGone,
         };
         self.live = None;
         self.unplug().await;
-        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
+        self.ctx.runner.cleanup(self.rec.spec.id).await;
         self.set(VmState::Stopped);
         how
     }
 
     /// QEMU is gone without being asked: the guest powered off, or QEMU died.
     async fn exited(&mut self, status: Option<String>) {
-        let Some(mut l) = self.live.take() else {
+        let Some(l) = self.live.take() else {
             return;
         };
-        let mut guest_poweroff = false;
-        let mut guest_panicked = false;
-        // Events QEMU sent before it went are still in the socket.
-        while let Ok(Ok(ev)) =
-            tokio::time::timeout(Duration::from_millis(200), l.qmp.next_event()).await
-        {
-            // A panic also ends in a guest SHUTDOWN (reason `guest-panic`): not a poweroff.
-            if ev["event"] == "GUEST_PANICKED" || ev["data"]["reason"] == "guest-panic" {
-                guest_panicked = true;
-            } else if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
-                guest_poweroff = true;
-            }
-        }
+        let exit = l.ended(status).await;
         self.unplug().await;
-        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
-        if guest_poweroff && !guest_panicked {
-            // The guest chose to be off: it stays off across agent restarts until the next
-            // intent says otherwise.
-            self.want(Desired::Stopped).await;
-            self.set(VmState::Stopped);
-            return;
-        }
+        self.ctx.runner.cleanup(self.rec.spec.id).await;
+        let (status, guest_panicked) = match exit {
+            Exit::GuestPoweroff => {
+                // The guest chose to be off: it stays off across agent restarts until the
+                // next intent says otherwise.
+                self.want(Desired::Stopped).await;
+                self.set(VmState::Stopped);
+                return;
+            }
+            Exit::GuestPanic(status) => (status, true),
+            Exit::Died(status) => (status, false),
+        };
         let tail = runner::console_tail(&self.paths().console_log(), 10).join(" | ");
         let how = status.unwrap_or_else(|| "it exited".to_string());
         let what = if guest_panicked {

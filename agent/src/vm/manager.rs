@@ -167,7 +167,7 @@ impl VmManager {
                 }
             };
             let paths = VmPaths::new(&ctx.data_dir, rec.spec.id);
-            let live = match runner::attach(&rec.spec, &paths, &ctx.supervisor).await {
+            let live = match ctx.runner.find(&rec.spec, &paths).await {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(vm = %rec.spec.id, error = %e, "found QEMU but could not attach; it will be treated as stopped");
@@ -175,7 +175,7 @@ impl VmManager {
                 }
             };
             if let Some(l) = &live {
-                info!(vm = %rec.spec.id, pid = l.pid, "re-attached to a running VM");
+                info!(vm = %rec.spec.id, pid = l.pid(), "re-attached to a running VM");
             }
             let id = rec.spec.id;
             vms.insert(id, actor::spawn(ctx.clone(), rec, live));
