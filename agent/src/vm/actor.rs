@@ -399,3 +399,265 @@ pub async fn remove_vm_dir(dir: PathBuf) -> Result<(), String> {
     .await
     .map_err(|e| format!("the remover failed: {e}"))?
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use zy_common::vm::{Desired, Generation, VmState};
+
+    use super::{Request, VmHandle, VmStatus};
+    use crate::fake::{self, Ending, FakeNetworks, FakeRunner, TempDir};
+    use crate::vm::manager::VmManager;
+    use crate::vm::record::VmRecord;
+    use crate::vm::spec::VmPaths;
+
+    fn intent(desired: Desired, g: u64) -> Request {
+        Request::Intent {
+            desired,
+            generation: Generation(g),
+            stop_grace_ms: 1000,
+        }
+    }
+
+    fn failure(s: VmStatus) -> String {
+        match s.state {
+            VmState::Failed(r) => r,
+            other => panic!("{other} is not a failure"),
+        }
+    }
+
+    async fn state(h: &VmHandle, name: &str) -> VmStatus {
+        let mut rx = h.status.clone();
+        fake::until(&mut rx, name, |s| s.state.name() == name).await
+    }
+
+    /// A newer intent is acted on; a repeated or older one changes nothing, not even the
+    /// observed generation (it is not news).
+    #[tokio::test(start_paused = true)]
+    async fn an_older_or_repeated_intent_is_a_no_op() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Stopped, Generation(1))
+            .await
+            .unwrap();
+        fake::settle().await;
+        assert_eq!(h.state(), VmState::Stopped);
+        assert_eq!(runner.starts(id), 0);
+
+        h.send(intent(Desired::Running, 2)).unwrap();
+        let running = state(&h, "running").await;
+        assert_eq!(running.intent, Generation(2));
+        assert_eq!(runner.starts(id), 1);
+
+        // The same intent again, and an older one that says otherwise.
+        h.send(intent(Desired::Running, 2)).unwrap();
+        h.send(intent(Desired::Stopped, 1)).unwrap();
+        fake::settle().await;
+        assert_eq!(*h.status.borrow(), running, "nothing changed");
+        assert_eq!(runner.starts(id), 1);
+        assert!(runner.stops(id).is_empty());
+        let rec = VmRecord::load(&VmPaths::new(m.data_dir(), id).record()).unwrap();
+        assert_eq!((rec.desired, rec.intent), (Desired::Running, Generation(2)));
+
+        // A newer one is taken, with its grace.
+        h.send(intent(Desired::Stopped, 3)).unwrap();
+        let stopped = state(&h, "stopped").await;
+        assert_eq!(stopped.intent, Generation(3));
+        assert!(stopped.generation > running.generation);
+        assert_eq!(runner.stops(id), vec![Duration::from_millis(1000)]);
+    }
+
+    /// A guest's own poweroff is recorded as the VM's desired state, so a restarted agent
+    /// does not start it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_powers_itself_off_stays_stopped_across_an_agent_restart() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx.clone()).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&h, "running").await;
+        runner.exit(id, Some("exit status: 0"), Ending::Poweroff);
+        state(&h, "stopped").await;
+        assert_eq!(runner.cleanups(id), 1);
+
+        // The agent stops and starts again.
+        let status = h.status.clone();
+        drop((h, m));
+        fake::ended(status).await;
+        let m = VmManager::recover(ctx).await;
+        let h = m.get(id).unwrap();
+        fake::settle().await;
+        assert_eq!(h.state(), VmState::Stopped);
+        assert_eq!(h.status.borrow().intent, Generation(1));
+        assert_eq!(runner.starts(id), 1, "not started again");
+
+        // A newer intent starts it.
+        h.send(intent(Desired::Running, 2)).unwrap();
+        state(&h, "running").await;
+        assert_eq!(runner.starts(id), 2);
+    }
+
+    /// A VM running when the agent stops is found again, not started twice; one that
+    /// should run but was lost meanwhile is started.
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_reattaches_or_restarts() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx.clone()).await;
+        let (a, b) = (fake::spec("a"), fake::spec("b"));
+        let (ia, ib) = (a.id, b.id);
+        for s in [a, b] {
+            let h = m
+                .create(s, vec![], Desired::Running, Generation(1))
+                .await
+                .unwrap();
+            state(&h, "running").await;
+        }
+        let pa = runner.pid(ia).unwrap();
+        let statuses: Vec<_> = m.list().iter().map(|h| h.status.clone()).collect();
+        drop(m);
+        for s in statuses {
+            fake::ended(s).await;
+        }
+        // b's QEMU dies while no agent watches.
+        runner.exit(ib, Some("signal: 9 (SIGKILL)"), Ending::Crash);
+        let m = VmManager::recover(ctx).await;
+        let ha = m.get(ia).unwrap();
+        let hb = m.get(ib).unwrap();
+        assert_eq!(state(&ha, "running").await.pid, Some(pa));
+        state(&hb, "running").await;
+        assert_eq!((runner.starts(ia), runner.starts(ib)), (1, 2));
+    }
+
+    /// QEMU dying is a failure, with how it died and the console's last lines; a panicking
+    /// guest's reason names the panic.
+    #[tokio::test(start_paused = true)]
+    async fn qemu_dying_is_reported_failed_with_its_reason() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let nets = Arc::new(FakeNetworks::default());
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, Some(nets.clone()));
+        let m = VmManager::recover(ctx).await;
+        let (a, b) = (fake::spec("a"), fake::spec("b"));
+        let (ia, ib) = (a.id, b.id);
+        let ha = m
+            .create(
+                a,
+                vec![fake::port("zyta0", 7)],
+                Desired::Running,
+                Generation(1),
+            )
+            .await
+            .unwrap();
+        let hb = m
+            .create(b, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&ha, "running").await;
+        state(&hb, "running").await;
+        assert_eq!(nets.port("zyta0"), Some(7));
+        let log = VmPaths::new(&tmp.0, ia).console_log();
+        std::fs::write(&log, "booting\r\nZY-READY a\r\n").unwrap();
+        runner.exit(ia, Some("signal: 9 (SIGKILL)"), Ending::Crash);
+        let reason = failure(state(&ha, "failed").await);
+        assert!(
+            reason.contains("QEMU died (signal: 9 (SIGKILL))"),
+            "{reason}"
+        );
+        assert!(reason.contains("booting | ZY-READY a"), "{reason}");
+        assert_eq!(nets.segments(), Vec::<u32>::new(), "its network went");
+        assert_eq!(runner.cleanups(ia), 1);
+
+        let log = VmPaths::new(&tmp.0, ib).console_log();
+        std::fs::write(
+            &log,
+            "ZY-READY b\nKernel panic - not syncing: sysrq triggered crash\nCall Trace:\n",
+        )
+        .unwrap();
+        runner.exit(ib, Some("exit status: 0"), Ending::Panic);
+        let reason = failure(state(&hb, "failed").await);
+        assert!(
+            reason.starts_with(
+                "the guest's kernel panicked: Kernel panic - not syncing: sysrq triggered crash (exit status: 0)"
+            ),
+            "{reason}"
+        );
+    }
+
+    /// A VM without its network is not what was asked for: it is stopped again and failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_whose_network_cannot_be_joined_is_halted_and_reported_failed() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let nets = Arc::new(FakeNetworks::default());
+        nets.break_segment(9);
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, Some(nets.clone()));
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let ports = vec![fake::port("zytx0", 9)];
+        let h = m
+            .create(s, ports, Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        let reason = failure(state(&h, "failed").await);
+        assert!(reason.starts_with("cannot join its network: "), "{reason}");
+        assert_eq!(runner.starts(id), 1);
+        assert_eq!(runner.pid(id), None, "QEMU was stopped");
+        assert_eq!(runner.stops(id), vec![Duration::from_secs(5)]);
+        assert_eq!(nets.segments(), Vec::<u32>::new(), "nothing left behind");
+    }
+
+    /// QEMU that exits at start fails the VM with what it said.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_that_fails_is_reported_with_qemus_words() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        runner.refuse_start(s.id, "could not open kernel file");
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        let reason = failure(state(&h, "failed").await);
+        assert!(reason.contains("could not open kernel file"), "{reason}");
+    }
+
+    /// Delete stops the VM at once (its disk goes) and removes its directory.
+    #[tokio::test(start_paused = true)]
+    async fn delete_stops_without_grace_and_removes_the_files() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&h, "running").await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.send(Request::Delete(tx)).unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(runner.stops(id), vec![Duration::ZERO]);
+        assert!(!VmPaths::new(&tmp.0, id).dir.exists());
+        assert!(h.ended());
+    }
+}
