@@ -9,6 +9,8 @@
 //! the node, or shell out where a Linux API exists.
 
 pub mod config;
+#[cfg(test)]
+mod fake;
 pub mod host;
 pub mod identity;
 pub mod join;

@@ -11,10 +11,15 @@
 //!   tap (VM) --+
 //!   tap (VM) --+-- zybr<vni> -- zyvx<vni> ==UDP 4789==> peer nodes of the same zone
 //! ```
+//!
+//! The rest of the agent sees only [`Networks`]: join a VM's taps, leave, update a
+//! segment's peers. [`Netdev`] is its netlink implementation (tested as root in
+//! `tests/tests/netdev.rs` and the lab); unit tests use an in-memory fake.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use futures_util::future::BoxFuture;
 use futures_util::TryStreamExt;
 use rtnetlink::packet_core::{
     NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST,
@@ -85,6 +90,72 @@ impl Segment {
     }
     fn alias(&self) -> String {
         format!("zy:{}:{}", self.zone, self.vni)
+    }
+}
+
+/// The node's networks as VMs need them. Each call is one change of the node's networks:
+/// an implementation makes them one at a time, so that two VMs making or releasing the same
+/// segment never interleave.
+pub trait Networks: Send + Sync + std::fmt::Debug {
+    /// Joins each port (a VM's tap, by name) to its segment, making the segment first if
+    /// needed; idempotent.
+    fn join<'a>(&'a self, ports: &'a [(String, Segment)])
+        -> BoxFuture<'a, Result<(), NetdevError>>;
+
+    /// Releases the segments of these ports that nothing else uses any more (the ports
+    /// themselves went with their VM); what could not be released.
+    fn leave<'a>(&'a self, ports: &'a [(String, Segment)]) -> BoxFuture<'a, Vec<NetdevError>>;
+
+    /// Makes segment `vni`'s flood list exactly `peers`, if the segment is on this node.
+    fn sync_peers<'a>(
+        &'a self,
+        vni: u32,
+        peers: &'a BTreeSet<Ipv4Addr>,
+    ) -> BoxFuture<'a, Result<(), NetdevError>>;
+}
+
+impl Networks for Netdev {
+    fn join<'a>(
+        &'a self,
+        ports: &'a [(String, Segment)],
+    ) -> BoxFuture<'a, Result<(), NetdevError>> {
+        Box::pin(async move {
+            let _one_at_a_time = self.changing().await;
+            for (tap, seg) in ports {
+                self.ensure_segment(seg).await?;
+                self.attach(tap, seg).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn leave<'a>(&'a self, ports: &'a [(String, Segment)]) -> BoxFuture<'a, Vec<NetdevError>> {
+        Box::pin(async move {
+            let _one_at_a_time = self.changing().await;
+            let mut failed = Vec::new();
+            for (_, seg) in ports {
+                if let Err(e) = self.release_segment(seg).await {
+                    failed.push(e);
+                }
+            }
+            failed
+        })
+    }
+
+    fn sync_peers<'a>(
+        &'a self,
+        vni: u32,
+        peers: &'a BTreeSet<Ipv4Addr>,
+    ) -> BoxFuture<'a, Result<(), NetdevError>> {
+        Box::pin(async move {
+            let vxlan = format!("zyvx{vni}");
+            let _one_at_a_time = self.changing().await;
+            if self.link(&vxlan).await?.is_none() {
+                // No VM of that network here: nothing to update.
+                return Ok(());
+            }
+            Netdev::sync_peers(self, &vxlan, peers).await
+        })
     }
 }
 

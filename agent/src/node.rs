@@ -1,6 +1,10 @@
 //! The node's side of VM commands: turns a VM as the coordinator describes it into a VM on
 //! this node (image blobs fetched and verified, disk made, network joined) and routes
 //! start/stop/delete to the VM's actor.
+//!
+//! The host is reached through [`Host`]: the VM runner, the networks and the blob source
+//! are traits, real here ([`Node::start`]) and in-memory fakes in unit tests
+//! ([`Node::with_host`]).
 
 use std::sync::Arc;
 
@@ -14,11 +18,12 @@ use zy_common::proto::{
 use zy_common::vm::Generation;
 use zy_common::VmId;
 
-use crate::netdev::Segment;
-use crate::uplink::Uplink;
+use crate::netdev::{Networks, Segment};
+use crate::uplink::{BlobSource, Uplink};
 use crate::vm::actor::{Ctx, Request, VmEvent};
 use crate::vm::manager::{Begin, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
+use crate::vm::runner::{QemuRunner, VmRunner};
 use crate::vm::seed::{Seed, SeedNic};
 use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
@@ -26,10 +31,21 @@ use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 #[derive(Debug)]
 pub struct Node {
     pub vms: VmManager,
-    netdev: Option<crate::netdev::Netdev>,
-    pub uplink: Uplink,
+    networks: Option<Arc<dyn Networks>>,
+    blobs: Arc<dyn BlobSource>,
     pub cache: BlobDir,
     pub accel: Accel,
+}
+
+/// What the node's VM side uses of the host.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Runs the VMs.
+    pub runner: Arc<dyn VmRunner>,
+    /// The node's networks; none where netlink cannot be had (VMs then get no networks).
+    pub networks: Option<Arc<dyn Networks>>,
+    /// Where image blobs come from.
+    pub blobs: Arc<dyn BlobSource>,
 }
 
 /// Why the node's VM side could not start.
@@ -92,21 +108,37 @@ impl Node {
         supervisor: crate::vm::runner::Supervisor,
         uplink: Uplink,
     ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
-        let (tx, rx) = mpsc::channel(256);
-        let netdev = match crate::netdev::Netdev::new() {
-            Ok(n) => Some(n),
+        let networks = match crate::netdev::Netdev::new() {
+            Ok(n) => Some(Arc::new(n) as Arc<dyn Networks>),
             Err(e) => {
                 warn!(error = %e, "no netlink: VMs will have no networks");
                 None
             }
         };
+        let host = Host {
+            runner: Arc::new(QemuRunner {
+                qemu: ctx_qemu,
+                supervisor,
+            }),
+            networks,
+            blobs: Arc::new(uplink),
+        };
+        Self::with_host(host, data_dir, accel).await
+    }
+
+    /// Recovers the node's VMs on the given host parts.
+    pub async fn with_host(
+        host: Host,
+        data_dir: &std::path::Path,
+        accel: Accel,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
+        let (tx, rx) = mpsc::channel(256);
         let clock = Arc::new(ObservedClock::open(&data_dir.join("observed-generation"))?);
         let ctx = Ctx {
-            qemu: ctx_qemu,
             data_dir: data_dir.to_path_buf(),
             events: tx,
-            netdev: netdev.clone(),
-            supervisor,
+            networks: host.networks.clone(),
+            runner: host.runner,
             clock,
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
@@ -114,8 +146,8 @@ impl Node {
         Ok((
             Arc::new(Self {
                 vms,
-                netdev,
-                uplink,
+                networks: host.networks,
+                blobs: host.blobs,
                 cache,
                 accel,
             }),
@@ -137,21 +169,10 @@ impl Node {
                 self.delete(id, generation).await.map(|()| ReplyKind::Done)
             }
             CommandKind::SyncPeers { vni, peers } => {
-                let Some(nd) = &self.netdev else {
+                let Some(n) = &self.networks else {
                     return Ok(ReplyKind::Done);
                 };
-                let vxlan = format!("zyvx{vni}");
-                let _one_at_a_time = nd.changing().await;
-                if nd
-                    .link(&vxlan)
-                    .await
-                    .map_err(|e| failed(zy_common::error::chain(&e)))?
-                    .is_none()
-                {
-                    // No VM of that network here: nothing to update.
-                    return Ok(ReplyKind::Done);
-                }
-                nd.sync_peers(&vxlan, &peers.into_iter().collect())
+                n.sync_peers(vni, &peers.into_iter().collect())
                     .await
                     .map_err(|e| failed(zy_common::error::chain(&e)))?;
                 Ok(ReplyKind::Done)
@@ -251,7 +272,7 @@ impl Node {
         paths: &VmPaths,
     ) -> Result<(VmSpec, Vec<(String, Segment)>), String> {
         for blob in vm.image.blobs() {
-            self.uplink
+            self.blobs
                 .ensure_blob(blob, &self.cache)
                 .await
                 .map_err(|e| format!("cannot get the image: {e}"))?;
@@ -460,4 +481,251 @@ fn qemu_img_overlay(
 fn qemu_img_empty(disk: &std::path::Path, gib: u64) -> Result<(), String> {
     let disk = disk.to_string_lossy();
     qemu_img(&["create", "-q", "-f", "qcow2", &disk, &format!("{gib}G")])
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::sync::mpsc;
+    use zy_common::blob::BlobHash;
+    use zy_common::image::ImageKind;
+    use zy_common::proto::{
+        Accel, CommandKind, ReplyErrorKind, ReplyKind, VmIntent, WireNic, WireVm,
+    };
+    use zy_common::vm::{Desired, Generation, VmState};
+    use zy_common::VmId;
+
+    use super::{Host, Node};
+    use crate::fake::{self, FakeBlobs, FakeNetworks, FakeRunner, TempDir};
+    use crate::vm::actor::VmEvent;
+    use crate::vm::manager::PREPARING_MARKER;
+    use crate::vm::record::VmRecord;
+    use crate::vm::spec::VmPaths;
+
+    struct Fakes {
+        tmp: TempDir,
+        runner: FakeRunner,
+        nets: Arc<FakeNetworks>,
+        blobs: Arc<FakeBlobs>,
+    }
+
+    impl Fakes {
+        fn new() -> Self {
+            Self {
+                tmp: TempDir::new("node"),
+                runner: FakeRunner::default(),
+                nets: Arc::default(),
+                blobs: Arc::default(),
+            }
+        }
+
+        async fn node(&self) -> (Arc<Node>, mpsc::Receiver<VmEvent>) {
+            let host = Host {
+                runner: Arc::new(self.runner.clone()),
+                networks: Some(self.nets.clone()),
+                blobs: self.blobs.clone(),
+            };
+            Node::with_host(host, &self.tmp.0, Accel::Tcg)
+                .await
+                .unwrap()
+        }
+
+        fn paths(&self, id: VmId) -> VmPaths {
+            VmPaths::new(&self.tmp.0, id)
+        }
+    }
+
+    fn vm(kernel: BlobHash) -> WireVm {
+        WireVm {
+            id: VmId::new_random(),
+            name: "w1".into(),
+            zone: zy_common::Zone::Intranet,
+            vcpus: 1,
+            memory_mib: 128,
+            disk_gib: 0,
+            image: ImageKind::Kernel {
+                kernel,
+                initrd: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            nics: vec![WireNic {
+                vni: 5,
+                local: "10.0.0.1".parse().unwrap(),
+                mac: [2, 0, 0, 0, 0, 1],
+                ip: "192.168.5.2".parse().unwrap(),
+                prefix: 24,
+                gateway: None,
+                peers: vec!["10.0.0.2".parse().unwrap()],
+            }],
+        }
+    }
+
+    fn ensure(vm: &WireVm, desired: Desired, g: u64) -> CommandKind {
+        CommandKind::EnsureVm(VmIntent {
+            vm: vm.clone(),
+            desired,
+            generation: Generation(g),
+            stop_grace_ms: 1000,
+        })
+    }
+
+    /// Takes events until one of `id` is in state `name`; every event seen.
+    async fn until_event(
+        events: &mut mpsc::Receiver<VmEvent>,
+        id: VmId,
+        name: &str,
+    ) -> Vec<VmEvent> {
+        let mut seen = Vec::new();
+        loop {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(3600), events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no {name} event for {id}; seen {seen:#?}"))
+                .expect("the node is gone");
+            let hit = e.id == id && e.status.state.name() == name;
+            seen.push(e);
+            if hit {
+                return seen;
+            }
+        }
+    }
+
+    /// A reconnect hands the same VM over again while its image is still being fetched:
+    /// the second hand-over joins the first (no second fetch, nothing removed) and a newer
+    /// intent arriving meanwhile is the one the VM is made with.
+    #[tokio::test(start_paused = true)]
+    async fn a_second_hand_over_while_the_image_is_fetched_joins_the_first() {
+        let f = Fakes::new();
+        let (node, mut events) = f.node().await;
+        let vm = vm(f.blobs.add(b"a kernel"));
+        let paths = f.paths(vm.id);
+        f.blobs.hold();
+        let a = node.handle(ensure(&vm, Desired::Stopped, 1)).await;
+        assert!(
+            matches!(&a, Ok(ReplyKind::Vm(i)) if i.state == VmState::Creating),
+            "{a:?}"
+        );
+        f.blobs.started(1).await;
+        let b = node.handle(ensure(&vm, Desired::Stopped, 1)).await;
+        assert!(
+            matches!(&b, Ok(ReplyKind::Vm(i)) if i.state == VmState::Creating),
+            "{b:?}"
+        );
+        let c = node.handle(ensure(&vm, Desired::Running, 2)).await;
+        assert!(
+            matches!(&c, Ok(ReplyKind::Vm(i)) if i.intent == Generation(2)),
+            "{c:?}"
+        );
+        fake::settle().await;
+        assert_eq!(f.blobs.fetches(), 1, "one preparation");
+        assert!(
+            paths.dir.join(PREPARING_MARKER).exists(),
+            "still the first's"
+        );
+
+        f.blobs.release();
+        let seen = until_event(&mut events, vm.id, "running").await;
+        assert!(
+            seen.iter().all(|e| e.status.state.name() != "failed"),
+            "{seen:#?}"
+        );
+        let rec = VmRecord::load(&paths.record()).unwrap();
+        assert_eq!((rec.desired, rec.intent), (Desired::Running, Generation(2)));
+        assert!(!paths.dir.join(PREPARING_MARKER).exists());
+        assert_eq!(f.runner.starts(vm.id), 1);
+        assert_eq!(
+            f.nets.port(&rec.ports[0].0),
+            Some(5),
+            "it joined its network"
+        );
+    }
+
+    /// A delete during the preparation cancels it: the delete answers once the directory
+    /// is gone, nothing is started, and a late hand-over makes nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_delete_during_preparation_cancels_it() {
+        let f = Fakes::new();
+        let (node, _events) = f.node().await;
+        let vm = vm(f.blobs.add(b"a kernel"));
+        let paths = f.paths(vm.id);
+        f.blobs.hold();
+        node.handle(ensure(&vm, Desired::Running, 1)).await.unwrap();
+        f.blobs.started(1).await;
+        assert!(paths.dir.exists());
+        let id = vm.id;
+        let n = node.clone();
+        let delete = tokio::spawn(async move {
+            n.handle(CommandKind::DeleteVm {
+                id,
+                generation: Generation(1),
+            })
+            .await
+        });
+        fake::settle().await;
+        assert!(!delete.is_finished(), "it waits for the preparation to end");
+
+        f.blobs.release();
+        let done = delete.await.unwrap();
+        assert!(matches!(done, Ok(ReplyKind::Done)), "{done:?}");
+        assert!(!paths.dir.exists());
+        fake::settle().await;
+        assert!(node.vms.get(id).is_none());
+        assert!(node.report().vms.is_empty());
+        assert_eq!(f.runner.starts(id), 0);
+        let late = node.handle(ensure(&vm, Desired::Running, 1)).await;
+        assert!(
+            matches!(&late, Err(e) if e.kind == ReplyErrorKind::Refused),
+            "{late:?}"
+        );
+        assert!(!paths.dir.exists());
+    }
+
+    /// An image that cannot be fetched fails the VM and leaves no half-made directory;
+    /// the same intent again does not retry, a newer one does.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_fetch_leaves_no_half_made_directory() {
+        let f = Fakes::new();
+        let (node, mut events) = f.node().await;
+        let vm = vm(BlobHash::of(b"a kernel"));
+        let paths = f.paths(vm.id);
+        node.handle(ensure(&vm, Desired::Running, 1)).await.unwrap();
+        let seen = until_event(&mut events, vm.id, "failed").await;
+        let reason = seen.last().unwrap().status.state.to_string();
+        assert!(reason.contains("cannot get the image"), "{reason}");
+        assert!(!paths.dir.exists(), "no half-made directory");
+        let r = node.report();
+        assert_eq!(r.vms.len(), 1);
+        assert_eq!(r.vms[0].state.name(), "failed");
+
+        node.handle(ensure(&vm, Desired::Running, 1)).await.unwrap();
+        fake::settle().await;
+        assert_eq!(f.blobs.fetches(), 1, "the same intent is not a retry");
+
+        f.blobs.add(b"a kernel");
+        node.handle(ensure(&vm, Desired::Running, 2)).await.unwrap();
+        until_event(&mut events, vm.id, "running").await;
+        assert!(paths.record().exists());
+    }
+
+    /// Peer updates reach a segment the node has, and skip one it does not.
+    #[tokio::test(start_paused = true)]
+    async fn peer_updates_reach_the_segment() {
+        let f = Fakes::new();
+        let (node, mut events) = f.node().await;
+        let vm = vm(f.blobs.add(b"a kernel"));
+        node.handle(ensure(&vm, Desired::Running, 1)).await.unwrap();
+        until_event(&mut events, vm.id, "running").await;
+        let peers = vec!["10.0.0.3".parse().unwrap(), "10.0.0.4".parse().unwrap()];
+        for vni in [5, 6] {
+            let r = node
+                .handle(CommandKind::SyncPeers {
+                    vni,
+                    peers: peers.clone(),
+                })
+                .await;
+            assert!(matches!(r, Ok(ReplyKind::Done)), "{r:?}");
+        }
+        assert_eq!(f.nets.peers(5), Some(peers.into_iter().collect()));
+        assert_eq!(f.nets.peers(6), None);
+    }
 }

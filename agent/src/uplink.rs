@@ -1,8 +1,12 @@
 //! What the rest of the agent uses of the link: the live connection (when there is one)
 //! and blob fetches over streams of their own.
+//!
+//! The node fetches image blobs through [`BlobSource`]; [`Uplink`] is the real one (tested
+//! against a real coordinator in `tests/tests/blobs.rs`), unit tests use an in-memory fake.
 
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use zy_common::blob::{BlobDir, BlobError, BlobHash};
@@ -36,6 +40,26 @@ pub enum FetchError {
     Transfer { hash: BlobHash, message: String },
     #[error(transparent)]
     Blob(#[from] BlobError),
+}
+
+/// Where image blobs come from.
+pub trait BlobSource: Send + Sync + std::fmt::Debug {
+    /// Makes sure blob `hash` is in `dir`, whole and verified, fetching it if it is not.
+    fn ensure_blob<'a>(
+        &'a self,
+        hash: BlobHash,
+        dir: &'a BlobDir,
+    ) -> BoxFuture<'a, Result<(), FetchError>>;
+}
+
+impl BlobSource for Uplink {
+    fn ensure_blob<'a>(
+        &'a self,
+        hash: BlobHash,
+        dir: &'a BlobDir,
+    ) -> BoxFuture<'a, Result<(), FetchError>> {
+        Box::pin(Uplink::ensure_blob(self, hash, dir))
+    }
 }
 
 impl Uplink {

@@ -34,6 +34,14 @@ fn qemu() -> PathBuf {
     PathBuf::from("/usr/bin/qemu-system-x86_64")
 }
 
+/// The real VM runner: this QEMU, supervised directly.
+fn real_runner() -> std::sync::Arc<dyn runner::VmRunner> {
+    std::sync::Arc::new(runner::QemuRunner {
+        qemu: qemu(),
+        supervisor: direct(),
+    })
+}
+
 /// A test's directory; on drop (a failing test included) every QEMU whose command line
 /// points into it is killed, then the directory is removed.
 struct TempDir(PathBuf);
@@ -205,11 +213,10 @@ mod manager {
         std::fs::create_dir_all(dir).unwrap();
         (
             Ctx {
-                qemu: qemu(),
                 data_dir: dir.to_path_buf(),
                 events: tx,
-                netdev: None,
-                supervisor: direct(),
+                networks: None,
+                runner: real_runner(),
                 clock: std::sync::Arc::new(
                     zy_agent::vm::observed::ObservedClock::open(&dir.join("observed-generation"))
                         .unwrap(),
@@ -263,7 +270,7 @@ mod manager {
         )
         .await;
         // Its CPU and memory are limited by a cgroup of its own (v1 here, v2 in production).
-        let runner::Supervisor::Direct(cg) = c.supervisor.clone() else {
+        let runner::Supervisor::Direct(cg) = direct() else {
             unreachable!("these tests supervise QEMU directly")
         };
         let dirs = cg.dirs(id);
@@ -442,11 +449,10 @@ async fn a_qemu_without_a_record_is_reported_not_touched() {
     let (tx, _rx) = tokio::sync::mpsc::channel(8);
     std::fs::create_dir_all(&tmp.0).unwrap();
     let ctx = zy_agent::vm::actor::Ctx {
-        qemu: qemu(),
         data_dir: tmp.0.clone(),
         events: tx,
-        netdev: None,
-        supervisor: direct(),
+        networks: None,
+        runner: real_runner(),
         clock: std::sync::Arc::new(
             zy_agent::vm::observed::ObservedClock::open(&tmp.0.join("observed-generation"))
                 .unwrap(),

@@ -16,6 +16,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,8 +27,9 @@ use zy_common::VmId;
 
 use super::observed::ObservedClock;
 use super::record::VmRecord;
-use super::runner::{self, Launched, StopHow};
+use super::runner::{self, Exit, RunningVm, StopHow, VmRunner};
 use super::spec::VmPaths;
+use crate::netdev::Networks;
 
 /// Requests an actor takes.
 #[derive(Debug)]
@@ -81,15 +83,14 @@ impl VmEvent {
 /// What every actor shares.
 #[derive(Clone, Debug)]
 pub struct Ctx {
-    pub qemu: PathBuf,
     pub data_dir: PathBuf,
     /// State changes; full means the link is away and the coordinator will get the whole
     /// picture on reconnect anyway, so events are dropped rather than waited for.
     pub events: mpsc::Sender<VmEvent>,
-    /// Netlink, to join taps to their networks (none in tests without networks).
-    pub netdev: Option<crate::netdev::Netdev>,
-    /// Who runs QEMU and holds its limits: systemd or the agent itself.
-    pub supervisor: runner::Supervisor,
+    /// Joins taps to their networks (none on a host without netlink).
+    pub networks: Option<Arc<dyn Networks>>,
+    /// Runs the VMs: QEMU under systemd or the agent itself.
+    pub runner: Arc<dyn VmRunner>,
     /// Numbers every observation.
     pub clock: Arc<ObservedClock>,
 }
@@ -126,7 +127,7 @@ impl VmHandle {
 }
 
 /// Starts a VM's actor. `live` is its QEMU if one was found running.
-pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
+pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Box<dyn RunningVm>>) -> VmHandle {
     let (tx, rx) = mpsc::channel(4);
     let initial = VmStatus {
         state: if live.is_some() {
@@ -134,7 +135,7 @@ pub fn spawn(ctx: Ctx, rec: VmRecord, live: Option<Launched>) -> VmHandle {
         } else {
             VmState::Stopped
         },
-        pid: live.as_ref().map(|l| l.pid),
+        pid: live.as_ref().map(|l| l.pid()),
         startup: None,
         since_ms: now_millis(),
         intent: rec.intent,
@@ -171,7 +172,7 @@ pub async fn save_record(rec: &VmRecord, paths: &VmPaths) -> Result<(), String> 
 struct Actor {
     ctx: Ctx,
     rec: VmRecord,
-    live: Option<Launched>,
+    live: Option<Box<dyn RunningVm>>,
     state: watch::Sender<VmStatus>,
 }
 
@@ -183,8 +184,8 @@ impl Actor {
     fn set(&self, state: VmState) {
         let status = VmStatus {
             state,
-            pid: self.live.as_ref().map(|l| l.pid),
-            startup: self.live.as_ref().map(|l| l.startup),
+            pid: self.live.as_ref().map(|l| l.pid()),
+            startup: self.live.as_ref().map(|l| l.startup()),
             since_ms: now_millis(),
             intent: self.rec.intent,
             generation: self.ctx.clock.next(),
@@ -242,13 +243,7 @@ impl Actor {
 
     async fn start(&mut self) -> Result<(), String> {
         self.set(VmState::Starting);
-        let launched = runner::launch(
-            &self.ctx.qemu,
-            &self.rec.spec,
-            &self.paths(),
-            &self.ctx.supervisor,
-        )
-        .await;
+        let launched = self.ctx.runner.start(&self.rec.spec, &self.paths()).await;
         match launched {
             Ok(l) => {
                 self.live = Some(l);
@@ -272,25 +267,17 @@ impl Actor {
 
     /// Joins each tap (made by QEMU) to its network; idempotent.
     async fn plug(&self) -> Result<(), crate::netdev::NetdevError> {
-        let Some(nd) = &self.ctx.netdev else {
-            return Ok(());
-        };
-        let _one_at_a_time = nd.changing().await;
-        for (tap, seg) in &self.rec.ports {
-            nd.ensure_segment(seg).await?;
-            nd.attach(tap, seg).await?;
+        match &self.ctx.networks {
+            Some(n) => n.join(&self.rec.ports).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Removes networks no VM uses any more (the taps went with QEMU).
     async fn unplug(&self) {
-        let Some(nd) = &self.ctx.netdev else { return };
-        let _one_at_a_time = nd.changing().await;
-        for (_, seg) in &self.rec.ports {
-            if let Err(e) = nd.release_segment(seg).await {
-                warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
-            }
+        let Some(n) = &self.ctx.networks else { return };
+        for e in n.leave(&self.rec.ports).await {
+            warn!(vm = %self.rec.spec.id, error = %e, "cannot release a network");
         }
     }
 
@@ -327,7 +314,7 @@ impl Actor {
                         None => return,
                         Some(r) => r,
                     },
-                    status = live.proc.exited() => {
+                    status = live.exited() => {
                         self.exited(status).await;
                         continue;
                     }
@@ -355,43 +342,35 @@ impl Actor {
     async fn halt(&mut self, grace: Duration) -> StopHow {
         self.set(VmState::Stopping);
         let how = match self.live.as_mut() {
-            Some(l) => runner::stop(l, grace).await,
+            Some(l) => l.stop(grace).await,
             None => StopHow::AlreadyGone,
         };
         self.live = None;
         self.unplug().await;
-        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
+        self.ctx.runner.cleanup(self.rec.spec.id).await;
         self.set(VmState::Stopped);
         how
     }
 
     /// QEMU is gone without being asked: the guest powered off, or QEMU died.
     async fn exited(&mut self, status: Option<String>) {
-        let Some(mut l) = self.live.take() else {
+        let Some(l) = self.live.take() else {
             return;
         };
-        let mut guest_poweroff = false;
-        let mut guest_panicked = false;
-        // Events QEMU sent before it went are still in the socket.
-        while let Ok(Ok(ev)) =
-            tokio::time::timeout(Duration::from_millis(200), l.qmp.next_event()).await
-        {
-            // A panic also ends in a guest SHUTDOWN (reason `guest-panic`): not a poweroff.
-            if ev["event"] == "GUEST_PANICKED" || ev["data"]["reason"] == "guest-panic" {
-                guest_panicked = true;
-            } else if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
-                guest_poweroff = true;
-            }
-        }
+        let exit = l.ended(status).await;
         self.unplug().await;
-        self.ctx.supervisor.cleanup(self.rec.spec.id).await;
-        if guest_poweroff && !guest_panicked {
-            // The guest chose to be off: it stays off across agent restarts until the next
-            // intent says otherwise.
-            self.want(Desired::Stopped).await;
-            self.set(VmState::Stopped);
-            return;
-        }
+        self.ctx.runner.cleanup(self.rec.spec.id).await;
+        let (status, guest_panicked) = match exit {
+            Exit::GuestPoweroff => {
+                // The guest chose to be off: it stays off across agent restarts until the
+                // next intent says otherwise.
+                self.want(Desired::Stopped).await;
+                self.set(VmState::Stopped);
+                return;
+            }
+            Exit::GuestPanic(status) => (status, true),
+            Exit::Died(status) => (status, false),
+        };
         let tail = runner::console_tail(&self.paths().console_log(), 10).join(" | ");
         let how = status.unwrap_or_else(|| "it exited".to_string());
         let what = if guest_panicked {
@@ -429,4 +408,302 @@ pub async fn remove_vm_dir(dir: PathBuf) -> Result<(), String> {
     })
     .await
     .map_err(|e| format!("the remover failed: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use zy_common::vm::{Desired, Generation, VmState};
+
+    use super::{Request, VmHandle, VmStatus};
+    use crate::fake::{self, Ending, FakeNetworks, FakeRunner, TempDir};
+    use crate::vm::manager::VmManager;
+    use crate::vm::record::VmRecord;
+    use crate::vm::spec::VmPaths;
+
+    fn intent(desired: Desired, g: u64) -> Request {
+        Request::Intent {
+            desired,
+            generation: Generation(g),
+            stop_grace_ms: 1000,
+        }
+    }
+
+    fn failure(s: VmStatus) -> String {
+        match s.state {
+            VmState::Failed(r) => r,
+            other => panic!("{other} is not a failure"),
+        }
+    }
+
+    async fn state(h: &VmHandle, name: &str) -> VmStatus {
+        let mut rx = h.status.clone();
+        fake::until(&mut rx, name, |s| s.state.name() == name).await
+    }
+
+    /// A newer intent is acted on; a repeated or older one changes nothing, not even the
+    /// observed generation (it is not news).
+    #[tokio::test(start_paused = true)]
+    async fn an_older_or_repeated_intent_is_a_no_op() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Stopped, Generation(1))
+            .await
+            .unwrap();
+        fake::settle().await;
+        assert_eq!(h.state(), VmState::Stopped);
+        assert_eq!(runner.starts(id), 0);
+
+        h.send(intent(Desired::Running, 2)).unwrap();
+        let running = state(&h, "running").await;
+        assert_eq!(running.intent, Generation(2));
+        assert_eq!(runner.starts(id), 1);
+
+        // The same intent again, and an older one that says otherwise.
+        h.send(intent(Desired::Running, 2)).unwrap();
+        h.send(intent(Desired::Stopped, 1)).unwrap();
+        fake::settle().await;
+        assert_eq!(*h.status.borrow(), running, "nothing changed");
+        assert_eq!(runner.starts(id), 1);
+        assert!(runner.stops(id).is_empty());
+        let rec = VmRecord::load(&VmPaths::new(m.data_dir(), id).record()).unwrap();
+        assert_eq!((rec.desired, rec.intent), (Desired::Running, Generation(2)));
+
+        // A newer one is taken, with its grace.
+        h.send(intent(Desired::Stopped, 3)).unwrap();
+        let stopped = state(&h, "stopped").await;
+        assert_eq!(stopped.intent, Generation(3));
+        assert!(stopped.generation > running.generation);
+        assert_eq!(runner.stops(id), vec![Duration::from_millis(1000)]);
+    }
+
+    /// A guest's own poweroff is recorded as the VM's desired state, so a restarted agent
+    /// does not start it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_guest_that_powers_itself_off_stays_stopped_across_an_agent_restart() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx.clone()).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&h, "running").await;
+        runner.exit(id, Some("exit status: 0"), Ending::Poweroff);
+        state(&h, "stopped").await;
+        assert_eq!(runner.cleanups(id), 1);
+
+        // The agent stops and starts again.
+        let status = h.status.clone();
+        drop((h, m));
+        fake::ended(status).await;
+        let m = VmManager::recover(ctx).await;
+        let h = m.get(id).unwrap();
+        fake::settle().await;
+        assert_eq!(h.state(), VmState::Stopped);
+        assert_eq!(h.status.borrow().intent, Generation(1));
+        assert_eq!(runner.starts(id), 1, "not started again");
+
+        // A newer intent starts it.
+        h.send(intent(Desired::Running, 2)).unwrap();
+        state(&h, "running").await;
+        assert_eq!(runner.starts(id), 2);
+    }
+
+    /// A VM running when the agent stops is found again, not started twice; one that
+    /// should run but was lost meanwhile is started.
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_agent_reattaches_or_restarts() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx.clone()).await;
+        let (a, b) = (fake::spec("a"), fake::spec("b"));
+        let (ia, ib) = (a.id, b.id);
+        for s in [a, b] {
+            let h = m
+                .create(s, vec![], Desired::Running, Generation(1))
+                .await
+                .unwrap();
+            state(&h, "running").await;
+        }
+        let pa = runner.pid(ia).unwrap();
+        let statuses: Vec<_> = m.list().iter().map(|h| h.status.clone()).collect();
+        drop(m);
+        for s in statuses {
+            fake::ended(s).await;
+        }
+        // b's QEMU dies while no agent watches.
+        runner.exit(ib, Some("signal: 9 (SIGKILL)"), Ending::Crash);
+        let m = VmManager::recover(ctx).await;
+        let ha = m.get(ia).unwrap();
+        let hb = m.get(ib).unwrap();
+        assert_eq!(state(&ha, "running").await.pid, Some(pa));
+        state(&hb, "running").await;
+        assert_eq!((runner.starts(ia), runner.starts(ib)), (1, 2));
+    }
+
+    /// An agent killed after it recorded a stop intent but before QEMU went (the lab's chaos
+    /// run found it: a SIGKILL during the guest's ACPI grace) finds the QEMU again and stops
+    /// it: the intent is taken, so nobody would send it again.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_cut_short_by_an_agent_restart_is_finished() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx.clone()).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&h, "running").await;
+        let status = h.status.clone();
+        drop((h, m));
+        fake::ended(status).await;
+        // What the killed agent left: the intent recorded, QEMU still running.
+        let paths = VmPaths::new(&tmp.0, id);
+        let mut rec = VmRecord::load(&paths.record()).unwrap();
+        rec.desired = Desired::Stopped;
+        rec.intent = Generation(2);
+        rec.save(&paths).unwrap();
+        assert!(runner.pid(id).is_some());
+
+        let m = VmManager::recover(ctx).await;
+        let h = m.get(id).unwrap();
+        let stopped = state(&h, "stopped").await;
+        assert_eq!(stopped.intent, Generation(2));
+        assert!(runner.pid(id).is_none(), "QEMU was stopped");
+        assert_eq!(runner.stops(id).len(), 1);
+        assert_eq!(runner.starts(id), 1);
+    }
+
+    /// QEMU dying is a failure, with how it died and the console's last lines; a panicking
+    /// guest's reason names the panic.
+    #[tokio::test(start_paused = true)]
+    async fn qemu_dying_is_reported_failed_with_its_reason() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let nets = Arc::new(FakeNetworks::default());
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, Some(nets.clone()));
+        let m = VmManager::recover(ctx).await;
+        let (a, b) = (fake::spec("a"), fake::spec("b"));
+        let (ia, ib) = (a.id, b.id);
+        let ha = m
+            .create(
+                a,
+                vec![fake::port("zyta0", 7)],
+                Desired::Running,
+                Generation(1),
+            )
+            .await
+            .unwrap();
+        let hb = m
+            .create(b, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&ha, "running").await;
+        state(&hb, "running").await;
+        assert_eq!(nets.port("zyta0"), Some(7));
+        let log = VmPaths::new(&tmp.0, ia).console_log();
+        std::fs::write(&log, "booting\r\nZY-READY a\r\n").unwrap();
+        runner.exit(ia, Some("signal: 9 (SIGKILL)"), Ending::Crash);
+        let reason = failure(state(&ha, "failed").await);
+        assert!(
+            reason.contains("QEMU died (signal: 9 (SIGKILL))"),
+            "{reason}"
+        );
+        assert!(reason.contains("booting | ZY-READY a"), "{reason}");
+        assert_eq!(nets.segments(), Vec::<u32>::new(), "its network went");
+        assert_eq!(runner.cleanups(ia), 1);
+
+        let log = VmPaths::new(&tmp.0, ib).console_log();
+        std::fs::write(
+            &log,
+            "ZY-READY b\nKernel panic - not syncing: sysrq triggered crash\nCall Trace:\n",
+        )
+        .unwrap();
+        runner.exit(ib, Some("exit status: 0"), Ending::Panic);
+        let reason = failure(state(&hb, "failed").await);
+        assert!(
+            reason.starts_with(
+                "the guest's kernel panicked: Kernel panic - not syncing: sysrq triggered crash (exit status: 0)"
+            ),
+            "{reason}"
+        );
+    }
+
+    /// A VM without its network is not what was asked for: it is stopped again and failed.
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_whose_network_cannot_be_joined_is_halted_and_reported_failed() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let nets = Arc::new(FakeNetworks::default());
+        nets.break_segment(9);
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, Some(nets.clone()));
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let ports = vec![fake::port("zytx0", 9)];
+        let h = m
+            .create(s, ports, Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        let reason = failure(state(&h, "failed").await);
+        assert!(reason.starts_with("cannot join its network: "), "{reason}");
+        assert_eq!(runner.starts(id), 1);
+        assert_eq!(runner.pid(id), None, "QEMU was stopped");
+        assert_eq!(runner.stops(id), vec![Duration::from_secs(5)]);
+        assert_eq!(nets.segments(), Vec::<u32>::new(), "nothing left behind");
+    }
+
+    /// QEMU that exits at start fails the VM with what it said.
+    #[tokio::test(start_paused = true)]
+    async fn a_start_that_fails_is_reported_with_qemus_words() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        runner.refuse_start(s.id, "could not open kernel file");
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        let reason = failure(state(&h, "failed").await);
+        assert!(reason.contains("could not open kernel file"), "{reason}");
+    }
+
+    /// Delete stops the VM at once (its disk goes) and removes its directory.
+    #[tokio::test(start_paused = true)]
+    async fn delete_stops_without_grace_and_removes_the_files() {
+        let tmp = TempDir::new("actor");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let s = fake::spec("w1");
+        let id = s.id;
+        let h = m
+            .create(s, vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        state(&h, "running").await;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.send(Request::Delete(tx)).unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(runner.stops(id), vec![Duration::ZERO]);
+        assert!(!VmPaths::new(&tmp.0, id).dir.exists());
+        assert!(h.ended());
+    }
 }

@@ -167,7 +167,7 @@ impl VmManager {
                 }
             };
             let paths = VmPaths::new(&ctx.data_dir, rec.spec.id);
-            let live = match runner::attach(&rec.spec, &paths, &ctx.supervisor).await {
+            let live = match ctx.runner.find(&rec.spec, &paths).await {
                 Ok(l) => l,
                 Err(e) => {
                     warn!(vm = %rec.spec.id, error = %e, "found QEMU but could not attach; it will be treated as stopped");
@@ -175,7 +175,7 @@ impl VmManager {
                 }
             };
             if let Some(l) = &live {
-                info!(vm = %rec.spec.id, pid = l.pid, "re-attached to a running VM");
+                info!(vm = %rec.spec.id, pid = l.pid(), "re-attached to a running VM");
             }
             let id = rec.spec.id;
             vms.insert(id, actor::spawn(ctx.clone(), rec, live));
@@ -495,5 +495,118 @@ impl VmManager {
     /// Forgets a deleted VM.
     pub fn forget(&self, id: VmId) {
         self.lock().remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use zy_common::vm::{Desired, Generation};
+    use zy_common::VmId;
+
+    use super::{Begin, VmManager, PREPARING_MARKER};
+    use crate::fake::{self, FakeRunner, TempDir};
+    use crate::vm::actor::Request;
+    use crate::vm::spec::VmPaths;
+
+    /// Every observation the node makes is newer than the last: within a report (whose
+    /// own generation comes first), from report to report, in each VM's events, and
+    /// across an agent restart.
+    #[tokio::test(start_paused = true)]
+    async fn observed_generations_only_increase() {
+        let tmp = TempDir::new("manager");
+        let runner = FakeRunner::default();
+        let (ctx, mut events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let a = m
+            .create(fake::spec("a"), vec![], Desired::Running, Generation(1))
+            .await
+            .unwrap();
+        let b = VmId::new_random();
+        assert!(matches!(
+            m.begin(b, "b", Desired::Running, Generation(1), 1000),
+            Begin::Claimed(_)
+        ));
+        let mut status = a.status.clone();
+        fake::until(&mut status, "running", |s| s.state.name() == "running").await;
+
+        let mut last = Generation(0);
+        let check = |r: zy_common::proto::VmReport, last: &mut Generation| {
+            assert!(r.generation > *last, "{r:?} after {last}");
+            assert_eq!(r.vms.len(), 2, "{r:?}");
+            for v in &r.vms {
+                assert!(v.generation > r.generation, "{v:?} in {r:?}");
+                *last = (*last).max(v.generation);
+            }
+        };
+        check(m.report(), &mut last);
+        a.send(Request::Intent {
+            desired: Desired::Stopped,
+            generation: Generation(2),
+            stop_grace_ms: 0,
+        })
+        .unwrap();
+        fake::until(&mut status, "stopped", |s| s.state.name() == "stopped").await;
+        check(m.report(), &mut last);
+        check(m.report(), &mut last);
+
+        let mut per_vm: HashMap<VmId, Generation> = HashMap::new();
+        while let Ok(e) = events.try_recv() {
+            let before = per_vm.insert(e.id, e.status.generation);
+            assert!(before < Some(e.status.generation), "{e:?} after {before:?}");
+        }
+        assert!(per_vm.values().all(|g| *g < last));
+
+        // A restarted agent starts above everything the last one said.
+        drop(a);
+        drop(m);
+        fake::ended(status).await;
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let r = m.report();
+        assert!(r.generation > last, "{r:?} after {last}");
+    }
+
+    /// A directory a preparation was making when the agent stopped is removed at start;
+    /// one without the preparation's marker is not ours to remove.
+    #[tokio::test(start_paused = true)]
+    async fn a_preparation_cut_short_by_a_restart_leaves_nothing() {
+        let tmp = TempDir::new("manager");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let (half, other) = (VmId::new_random(), VmId::new_random());
+        let half = VmPaths::new(&tmp.0, half);
+        let other = VmPaths::new(&tmp.0, other);
+        std::fs::create_dir_all(&half.dir).unwrap();
+        std::fs::write(half.dir.join(PREPARING_MARKER), b"").unwrap();
+        std::fs::write(half.dir.join("disk0.qcow2"), b"half").unwrap();
+        std::fs::create_dir_all(&other.dir).unwrap();
+        std::fs::write(other.dir.join("precious"), b"x").unwrap();
+        let m = VmManager::recover(ctx).await;
+        assert!(!half.dir.exists());
+        assert!(other.dir.join("precious").exists());
+        assert!(m.list().is_empty());
+        assert!(m.report().vms.is_empty());
+    }
+
+    /// One preparation per VM: a second hand-over joins it and a newer intent updates it;
+    /// once failed, only a newer intent tries again.
+    #[tokio::test(start_paused = true)]
+    async fn one_preparation_per_vm() {
+        let tmp = TempDir::new("manager");
+        let runner = FakeRunner::default();
+        let (ctx, _events) = fake::ctx(&tmp.0, &runner, None);
+        let m = VmManager::recover(ctx).await;
+        let id = VmId::new_random();
+        let begin = |g| m.begin(id, "w", Desired::Running, Generation(g), 1000);
+        assert!(matches!(begin(1), Begin::Claimed(_)));
+        assert!(matches!(begin(1), Begin::Joined(i) if i.intent == Generation(1)));
+        assert!(matches!(begin(2), Begin::Joined(i) if i.intent == Generation(2)));
+        assert!(m.finish(id, Err("no image".into()), false).await.is_err());
+        let r = m.report();
+        assert_eq!(r.vms[0].state.name(), "failed");
+        assert!(matches!(begin(2), Begin::Joined(i) if i.state.name() == "failed"));
+        assert!(matches!(begin(3), Begin::Claimed(i) if i.state.name() == "creating"));
     }
 }

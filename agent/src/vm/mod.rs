@@ -11,7 +11,8 @@
 //! - [`spec`]: the typed spec and the QEMU command line built from it (pure).
 //! - [`qmp`]: the QMP client.
 //! - [`runner`]: starting a QEMU process, its capped console log, stopping it (ACPI
-//!   powerdown, then `quit`, then SIGKILL), and re-attaching to it after an agent restart.
+//!   powerdown, then `quit`, then SIGKILL), and re-attaching to it after an agent restart;
+//!   the actor sees it only through the [`runner::VmRunner`] trait.
 //! - [`record`]: what the node keeps per VM so that it can re-attach.
 //! - [`actor`]: one task per VM owning its state; requests through a bounded channel.
 //! - [`manager`]: every VM of the node; recovery at agent start.

@@ -3,12 +3,17 @@
 //! QEMU runs in its own process group (a signal to the agent's group never reaches it), so
 //! it outlives the agent. Its serial console goes to a socket that the agent copies into a
 //! size-capped log; its QMP socket is how the agent controls it.
+//!
+//! The actor sees none of this: it runs VMs through [`VmRunner`] and [`RunningVm`], which
+//! [`QemuRunner`] and [`Launched`] implement here (tested for real in `agent/tests/vm.rs` and
+//! the lab) and an in-memory fake implements for unit tests.
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
 use tracing::{debug, warn};
@@ -45,6 +50,147 @@ pub enum RunError {
     Qmp(#[from] QmpError),
     #[error(transparent)]
     Systemd(#[from] SystemdError),
+}
+
+/// Runs the node's VMs: what the actor needs of a hypervisor and its supervisor.
+///
+/// Methods return boxed futures so that the actor holds an `Arc<dyn VmRunner>` and the
+/// manager, node and link stay free of type parameters; a VM starts rarely, so one
+/// allocation per call costs nothing that matters.
+pub trait VmRunner: Send + Sync + std::fmt::Debug {
+    /// Starts the VM and returns once it runs.
+    fn start<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        paths: &'a VmPaths,
+    ) -> BoxFuture<'a, Result<Box<dyn RunningVm>, RunError>>;
+
+    /// Finds the VM running still (after an agent restart); `None` if it is not.
+    fn find<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        paths: &'a VmPaths,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn RunningVm>>, RunError>>;
+
+    /// Forgets what was kept for a VM that no longer runs (its cgroup, its failed unit).
+    fn cleanup(&self, id: VmId) -> BoxFuture<'_, ()>;
+}
+
+/// One running VM, as its actor holds it.
+pub trait RunningVm: Send + Sync + std::fmt::Debug {
+    /// The process id the node reports.
+    fn pid(&self) -> i32;
+
+    /// From start to running (zero for a VM found running).
+    fn startup(&self) -> Duration;
+
+    /// Waits until the VM is gone; how the process ended, when that can be known. Safe to
+    /// drop and call again (the actor waits for it beside its requests).
+    fn exited(&mut self) -> BoxFuture<'_, Option<String>>;
+
+    /// Once [`RunningVm::exited`] returned: whether the guest or the VM ended it.
+    fn ended(self: Box<Self>, status: Option<String>) -> BoxFuture<'static, Exit>;
+
+    /// Stops the VM, giving the guest up to `grace` to power off.
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, StopHow>;
+}
+
+/// How a VM ended when nobody asked it to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest powered itself off.
+    GuestPoweroff,
+    /// The guest's kernel panicked, and QEMU exited (how, if known).
+    GuestPanic(Option<String>),
+    /// QEMU went without the guest asking (how, if known).
+    Died(Option<String>),
+}
+
+impl Exit {
+    /// Reads the QMP events QEMU sent before it went. A panic also ends in a guest
+    /// `SHUTDOWN` (reason `guest-panic`): it is not a poweroff.
+    pub fn from_events(events: &[serde_json::Value], status: Option<String>) -> Self {
+        let mut poweroff = false;
+        let mut panicked = false;
+        for ev in events {
+            if ev["event"] == "GUEST_PANICKED" || ev["data"]["reason"] == "guest-panic" {
+                panicked = true;
+            } else if ev["event"] == "SHUTDOWN" && ev["data"]["guest"] == true {
+                poweroff = true;
+            }
+        }
+        match (poweroff, panicked) {
+            (_, true) => Exit::GuestPanic(status),
+            (true, false) => Exit::GuestPoweroff,
+            (false, false) => Exit::Died(status),
+        }
+    }
+}
+
+/// The real runner: QEMU, started by the agent or by systemd.
+#[derive(Clone, Debug)]
+pub struct QemuRunner {
+    pub qemu: PathBuf,
+    pub supervisor: Supervisor,
+}
+
+impl VmRunner for QemuRunner {
+    fn start<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        paths: &'a VmPaths,
+    ) -> BoxFuture<'a, Result<Box<dyn RunningVm>, RunError>> {
+        Box::pin(async move {
+            let l = launch(&self.qemu, spec, paths, &self.supervisor).await?;
+            Ok(Box::new(l) as Box<dyn RunningVm>)
+        })
+    }
+
+    fn find<'a>(
+        &'a self,
+        spec: &'a VmSpec,
+        paths: &'a VmPaths,
+    ) -> BoxFuture<'a, Result<Option<Box<dyn RunningVm>>, RunError>> {
+        Box::pin(async move {
+            let l = attach(spec, paths, &self.supervisor).await?;
+            Ok(l.map(|l| Box::new(l) as Box<dyn RunningVm>))
+        })
+    }
+
+    fn cleanup(&self, id: VmId) -> BoxFuture<'_, ()> {
+        Box::pin(self.supervisor.cleanup(id))
+    }
+}
+
+impl RunningVm for Launched {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn startup(&self) -> Duration {
+        self.startup
+    }
+
+    fn exited(&mut self) -> BoxFuture<'_, Option<String>> {
+        Box::pin(self.proc.exited())
+    }
+
+    fn ended(mut self: Box<Self>, status: Option<String>) -> BoxFuture<'static, Exit> {
+        Box::pin(async move {
+            // Events QEMU sent before it went are still in the socket.
+            let mut events = Vec::new();
+            while let Ok(Ok(ev)) =
+                tokio::time::timeout(Duration::from_millis(200), self.qmp.next_event()).await
+            {
+                events.push(ev);
+            }
+            Exit::from_events(&events, status)
+        })
+    }
+
+    fn stop(&mut self, grace: Duration) -> BoxFuture<'_, StopHow> {
+        Box::pin(stop(self, grace))
+    }
 }
 
 /// Who is QEMU's parent.
@@ -461,6 +607,35 @@ pub async fn stop(l: &mut Launched, grace: Duration) -> StopHow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// QEMU's last events tell a guest's poweroff from a panic (which also ends in a guest
+    /// `SHUTDOWN`) and from QEMU just going.
+    #[test]
+    fn an_exit_is_told_by_qemus_last_events() {
+        use serde_json::json;
+        let status = || Some("exit status: 0".to_string());
+        let off = json!({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}});
+        let host =
+            json!({"event": "SHUTDOWN", "data": {"guest": false, "reason": "host-qmp-quit"}});
+        let panic_shutdown =
+            json!({"event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-panic"}});
+        let panicked = json!({"event": "GUEST_PANICKED", "data": {"action": "pause"}});
+        let other = json!({"event": "RESUME"});
+        assert_eq!(
+            Exit::from_events(&[other.clone(), off.clone()], status()),
+            Exit::GuestPoweroff
+        );
+        assert_eq!(
+            Exit::from_events(&[panicked, off.clone()], status()),
+            Exit::GuestPanic(status())
+        );
+        assert_eq!(
+            Exit::from_events(&[panic_shutdown], status()),
+            Exit::GuestPanic(status())
+        );
+        assert_eq!(Exit::from_events(&[host, other], None), Exit::Died(None));
+        assert_eq!(Exit::from_events(&[], status()), Exit::Died(status()));
+    }
 
     #[test]
     fn console_log_is_capped_and_keeps_its_tail() {
