@@ -43,11 +43,11 @@ const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// How long to wait before sending again an intent the node refused or failed.
 const RETRY_REFUSED: Duration = Duration::from_secs(30);
 /// Peer updates wait for the zone's membership to be unchanged this long...
-const PEERS_SETTLE: Duration = Duration::from_millis(500);
+pub const PEERS_SETTLE: Duration = Duration::from_millis(500);
 /// ...but no longer than this while it keeps changing.
-const PEERS_MAX_DELAY: Duration = Duration::from_secs(5);
+pub const PEERS_MAX_DELAY: Duration = Duration::from_secs(5);
 /// How long a node whose peer update failed waits for the next one.
-const PEERS_RETRY: Duration = Duration::from_secs(10);
+pub const PEERS_RETRY: Duration = Duration::from_secs(10);
 
 /// What the reconciler keeps between ticks (in memory only: after a restart every intent is
 /// simply sent again).
@@ -479,46 +479,66 @@ pub async fn observe(
     }
 }
 
-/// Tells connected nodes that host VMs their zone's peers when they changed, coalesced per
-/// zone.
-fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
-    let epoch = coord.fleet.epoch();
+/// A connected node as peer planning sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerNode {
+    pub id: NodeId,
+    pub zone: Zone,
+    /// Its underlay address.
+    pub ip: Ipv4Addr,
+    /// Its session (a reconnect is a change: the node, or its peers, may have lost what
+    /// they were told).
+    pub session: u64,
+}
+
+/// A peer update to send: `node`, on `session`, is to be told `peers` for `vni`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUpdate {
+    pub node: NodeId,
+    pub session: u64,
+    pub vni: u32,
+    pub peers: Vec<Ipv4Addr>,
+}
+
+/// The peer updates due now, coalesced per zone: a zone's update waits until its membership
+/// has been unchanged for [`PEERS_SETTLE`] (or changing for [`PEERS_MAX_DELAY`]), then goes
+/// once to each member that was not already told exactly that on its current session.
+/// `connected` is every connected node (`epoch` the fleet's epoch: unchanged membership and
+/// hosting with no update pending or failed is answered at once with nothing); only nodes in
+/// `hosting` take part. Each update returned is in flight until [`peers_answered`].
+/// Pure, so the reconnect-storm benchmark drives this very code.
+pub fn plan_peers(
+    s: &mut State,
+    epoch: u64,
+    hosting: &HashSet<NodeId>,
+    connected: &[PeerNode],
+    now: Instant,
+) -> Vec<PeerUpdate> {
     // A zone's network spans the nodes that host its VMs; the others need nothing (a node's
     // first VM brings it the peers of the moment).
-    let hosting = coord.vms.with(super::hosting);
-    {
-        let mut s = lock(state);
-        if s.peers_hosting != hosting {
-            s.peers_hosting = hosting.clone();
-            s.peers_epoch = None;
-        }
-        let unchanged =
-            s.peers_epoch == Some(epoch) && !s.peers_retry && s.zones.values().all(|z| !z.dirty);
-        if unchanged {
-            return;
-        }
-        s.peers_epoch = Some(epoch);
-        s.peers_retry = false;
+    if s.peers_hosting != *hosting {
+        s.peers_hosting = hosting.clone();
+        s.peers_epoch = None;
     }
-    let mut by_zone: HashMap<Zone, Vec<(NodeId, Ipv4Addr, crate::fleet::Session)>> = HashMap::new();
-    for (id, zone, s) in coord.fleet.connected() {
-        if !hosting.contains(&id) {
-            continue;
-        }
-        let Some(ip) = super::session_ip(&s) else {
-            continue;
-        };
-        by_zone.entry(zone).or_default().push((id, ip, s));
+    let unchanged =
+        s.peers_epoch == Some(epoch) && !s.peers_retry && s.zones.values().all(|z| !z.dirty);
+    if unchanged {
+        return Vec::new();
     }
-    let mut s = lock(state);
-    let connected: HashSet<NodeId> = by_zone.values().flatten().map(|(id, _, _)| *id).collect();
-    s.peers_sent.retain(|n, _| connected.contains(n));
-    s.peers_backoff.retain(|n, _| connected.contains(n));
+    s.peers_epoch = Some(epoch);
+    s.peers_retry = false;
+    let mut by_zone: HashMap<Zone, Vec<PeerNode>> = HashMap::new();
+    for n in connected.iter().filter(|n| hosting.contains(&n.id)) {
+        by_zone.entry(n.zone).or_default().push(*n);
+    }
+    let live: HashSet<NodeId> = by_zone.values().flatten().map(|n| n.id).collect();
+    s.peers_sent.retain(|n, _| live.contains(n));
+    s.peers_backoff.retain(|n, _| live.contains(n));
+    let mut out = Vec::new();
     for zone in [Zone::Extranet, Zone::Intranet] {
-        let mut members: Vec<(NodeId, Ipv4Addr, u64)> = by_zone
-            .get(&zone)
-            .map(|v| v.iter().map(|(id, ip, s)| (*id, *ip, s.id)).collect())
-            .unwrap_or_default();
+        let nodes = by_zone.get(&zone).map(Vec::as_slice).unwrap_or_default();
+        let mut members: Vec<(NodeId, Ipv4Addr, u64)> =
+            nodes.iter().map(|n| (n.id, n.ip, n.session)).collect();
         members.sort();
         let z = s.zones.entry(zone).or_insert(ZonePeers {
             members: Vec::new(),
@@ -539,54 +559,192 @@ fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant)
             continue;
         }
         z.first_unsent_change = None;
-        let everyone = std::mem::take(&mut z.dirty);
+        z.dirty = false;
         let vni = zone_net(zone).vni;
-        for (id, ip, session) in by_zone.get(&zone).into_iter().flatten() {
+        for n in nodes {
             let peers: Vec<Ipv4Addr> = members
                 .iter()
-                .filter(|(_, p, _)| p != ip)
+                .filter(|(_, p, _)| *p != n.ip)
                 .map(|(_, p, _)| *p)
                 .collect();
-            let up_to_date = !everyone
-                && s.peers_sent
-                    .get(id)
-                    .is_some_and(|(sid, v, p)| *sid == session.id && *v == vni && *p == peers);
+            // Told exactly this on its current session: nothing to send (one agent's
+            // reconnect is news to that node alone when the zone's addresses stay).
+            let up_to_date = s
+                .peers_sent
+                .get(&n.id)
+                .is_some_and(|(sid, v, p)| *sid == n.session && *v == vni && *p == peers);
             if up_to_date {
                 continue;
             }
-            if s.peers_inflight.contains(id) || s.peers_backoff.get(id).is_some_and(|t| *t > now) {
+            if s.peers_inflight.contains(&n.id)
+                || s.peers_backoff.get(&n.id).is_some_and(|t| *t > now)
+            {
                 // Looked at again once that one is answered, or its backoff is over.
                 s.peers_retry = true;
                 continue;
             }
-            s.peers_inflight.insert(*id);
+            s.peers_inflight.insert(n.id);
             s.peer_updates += 1;
-            let (state, session, id) = (state.clone(), session.clone(), *id);
-            tokio::spawn(async move {
-                let r = session
-                    .command(
-                        CommandKind::SyncPeers {
-                            vni,
-                            peers: peers.clone(),
-                        },
-                        Duration::from_secs(30),
-                    )
-                    .await;
-                let mut s = lock(&state);
-                s.peers_inflight.remove(&id);
-                match r {
-                    Ok(_) => {
-                        s.peers_backoff.remove(&id);
-                        s.peers_sent.insert(id, (session.id, vni, peers));
-                    }
-                    Err(e) => {
-                        // A node that cannot take it is not asked again every tick.
-                        s.peers_backoff.insert(id, Instant::now() + PEERS_RETRY);
-                        s.peers_retry = true;
-                        warn!(node = %session.remote, error = %e, "cannot update a node's network peers; will try again");
-                    }
-                }
+            out.push(PeerUpdate {
+                node: n.id,
+                session: n.session,
+                vni,
+                peers,
             });
         }
+    }
+    out
+}
+
+/// How a planned peer update ended: taken (the node knows), or not (it is sent again, not
+/// before [`PEERS_RETRY`]).
+pub fn peers_answered(s: &mut State, u: PeerUpdate, ok: bool, now: Instant) {
+    s.peers_inflight.remove(&u.node);
+    if ok {
+        s.peers_backoff.remove(&u.node);
+        s.peers_sent.insert(u.node, (u.session, u.vni, u.peers));
+    } else {
+        // A node that cannot take it is not asked again every tick.
+        s.peers_backoff.insert(u.node, now + PEERS_RETRY);
+        s.peers_retry = true;
+    }
+}
+
+/// Tells connected nodes that host VMs their zone's peers when they changed
+/// ([`plan_peers`]).
+fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
+    let epoch = coord.fleet.epoch();
+    let hosting = coord.vms.with(super::hosting);
+    let mut sessions: HashMap<NodeId, crate::fleet::Session> = HashMap::new();
+    let mut connected = Vec::new();
+    for (id, zone, session) in coord.fleet.connected() {
+        let Some(ip) = super::session_ip(&session) else {
+            continue;
+        };
+        connected.push(PeerNode {
+            id,
+            zone,
+            ip,
+            session: session.id,
+        });
+        sessions.insert(id, session);
+    }
+    let updates = plan_peers(&mut lock(state), epoch, &hosting, &connected, now);
+    for u in updates {
+        let Some(session) = sessions.get(&u.node).cloned() else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let r = session
+                .command(
+                    CommandKind::SyncPeers {
+                        vni: u.vni,
+                        peers: u.peers.clone(),
+                    },
+                    Duration::from_secs(30),
+                )
+                .await;
+            if let Err(e) = &r {
+                warn!(node = %session.remote, error = %e, "cannot update a node's network peers; will try again");
+            }
+            peers_answered(&mut lock(&state), u, r.is_ok(), Instant::now());
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> Vec<PeerNode> {
+        (0..n)
+            .map(|i| PeerNode {
+                id: NodeId(uuid::Uuid::from_u128(i as u128 + 1)),
+                zone: if i % 2 == 0 {
+                    Zone::Intranet
+                } else {
+                    Zone::Extranet
+                },
+                ip: Ipv4Addr::from(0x0a40_0000u32 + i as u32),
+                session: 1,
+            })
+            .collect()
+    }
+
+    /// Plans for `ticks` ticks from `t0` with `connected`, every update answered at once;
+    /// returns the updates sent.
+    fn drive(
+        s: &mut State,
+        epoch: u64,
+        hosting: &HashSet<NodeId>,
+        connected: &[PeerNode],
+        t0: Instant,
+        ticks: u32,
+    ) -> Vec<PeerUpdate> {
+        let mut sent = Vec::new();
+        for k in 0..ticks {
+            let now = t0 + TICK * k;
+            for u in plan_peers(s, epoch, hosting, connected, now) {
+                sent.push(u.clone());
+                peers_answered(s, u, true, now);
+            }
+        }
+        sent
+    }
+
+    #[test]
+    fn peer_updates_go_once_per_node_and_only_where_something_changed() {
+        let all = nodes(40);
+        let hosting: HashSet<NodeId> = all.iter().map(|n| n.id).collect();
+        let mut s = State::default();
+        let t0 = Instant::now();
+        // First sight: each node told its zone's other members, once.
+        let sent = drive(&mut s, 1, &hosting, &all, t0, 40);
+        assert_eq!(sent.len(), 40);
+        assert!(sent.iter().all(|u| u.peers.len() == 19));
+
+        // One agent restarts (a new session, same address): news to it alone. (Before, the
+        // whole zone was told again: 20 updates.)
+        let mut again = all.clone();
+        again[0].session = 2;
+        let sent = drive(&mut s, 2, &hosting, &again, t0 + TICK * 100, 40);
+        assert_eq!(
+            sent.iter().map(|u| u.node).collect::<Vec<_>>(),
+            vec![all[0].id]
+        );
+
+        // A node leaves: every other member of its zone is told, once; the other zone not.
+        let left: Vec<PeerNode> = again[1..].to_vec();
+        let sent = drive(&mut s, 3, &hosting, &left, t0 + TICK * 200, 40);
+        assert_eq!(sent.len(), 19);
+        assert!(sent.iter().all(|u| u.vni == zone_net(Zone::Intranet).vni));
+        assert!(sent.iter().all(|u| !u.peers.contains(&all[0].ip)));
+
+        // Nodes without VMs take no part.
+        let few: HashSet<NodeId> = all[..4].iter().map(|n| n.id).collect();
+        let mut s = State::default();
+        let sent = drive(&mut s, 1, &few, &all, t0, 40);
+        assert_eq!(sent.len(), 4);
+    }
+
+    #[test]
+    fn a_reconnect_storm_sends_one_update_per_node_once_it_settles() {
+        let all = nodes(200);
+        let hosting: HashSet<NodeId> = all.iter().map(|n| n.id).collect();
+        let mut s = State::default();
+        let t0 = Instant::now();
+        let mut sent = 0;
+        // Back one by one over 2 s (well inside the longest delay): one update each, once
+        // the membership has settled, not one per arrival.
+        for k in 0..60u32 {
+            let now = t0 + TICK * k;
+            let back = (all.len() * (k as usize + 1) / 8).min(all.len());
+            for u in plan_peers(&mut s, k.into(), &hosting, &all[..back], now) {
+                sent += 1;
+                peers_answered(&mut s, u, true, now);
+            }
+        }
+        assert_eq!(sent, 200);
     }
 }
