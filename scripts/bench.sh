@@ -6,10 +6,15 @@
 #   spine  (tests/benches/spine.rs): agent and coordinator costs, failure detection; about six
 #          minutes on a two-core machine. ZY_BENCH_* variables shorten or select parts, e.g.
 #          ZY_BENCH_SECS=10 ZY_BENCH_AGENTS=1000.
+#   storm  (tests/benches/storm.rs): peer updates in a reconnect storm of 1,000 nodes with
+#          VMs, the reconciler's planning on a virtual clock; a second. Runs with spine.
+#   calls  (tests/benches/calls.rs): how soon a call pending on a node fails once its
+#          session ends; half a minute. Runs with spine.
 #   vms    (tests/benches/vms.rs): VM start-up through the whole stack, the agent with many
 #          VMs; about seven minutes on a two-core machine without KVM. Needs QEMU and the test
 #          guest (built here with images/make-test-guest.sh if images/out lacks it).
-#          ZY_BENCH_VMS* variables shorten or select parts, e.g. ZY_BENCH_VMS=5.
+#          ZY_BENCH_VMS* variables shorten or select parts, e.g. ZY_BENCH_VMS=5. Also a
+#          4 GiB image fetched onto a throttled disk (report lateness; a few minutes).
 #
 #   systemd (tests/benches/systemd.rs): VM starts as systemd transient units against the
 #          agent's own forks, on one site (a systemd-nspawn node and a plain one); about one
@@ -49,6 +54,16 @@ if [[ "$run_spine" == 1 ]]; then
     (
         for v in ${!ZY_BENCH_VMS@} ${!ZY_BENCH_ONLY_@}; do unset "$v"; done
         cargo bench -p zy-lab --bench spine
+    )
+fi
+
+if [[ "$run_spine" == 1 ]]; then
+    # The reconciler's peer planning in a reconnect storm (virtual clock, a second), and
+    # how soon calls to a node whose session ends fail (a one-node lab site).
+    (
+        for v in ${!ZY_BENCH_ONLY_@}; do unset "$v"; done
+        cargo bench -p zy-lab --bench storm
+        cargo bench -p zy-lab --bench calls
     )
 fi
 

@@ -134,7 +134,7 @@ impl Session {
 /// Why a command to a node did not succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {
-    #[error("the node is not connected")]
+    #[error("the node disconnected before it answered")]
     Disconnected,
     #[error("the node's command queue is full; try again")]
     Busy,
