@@ -18,6 +18,8 @@
 //! 2. N VMs at once across the two nodes: created back to back, time until all run and all
 //!    printed `ZY-READY`.
 //! 3. The agent with N VMs on its node (a one-node site): VmRSS and CPU.
+//! 4. A node fetching a big image onto a slow disk (a one-node site whose data directory is
+//!    on a throttled loop device): how late its load reports get, and whether it stays Ready.
 //!
 //! The figures are printed and written into `docs/PERFORMANCE.md` between the markers
 //! `<!-- bench:vms:begin -->` and `<!-- bench:vms:end -->` (added after the spine section when
@@ -36,7 +38,9 @@
 //! | `ZY_BENCH_VMS_QEMU_REF`   | ZY_BENCH_VMS | bare QEMU starts for the reference (one before each VM of figure 1) |
 //! | `ZY_BENCH_VMS_PAUSE_MS`   | 1000         | pause between `ZY-READY` and a VM's deletion     |
 //! | `ZY_BENCH_VMS_TIMEOUT`    | 240          | seconds a VM (or a batch) may take to boot       |
-//! | `ZY_BENCH_VMS_ONLY`       | all          | comma list of `seq`, `burst`, `agent`            |
+//! | `ZY_BENCH_VMS_SLOW_GIB`   | 4            | GiB of the image fetched onto the slow disk (figure 4) |
+//! | `ZY_BENCH_VMS_SLOW_MIBPS` | 64           | the slow disk's write limit, MiB/s               |
+//! | `ZY_BENCH_VMS_ONLY`       | all          | comma list of `seq`, `burst`, `agent`, `slowdisk` |
 //! | `ZY_BENCH_WRITE`          | 1 unless ZY_BENCH_VMS_ONLY | 0 to leave docs/PERFORMANCE.md alone |
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -86,6 +90,8 @@ struct Settings {
     /// Pause between a VM's `ZY-READY` and its deletion.
     pause: Duration,
     timeout: Duration,
+    slow_gib: u64,
+    slow_mibps: u64,
     only: Option<Vec<String>>,
     write_docs: bool,
     /// The variables of this bench that were set, for the record.
@@ -106,6 +112,8 @@ impl Settings {
             qemu_refs: env_u64("ZY_BENCH_VMS_QEMU_REF").map_or(seq, |v| v as usize),
             pause: Duration::from_millis(env_u64("ZY_BENCH_VMS_PAUSE_MS").unwrap_or(1000)),
             timeout: Duration::from_secs(env_u64("ZY_BENCH_VMS_TIMEOUT").unwrap_or(240).max(10)),
+            slow_gib: env_u64("ZY_BENCH_VMS_SLOW_GIB").unwrap_or(4).clamp(1, 32),
+            slow_mibps: env_u64("ZY_BENCH_VMS_SLOW_MIBPS").unwrap_or(64).max(1),
             write_docs: bench::docs_wanted(only.is_none()),
             only,
             overrides: bench::env_overrides(|k| {
@@ -1260,6 +1268,135 @@ async fn one_node(
 // ---------------------------------------------------------------------------------------------
 // Output
 
+// ---------------------------------------------------------------------------------------------
+// Figure 4: a big image onto a slow disk
+
+fn slow_disk(s: &Settings, res: &mut Results) -> Result<()> {
+    let size = s.slow_gib << 30;
+    let (site, disk) = Site::with_slow_node("intranet", s.slow_gib * 2 + 2, s.slow_mibps << 20)?;
+    let dir = site.lab.dir.clone();
+    let r = (|| -> Result<()> {
+        let image = site.lab.dir.join("big.raw");
+        {
+            use std::io::{Seek, SeekFrom};
+            let mut f = std::fs::File::create(&image)?;
+            let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+            f.write_all(&chunk)?;
+            f.seek(SeekFrom::Start(size - chunk.len() as u64))?;
+            f.write_all(&chunk)?;
+        }
+        let t_import = Instant::now();
+        let path = image.to_string_lossy().into_owned();
+        site.zy_ok(&[
+            "image", "import", &path, "--format", "raw", "--name", "big", "--zone", "intranet",
+        ]);
+        let import = t_import.elapsed();
+        std::fs::remove_file(&image)?;
+        let written0 = disk.written();
+        let disk_gib = (s.slow_gib + 1).to_string();
+        site.zy_ok(&[
+            "vm",
+            "create",
+            "--name",
+            "big-1",
+            "--zone",
+            "intranet",
+            "--memory",
+            "128",
+            "--disk",
+            &disk_gib,
+            "--image",
+            "big",
+            "--no-wait",
+        ]);
+        let t0 = Instant::now();
+        let mut seen = std::collections::BTreeSet::new();
+        let (mut samples, mut not_ready) = (0usize, Vec::new());
+        let deadline = t0 + s.timeout.max(Duration::from_secs(60)) * 4;
+        loop {
+            if let Some(n) = site.nodes()?.into_iter().find(|n| n.name == "n1") {
+                samples += 1;
+                seen.insert(n.last_seen_ms);
+                if n.state != "ready" {
+                    not_ready.push(format!("{} at {:?}", n.state, t0.elapsed()));
+                }
+            }
+            if samples % 10 == 0 {
+                let v: serde_json::Value = site.zy_json(&["vm", "show", "big-1"])?;
+                if v["state"] == "failed" {
+                    bail!("the VM failed: {}", v["reason"]);
+                }
+                if v["state"] == "running" {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the fetch did not end within {:?}", deadline - t0);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = t0.elapsed();
+        let written = disk.written() - written0;
+        // The first value may predate the fetch; gaps are between reports seen during it.
+        let times: Vec<u64> = seen.into_iter().filter(|&t| t > 0).collect();
+        let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]) as f64).collect();
+        let late: Vec<f64> = gaps.iter().map(|g| (g - 1000.0).max(0.0)).collect();
+        let what = format!(
+            "{} GiB image onto a {} MiB/s disk",
+            s.slow_gib, s.slow_mibps
+        );
+        res.row(
+            format!("{what}: fetch (VM created → running)"),
+            format!(
+                "{} ({:.0} MiB/s written, {} MiB in all)",
+                fmt_ms(took.as_secs_f64() * 1000.0),
+                written as f64 / (1 << 20) as f64 / took.as_secs_f64(),
+                written >> 20
+            ),
+            "—",
+        );
+        res.row(
+            format!("{what}: report gaps"),
+            format!(
+                "p50 {} / p99 {} / max {} (n = {})",
+                fmt_ms(quantile(&gaps, 0.5)),
+                fmt_ms(quantile(&gaps, 0.99)),
+                fmt_ms(gaps.iter().copied().fold(0.0, f64::max)),
+                gaps.len()
+            ),
+            "interval 1 s",
+        );
+        res.row(
+            format!("{what}: report lateness (gap − 1 s)"),
+            format!(
+                "p99 {} / max {}",
+                fmt_ms(quantile(&late, 0.99)),
+                fmt_ms(late.iter().copied().fold(0.0, f64::max))
+            ),
+            "< 1 s p99",
+        );
+        res.row(
+            format!("{what}: node state samples not Ready"),
+            format!("{} of {samples}", not_ready.len()),
+            "0",
+        );
+        if !not_ready.is_empty() {
+            res.note(format!(
+                "slow disk: node not Ready: {}",
+                not_ready.join(", ")
+            ));
+        }
+        res.note(format!(
+            "slow disk: the image import (upload, hashing, the coordinator's copy on the normal disk) took {}",
+            fmt_ms(import.as_secs_f64() * 1000.0)
+        ));
+        Ok(())
+    })();
+    drop((site, disk));
+    kill_leftover_qemu(&dir, "slow-disk site", res);
+    r
+}
+
 fn section_text(
     s: &Settings,
     m: &Machine,
@@ -1307,6 +1444,10 @@ fn section_text(
         ),
         "3. **The agent with N VMs.** A site with one node, so that all VMs land on it. After settling, the agent's VmRSS with no VM; a warm-up VM (image into the cache) is started and deleted; then N VMs are started at once as in 2 (its rows), the agent's CPU (utime + stime from `/proc/<pid>/stat`, and the scheduler's run time from `/proc/<pid>/task/*/schedstat`) is taken over the start, and, after settling, over the window with all N running; VmRSS (RssAnon and RssFile, the latter mostly the mapped binary) and VmHWM are read from `/proc/<pid>/status` at the end of the window."
         .to_string(),
+        format!(
+            "4. **A big image onto a slow disk.** A site with one node whose whole data directory (identity, image cache, VM directories) is an ext4 file system on a loop device, mounted `sync` so that every write is issued by the writer and waits for the device, the agent's writes limited to {} MiB/s by cgroup v1 `blkio.throttle.write_bps_device` (`tests/src/slowdisk.rs`). A {} GiB raw image (a pattern at both ends, a hole between) is imported, then a VM is created from it, which makes the node fetch the whole image. Meanwhile the bench asks `GET /v1/nodes` every 100 ms: each new `last_seen_ms` is the coordinator's receive time of one load report (the agent reports every second), so the gaps between them are exact to the millisecond; **lateness** is a gap minus the 1 s interval. Every sample's node state is counted. The fetch ends when the VM runs (its boot, a disk of zeros, is not waited for); throughput is the bytes the throttled cgroup wrote over that time.",
+            s.slow_mibps, s.slow_gib
+        ),
         "\nEach lab site is dropped at the end (its processes killed, namespaces and files removed), after which the bench looks for QEMU processes whose command line names the run's directory (`pgrep -f`) and kills any it finds; a note above says so if it had to."
         .to_string(),
     ];
@@ -1365,6 +1506,21 @@ fn main() {
             eprintln!("[agent] failed: {e:#}");
             res.row(
                 format!("Agent with {} VMs", s.node_vms),
+                format!("failed: {e:#}"),
+                "—",
+            );
+        }
+    }
+
+    if s.runs("slowdisk") {
+        println!(
+            "[slowdisk] a {} GiB image onto a disk of {} MiB/s",
+            s.slow_gib, s.slow_mibps
+        );
+        if let Err(e) = slow_disk(&s, &mut res) {
+            eprintln!("[slowdisk] failed: {e:#}");
+            res.row(
+                format!("{} GiB image fetched onto a slow disk", s.slow_gib),
                 format!("failed: {e:#}"),
                 "—",
             );

@@ -174,6 +174,7 @@ fn reap_stale_locked() -> Vec<String> {
                 delete_netns(&ns);
             }
         }
+        slowdisk::release_run(&run, &root.join(&run));
         let _ = std::fs::remove_dir_all(root.join(&run));
         reaped.push(run);
     }
@@ -513,6 +514,7 @@ impl Drop for Lab {
         for ns in self.namespaces.iter().rev() {
             delete_netns(ns);
         }
+        slowdisk::release_run(&self.run, &self.dir);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -535,3 +537,4 @@ pub mod bench;
 pub mod nspawn;
 pub mod peer;
 pub mod site;
+pub mod slowdisk;

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
 use zy_coordinator::api_types::{CreatedToken, NodeDetail, NodeView};
 
+use crate::slowdisk::SlowDisk;
 use crate::{bin, wait_for, Lab, API_PORT, COORD_IP, DAEMON_PORT};
 
 /// A site: a lab with its coordinator.
@@ -62,6 +63,22 @@ impl Site {
             site.wait_reporting(&format!("n{i}"), 0, Duration::from_secs(30))?;
         }
         Ok(site)
+    }
+
+    /// A one-node site whose node keeps its whole data directory on a [`SlowDisk`] of
+    /// `size_gib` whose writes by the agent are limited to `write_bps` bytes per second.
+    /// Drop the site before the disk (a tuple does).
+    pub fn with_slow_node(zone: &str, size_gib: u64, write_bps: u64) -> Result<(Site, SlowDisk)> {
+        let site = Site::new(1)?;
+        let dir = site.agent_dir(1);
+        let disk = SlowDisk::new(&site.lab.run, &site.lab.dir, &dir, size_gib, write_bps)?;
+        // A fresh ext4 holds lost+found; the agent wants its data directory to itself.
+        std::fs::remove_dir(dir.join("lost+found"))?;
+        site.join(1, zone)?;
+        let pid = site.start_agent(1, &[])?;
+        disk.add(pid)?;
+        site.wait_reporting("n1", 0, Duration::from_secs(60))?;
+        Ok((site, disk))
     }
 
     /// The test guest (`images/make-test-guest.sh`) as a kernel image named `name` that
