@@ -21,10 +21,10 @@ use zy_common::proto::{close, CommandKind, RefusalCode};
 use zy_common::time::{now_millis, rfc3339};
 use zy_common::token::{ApiToken, BootstrapToken, Secret};
 
-use crate::api_types::*;
 use crate::fleet::{CommandError, Kick, NodeLive, Refused};
 use crate::store::{StoreError, TokenRecord};
 use crate::Coordinator;
+use zy_api::*;
 
 /// The OpenAPI document, served as-is.
 pub const OPENAPI: &str = include_str!("openapi.json");

@@ -349,7 +349,7 @@ fn may_fetch(coord: &Coordinator, node: NodeId, hash: &zy_common::blob::BlobHash
     coord.vms.with(|t| {
         t.vms.values().any(|v| {
             v.node == Some(node)
-                && v.desired != crate::store::VmDesired::Deleted
+                && v.desired != zy_api::VmDesired::Deleted
                 && v.boot.blobs().contains(hash)
         })
     })

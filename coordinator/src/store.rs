@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use zy_api::VmDesired;
 use zy_common::ids::{NodeId, TokenId, Zone};
 use zy_common::proto::Inventory;
 use zy_common::token::SecretHash;
@@ -89,7 +90,7 @@ pub enum StoreError {
     },
     #[error("operation {op} changed meanwhile")]
     OpConflict {
-        op: crate::ops::OpId,
+        op: zy_api::OpId,
         current: Option<Box<crate::ops::OpRec>>,
     },
 }
@@ -167,16 +168,6 @@ pub struct ImageRecord {
     pub created_at_ms: u64,
     /// The zone whose VMs may boot it; `None`: shared by a platform admin with both zones.
     pub zone: Option<Zone>,
-}
-
-/// What the site wants of a VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmDesired {
-    Running,
-    Stopped,
-    /// A tombstone: deleted at the site, kept until its node confirms it removed the VM.
-    Deleted,
 }
 
 /// What a VM's node last reported of it.
@@ -466,7 +457,7 @@ impl Store {
         &self,
         vms: &[VmWrite],
         ops: &[crate::ops::OpRec],
-    ) -> Result<Vec<crate::ops::OpId>, StoreError> {
+    ) -> Result<Vec<zy_api::OpId>, StoreError> {
         // An operation's revision is one more than the stored one (1 for a new one).
         let txn = self.db.begin_write()?;
         let pruned;
@@ -888,7 +879,7 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<crate::ops::OpId>, StoreError> {
+fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<zy_api::OpId>, StoreError> {
     if (table.len()? as usize) <= FINISHED_OPS_KEPT {
         return Ok(Vec::new());
     }
@@ -904,7 +895,7 @@ fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<crate::ops::Op
         return Ok(Vec::new());
     }
     finished.sort();
-    let drop: Vec<crate::ops::OpId> = finished[..finished.len() - FINISHED_OPS_KEPT]
+    let drop: Vec<zy_api::OpId> = finished[..finished.len() - FINISHED_OPS_KEPT]
         .iter()
         .map(|(_, id)| *id)
         .collect();
