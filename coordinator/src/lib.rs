@@ -2,7 +2,7 @@
 //!
 //! It owns: the site CA and node enrollment ([`daemon`]), desired and observed state in an
 //! embedded redb store ([`store`]), node membership driven by heartbeats ([`membership`],
-//! [`fleet`]), and the HTTPS JSON API ([`api`]) that the `zy` CLI ([`cli`], [`client`]) drives.
+//! [`fleet`]), and the HTTPS JSON API ([`api`]) that the `zy` CLI (the `zy-cli` crate) drives.
 //! The API's bodies are the `zy-api` crate's types, shared with every client.
 //!
 //! It must never: run guests or touch a node's host (that is the agent's job), hold a lock
@@ -28,6 +28,3 @@ mod sys;
 pub mod vms;
 
 pub use server::Coordinator;
-
-pub mod cli;
-pub mod client;

@@ -3,7 +3,7 @@
 
 use hyper::{Method, StatusCode};
 use zy_api::{CreatedToken, Health, TokenView};
-use zy_coordinator::client::{Client, ClientError};
+use zy_cli::client::{Client, ClientError};
 use zy_coordinator::config::CoordinatorConfig;
 use zy_coordinator::statedir::StateDir;
 use zy_coordinator::Coordinator;

@@ -6,6 +6,12 @@
 //! `/var/lib/zhengyun/coordinator/zy.toml` (the one `zy-coordinator init` writes).
 //!
 //! Exit codes scripts can rely on: see [`ExitCode`].
+//!
+//! It needs only the API's types (`zy-api`), the shared vocabulary (`zy-common` without its
+//! daemon features) and an HTTPS client ([`client`]): never the coordinator's store, fleet
+//! or server, so it builds small and runs anywhere an operator sits.
+
+pub mod client;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,11 +19,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
+use zy_api::*;
 use zy_common::ids::Zone;
 use zy_common::time::{ago, now_millis};
 
 use crate::client::{Client, ClientError};
-use zy_api::*;
 
 /// Exit codes of `zy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
