@@ -5,7 +5,7 @@ use hyper::{Method, StatusCode};
 use zy_api::{CreatedToken, Health, TokenView};
 use zy_cli::client::{Client, ClientError};
 use zy_coordinator::config::CoordinatorConfig;
-use zy_coordinator::statedir::StateDir;
+use zy_coordinator::store::statedir::StateDir;
 use zy_coordinator::Coordinator;
 
 struct TempDir(std::path::PathBuf);

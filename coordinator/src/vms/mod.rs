@@ -9,6 +9,8 @@
 //!
 //! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
 
+pub mod images;
+pub mod placement;
 pub mod reconcile;
 
 use std::collections::HashMap;
@@ -27,11 +29,11 @@ use zy_common::vm::{Generation, VmState};
 use zy_common::{NodeId, VmId, Zone};
 
 use crate::api::ApiError;
-use crate::membership::NodeState;
+use crate::fleet::membership::NodeState;
 use crate::ops::{OpRec, OpState};
-use crate::placement::{self, Demand, NodeCap};
 use crate::store::{StoreError, VmRec, VmWrite};
 use crate::Coordinator;
+use placement::{Demand, NodeCap};
 use zy_common::resources::{Resources, VmSize};
 
 /// A zone's network.

@@ -5,6 +5,9 @@
 //! (`/v1/tenants/{tenant}/...`) beside the site-wide ones used by ops.
 //! Errors are always `{"error": {"code", "message"}}` with a fitting status.
 
+pub mod events;
+pub mod https;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -158,11 +161,11 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
         .route(
             "/v1/blobs",
-            axum::routing::put(crate::images::put_blob).layer(DefaultBodyLimit::disable()),
+            axum::routing::put(crate::vms::images::put_blob).layer(DefaultBodyLimit::disable()),
         )
         .route(
             "/v1/images",
-            get(crate::images::list_images).post(crate::images::create_image),
+            get(crate::vms::images::list_images).post(crate::vms::images::create_image),
         )
         .route("/v1/vms", get(crate::vms::list).post(crate::vms::create))
         .route(
@@ -175,10 +178,10 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/vms/{vm}/console", get(crate::vms::console))
         .route("/v1/ops", get(crate::vms::list_ops))
         .route("/v1/ops/{id}", get(crate::vms::show_op))
-        .route("/v1/events", get(crate::events::stream))
+        .route("/v1/events", get(crate::api::events::stream))
         .route(
             "/v1/images/{name}",
-            get(crate::images::show_image).delete(crate::images::delete_image),
+            get(crate::vms::images::show_image).delete(crate::vms::images::delete_image),
         )
         .layer(middleware::from_fn_with_state(coord.clone(), authenticate));
     Router::new()

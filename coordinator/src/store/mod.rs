@@ -11,6 +11,8 @@
 //! What is not: live load and the exact last-seen instant between transitions; both are
 //! re-reported within a second of an agent reconnecting.
 
+pub mod statedir;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,7 +25,7 @@ use zy_common::proto::Inventory;
 use zy_common::token::SecretHash;
 use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 
-use crate::membership::NodeState;
+use crate::fleet::membership::NodeState;
 
 /// The schema this build writes and reads. Schema 1 (VMs without generations, deletions in
 /// a table of their own) is converted at open.

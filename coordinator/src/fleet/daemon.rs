@@ -20,8 +20,8 @@ use zy_common::tls::{CaFingerprint, NodeIdentity};
 use zy_common::token::BootstrapToken;
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
 
+use crate::fleet::membership::NodeState;
 use crate::fleet::{Kick, Session};
-use crate::membership::NodeState;
 use crate::store::{EnrollError, NodeRecord};
 use crate::Coordinator;
 
