@@ -5,6 +5,10 @@
 //! identities that make every connection mutual ([`tls`]), the one-time bootstrap tokens that
 //! enroll nodes ([`token`]) and the QUIC transport settings both sides must agree on ([`quic`]).
 //!
+//! What only the daemons need sits behind features, on by default: `pki` (making and
+//! reading certificates), `quic` (the link's transport settings) and `logging`. A client of
+//! the HTTPS API, like `zy`, turns them off and so needs neither rcgen nor quinn.
+//!
 //! It must never do host I/O of its own beyond what a codec needs: no sockets are opened and no
 //! clocks are read in the protocol logic; callers drive it. That keeps every codec testable in
 //! memory and fuzzable.
@@ -14,6 +18,7 @@ pub mod error;
 pub mod files;
 pub mod ids;
 pub mod image;
+#[cfg(feature = "logging")]
 pub mod logging;
 pub mod proto;
 pub mod quic;

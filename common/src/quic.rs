@@ -11,6 +11,7 @@
 //! torn down by QUIC before the node is declared Down, so a node that comes back always finds
 //! a fresh connection rather than a half-dead one.
 
+#[cfg(feature = "quic")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,6 +69,7 @@ impl Timings {
 
 /// Transport config shared by both ends. Windows are small: control traffic is a few
 /// hundred bytes a second, and a coordinator holds thousands of connections.
+#[cfg(feature = "quic")]
 pub fn transport(idle_timeout: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // The conversion fails only for timeouts beyond 2^62 microseconds.

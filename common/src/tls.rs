@@ -17,6 +17,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+#[cfg(feature = "pki")]
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
@@ -28,6 +29,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+#[cfg(feature = "pki")]
 use time::OffsetDateTime;
 
 use crate::ids::{NodeId, Zone};
@@ -39,13 +41,17 @@ pub const ALPN_ZY: &[u8] = b"zy/1";
 /// ALPN of the HTTP API.
 pub const ALPN_HTTP: &[u8] = b"http/1.1";
 
+#[cfg(feature = "pki")]
 const CA_DAYS: i64 = 3650;
+#[cfg(feature = "pki")]
 const SERVER_DAYS: i64 = 825;
+#[cfg(feature = "pki")]
 const NODE_DAYS: i64 = 365;
 
 /// What went wrong making or using an identity.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[cfg(feature = "pki")]
     #[error("could not generate or sign a certificate")]
     Rcgen(#[from] rcgen::Error),
     #[error("rustls rejected the configuration")]
@@ -106,10 +112,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+#[cfg(feature = "pki")]
 fn days_from_now(days: i64) -> OffsetDateTime {
     OffsetDateTime::now_utc() + time::Duration::days(days)
 }
 
+#[cfg(feature = "pki")]
 fn an_hour_ago() -> OffsetDateTime {
     OffsetDateTime::now_utc() - time::Duration::hours(1)
 }
@@ -131,11 +139,13 @@ impl fmt::Debug for PemPair {
 }
 
 /// The site certificate authority.
+#[cfg(feature = "pki")]
 pub struct SiteCa {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
 }
 
+#[cfg(feature = "pki")]
 impl fmt::Debug for SiteCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SiteCa")
@@ -144,6 +154,7 @@ impl fmt::Debug for SiteCa {
     }
 }
 
+#[cfg(feature = "pki")]
 impl SiteCa {
     /// Makes a new CA for a site.
     pub fn generate(site: &str) -> Result<(Self, PemPair), TlsError> {
@@ -294,6 +305,7 @@ fn base64_encode(data: &[u8]) -> String {
 }
 
 /// A node's key and certificate request, made at join.
+#[cfg(feature = "pki")]
 pub fn node_request(name: &str) -> Result<(KeyPair, Vec<u8>), TlsError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
@@ -309,6 +321,7 @@ pub struct NodeIdentity {
     pub zone: Zone,
 }
 
+#[cfg(feature = "pki")]
 impl NodeIdentity {
     /// Reads the node id and zone from a certificate that the CA verified.
     pub fn from_cert(der: &[u8]) -> Result<Self, TlsError> {
@@ -503,7 +516,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "pki"))]
 mod tests {
     use super::*;
 

@@ -15,7 +15,7 @@ use zy_common::tls::{self, SiteCa};
 
 use crate::config::CoordinatorConfig;
 use crate::fleet::Fleet;
-use crate::statedir::{StateDir, StateDirError};
+use crate::store::statedir::{StateDir, StateDirError};
 use crate::store::{ApiTokenRecord, Store, StoreError};
 
 /// Socket buffers of the daemon port: a reconnect storm of thousands of agents arrives at
@@ -46,7 +46,7 @@ pub struct Coordinator {
     /// The site's VMs.
     pub vms: crate::vms::Vms,
     /// The live event stream.
-    pub events: crate::events::Events,
+    pub events: crate::api::events::Events,
     /// What the VM reconciler keeps between its ticks.
     pub reconciler: Arc<std::sync::Mutex<crate::vms::reconcile::State>>,
 }
@@ -103,7 +103,7 @@ impl Coordinator {
         let vms = crate::vms::Vms::new(store.vms()?, store.ops()?);
         Ok(Self {
             reconciler: Arc::default(),
-            events: crate::events::Events::default(),
+            events: crate::api::events::Events::default(),
             vms,
             blobs,
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
@@ -161,8 +161,8 @@ impl Coordinator {
         })?;
 
         let tasks = vec![
-            tokio::spawn(crate::daemon::serve(coord.clone(), endpoint.clone())),
-            tokio::spawn(crate::https::serve(
+            tokio::spawn(crate::fleet::daemon::serve(coord.clone(), endpoint.clone())),
+            tokio::spawn(crate::api::https::serve(
                 listener,
                 Arc::new(api_tls),
                 crate::api::router(coord.clone()),

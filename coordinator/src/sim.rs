@@ -26,12 +26,13 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use uuid::Uuid;
+use zy_api::{OpKind, VmDesired};
 use zy_common::proto::VmInfo;
 use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::{NodeId, VmId, Zone};
 
-use crate::ops::{OpKind, OpState};
-use crate::store::{VmDesired, VmRec};
+use crate::ops::OpState;
+use crate::store::VmRec;
 use crate::vms::reconcile::{self, Intent};
 use crate::vms::{self, Batch, Table};
 

@@ -2,10 +2,10 @@
 //! with the right status, and nothing is written.
 
 use hyper::{Method, StatusCode};
-use zy_coordinator::api_types::{CreatedToken, Health, TokenView};
-use zy_coordinator::client::{Client, ClientError};
+use zy_api::{CreatedToken, Health, TokenView};
+use zy_cli::client::{Client, ClientError};
 use zy_coordinator::config::CoordinatorConfig;
-use zy_coordinator::statedir::StateDir;
+use zy_coordinator::store::statedir::StateDir;
 use zy_coordinator::Coordinator;
 
 struct TempDir(std::path::PathBuf);
@@ -214,7 +214,7 @@ async fn every_route_but_health_and_the_document_needs_a_valid_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn images_are_uploaded_by_hash_named_and_deleted_with_their_blobs() {
-    use zy_coordinator::images::{BlobView, ImageView};
+    use zy_api::{BlobView, ImageView};
     let (dir, running, c, _token) = start().await;
     let file = dir.0.join("kernel.bin");
     let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();

@@ -44,6 +44,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::Signal;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::sync::{mpsc, watch, Semaphore};
+use zy_api::{CreatedToken, NodeView, PingResult};
+use zy_cli::client::Client;
 use zy_common::ids::{NodeId, Zone};
 use zy_common::proto::{
     Accel, Command as Cmd, CommandKind, Hello, Inventory, JoinRequest, LoadReport, Message, Reply,
@@ -52,8 +54,6 @@ use zy_common::proto::{
 use zy_common::time::now_millis;
 use zy_common::tls::{self, CaFingerprint, SERVER_NAME};
 use zy_common::wire::{self, MAX_BODY, PROTOCOL_VERSIONS};
-use zy_coordinator::api_types::{CreatedToken, NodeView, PingResult};
-use zy_coordinator::client::Client;
 use zy_lab::bench::{
     self, admin_client, env_u64, method, mib, min_median_max, CpuSample, CpuUse, DocSection,
     Machine, Mem, Results, SectionHead, MIB,
@@ -1096,8 +1096,7 @@ async fn fleet_run(s: &Settings, n: usize, coord: &CoordProc) -> Result<FleetFig
     let (api, ca) = coord.client()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let h: Result<zy_coordinator::api_types::Health, _> =
-            api.call(method("GET"), "/v1/health", None).await;
+        let h: Result<zy_api::Health, _> = api.call(method("GET"), "/v1/health", None).await;
         if h.is_ok() {
             break;
         }

@@ -56,7 +56,7 @@ fn create_and_wait(site: &Site, name: &str, zone: &str) -> Result<()> {
         bail!("create {name}: {}", String::from_utf8_lossy(&out.stderr));
     }
     wait_for(&format!("{name} running"), Duration::from_secs(60), || {
-        let v: zy_coordinator::vms::VmView = site.zy_json(&["vm", "show", name]).ok()?;
+        let v: zy_api::VmView = site.zy_json(&["vm", "show", name]).ok()?;
         (v.state == "running").then_some(())
     })
 }

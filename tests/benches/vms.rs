@@ -51,10 +51,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
+use zy_api::{Accepted, CreateVm, VmView};
+use zy_cli::client::Client;
 use zy_common::time::now_millis;
 use zy_common::{VmId, Zone};
-use zy_coordinator::client::Client;
-use zy_coordinator::vms::{Accepted, CreateVm, VmView};
 use zy_lab::bench::{
     self, admin_client, clk_tck, dist, env_u64, fmt_ms, log_time, method, mib, quantile, span,
     stat_fields, status_kib, CpuSample, CpuUse, DocSection, Machine, Mem, Results, SectionHead,

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::pki_types::CertificateDer;
+use zy_cli::client::Client;
 use zy_common::time::rfc3339;
 use zy_common::tls;
-use zy_coordinator::client::Client;
 
 /// Bytes in a MiB.
 pub const MIB: f64 = 1024.0 * 1024.0;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::de::DeserializeOwned;
-use zy_coordinator::api_types::{CreatedToken, NodeDetail, NodeView};
+use zy_api::{CreatedToken, NodeDetail, NodeView};
 
 use crate::slowdisk::SlowDisk;
 use crate::{bin, wait_for, Lab, API_PORT, COORD_IP, DAEMON_PORT};

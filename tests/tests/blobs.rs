@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use zy_agent::uplink::{fetch_blob, Conn, FetchError};
+use zy_api::ImageView;
 use zy_common::blob::{BlobDir, BlobHash};
 use zy_common::proto::{Message, RefusalCode};
 use zy_common::wire;
-use zy_coordinator::images::ImageView;
 use zy_lab::peer::{connect_as_node, endpoint_in};
 use zy_lab::site::Site;
 

@@ -10,7 +10,7 @@ use tokio::io::AsyncReadExt;
 use zy_common::proto::*;
 use zy_common::tls::{self, CaFingerprint};
 use zy_common::wire::{self, Preamble, VersionRange, PROTOCOL_VERSIONS, WIRE_MAGIC};
-use zy_coordinator::statedir::StateDir;
+use zy_coordinator::store::statedir::StateDir;
 use zy_lab::peer::{client, endpoint_in, inventory};
 use zy_lab::site::Site;
 use zy_lab::wait_for;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use zy_coordinator::api_types::{NodeView, TokenView};
+use zy_api::{NodeView, TokenView};
 use zy_lab::site::Site;
 use zy_lab::wait_for;
 

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use zy_coordinator::vms::VmView;
+use zy_api::VmView;
 use zy_lab::nspawn::{agent_node, SystemdNode, AGENT_DIR};
 use zy_lab::site::Site;
 use zy_lab::wait_for;

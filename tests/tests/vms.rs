@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use zy_coordinator::vms::VmView;
+use zy_api::VmView;
 use zy_lab::site::Site;
 use zy_lab::wait_for;
 
@@ -397,7 +397,7 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
 
     site.lab.signal("agent-n1", Signal::SIGKILL);
     wait_for("the node to be away", Duration::from_secs(30), || {
-        let ns: Vec<zy_coordinator::api_types::NodeView> = site.zy_json(&["node", "ls"]).ok()?;
+        let ns: Vec<zy_api::NodeView> = site.zy_json(&["node", "ls"]).ok()?;
         ns.iter()
             .any(|n| n.name == "n1" && !n.connected)
             .then_some(())
@@ -406,7 +406,7 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
     // A stop while the node is away is recorded at once and carried out on its return; the
     // caller need not wait (and an interrupted `zy` would change nothing).
     let out = site.zy_ok(&["vm", "stop", "w1", "--no-wait", "--json"]);
-    let stop: zy_coordinator::vms::OpView = serde_json::from_str(&out).unwrap();
+    let stop: zy_api::OpView = serde_json::from_str(&out).unwrap();
     assert_eq!(stop.state, "running");
     assert_eq!(
         serde_json::to_value(vm(&site, "w1").desired).unwrap(),
@@ -448,8 +448,7 @@ fn a_node_that_is_away_keeps_intents_straight_and_deletes_on_its_return() {
     // The stop recorded while the node was away is carried out now, and its operation ends.
     wait_vm(&site, "w1", "stopped");
     wait_for("the stop operation to succeed", BOOT, || {
-        let op: zy_coordinator::vms::OpView =
-            site.zy_json(&["op", "show", &stop.id.to_string()]).ok()?;
+        let op: zy_api::OpView = site.zy_json(&["op", "show", &stop.id.to_string()]).ok()?;
         (op.state == "succeeded").then_some(())
     })
     .unwrap();

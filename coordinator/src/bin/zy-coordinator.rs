@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use zy_coordinator::config::CoordinatorConfig;
-use zy_coordinator::statedir::StateDir;
+use zy_coordinator::store::statedir::StateDir;
 use zy_coordinator::Coordinator;
 
 #[derive(Debug, Parser)]

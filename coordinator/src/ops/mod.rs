@@ -37,80 +37,33 @@
 //! the time, and says what changes. The I/O is the reconciler's.
 
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
+use zy_api::{OpId, OpKind, VmDesired};
 use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::VmId;
 
-use crate::store::{VmDesired, VmRec};
+use crate::store::VmRec;
 
-/// An operation's id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct OpId(pub Uuid);
-
-impl OpId {
-    pub fn new_random() -> Self {
-        OpId(Uuid::new_v4())
+/// How long an operation of a kind may take before it ends failed. A delete waits for its
+/// node however long it is away.
+pub fn deadline_ms(kind: OpKind) -> Option<u64> {
+    match kind {
+        // Fetching a large image to a node on a slow link.
+        OpKind::Create => Some(30 * 60_000),
+        OpKind::Start | OpKind::Stop => Some(10 * 60_000),
+        OpKind::Restart => Some(15 * 60_000),
+        OpKind::Delete => None,
     }
 }
 
-impl std::fmt::Display for OpId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl std::str::FromStr for OpId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s).map(OpId)
-    }
-}
-
-/// What an operation does.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OpKind {
-    Create,
-    Start,
-    Stop,
-    Restart,
-    Delete,
-}
-
-impl OpKind {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            OpKind::Create => "create",
-            OpKind::Start => "start",
-            OpKind::Stop => "stop",
-            OpKind::Restart => "restart",
-            OpKind::Delete => "delete",
-        }
-    }
-
-    /// How long the operation may take before it ends failed. A delete waits for its node
-    /// however long it is away.
-    pub fn deadline_ms(&self) -> Option<u64> {
-        match self {
-            // Fetching a large image to a node on a slow link.
-            OpKind::Create => Some(30 * 60_000),
-            OpKind::Start | OpKind::Stop => Some(10 * 60_000),
-            OpKind::Restart => Some(15 * 60_000),
-            OpKind::Delete => None,
-        }
-    }
-
-    /// The names of its steps, in order.
-    pub fn steps(&self, start: bool) -> Vec<&'static str> {
-        match self {
-            OpKind::Create if start => vec!["placed and recorded", "node has the VM", "running"],
-            OpKind::Create => vec!["placed and recorded", "node has the VM", "stopped"],
-            OpKind::Start => vec!["intent recorded", "running"],
-            OpKind::Stop => vec!["intent recorded", "stopped"],
-            OpKind::Restart => vec!["stop recorded", "stopped", "start recorded", "running"],
-            OpKind::Delete => vec!["tombstone recorded", "node has removed it", "forgotten"],
-        }
+/// The names of an operation's steps, in order.
+pub fn step_names(kind: OpKind, start: bool) -> Vec<&'static str> {
+    match kind {
+        OpKind::Create if start => vec!["placed and recorded", "node has the VM", "running"],
+        OpKind::Create => vec!["placed and recorded", "node has the VM", "stopped"],
+        OpKind::Start => vec!["intent recorded", "running"],
+        OpKind::Stop => vec!["intent recorded", "stopped"],
+        OpKind::Restart => vec!["stop recorded", "stopped", "start recorded", "running"],
+        OpKind::Delete => vec!["tombstone recorded", "node has removed it", "forgotten"],
     }
 }
 
@@ -171,8 +124,7 @@ impl OpRec {
         now_ms: u64,
     ) -> Self {
         let start = vm.desired == VmDesired::Running;
-        let mut steps: Vec<Step> = kind
-            .steps(start)
+        let mut steps: Vec<Step> = step_names(kind, start)
             .into_iter()
             .map(|n| Step {
                 name: n.to_string(),
@@ -256,7 +208,7 @@ pub fn advance(op: &OpRec, vm: Option<&VmRec>, node_enrolled: bool, now_ms: u64)
         next.fail("the VM's node was removed", now_ms);
         return Advance::Write(next, None);
     }
-    if let Some(limit) = op.kind.deadline_ms() {
+    if let Some(limit) = deadline_ms(op.kind) {
         if now_ms.saturating_sub(op.created_at_ms) > limit {
             let seen = vm
                 .observed

@@ -9,6 +9,8 @@
 //!
 //! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
 
+pub mod images;
+pub mod placement;
 pub mod reconcile;
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,8 +20,8 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
-use serde::{Deserialize, Serialize};
 use tracing::info;
+use zy_api::{Accepted, CreateVm, OpId, OpKind, OpView, StepView, VmDesired, VmView};
 use zy_common::image::ImageKind;
 use zy_common::proto::{WireNic, WireVm};
 use zy_common::time::{now_millis, rfc3339};
@@ -27,11 +29,11 @@ use zy_common::vm::{Generation, VmState};
 use zy_common::{NodeId, VmId, Zone};
 
 use crate::api::ApiError;
-use crate::membership::NodeState;
-use crate::ops::{OpId, OpKind, OpRec, OpState};
-use crate::placement::{self, Demand, NodeCap};
-use crate::store::{StoreError, VmDesired, VmRec, VmWrite};
+use crate::fleet::membership::NodeState;
+use crate::ops::{OpRec, OpState};
+use crate::store::{StoreError, VmRec, VmWrite};
 use crate::Coordinator;
+use placement::{Demand, NodeCap};
 use zy_common::resources::{Resources, VmSize};
 
 /// A zone's network.
@@ -65,87 +67,6 @@ pub fn allocate_ip(net: ZoneNet, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
     (2..size - 1)
         .map(|i| Ipv4Addr::from(base + i))
         .find(|ip| !taken.contains(ip))
-}
-
-/// `POST /v1/vms`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    pub name: String,
-    pub zone: Zone,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    #[serde(default)]
-    pub disk_gib: u64,
-    pub image: String,
-    #[serde(default = "yes")]
-    pub start: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A VM as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct VmView {
-    pub id: VmId,
-    pub name: String,
-    pub zone: Zone,
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    pub disk_gib: u64,
-    pub image: String,
-    pub node: Option<String>,
-    pub node_id: Option<NodeId>,
-    pub desired: VmDesired,
-    /// The desired generation (bumped by each change of intent).
-    pub generation: u64,
-    /// The desired generation the node has taken up, and the node's observed generation.
-    pub node_intent: Option<u64>,
-    pub observed_generation: Option<u64>,
-    pub state: String,
-    pub reason: Option<String>,
-    pub ip: Ipv4Addr,
-    pub mac: String,
-    pub pid: Option<u32>,
-    pub state_since: String,
-    pub created_at: String,
-    /// The operation under way on this VM, if any.
-    pub operation: Option<OpId>,
-}
-
-/// An operation as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct OpView {
-    pub id: OpId,
-    pub kind: OpKind,
-    pub vm: VmId,
-    pub vm_name: String,
-    /// running, succeeded or failed.
-    pub state: String,
-    pub reason: Option<String>,
-    pub steps: Vec<StepView>,
-    /// The index of the step under way.
-    pub current_step: usize,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
-/// One step of an operation.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct StepView {
-    pub name: String,
-    pub done_at: Option<String>,
-}
-
-/// The answer to a request that changes a VM: the operation that carries it out (follow it
-/// at `GET /v1/ops/{id}`), and the VM as recorded.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct Accepted {
-    pub operation: OpView,
-    /// Absent only when a repeated request finds its VM gone (a delete that has finished).
-    pub vm: Option<VmView>,
 }
 
 /// The operation's view.

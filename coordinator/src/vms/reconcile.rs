@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
+use zy_api::{OpKind, VmDesired};
 use zy_common::proto::{CommandKind, ReplyErrorKind, ReplyKind, VmInfo, VmIntent};
 use zy_common::time::now_millis;
 use zy_common::vm::{Desired, Generation, VmState};
@@ -28,8 +29,8 @@ use zy_common::{NodeId, VmId, Zone};
 
 use super::{publish_op, write, zone_net, Batch, Table};
 use crate::fleet::CommandError;
-use crate::ops::{self, Advance, OpKind};
-use crate::store::{Observed, VmDesired, VmRec};
+use crate::ops::{self, Advance};
+use crate::store::{Observed, VmRec};
 use crate::Coordinator;
 
 /// How often the reconciler looks, when nothing wakes it sooner.

@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::de::DeserializeOwned;
 
-use crate::api_types::ErrorBody;
+use zy_api::ErrorBody;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -1,7 +1,7 @@
 //! `zy`: the Zhengyun ops CLI. Thin: parse, run, map the outcome to an exit code.
 
 use clap::Parser;
-use zy_coordinator::cli::{self, Cli, ExitCode};
+use zy_cli::{Cli, ExitCode};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -15,7 +15,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(ExitCode::Failure as u8);
         }
     };
-    match rt.block_on(cli::run(cli)) {
+    match rt.block_on(zy_cli::run(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zy: {}", e.message);

@@ -6,6 +6,12 @@
 //! `/var/lib/zhengyun/coordinator/zy.toml` (the one `zy-coordinator init` writes).
 //!
 //! Exit codes scripts can rely on: see [`ExitCode`].
+//!
+//! It needs only the API's types (`zy-api`), the shared vocabulary (`zy-common` without its
+//! daemon features) and an HTTPS client ([`client`]): never the coordinator's store, fleet
+//! or server, so it builds small and runs anywhere an operator sits.
+
+pub mod client;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,10 +19,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
+use zy_api::*;
 use zy_common::ids::Zone;
 use zy_common::time::{ago, now_millis};
 
-use crate::api_types::*;
 use crate::client::{Client, ClientError};
 
 /// Exit codes of `zy`.
@@ -485,7 +491,6 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             shared,
             json,
         }) => {
-            use crate::images::{BlobView, ImageView};
             let mut body = match (file, kernel) {
                 (Some(f), None) => {
                     let ext = f.extension().and_then(|e| e.to_str()).unwrap_or("");
@@ -559,11 +564,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             follow(&c, a, &wait).await
         }
         Command::Vm(VmCmd::Ls(j)) => {
-            let vms: Vec<crate::vms::VmView> = c.call(Method::GET, "/v1/vms", None).await?;
+            let vms: Vec<VmView> = c.call(Method::GET, "/v1/vms", None).await?;
             print(j.json, &vms, || vm_table(&vms))
         }
         Command::Vm(VmCmd::Show { vm, json }) => {
-            let v: crate::vms::VmView = c
+            let v: VmView = c
                 .call(
                     Method::GET,
                     &format!("/v1/vms/{}", path_segment(&vm)?),
@@ -576,11 +581,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Vm(VmCmd::Stop { vm, wait }) => vm_action(&c, "stop", &vm, &wait).await,
         Command::Vm(VmCmd::Restart { vm, wait }) => vm_action(&c, "restart", &vm, &wait).await,
         Command::Op(OpCmd::Ls(j)) => {
-            let ops: Vec<crate::vms::OpView> = c.call(Method::GET, "/v1/ops", None).await?;
+            let ops: Vec<OpView> = c.call(Method::GET, "/v1/ops", None).await?;
             print(j.json, &ops, || op_table(&ops))
         }
         Command::Op(OpCmd::Show { id, json }) => {
-            let op: crate::vms::OpView = c
+            let op: OpView = c
                 .call(
                     Method::GET,
                     &format!("/v1/ops/{}", path_segment(&id)?),
@@ -604,12 +609,11 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             follow(&c, a, &wait).await
         }
         Command::Image(ImageCmd::Ls(j)) => {
-            let images: Vec<crate::images::ImageView> =
-                c.call(Method::GET, "/v1/images", None).await?;
+            let images: Vec<ImageView> = c.call(Method::GET, "/v1/images", None).await?;
             print(j.json, &images, || image_table(&images))
         }
         Command::Image(ImageCmd::Rm { name, json }) => {
-            let img: crate::images::ImageView = c
+            let img: ImageView = c
                 .call(
                     Method::DELETE,
                     &format!("/v1/images/{}", path_segment(&name)?),
@@ -648,7 +652,7 @@ impl<W: std::io::Write> std::io::Write for EventPrinter<W> {
         self.buf.extend_from_slice(data);
         while let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = self.buf.drain(..=end).collect();
-            let text = match serde_json::from_slice::<crate::events::SiteEvent>(&line) {
+            let text = match serde_json::from_slice::<SiteEvent>(&line) {
                 Ok(e) => format!(
                     "{}  {:<4}  {:<16} {:<9} {}\n",
                     e.at, e.kind, e.name, e.state, e.detail
@@ -870,7 +874,7 @@ async fn mutate(
     method: Method,
     path: String,
     body: Option<serde_json::Value>,
-) -> Result<crate::vms::Accepted, CliError> {
+) -> Result<Accepted, CliError> {
     let key: [u8; 16] = rand::random();
     let c = c.with_idempotency_key(zy_common::token::hex(&key));
     let mut tries = 0;
@@ -888,7 +892,7 @@ async fn mutate(
 /// Follows an operation to its end, printing each step as it is done, unless --no-wait.
 /// The work goes on at the coordinator whatever happens here (an interrupted `zy` changes
 /// nothing): this only watches.
-async fn follow(c: &Client, a: crate::vms::Accepted, wait: &WaitFlags) -> Result<(), CliError> {
+async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliError> {
     let mut op = a.operation;
     if wait.no_wait {
         return print(wait.json, &op, || {
@@ -920,7 +924,7 @@ async fn follow(c: &Client, a: crate::vms::Accepted, wait: &WaitFlags) -> Result
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         match c
-            .call::<crate::vms::OpView>(Method::GET, &format!("/v1/ops/{}", op.id), None)
+            .call::<OpView>(Method::GET, &format!("/v1/ops/{}", op.id), None)
             .await
         {
             Ok(o) => {
@@ -955,7 +959,7 @@ async fn follow(c: &Client, a: crate::vms::Accepted, wait: &WaitFlags) -> Result
     }
 }
 
-fn op_table(ops: &[crate::vms::OpView]) -> String {
+fn op_table(ops: &[OpView]) -> String {
     if ops.is_empty() {
         return "no operations yet\n".into();
     }
@@ -978,7 +982,7 @@ fn op_table(ops: &[crate::vms::OpView]) -> String {
     table(&["ID", "KIND", "VM", "STATE", "STEP", "CREATED"], &rows)
 }
 
-fn op_detail(o: &crate::vms::OpView) -> String {
+fn op_detail(o: &OpView) -> String {
     let mut s = format!(
         "operation: {}\nkind:      {}\nvm:        {} ({})\nstate:     {}\ncreated:   {}\nupdated:   {}\n",
         o.id,
@@ -1004,7 +1008,7 @@ fn op_detail(o: &crate::vms::OpView) -> String {
     s
 }
 
-fn vm_table(vms: &[crate::vms::VmView]) -> String {
+fn vm_table(vms: &[VmView]) -> String {
     if vms.is_empty() {
         return "no VMs: `zy vm create --name N --zone Z --image I` makes one\n".into();
     }
@@ -1031,7 +1035,7 @@ fn vm_table(vms: &[crate::vms::VmView]) -> String {
     )
 }
 
-fn vm_detail(v: &crate::vms::VmView) -> String {
+fn vm_detail(v: &VmView) -> String {
     let mut s = format!(
         "name:      {}\nid:        {}\nzone:      {}\nstate:     {} since {} (wanted: {:?}, generation {}, node has {})\nnode:      {}\naddress:   {} (mac {})\nsize:      {} vCPU, {} MiB, {} GiB disk\nimage:     {}\nqemu pid:  {}\ncreated:   {}\n",
         v.name,
@@ -1061,7 +1065,7 @@ fn vm_detail(v: &crate::vms::VmView) -> String {
     s
 }
 
-fn image_table(images: &[crate::images::ImageView]) -> String {
+fn image_table(images: &[ImageView]) -> String {
     use zy_common::image::ImageKind;
     if images.is_empty() {
         return "no images: `zy image import FILE --name N --zone Z` uploads one\n".into();

@@ -8,12 +8,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
 use tracing::info;
+use zy_api::{BlobView, CreateImage, ImageView};
 use zy_common::blob::{BlobError, BlobHash};
-use zy_common::image::{DiskFormat, ImageKind};
+use zy_common::image::ImageKind;
 use zy_common::time::{now_millis, rfc3339};
-use zy_common::Zone;
 
 use crate::api::ApiError;
 use crate::store::ImageRecord;
@@ -21,46 +20,6 @@ use crate::Coordinator;
 
 /// The largest blob accepted (an image file).
 pub const MAX_BLOB: u64 = 64 << 30;
-
-/// `PUT /v1/blobs`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct BlobView {
-    pub hash: BlobHash,
-    pub size: u64,
-}
-
-/// `POST /v1/images`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CreateImage {
-    pub name: String,
-    /// A disk image: the blob holding it (its size is read from it).
-    pub disk: Option<BlobHash>,
-    /// The disk image's format as the uploader declares it: `qcow2` or `raw`. Required with
-    /// `disk`; the image is inspected and refused if it is not what is declared.
-    pub format: Option<DiskFormat>,
-    /// A kernel image: the kernel's blob, and optionally an initramfs and a command line.
-    pub kernel: Option<BlobHash>,
-    /// The zone whose VMs may boot it...
-    pub zone: Option<Zone>,
-    /// ...or `true`: shared with both zones (a platform image). Exactly one of the two.
-    #[serde(default)]
-    pub shared: bool,
-    pub initrd: Option<BlobHash>,
-    pub cmdline: Option<String>,
-}
-
-/// An image as the API shows it.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct ImageView {
-    pub name: String,
-    pub kind: ImageKind,
-    pub size_bytes: u64,
-    pub created_at: String,
-    /// The zone whose VMs may boot it; absent for a shared image.
-    pub zone: Option<Zone>,
-    pub shared: bool,
-}
 
 fn view(r: &ImageRecord) -> ImageView {
     ImageView {
@@ -257,7 +216,7 @@ pub async fn delete_image(
     let mut users: Vec<String> = coord.vms.with(|t| {
         t.vms
             .values()
-            .filter(|v| v.image == name && v.desired != crate::store::VmDesired::Deleted)
+            .filter(|v| v.image == name && v.desired != zy_api::VmDesired::Deleted)
             .map(|v| v.name.clone())
             .collect()
     });

@@ -11,18 +11,21 @@
 //! What is not: live load and the exact last-seen instant between transitions; both are
 //! re-reported within a second of an agent reconnecting.
 
+pub mod statedir;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use zy_api::VmDesired;
 use zy_common::ids::{NodeId, TokenId, Zone};
 use zy_common::proto::Inventory;
 use zy_common::token::SecretHash;
 use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 
-use crate::membership::NodeState;
+use crate::fleet::membership::NodeState;
 
 /// The schema this build writes and reads. Schema 1 (VMs without generations, deletions in
 /// a table of their own) is converted at open.
@@ -89,7 +92,7 @@ pub enum StoreError {
     },
     #[error("operation {op} changed meanwhile")]
     OpConflict {
-        op: crate::ops::OpId,
+        op: zy_api::OpId,
         current: Option<Box<crate::ops::OpRec>>,
     },
 }
@@ -167,16 +170,6 @@ pub struct ImageRecord {
     pub created_at_ms: u64,
     /// The zone whose VMs may boot it; `None`: shared by a platform admin with both zones.
     pub zone: Option<Zone>,
-}
-
-/// What the site wants of a VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VmDesired {
-    Running,
-    Stopped,
-    /// A tombstone: deleted at the site, kept until its node confirms it removed the VM.
-    Deleted,
 }
 
 /// What a VM's node last reported of it.
@@ -466,7 +459,7 @@ impl Store {
         &self,
         vms: &[VmWrite],
         ops: &[crate::ops::OpRec],
-    ) -> Result<Vec<crate::ops::OpId>, StoreError> {
+    ) -> Result<Vec<zy_api::OpId>, StoreError> {
         // An operation's revision is one more than the stored one (1 for a new one).
         let txn = self.db.begin_write()?;
         let pruned;
@@ -888,7 +881,7 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<crate::ops::OpId>, StoreError> {
+fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<zy_api::OpId>, StoreError> {
     if (table.len()? as usize) <= FINISHED_OPS_KEPT {
         return Ok(Vec::new());
     }
@@ -904,7 +897,7 @@ fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<crate::ops::Op
         return Ok(Vec::new());
     }
     finished.sort();
-    let drop: Vec<crate::ops::OpId> = finished[..finished.len() - FINISHED_OPS_KEPT]
+    let drop: Vec<zy_api::OpId> = finished[..finished.len() - FINISHED_OPS_KEPT]
         .iter()
         .map(|(_, id)| *id)
         .collect();

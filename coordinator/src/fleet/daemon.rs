@@ -20,8 +20,8 @@ use zy_common::tls::{CaFingerprint, NodeIdentity};
 use zy_common::token::BootstrapToken;
 use zy_common::wire::{self, StreamError, MAX_BODY, PROTOCOL_VERSIONS};
 
+use crate::fleet::membership::NodeState;
 use crate::fleet::{Kick, Session};
-use crate::membership::NodeState;
 use crate::store::{EnrollError, NodeRecord};
 use crate::Coordinator;
 
@@ -349,7 +349,7 @@ fn may_fetch(coord: &Coordinator, node: NodeId, hash: &zy_common::blob::BlobHash
     coord.vms.with(|t| {
         t.vms.values().any(|v| {
             v.node == Some(node)
-                && v.desired != crate::store::VmDesired::Deleted
+                && v.desired != zy_api::VmDesired::Deleted
                 && v.boot.blobs().contains(hash)
         })
     })

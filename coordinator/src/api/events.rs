@@ -5,26 +5,13 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
+use zy_api::SiteEvent;
 
 use crate::Coordinator;
 
 /// Events kept for slow readers before they start losing them.
 const BACKLOG: usize = 1024;
-
-/// One event.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct SiteEvent {
-    pub at: String,
-    pub at_ms: u64,
-    /// `node` or `vm`.
-    pub kind: String,
-    pub id: String,
-    pub name: String,
-    pub state: String,
-    pub detail: String,
-}
 
 /// The broadcaster.
 #[derive(Debug)]

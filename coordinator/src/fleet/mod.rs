@@ -4,6 +4,9 @@
 //!
 //! Locking: one mutex, held only for map updates, never across an await or I/O.
 
+pub mod daemon;
+pub mod membership;
+
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +20,7 @@ use zy_common::proto::{
 };
 use zy_common::quic::Timings;
 
-use crate::membership::NodeState;
+use crate::fleet::membership::NodeState;
 use crate::store::{NodeRecord, NodeUpdate, RemovedRecord, TransitionRecord};
 
 /// One live connection of a node.

@@ -1,0 +1,67 @@
+//! VMs: what is asked for and what is shown.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use zy_common::{NodeId, VmId, Zone};
+
+use crate::OpId;
+
+/// `POST /v1/vms`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub disk_gib: u64,
+    pub image: String,
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A VM as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct VmView {
+    pub id: VmId,
+    pub name: String,
+    pub zone: Zone,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub image: String,
+    pub node: Option<String>,
+    pub node_id: Option<NodeId>,
+    pub desired: VmDesired,
+    /// The desired generation (bumped by each change of intent).
+    pub generation: u64,
+    /// The desired generation the node has taken up, and the node's observed generation.
+    pub node_intent: Option<u64>,
+    pub observed_generation: Option<u64>,
+    pub state: String,
+    pub reason: Option<String>,
+    pub ip: Ipv4Addr,
+    pub mac: String,
+    pub pid: Option<u32>,
+    pub state_since: String,
+    pub created_at: String,
+    /// The operation under way on this VM, if any.
+    pub operation: Option<OpId>,
+}
+
+/// What the site wants of a VM. The coordinator's store keeps it too, in its VM records:
+/// renaming or reordering the variants changes that format as well as the JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmDesired {
+    Running,
+    Stopped,
+    /// A tombstone: deleted at the site, kept until its node confirms it removed the VM.
+    Deleted,
+}
