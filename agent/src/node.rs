@@ -25,7 +25,7 @@ use crate::vm::manager::{Begin, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
 use crate::vm::runner::{QemuRunner, VmRunner};
 use crate::vm::seed::{Seed, SeedNic};
-use crate::vm::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
+use crate::vm::spec::{BaseImage, Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
 /// Everything VM commands need.
 #[derive(Debug)]
@@ -304,6 +304,10 @@ impl Node {
                 disks.push(DiskSpec {
                     path: disk,
                     format: "qcow2".into(),
+                    base: Some(BaseImage {
+                        path: self.cache.path(blob),
+                        format: format.as_str().to_string(),
+                    }),
                 });
                 // A real image learns its name and addresses from cloud-init's NoCloud seed.
                 let seed = Seed {
@@ -331,6 +335,7 @@ impl Node {
                 disks.push(DiskSpec {
                     path,
                     format: "raw".into(),
+                    base: None,
                 });
                 Boot::Disk
             }
@@ -346,6 +351,7 @@ impl Node {
                     disks.push(DiskSpec {
                         path: disk,
                         format: "qcow2".into(),
+                        base: None,
                     });
                 }
                 let mut line = format!("{cmdline} zy.name={}", vm.name);

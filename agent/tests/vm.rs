@@ -83,6 +83,7 @@ fn spec(name: &str, disk: Option<PathBuf>) -> VmSpec {
             .map(|path| DiskSpec {
                 path,
                 format: "qcow2".into(),
+                base: None,
             })
             .collect(),
         nics: vec![],

@@ -334,6 +334,15 @@ fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
         "--image", "disk",
     ]);
     let d1 = wait_vm(&site, "d1", "running");
+    // Review finding 4: QEMU is given the whole chain, the cached base read-only with no
+    // backing of its own, so no header can make it open another file.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", d1.pid.unwrap())).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains("node-name=base0,read-only=on,backing= ")
+            && cmdline.contains("node-name=disk0,backing=base0"),
+        "{cmdline}"
+    );
     let boot = |n: usize| {
         wait_for(&format!("boot {n} of the disk image"), BOOT, || {
             let c = console(&site, 1, &d1);

@@ -34,6 +34,21 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// `qcow2` or `raw`.
     pub format: String,
+    /// The image a qcow2 overlay is on, when the agent made it: QEMU is then given the
+    /// whole chain, the base opened read-only with its own backing explicitly none, so
+    /// neither header (the overlay's backing name, a base's backing or data file) can
+    /// make QEMU open another file. Records from before it have none; QEMU then follows
+    /// the overlay's header, naming the base the agent wrote there and inspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseImage>,
+}
+
+/// A read-only base image in the node's cache.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaseImage {
+    pub path: PathBuf,
+    /// `qcow2` or `raw`.
+    pub format: String,
 }
 
 /// One NIC, on a tap device the network layer made.
@@ -134,6 +149,12 @@ impl VmSpec {
         })?;
         for d in &self.disks {
             safe_path("disk path", &d.path)?;
+            if let Some(b) = &d.base {
+                safe_path("base image path", &b.path)?;
+                if d.format != "qcow2" || (b.format != "qcow2" && b.format != "raw") {
+                    return Err(SpecError::Format(format!("{} on {}", d.format, b.format)));
+                }
+            }
             if d.format != "qcow2" && d.format != "raw" {
                 return Err(SpecError::Format(d.format.clone()));
             }
@@ -211,13 +232,38 @@ impl VmSpec {
         }
         for (i, d) in self.disks.iter().enumerate() {
             let path = safe_path("disk path", &d.path)?;
+            // The overlay's backing: the base's node, or (records from before) its header.
+            let mut backing = String::new();
+            if let Some(b) = &d.base {
+                let base = safe_path("base image path", &b.path)?;
+                push(&[
+                    "-blockdev",
+                    &format!(
+                        "driver=file,filename={base},node-name=basefile{i},read-only=on,cache.direct=off"
+                    ),
+                ]);
+                // A qcow2 base's own backing is none, whatever its header says; raw has
+                // no backing at all.
+                let none = if b.format == "qcow2" { ",backing=" } else { "" };
+                push(&[
+                    "-blockdev",
+                    &format!(
+                        "driver={},file=basefile{i},node-name=base{i},read-only=on{none}",
+                        b.format
+                    ),
+                ]);
+                backing = format!(",backing=base{i}");
+            }
             push(&[
                 "-blockdev",
                 &format!("driver=file,filename={path},node-name=file{i},cache.direct=off"),
             ]);
             push(&[
                 "-blockdev",
-                &format!("driver={},file=file{i},node-name=disk{i}", d.format),
+                &format!(
+                    "driver={},file=file{i},node-name=disk{i}{backing}",
+                    d.format
+                ),
             ]);
             push(&[
                 "-device",
@@ -270,6 +316,7 @@ mod tests {
             disks: vec![DiskSpec {
                 path: "/d/root.qcow2".into(),
                 format: "qcow2".into(),
+                base: None,
             }],
             nics: vec![NicSpec {
                 tap: "zyt0".into(),
@@ -295,6 +342,52 @@ mod tests {
         );
         assert!(args.contains("driver=qcow2,file=file0,node-name=disk0"));
         assert!(args.contains("-append console=ttyS0 zy.name=web-1"));
+    }
+
+    /// Review finding 4: QEMU followed backing names in image headers. An overlay the agent
+    /// made is given its base as a node of its own, read-only, whose own backing is none.
+    #[test]
+    fn an_overlay_is_given_its_base_with_no_backing_of_its_own() {
+        let mut s = spec();
+        s.disks[0].base = Some(BaseImage {
+            path: "/img/abc".into(),
+            format: "qcow2".into(),
+        });
+        let args = s.qemu_args(&VmPaths { dir: "/v/x".into() }).unwrap();
+        let blockdevs: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| w[1].as_str())
+            .collect();
+        assert_eq!(
+            blockdevs,
+            [
+                "driver=file,filename=/img/abc,node-name=basefile0,read-only=on,cache.direct=off",
+                "driver=qcow2,file=basefile0,node-name=base0,read-only=on,backing=",
+                "driver=file,filename=/d/root.qcow2,node-name=file0,cache.direct=off",
+                "driver=qcow2,file=file0,node-name=disk0,backing=base0",
+            ]
+        );
+        // A raw base has no backing option at all.
+        s.disks[0].base.as_mut().unwrap().format = "raw".into();
+        let args = s
+            .qemu_args(&VmPaths { dir: "/v/x".into() })
+            .unwrap()
+            .join(" ");
+        assert!(
+            args.contains("driver=raw,file=basefile0,node-name=base0,read-only=on "),
+            "{args}"
+        );
+        // Only a qcow2 overlay has a base, of a known format, at a path QEMU can be told.
+        let mut bad = s.clone();
+        bad.disks[0].format = "raw".into();
+        assert!(matches!(bad.validate(), Err(SpecError::Format(_))));
+        let mut bad = s.clone();
+        bad.disks[0].base.as_mut().unwrap().format = "vmdk".into();
+        assert!(matches!(bad.validate(), Err(SpecError::Format(_))));
+        let mut bad = s;
+        bad.disks[0].base.as_mut().unwrap().path = "/img/a,driver=raw".into();
+        assert!(matches!(bad.validate(), Err(SpecError::Unsafe { .. })));
     }
 
     #[test]
