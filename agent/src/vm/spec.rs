@@ -37,9 +37,10 @@ pub struct DiskSpec {
     /// The image a qcow2 overlay is on, when the agent made it: QEMU is then given the
     /// whole chain, the base opened read-only with its own backing explicitly none, so
     /// neither header (the overlay's backing name, a base's backing or data file) can
-    /// make QEMU open another file. Records from before it have none; QEMU then follows
-    /// the overlay's header, naming the base the agent wrote there and inspected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// make QEMU open another file. Records from before it (version 2) have none; QEMU
+    /// then follows the overlay's header, naming the base the agent wrote there and
+    /// inspected. (No serde defaults here: records are postcard, which has no field names;
+    /// a new field is a new record version.)
     pub base: Option<BaseImage>,
 }
 
