@@ -251,7 +251,12 @@ async fn drive(
         .await
         .map_err(stream)?;
     // And what the node runs but does not know.
-    for s in node.vms.strays() {
+    for s in node
+        .vms
+        .strays()
+        .iter()
+        .filter(|s| crate::vm::runner::is_qemu_of(s.pid, s.id))
+    {
         let message = format!(
             "QEMU pid {} runs VM {} that this node has no record of; it was left running",
             s.pid, s.id

@@ -21,7 +21,7 @@ use zy_common::VmId;
 use crate::netdev::{Networks, Segment};
 use crate::uplink::{BlobSource, Uplink};
 use crate::vm::actor::{Ctx, Request, VmEvent};
-use crate::vm::manager::{Begin, VmManager, PREPARING_MARKER};
+use crate::vm::manager::{find_strays, Begin, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
 use crate::vm::runner::{QemuRunner, VmRunner};
 use crate::vm::seed::{Seed, SeedNic};
@@ -263,6 +263,50 @@ impl Node {
         if let Some(mut done) = self.vms.cancel(id) {
             let _ = done.wait_for(|d| *d).await;
         }
+        self.delete_stray(id).await
+    }
+
+    /// A VM this agent has no record of (its record was lost or unreadable) may still run
+    /// from its directory: deleted at the site, its QEMU and its files go too, or they would
+    /// be left with nobody to remove them (the chaos run found such a QEMU).
+    async fn delete_stray(&self, id: VmId) -> Result<(), ReplyError> {
+        let paths = VmPaths::new(self.vms.data_dir(), id);
+        let vms_dir = paths.dir.parent().map(std::path::Path::to_path_buf);
+        let strays = match vms_dir {
+            Some(d) => blocking(move || Ok(find_strays(&d, &|v| v != id))).await,
+            None => Ok(Vec::new()),
+        }
+        .map_err(failed)?;
+        let mut segments = Vec::new();
+        for s in strays {
+            warn!(vm = %id, pid = s.pid, "deleting a VM this node has no record of: killing its QEMU");
+            // Its networks, read off its taps while they exist: released once it is gone.
+            segments.extend(stray_segments(s.pid));
+            if crate::vm::runner::is_qemu_of(s.pid, id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(s.pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            for _ in 0..200 {
+                if !crate::vm::runner::pid_alive(s.pid) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            }
+        }
+        self.vms.cleanup_supervisor(id).await;
+        if let (Some(n), false) = (&self.networks, segments.is_empty()) {
+            for e in n.leave(&segments).await {
+                warn!(vm = %id, error = %e, "cannot release a network of a VM this node has no record of");
+            }
+        }
+        if tokio::fs::try_exists(&paths.dir).await.unwrap_or(false) {
+            info!(vm = %id, dir = %paths.dir.display(), "removing the directory of a VM this node has no record of");
+            crate::vm::actor::remove_vm_dir(paths.dir)
+                .await
+                .map_err(failed)?;
+        }
         Ok(())
     }
 
@@ -412,6 +456,46 @@ impl Node {
         spec.validate().map_err(|e| e.to_string())?;
         Ok((spec, ports))
     }
+}
+
+/// The networks a running QEMU's taps are on, from its command line (`ifname=`) and each
+/// tap's bridge (`zybr<vni>`): enough to release them (only the VNI names a segment's
+/// devices).
+fn stray_segments(pid: i32) -> Vec<(String, Segment)> {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for arg in cmdline.split(|b| *b == 0) {
+        let arg = String::from_utf8_lossy(arg);
+        let Some(tap) = arg
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("ifname="))
+            .filter(|t| t.starts_with("zyt") && !t.contains('/'))
+        else {
+            continue;
+        };
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).ok();
+        let vni = master
+            .as_ref()
+            .and_then(|m| m.file_name())
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("zybr"))
+            .and_then(|v| v.parse::<u32>().ok());
+        if let Some(vni) = vni {
+            out.push((
+                tap.to_string(),
+                Segment {
+                    vni,
+                    zone: zy_common::Zone::Intranet,
+                    local: std::net::Ipv4Addr::UNSPECIFIED,
+                    peers: Default::default(),
+                    underlay_mtu: crate::netdev::UNDERLAY_MTU,
+                },
+            ));
+        }
+    }
+    out
 }
 
 /// Makes a preparation's own directory, marked as such. One that exists was made by someone

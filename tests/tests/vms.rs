@@ -514,3 +514,45 @@ fn many_vms_started_at_once_on_one_node_all_join_their_network() {
     }
     assert_no_vm_links(&site, 1);
 }
+
+/// A VM whose record the agent cannot read is left running after the agent's restart (ops
+/// decide), and reported; deleting it at the site then removes its QEMU and its files, which
+/// nobody else would (the chaos run found one left behind).
+#[test]
+fn a_vm_whose_record_is_unreadable_goes_when_it_is_deleted() {
+    let site = Site::with_agents(&["intranet"]).unwrap();
+    site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
+        .unwrap();
+    site.zy_ok(&[
+        "vm", "create", "--name", "r1", "--zone", "intranet", "--memory", "128", "--disk", "1",
+        "--image", "guest",
+    ]);
+    let r1 = wait_vm(&site, "r1", "running");
+    let pid = r1.pid.unwrap() as i32;
+    let dir = site.agent_dir(1).join("vms").join(r1.id.to_string());
+    site.lab.signal("agent-n1", Signal::SIGKILL);
+    std::fs::write(dir.join("vm.rec"), b"ZV garbage").unwrap();
+    site.start_agent(1, &[]).unwrap();
+    site.wait_reporting("n1", 0, Duration::from_secs(60))
+        .unwrap();
+    wait_for("the agent's notice", Duration::from_secs(30), || {
+        site.lab
+            .log("coordinator")
+            .contains(&format!(
+                "runs VM {} that this node has no record of",
+                r1.id
+            ))
+            .then_some(())
+    })
+    .unwrap();
+    assert!(zy_lab::pid_alive(pid), "left running for ops to decide");
+    site.zy_ok(&["vm", "delete", "r1"]);
+    wait_for(
+        "its QEMU and directory to go",
+        Duration::from_secs(60),
+        || (!zy_lab::pid_alive(pid) && !dir.exists()).then_some(()),
+    )
+    .unwrap();
+    assert!(!site.zy(&["vm", "show", "r1"]).status.success());
+    assert_no_vm_links(&site, 1);
+}

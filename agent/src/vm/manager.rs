@@ -492,6 +492,12 @@ impl VmManager {
         &self.ctx.data_dir
     }
 
+    /// Removes what the supervisor kept for VM `id` (a cgroup, a failed unit), whose QEMU
+    /// is gone.
+    pub async fn cleanup_supervisor(&self, id: VmId) {
+        self.ctx.runner.cleanup(id).await;
+    }
+
     /// Forgets a deleted VM.
     pub fn forget(&self, id: VmId) {
         self.lock().remove(&id);
