@@ -296,6 +296,17 @@ impl Node {
             }
         }
         self.vms.cleanup_supervisor(id).await;
+        // A tap goes with the last descriptor of it, which may outlive the process by a
+        // moment: a segment still used by it would not be released.
+        for _ in 0..200 {
+            let left = segments
+                .iter()
+                .any(|(tap, _)| std::path::Path::new("/sys/class/net").join(tap).exists());
+            if !left {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         if let (Some(n), false) = (&self.networks, segments.is_empty()) {
             for e in n.leave(&segments).await {
                 warn!(vm = %id, error = %e, "cannot release a network of a VM this node has no record of");

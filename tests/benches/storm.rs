@@ -233,14 +233,18 @@ fn main() {
         );
     }
     // One agent restarts (its node quicker back than the site notices it gone): only its
-    // session changes.
+    // session changes, and its zone is told again (which also repairs drifted members).
     {
         let mut state = settled(&site);
         let s = run_one(&site, &mut state, 0);
         println!("[storm] one agent reconnects: {s:?}");
         res.row(
             format!("{n} nodes × {vms} VMs, one agent reconnects: peer updates"),
-            format!("{} (its zone has {} nodes)", s.updates, n.div_ceil(2)),
+            format!(
+                "{} (its zone has {} nodes: each is told again once)",
+                s.updates,
+                n.div_ceil(2)
+            ),
             "—",
         );
     }

@@ -560,7 +560,10 @@ pub fn plan_peers(
             continue;
         }
         z.first_unsent_change = None;
-        z.dirty = false;
+        // A change of membership (a node's session included) is told to every member,
+        // even one whose list stays the same: it is also how a node's drifted state (an
+        // entry removed by hand, a device rebuilt) gets repaired.
+        let everyone = std::mem::take(&mut z.dirty);
         let vni = zone_net(zone).vni;
         for n in nodes {
             let peers: Vec<Ipv4Addr> = members
@@ -568,12 +571,10 @@ pub fn plan_peers(
                 .filter(|(_, p, _)| *p != n.ip)
                 .map(|(_, p, _)| *p)
                 .collect();
-            // Told exactly this on its current session: nothing to send (one agent's
-            // reconnect is news to that node alone when the zone's addresses stay).
-            let up_to_date = s
-                .peers_sent
-                .get(&n.id)
-                .is_some_and(|(sid, v, p)| *sid == n.session && *v == vni && *p == peers);
+            let up_to_date = !everyone
+                && s.peers_sent
+                    .get(&n.id)
+                    .is_some_and(|(sid, v, p)| *sid == n.session && *v == vni && *p == peers);
             if up_to_date {
                 continue;
             }
@@ -705,15 +706,13 @@ mod tests {
         assert_eq!(sent.len(), 40);
         assert!(sent.iter().all(|u| u.peers.len() == 19));
 
-        // One agent restarts (a new session, same address): news to it alone. (Before, the
-        // whole zone was told again: 20 updates.)
+        // One agent restarts (a new session, same address): its zone is told again, once
+        // each (which also repairs a member's drifted state); the other zone not.
         let mut again = all.clone();
         again[0].session = 2;
         let sent = drive(&mut s, 2, &hosting, &again, t0 + TICK * 100, 40);
-        assert_eq!(
-            sent.iter().map(|u| u.node).collect::<Vec<_>>(),
-            vec![all[0].id]
-        );
+        assert_eq!(sent.len(), 20);
+        assert!(sent.iter().all(|u| u.vni == zone_net(Zone::Intranet).vni));
 
         // A node leaves: every other member of its zone is told, once; the other zone not.
         let left: Vec<PeerNode> = again[1..].to_vec();
