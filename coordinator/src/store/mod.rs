@@ -1029,6 +1029,15 @@ fn prune_transitions(
     Ok(())
 }
 
+impl Store {
+    /// Takes the store's one writer and holds it until the transaction is dropped (tests
+    /// use it to make writers queue).
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("a write transaction")
+    }
+}
+
 /// A VM record for tests: running at generation 1, placed on a node, never observed.
 #[cfg(test)]
 pub(crate) fn test_vm(name: &str) -> VmRec {
