@@ -152,8 +152,8 @@ async fn run(writers: usize, max_group: usize, secs: u64) -> Result<Run> {
     })
 }
 
-/// The type and device of the filesystem holding `path`, as /proc/mounts says (the mount
-/// whose point is the longest prefix of the path).
+/// The type of the filesystem holding `path`, as /proc/mounts says (the mount whose point is
+/// the longest prefix of the path).
 fn filesystem_of(path: &std::path::Path) -> String {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
@@ -161,10 +161,10 @@ fn filesystem_of(path: &std::path::Path) -> String {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && path.starts_with(f[1])).then(|| (f[1].len(), f[2], f[0]))
+            (f.len() >= 3 && path.starts_with(f[1])).then(|| (f[1].len(), f[2]))
         })
-        .max_by_key(|(len, _, _)| *len)
-        .map(|(_, fs, dev)| format!("{fs} ({dev})"))
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fs)| fs.to_string())
         .unwrap_or_else(|| "an unknown filesystem".into())
 }
 
