@@ -10,6 +10,9 @@
 #          VMs, the reconciler's planning on a virtual clock; a second. Runs with spine.
 #   calls  (tests/benches/calls.rs): how soon a call pending on a node fails once its
 #          session ends; half a minute. Runs with spine.
+#   store  (tests/benches/store.rs): VM writes and fsyncs per second with 1, 8 and 64
+#          writers against a redb file, with and without group commit; about twenty
+#          seconds. Runs with spine (needs no root, but lives with its neighbours).
 #   vms    (tests/benches/vms.rs): VM start-up through the whole stack, the agent with many
 #          VMs; about seven minutes on a two-core machine without KVM. Needs QEMU and the test
 #          guest (built here with images/make-test-guest.sh if images/out lacks it).
@@ -58,11 +61,13 @@ if [[ "$run_spine" == 1 ]]; then
 fi
 
 if [[ "$run_spine" == 1 ]]; then
-    # The reconciler's peer planning in a reconnect storm (virtual clock, a second), and
-    # how soon calls to a node whose session ends fail (a one-node lab site).
+    # The reconciler's peer planning in a reconnect storm (virtual clock, a second), the
+    # VM table's writes with and without group commit (a redb file), and how soon calls to
+    # a node whose session ends fail (a one-node lab site).
     (
         for v in ${!ZY_BENCH_ONLY_@}; do unset "$v"; done
         cargo bench -p zy-lab --bench storm
+        cargo bench -p zy-lab --bench store
         cargo bench -p zy-lab --bench calls
     )
 fi

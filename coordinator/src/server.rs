@@ -62,6 +62,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Blobs(#[from] zy_common::blob::BlobError),
+    #[error("could not start the VM table's committer thread")]
+    Committer(#[source] std::io::Error),
     #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: &'static str,
@@ -100,7 +102,9 @@ impl Coordinator {
         );
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
-        let vms = crate::vms::Vms::new(store.vms()?, store.ops()?);
+        let store = Arc::new(store);
+        let vms = crate::vms::Vms::new(store.clone(), store.vms()?, store.ops()?)
+            .map_err(StartError::Committer)?;
         Ok(Self {
             reconciler: Arc::default(),
             events: crate::api::events::Events::default(),
@@ -109,7 +113,7 @@ impl Coordinator {
             join_slots: Arc::new(Semaphore::new(config.max_concurrent_joins)),
             config,
             state,
-            store: Arc::new(store),
+            store,
             fleet: Arc::new(fleet),
             ca,
             api_tokens: RwLock::new(api_tokens),

@@ -73,6 +73,11 @@ impl ApiError {
         &self.message
     }
 
+    /// The code for programs (`contended`, `not_found`, ...).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
     pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,

@@ -95,6 +95,10 @@ pub enum StoreError {
         op: zy_api::OpId,
         current: Option<Box<crate::ops::OpRec>>,
     },
+    /// An error of a transaction that several writers shared (a group commit), given to
+    /// each of them: it reads as the error itself.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 /// A node as stored.
@@ -454,64 +458,57 @@ impl Store {
     /// Writes VMs and operations in one transaction: all or nothing. Each VM write is
     /// compare-and-swap on the revision its writer read; one mismatch refuses the whole
     /// batch with [`StoreError::Conflict`], carrying the VM as it is now. Finished
-    /// operations beyond [`FINISHED_OPS_KEPT`] are pruned, oldest first.
+    /// operations beyond [`FINISHED_OPS_KEPT`] are pruned, oldest first. (A group of one:
+    /// see [`Store::commit_group`].)
     pub fn commit(
         &self,
         vms: &[VmWrite],
         ops: &[crate::ops::OpRec],
     ) -> Result<Vec<zy_api::OpId>, StoreError> {
-        // An operation's revision is one more than the stored one (1 for a new one).
+        let mut group = self.commit_group([(vms, ops)])?;
+        match group.outcomes.pop() {
+            Some(Err(e)) => Err(e),
+            _ => Ok(group.pruned),
+        }
+    }
+
+    /// Writes several batches in one transaction and one commit (one fsync): group commit.
+    /// Each batch is checked, compare-and-swap on every row as [`Store::commit`] does, against
+    /// the transaction as the batches before it left it; a batch that fails its check (or
+    /// cannot be encoded) is left out whole, and the others are written. An error of the
+    /// store itself fails the whole group, and nothing is written. Finished operations are
+    /// pruned once, after the last batch.
+    pub fn commit_group<'a>(
+        &self,
+        batches: impl IntoIterator<Item = (&'a [VmWrite], &'a [crate::ops::OpRec])>,
+    ) -> Result<Group, StoreError> {
         let txn = self.db.begin_write()?;
+        let mut outcomes = Vec::new();
         let pruned;
         {
-            let mut table = txn.open_table(VMS)?;
-            for w in vms {
-                let (id, expect) = match w {
-                    VmWrite::Put { rec, expect } => (rec.id, *expect),
-                    VmWrite::Remove { id, expect } => (*id, *expect),
-                };
-                let key = id.0.as_bytes();
-                let current: Option<VmRec> = table
-                    .get(key.as_slice())?
-                    .map(|v| decode("vms", key, v.value()))
-                    .transpose()?;
-                let found = current.as_ref().map(|c| c.rev);
-                if found != expect {
-                    return Err(StoreError::Conflict {
-                        vm: id,
-                        expected: expect,
-                        found,
-                        current: current.map(Box::new),
-                    });
-                }
-                match w {
-                    VmWrite::Put { rec, .. } => {
-                        table.insert(key.as_slice(), encode(rec)?.as_slice())?;
+            let mut vm_table = txn.open_table(VMS)?;
+            let mut op_table = txn.open_table(OPS)?;
+            for (vms, ops) in batches {
+                match check(&vm_table, &op_table, vms, ops)? {
+                    Ok(rows) => {
+                        for (key, value) in rows.vms {
+                            match value {
+                                Some(v) => vm_table.insert(key.as_slice(), v.as_slice())?,
+                                None => vm_table.remove(key.as_slice())?,
+                            };
+                        }
+                        for (key, value) in rows.ops {
+                            op_table.insert(key.as_slice(), value.as_slice())?;
+                        }
+                        outcomes.push(Ok(()));
                     }
-                    VmWrite::Remove { .. } => {
-                        table.remove(key.as_slice())?;
-                    }
+                    Err(refused) => outcomes.push(Err(refused)),
                 }
             }
-            let mut table = txn.open_table(OPS)?;
-            for op in ops {
-                let key = op.id.0.as_bytes();
-                let current: Option<crate::ops::OpRec> = table
-                    .get(key.as_slice())?
-                    .map(|v| decode("operations", key, v.value()))
-                    .transpose()?;
-                if current.as_ref().map_or(0, |c| c.rev) + 1 != op.rev {
-                    return Err(StoreError::OpConflict {
-                        op: op.id,
-                        current: current.map(Box::new),
-                    });
-                }
-                table.insert(key.as_slice(), encode(op)?.as_slice())?;
-            }
-            pruned = prune_ops(&mut table)?;
+            pruned = prune_ops(&mut op_table)?;
         }
         txn.commit()?;
-        Ok(pruned)
+        Ok(Group { outcomes, pruned })
     }
 
     /// Every image, by name.
@@ -881,6 +878,106 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// What one transaction of [`Store::commit_group`] did.
+#[derive(Debug)]
+pub struct Group {
+    /// Each batch's outcome, in the order given: written, or refused (and not written).
+    pub outcomes: Vec<Result<(), StoreError>>,
+    /// Finished operations pruned.
+    pub pruned: Vec<zy_api::OpId>,
+}
+
+/// The rows a batch writes, encoded: key and value (`None`: removed).
+struct Rows {
+    vms: Vec<([u8; 16], Option<Vec<u8>>)>,
+    ops: Vec<([u8; 16], Vec<u8>)>,
+}
+
+/// Checks a batch against the tables as the transaction holds them now, writing nothing:
+/// the outer error is the store's, the inner the batch's own (a conflict, a record that
+/// cannot be encoded). A row written twice in one batch is checked the second time against
+/// the first write; a conflict carries the row as the store holds it.
+fn check(
+    vm_table: &redb::Table<&[u8], &[u8]>,
+    op_table: &redb::Table<&[u8], &[u8]>,
+    vms: &[VmWrite],
+    ops: &[crate::ops::OpRec],
+) -> Result<Result<Rows, StoreError>, StoreError> {
+    let mut rows = Rows {
+        vms: Vec::with_capacity(vms.len()),
+        ops: Vec::with_capacity(ops.len()),
+    };
+    // The revision of each row this batch has written so far (`None`: removed).
+    let mut written: std::collections::HashMap<zy_common::VmId, Option<u64>> =
+        std::collections::HashMap::new();
+    for w in vms {
+        let (id, expect) = match w {
+            VmWrite::Put { rec, expect } => (rec.id, *expect),
+            VmWrite::Remove { id, expect } => (*id, *expect),
+        };
+        let key = *id.0.as_bytes();
+        // What the store holds (this batch writes nothing before it is checked whole).
+        let current: Option<VmRec> = vm_table
+            .get(key.as_slice())?
+            .map(|v| decode("vms", &key, v.value()))
+            .transpose()?;
+        let found = match written.get(&id) {
+            Some(rev) => *rev,
+            None => current.as_ref().map(|c| c.rev),
+        };
+        if found != expect {
+            return Ok(Err(StoreError::Conflict {
+                vm: id,
+                expected: expect,
+                found,
+                current: current.map(Box::new),
+            }));
+        }
+        match w {
+            VmWrite::Put { rec, .. } => {
+                let value = match encode(rec) {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                };
+                written.insert(id, Some(rec.rev));
+                rows.vms.push((key, Some(value)));
+            }
+            VmWrite::Remove { .. } => {
+                written.insert(id, None);
+                rows.vms.push((key, None));
+            }
+        }
+    }
+    let mut op_revs: std::collections::HashMap<zy_api::OpId, u64> =
+        std::collections::HashMap::new();
+    for op in ops {
+        let key = *op.id.0.as_bytes();
+        let (found, current) = match op_revs.get(&op.id) {
+            Some(rev) => (*rev, None),
+            None => {
+                let current: Option<crate::ops::OpRec> = op_table
+                    .get(key.as_slice())?
+                    .map(|v| decode("operations", &key, v.value()))
+                    .transpose()?;
+                (current.as_ref().map_or(0, |c| c.rev), current)
+            }
+        };
+        if found + 1 != op.rev {
+            return Ok(Err(StoreError::OpConflict {
+                op: op.id,
+                current: current.map(Box::new),
+            }));
+        }
+        let value = match encode(op) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        };
+        op_revs.insert(op.id, op.rev);
+        rows.ops.push((key, value));
+    }
+    Ok(Ok(rows))
+}
+
 fn prune_ops(table: &mut redb::Table<&[u8], &[u8]>) -> Result<Vec<zy_api::OpId>, StoreError> {
     if (table.len()? as usize) <= FINISHED_OPS_KEPT {
         return Ok(Vec::new());
@@ -930,6 +1027,15 @@ fn prune_transitions(
         table.remove(k.as_slice())?;
     }
     Ok(())
+}
+
+impl Store {
+    /// Takes the store's one writer and holds it until the transaction is dropped (tests
+    /// use it to make writers queue).
+    #[cfg(test)]
+    pub(crate) fn hold_writer(&self) -> redb::WriteTransaction {
+        self.db.begin_write().expect("a write transaction")
+    }
 }
 
 /// A VM record for tests: running at generation 1, placed on a node, never observed.
@@ -1201,6 +1307,56 @@ mod tests {
         drop(s);
         let s = Store::open(&dir.join("zy.redb")).unwrap();
         assert_eq!(s.vms().unwrap(), vec![a2]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_group_checks_each_batch_against_the_ones_before_it_and_leaves_out_only_the_refused() {
+        let (dir, s) = tmp();
+        let (a, b) = (test_vm("a"), test_vm("b"));
+        let put = |rec: &VmRec, expect| VmWrite::Put {
+            rec: Box::new(rec.clone()),
+            expect,
+        };
+        let (mut a2, mut a2_again, mut b2) = (a.clone(), a.clone(), b.clone());
+        a2.rev = 2;
+        a2.vcpus = 2;
+        a2_again.rev = 2;
+        a2_again.vcpus = 3;
+        b2.rev = 2;
+        let mut a3 = a2.clone();
+        a3.rev = 3;
+        let first = [put(&a, None), put(&b, None)];
+        let stale = [put(&a2_again, Some(1))];
+        let group = s
+            .commit_group([
+                (&first[..], &[][..]),
+                (&[put(&a2, Some(1))][..], &[][..]),
+                // Planned from the same revision as the batch before: refused, alone.
+                (&stale[..], &[][..]),
+                (&[put(&b2, Some(1))][..], &[][..]),
+                // Planned from what the group wrote before it: written.
+                (&[put(&a3, Some(2))][..], &[][..]),
+            ])
+            .unwrap();
+        let refused: Vec<usize> = (0..group.outcomes.len())
+            .filter(|i| group.outcomes[*i].is_err())
+            .collect();
+        assert_eq!(refused, vec![2]);
+        let Err(StoreError::Conflict {
+            found: Some(2),
+            current: Some(current),
+            ..
+        }) = &group.outcomes[2]
+        else {
+            panic!("{:?}", group.outcomes[2])
+        };
+        assert_eq!(**current, a2);
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        let mut vms = s.vms().unwrap();
+        vms.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(vms, vec![a3, b2]);
         std::fs::remove_dir_all(dir).unwrap();
     }
 

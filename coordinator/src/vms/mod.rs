@@ -3,12 +3,14 @@
 //! ([`reconcile`]) through durable operations ([`crate::ops`]).
 //!
 //! The VM table lives in memory behind one mutex held only for map updates (never across
-//! I/O); every change is a batch computed from it and committed to the store with
-//! compare-and-swap on each row's revision, then applied to memory. A writer that lost a
-//! race retries from what the store now holds.
+//! I/O); every change is a batch computed from it and handed to the committer ([`commit`]),
+//! which writes the batches waiting together in one transaction and one fsync, each
+//! compare-and-swap on its rows' revisions, then applies them to memory. A writer that lost
+//! a race retries from what the store now holds.
 //!
 //! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
 
+pub mod commit;
 pub mod images;
 pub mod placement;
 pub mod reconcile;
@@ -31,7 +33,7 @@ use zy_common::{NodeId, VmId, Zone};
 use crate::api::ApiError;
 use crate::fleet::membership::NodeState;
 use crate::ops::{OpRec, OpState};
-use crate::store::{StoreError, VmRec, VmWrite};
+use crate::store::{Store, StoreError, VmRec, VmWrite};
 use crate::Coordinator;
 use placement::{Demand, NodeCap};
 use zy_common::resources::{Resources, VmSize};
@@ -261,27 +263,51 @@ impl Batch {
 }
 
 /// The VMs of the site, in memory; every change is written to the store first.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Vms {
-    inner: std::sync::Mutex<Table>,
+    table: Arc<std::sync::Mutex<Table>>,
+    committer: commit::Committer,
     /// Wakes the reconciler (a new intent, an observation).
-    pub wake: tokio::sync::Notify,
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 impl Vms {
-    /// The VMs and operations the store holds.
-    pub fn new(vms: Vec<VmRec>, ops: Vec<OpRec>) -> Self {
-        Self {
-            inner: std::sync::Mutex::new(Table {
-                vms: vms.into_iter().map(|v| (v.id, v)).collect(),
-                ops: ops.into_iter().map(|o| (o.id, o)).collect(),
-            }),
-            wake: tokio::sync::Notify::new(),
-        }
+    /// The VMs and operations the store holds; changes are written to `store`, up to
+    /// [`commit::MAX_GROUP`] batches in one transaction.
+    pub fn new(store: Arc<Store>, vms: Vec<VmRec>, ops: Vec<OpRec>) -> std::io::Result<Self> {
+        Self::with_max_group(store, vms, ops, commit::MAX_GROUP)
+    }
+
+    /// As [`Vms::new`], with at most `max_group` batches in one transaction (1: each batch
+    /// is a transaction and an fsync of its own, as before group commit).
+    pub fn with_max_group(
+        store: Arc<Store>,
+        vms: Vec<VmRec>,
+        ops: Vec<OpRec>,
+        max_group: usize,
+    ) -> std::io::Result<Self> {
+        let table = Arc::new(std::sync::Mutex::new(Table {
+            vms: vms.into_iter().map(|v| (v.id, v)).collect(),
+            ops: ops.into_iter().map(|o| (o.id, o)).collect(),
+        }));
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let committer = commit::Committer::start(
+            commit::Shared {
+                store,
+                table: table.clone(),
+                wake: wake.clone(),
+            },
+            max_group,
+        )?;
+        Ok(Self {
+            table,
+            committer,
+            wake,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A copy of the table (the lock is held only to copy).
@@ -317,103 +343,51 @@ impl Vms {
         })
     }
 
-    /// Takes what a committed batch wrote. Rows are taken only if newer than what memory
-    /// holds, so batches applied out of order leave the newest.
-    fn apply(&self, b: &Batch) {
-        let mut t = self.lock();
-        for w in &b.vms {
-            match w {
-                VmWrite::Put { rec, .. } => {
-                    if t.vms.get(&rec.id).is_none_or(|m| m.rev < rec.rev) {
-                        t.vms.insert(rec.id, (**rec).clone());
-                    }
-                }
-                VmWrite::Remove { id, expect } => {
-                    if t.vms.get(id).is_some_and(|m| Some(m.rev) <= *expect) {
-                        t.vms.remove(id);
-                    }
-                }
-            }
-        }
-        for op in &b.ops {
-            if t.ops.get(&op.id).is_none_or(|m| m.rev < op.rev) {
-                t.ops.insert(op.id, op.clone());
-            }
-        }
+    /// How many batches were committed in how many transactions.
+    pub fn commit_stats(&self) -> commit::CommitStats {
+        self.committer.stats()
     }
 
-    /// Takes a row the store holds that memory lags behind (after a conflict).
-    fn refresh(&self, e: &StoreError) {
-        let mut t = self.lock();
-        match e {
-            StoreError::Conflict { vm, current, .. } => match current {
-                Some(c) => {
-                    if t.vms.get(vm).is_none_or(|m| m.rev < c.rev) {
-                        t.vms.insert(*vm, (**c).clone());
-                    }
-                }
-                None => {
-                    t.vms.remove(vm);
-                }
-            },
-            StoreError::OpConflict {
-                op,
-                current: Some(c),
-            } if t.ops.get(op).is_none_or(|m| m.rev < c.rev) => {
-                t.ops.insert(*op, (**c).clone());
+    /// Computes a batch from the table with `plan` and commits it, compare-and-swap on every
+    /// row; a writer that lost a race to another retries from what the store holds now.
+    /// Returns what `plan` returned with the batch, once the batch is durable and in memory.
+    pub async fn write<T>(
+        &self,
+        mut plan: impl FnMut(&Table) -> Result<(Batch, T), ApiError>,
+    ) -> Result<T, ApiError> {
+        for _ in 0..16 {
+            let (batch, out) = self.with(&mut plan)?;
+            if batch.is_empty() {
+                return Ok(out);
             }
-            _ => {}
+            match self
+                .committer
+                .submit(batch)
+                .await
+                .map_err(ApiError::internal)?
+            {
+                Ok(()) => return Ok(out),
+                // The committer has taken the stored row into memory.
+                Err(e @ (StoreError::Conflict { .. } | StoreError::OpConflict { .. })) => {
+                    tracing::debug!(error = %e, "a VM write lost a race; retrying");
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
-    }
-
-    /// Forgets finished operations the store pruned.
-    fn forget_ops(&self, ids: &[OpId]) {
-        let mut t = self.lock();
-        for id in ids {
-            t.ops.remove(id);
-        }
+        Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "contended",
+            "the VM is being changed by many writers at once; try again",
+        ))
     }
 }
 
-/// Computes a batch from the table with `plan` and commits it, compare-and-swap on every row;
-/// a writer that lost a race to another retries from what the store holds now. Returns what
-/// `plan` returned with the batch.
+/// Computes a batch from the table with `plan` and commits it ([`Vms::write`]).
 pub async fn write<T>(
     coord: &Coordinator,
-    mut plan: impl FnMut(&Table) -> Result<(Batch, T), ApiError>,
+    plan: impl FnMut(&Table) -> Result<(Batch, T), ApiError>,
 ) -> Result<T, ApiError> {
-    for _ in 0..16 {
-        let (batch, out) = coord.vms.with(&mut plan)?;
-        if batch.is_empty() {
-            return Ok(out);
-        }
-        let store = coord.store.clone();
-        let (vms, ops) = (batch.vms, batch.ops);
-        let result = tokio::task::spawn_blocking(move || {
-            let r = store.commit(&vms, &ops);
-            (r, Batch { vms, ops })
-        })
-        .await
-        .map_err(ApiError::internal)?;
-        match result {
-            (Ok(pruned), batch) => {
-                coord.vms.apply(&batch);
-                coord.vms.forget_ops(&pruned);
-                coord.vms.wake.notify_one();
-                return Ok(out);
-            }
-            (Err(e @ (StoreError::Conflict { .. } | StoreError::OpConflict { .. })), _) => {
-                tracing::debug!(error = %e, "a VM write lost a race; retrying");
-                coord.vms.refresh(&e);
-            }
-            (Err(e), _) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "contended",
-        "the VM is being changed by many writers at once; try again",
-    ))
+    coord.vms.write(plan).await
 }
 
 /// The underlay address of a connected node.
