@@ -282,12 +282,7 @@ impl Node {
             warn!(vm = %id, pid = s.pid, "deleting a VM this node has no record of: killing its QEMU");
             // Its networks, read off its taps while they exist: released once it is gone.
             segments.extend(stray_segments(s.pid));
-            if crate::vm::runner::is_qemu_of(s.pid, id) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(s.pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+            crate::vm::runner::kill_qemu_of(s.pid, id);
             for _ in 0..200 {
                 if !crate::vm::runner::pid_alive(s.pid) {
                     break;

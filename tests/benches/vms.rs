@@ -1277,14 +1277,7 @@ fn slow_disk(s: &Settings, res: &mut Results) -> Result<()> {
     let dir = site.lab.dir.clone();
     let r = (|| -> Result<()> {
         let image = site.lab.dir.join("big.raw");
-        {
-            use std::io::{Seek, SeekFrom};
-            let mut f = std::fs::File::create(&image)?;
-            let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
-            f.write_all(&chunk)?;
-            f.seek(SeekFrom::Start(size - chunk.len() as u64))?;
-            f.write_all(&chunk)?;
-        }
+        zy_lab::slowdisk::write_sparse_image(&image, size)?;
         let t_import = Instant::now();
         let path = image.to_string_lossy().into_owned();
         site.zy_ok(&[
@@ -1445,7 +1438,7 @@ fn section_text(
         "3. **The agent with N VMs.** A site with one node, so that all VMs land on it. After settling, the agent's VmRSS with no VM; a warm-up VM (image into the cache) is started and deleted; then N VMs are started at once as in 2 (its rows), the agent's CPU (utime + stime from `/proc/<pid>/stat`, and the scheduler's run time from `/proc/<pid>/task/*/schedstat`) is taken over the start, and, after settling, over the window with all N running; VmRSS (RssAnon and RssFile, the latter mostly the mapped binary) and VmHWM are read from `/proc/<pid>/status` at the end of the window."
         .to_string(),
         format!(
-            "4. **A big image onto a slow disk.** A site with one node whose whole data directory (identity, image cache, VM directories) is an ext4 file system on a loop device, mounted `sync` so that every write is issued by the writer and waits for the device, the agent's writes limited to {} MiB/s by cgroup v1 `blkio.throttle.write_bps_device` (`tests/src/slowdisk.rs`). A {} GiB raw image (a pattern at both ends, a hole between) is imported, then a VM is created from it, which makes the node fetch the whole image. Meanwhile the bench asks `GET /v1/nodes` every 100 ms: each new `last_seen_ms` is the coordinator's receive time of one load report (the agent reports every second), so the gaps between them are exact to the millisecond; **lateness** is a gap minus the 1 s interval. Every sample's node state is counted. The fetch ends when the VM runs (its boot, a disk of zeros, is not waited for); throughput is the bytes the throttled cgroup wrote over that time.",
+            "4. **A big image onto a slow disk.** A site with one node whose whole data directory (identity, image cache, VM directories) is an ext4 file system (no journal) on a loop device, mounted `sync,nobarrier` so that every write is issued by the writer and waits for the device, the agent's writes limited to {} MiB/s by cgroup v1 `blkio.throttle.write_bps_device` (`tests/src/slowdisk.rs`). A {} GiB raw image (a pattern at both ends, a hole between) is imported, then a VM is created from it, which makes the node fetch the whole image. Meanwhile the bench asks `GET /v1/nodes` every 100 ms: each new `last_seen_ms` is the coordinator's receive time of one load report (the agent reports every second), so the gaps between them are exact to the millisecond; **lateness** is a gap minus the 1 s interval. Every sample's node state is counted. The fetch ends when the VM runs (its boot, a disk of zeros, is not waited for); throughput is the bytes the throttled cgroup wrote over that time.",
             s.slow_mibps, s.slow_gib
         ),
         "\nEach lab site is dropped at the end (its processes killed, namespaces and files removed), after which the bench looks for QEMU processes whose command line names the run's directory (`pgrep -f`) and kills any it finds; a note above says so if it had to."

@@ -1,5 +1,6 @@
-//! A slow disk for a lab node: an ext4 file system on a loop device, mounted `sync` so that
-//! every write is issued by the writing process itself and waits for the device, with the
+//! A slow disk for a lab node: an ext4 file system (no journal) on a loop device, mounted
+//! `sync,nobarrier` so that every write is issued by the writing process itself and waits
+//! for the device (but not for a flush of the machine's real disk), with the
 //! writes of chosen processes throttled by the blkio controller of cgroup v1
 //! (`blkio.throttle.write_bps_device`, which limits I/O its processes issue; buffered
 //! writeback would escape it, hence `sync`).
@@ -101,6 +102,18 @@ impl SlowDisk {
             })
             .sum()
     }
+}
+
+/// Writes a sparse image of `size` bytes at `path`: a 1 MiB pattern at its start and at its
+/// end, a hole between (big to fetch, cheap to make).
+pub fn write_sparse_image(path: &Path, size: u64) -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(path)?;
+    let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
+    f.write_all(&chunk)?;
+    f.seek(SeekFrom::Start(size.saturating_sub(chunk.len() as u64)))?;
+    f.write_all(&chunk)?;
+    Ok(())
 }
 
 impl Drop for SlowDisk {

@@ -156,15 +156,8 @@ fn a_node_fetching_a_big_image_on_a_slow_disk_stays_ready() {
     const SIZE: u64 = 2 << 30;
     let (site, disk) = Site::with_slow_node("intranet", 8, 80 << 20).unwrap();
     let image = site.lab.dir.join("big.raw");
-    {
-        // Not all zeros: a pattern at the start and the end, a hole between.
-        use std::io::{Seek, SeekFrom, Write};
-        let mut f = std::fs::File::create(&image).unwrap();
-        let chunk: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
-        f.write_all(&chunk).unwrap();
-        f.seek(SeekFrom::Start(SIZE - chunk.len() as u64)).unwrap();
-        f.write_all(&chunk).unwrap();
-    }
+    // Not all zeros: a pattern at the start and the end, a hole between.
+    zy_lab::slowdisk::write_sparse_image(&image, SIZE).unwrap();
     site.zy_ok(&[
         "image",
         "import",

@@ -275,14 +275,20 @@ impl Proc {
             },
             Proc::Foreign { pid, id } => (*pid, *id),
         };
-        // Not our child: the pid may have gone and been given to another process since.
-        if pid_alive(pid) && is_qemu_of(pid, id) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        kill_qemu_of(pid, id);
     }
+}
+
+/// SIGKILLs `pid` if it still is the QEMU of VM `id` (a pid that is not our child may
+/// have gone and been given to another process since). Returns whether it sent the signal.
+pub fn kill_qemu_of(pid: i32, id: zy_common::VmId) -> bool {
+    pid_alive(pid)
+        && is_qemu_of(pid, id)
+        && nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
 }
 
 /// Whether `pid` is a live process: it exists and is not a zombie (a killed process whose
