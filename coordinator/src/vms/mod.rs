@@ -417,9 +417,9 @@ pub fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, Stri
     let hosts = coord.vms.with(hosting);
     let peers = coord
         .fleet
-        .connected()
+        .connected_among(&hosts)
         .into_iter()
-        .filter(|(id, zone, _)| *zone == v.zone && *id != node && hosts.contains(id))
+        .filter(|(id, zone, _)| *zone == v.zone && *id != node)
         .filter_map(|(_, _, s)| session_ip(&s))
         .collect();
     Ok(WireVm {

@@ -125,7 +125,10 @@ pub fn pending_intents(t: &Table) -> Vec<(VmRec, Intent)> {
 
 /// One pass.
 pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
-    let enrolled = coord.fleet.enrolled();
+    // Only the nodes of VMs with work to do are looked up: a tick of a settled site costs
+    // what its VM table costs, not what its fleet does.
+    let in_play = coord.vms.with(nodes_in_play);
+    let enrolled = coord.fleet.enrolled_among(in_play);
     advance_ops(coord, &enrolled).await;
     let pending = coord.vms.with(pending_intents);
     let now = Instant::now();
@@ -227,6 +230,24 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
         finish_deletion(coord, id).await;
     }
     sync_peers(coord, state, now);
+}
+
+/// The nodes of VMs that have an operation running or an intent their node has not taken
+/// up: the only nodes a tick asks about. Pure.
+pub fn nodes_in_play(t: &Table) -> HashSet<NodeId> {
+    let ops = t
+        .ops
+        .values()
+        .filter(|o| o.is_running())
+        .filter_map(|o| t.vms.get(&o.vm)?.node);
+    let intents = t.vms.values().filter_map(|v| {
+        let pending = match ops::node_desired(v.desired) {
+            None => true,
+            Some(_) => v.observed.as_ref().is_none_or(|o| o.intent < v.generation),
+        };
+        v.node.filter(|_| pending)
+    });
+    ops.chain(intents).collect()
 }
 
 /// Advances every running operation as far as it goes now.
@@ -504,7 +525,7 @@ pub struct PeerUpdate {
 /// The peer updates due now, coalesced per zone: a zone's update waits until its membership
 /// has been unchanged for [`PEERS_SETTLE`] (or changing for [`PEERS_MAX_DELAY`]), then goes
 /// once to each member that was not already told exactly that on its current session.
-/// `connected` is every connected node (`epoch` the fleet's epoch: unchanged membership and
+/// `connected` is every connected node, or at least those in `hosting` (`epoch` the fleet's epoch: unchanged membership and
 /// hosting with no update pending or failed is answered at once with nothing); only nodes in
 /// `hosting` take part. Each update returned is in flight until [`peers_answered`].
 /// Pure, so the reconnect-storm benchmark drives this very code.
@@ -521,9 +542,7 @@ pub fn plan_peers(
         s.peers_hosting = hosting.clone();
         s.peers_epoch = None;
     }
-    let unchanged =
-        s.peers_epoch == Some(epoch) && !s.peers_retry && s.zones.values().all(|z| !z.dirty);
-    if unchanged {
+    if peers_unchanged(s, epoch, hosting) {
         return Vec::new();
     }
     s.peers_epoch = Some(epoch);
@@ -598,6 +617,15 @@ pub fn plan_peers(
     out
 }
 
+/// Whether [`plan_peers`] would plan nothing without looking at the nodes: membership
+/// (`epoch`) and hosting as last planned, no update failed since, no zone waiting to settle.
+pub fn peers_unchanged(s: &State, epoch: u64, hosting: &HashSet<NodeId>) -> bool {
+    s.peers_epoch == Some(epoch)
+        && s.peers_hosting == *hosting
+        && !s.peers_retry
+        && s.zones.values().all(|z| !z.dirty)
+}
+
 /// How a planned peer update ended: taken (the node knows), or not (it is sent again, not
 /// before [`PEERS_RETRY`]).
 pub fn peers_answered(s: &mut State, u: PeerUpdate, ok: bool, now: Instant) {
@@ -617,9 +645,12 @@ pub fn peers_answered(s: &mut State, u: PeerUpdate, ok: bool, now: Instant) {
 fn sync_peers(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>, now: Instant) {
     let epoch = coord.fleet.epoch();
     let hosting = coord.vms.with(super::hosting);
+    if peers_unchanged(&lock(state), epoch, &hosting) {
+        return;
+    }
     let mut sessions: HashMap<NodeId, crate::fleet::Session> = HashMap::new();
     let mut connected = Vec::new();
-    for (id, zone, session) in coord.fleet.connected() {
+    for (id, zone, session) in coord.fleet.connected_among(&hosting) {
         let Some(ip) = super::session_ip(&session) else {
             continue;
         };
@@ -746,5 +777,76 @@ mod tests {
             }
         }
         assert_eq!(sent, 200);
+    }
+
+    #[test]
+    fn a_settled_site_is_planned_without_looking_at_its_nodes() {
+        let all = nodes(10);
+        let hosting: HashSet<NodeId> = all.iter().map(|n| n.id).collect();
+        let mut s = State::default();
+        let t0 = Instant::now();
+        assert!(!peers_unchanged(&s, 1, &hosting), "never planned");
+        drive(&mut s, 1, &hosting, &all, t0, 40);
+        assert!(peers_unchanged(&s, 1, &hosting));
+        assert!(!peers_unchanged(&s, 2, &hosting), "membership changed");
+        let fewer: HashSet<NodeId> = all[1..].iter().map(|n| n.id).collect();
+        assert!(!peers_unchanged(&s, 1, &fewer), "hosting changed");
+        let u = plan_peers(&mut s, 2, &hosting, &all[1..], t0 + TICK * 100);
+        assert!(u.is_empty(), "the zone waits to settle");
+        assert!(!peers_unchanged(&s, 2, &hosting), "a zone waits to settle");
+        let mut s2 = State::default();
+        let mut failed = false;
+        for k in 0..40u32 {
+            for u in plan_peers(&mut s2, 1, &hosting, &all, t0 + TICK * k) {
+                peers_answered(&mut s2, u, failed, t0 + TICK * k);
+                failed = true;
+            }
+        }
+        assert!(!peers_unchanged(&s2, 1, &hosting), "an update failed");
+    }
+
+    #[test]
+    fn a_tick_asks_only_about_the_nodes_of_vms_with_work_to_do() {
+        use crate::store::{test_vm, Observed};
+        use zy_common::vm::{Generation, VmState};
+        let mut t = Table::default();
+        let settled = {
+            let mut v = test_vm("settled");
+            v.observed = Some(Observed {
+                state: VmState::Running,
+                pid: Some(1),
+                intent: Generation(1),
+                generation: Generation(1),
+                at_ms: 1,
+            });
+            v
+        };
+        let unanswered = test_vm("unanswered");
+        let deleted = {
+            let mut v = settled.clone();
+            v.id = zy_common::VmId::new_random();
+            v.node = Some(NodeId::new_random());
+            v.desired = VmDesired::Deleted;
+            v
+        };
+        let unplaced = {
+            let mut v = test_vm("unplaced");
+            v.node = None;
+            v
+        };
+        for v in [&settled, &unanswered, &deleted, &unplaced] {
+            t.vms.insert(v.id, v.clone());
+        }
+        let want: HashSet<NodeId> = [unanswered.node, deleted.node]
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(nodes_in_play(&t), want);
+        t.vms.remove(&unanswered.id);
+        t.vms.remove(&deleted.id);
+        assert!(
+            nodes_in_play(&t).is_empty(),
+            "a settled site asks about no node"
+        );
     }
 }
