@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the benchmarks: builds the release binaries the lab starts, then the spine bench and the
-# VM bench, each of which prints its figures and writes them into its own section of
+# Runs the benchmarks: builds the binaries the lab starts (profile dist, as deployed), then
+# the spine bench and the VM bench, each of which prints its figures and writes them into its own section of
 # docs/PERFORMANCE.md. Needs root (network namespaces).
 #
 #   spine  (tests/benches/spine.rs): agent and coordinator costs, failure detection; about six
@@ -49,7 +49,10 @@ if [[ "$only" == 1 ]]; then
     [[ "${ZY_BENCH_ONLY_SYSTEMD:-}" == 1 ]] || run_systemd=0
 fi
 
-cargo build --release --bins
+# The benches measure the binaries as deployed (profile `dist`, see Cargo.toml); the lab
+# finds them through ZY_BIN_DIR.
+cargo build --profile dist --bins
+export ZY_BIN_DIR="$PWD/target/dist"
 
 if [[ "$run_spine" == 1 ]]; then
     # The spine bench records every ZY_BENCH_* variable it sees; keep the VM bench's and

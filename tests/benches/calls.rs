@@ -140,7 +140,7 @@ fn main() {
         more_machine: vec![],
         started_ms: started,
         took: t0.elapsed(),
-        command: "`cargo bench -p zy-lab --bench calls` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`)",
+        command: "`cargo bench -p zy-lab --bench calls` as root, after `cargo build --profile dist --bins` (the binaries as deployed: see docs/operations.md) (both run by `scripts/bench.sh`)",
         overrides: &overrides,
         settings: format!("{rounds} rounds of each kind, one at a time."),
     };

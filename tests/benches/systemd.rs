@@ -198,14 +198,14 @@ fn main() {
         )],
         started_ms: started,
         took: t0.elapsed(),
-        command: "`cargo bench -p zy-lab --bench systemd` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`)",
+        command: "`cargo bench -p zy-lab --bench systemd` as root, after `cargo build --profile dist --bins` (the binaries as deployed: see docs/operations.md) (both run by `scripts/bench.sh`)",
         overrides: &overrides,
         settings: format!(
             "{n} VMs per node, one at a time, alternating between a systemd node and a direct node of the same site; 128 MiB and 1 vCPU each, the test guest; each VM deleted once `running`, 300 ms apart."
         ),
     };
     let method = [
-        "A lab site with two nodes. n1 is the host's OS booted statelessly in a `systemd-nspawn` container (`-D / --volatile=yes`) in n1's namespace; its agent is `systemd/zy-agent.service` with `supervisor = \"systemd\"`, so each QEMU is a transient unit `zy-vm-<id>.service` in `zy-vms.slice` started with `StartTransientUnit` (with its limits and sandbox), its pid taken from the unit's `MainPID`. n2's agent runs in n2's namespace and forks QEMU itself (with a cgroup v1 group for its limits on this host). Both run the same release binary and the same QEMU; the VMs are created alternately on the two (by zone), one at a time, and deleted once running, after a warm-up VM on each that is not counted.\n".to_string(),
+        "A lab site with two nodes. n1 is the host's OS booted statelessly in a `systemd-nspawn` container (`-D / --volatile=yes`) in n1's namespace; its agent is `systemd/zy-agent.service` with `supervisor = \"systemd\"`, so each QEMU is a transient unit `zy-vm-<id>.service` in `zy-vms.slice` started with `StartTransientUnit` (with its limits and sandbox), its pid taken from the unit's `MainPID`. n2's agent runs in n2's namespace and forks QEMU itself (with a cgroup v1 group for its limits on this host). Both run the same `zy-agent` binary and the same QEMU; the VMs are created alternately on the two (by zone), one at a time, and deleted once running, after a warm-up VM on each that is not counted.\n".to_string(),
         "The agent logs `VM state … starting` just before it spawns QEMU (or asks systemd to) and `running` once QMP said `running` and the tap is on its bridge; the systemd agent logs JSON to the container's journal (read with `journalctl -o cat`), the other to its log file, both with µs wall-clock timestamps of the same machine. The difference of the two p50s is what the D-Bus round trips, systemd's fork and exec of the unit and the sandbox's namespace setup add to a start.\n".to_string(),
     ];
     let text = head.text(&res, &method);

@@ -1,9 +1,9 @@
 //! The VM benchmark: how long a VM takes to start through the whole stack (API, coordinator,
 //! node, QEMU, guest), and what the agent costs with many VMs on its node. Run as root (the
-//! lab builds network namespaces), after building the release binaries:
+//! lab builds network namespaces), after building the binaries of the `dist` profile:
 //!
 //! ```text
-//! scripts/bench.sh        # cargo build --release --bins && ... cargo bench -p zy-lab --bench vms
+//! scripts/bench.sh        # cargo build --profile dist --bins && ZY_BIN_DIR=target/dist ... cargo bench -p zy-lab --bench vms
 //! ZY_BENCH_ONLY_VMS=1 scripts/bench.sh   # this bench alone
 //! ```
 //!
@@ -1412,7 +1412,7 @@ fn section_text(
         )],
         started_ms: started,
         took,
-        command: "`cargo bench -p zy-lab --bench vms` as root, after `cargo build --release --bins` (both run by `scripts/bench.sh`; `ZY_BENCH_ONLY_VMS=1 scripts/bench.sh` runs this bench alone)",
+        command: "`cargo bench -p zy-lab --bench vms` as root, after `cargo build --profile dist --bins` (the binaries as deployed: see docs/operations.md) (both run by `scripts/bench.sh`; `ZY_BENCH_ONLY_VMS=1 scripts/bench.sh` runs this bench alone)",
         overrides: &s.overrides,
         settings: format!(
             "{} VMs one after another, {} at once across two nodes, {} on one node for the agent; {} MiB and 1 vCPU each, the test guest (`images/make-test-guest.sh`: a Debian kernel and a busybox initramfs, `console=ttyS0 quiet no_timer_check`); {} bare QEMU starts; agent window {} s after {} s of settling.",
@@ -1420,7 +1420,7 @@ fn section_text(
         ),
     };
     let method = [
-        "No figure is asserted and nothing fails on slowness. p50 and p95 interpolate linearly between the closest ranks. Every VM goes through the real path: a lab site (network namespaces, the real `zy-coordinator`, `zy-agent` and `zy` release binaries), nodes enrolled in the intranet zone with `zy-agent join`, the test guest imported with `zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz --cmdline \"console=ttyS0 quiet no_timer_check\" --name guest` (`no_timer_check`: with many TCG guests on two cores the kernel's early timer check can time out and panic a guest before any driver, pvpanic included, is loaded), and VMs created with `POST /v1/vms` (the `zy` CLI's HTTPS client, a fresh TLS connection per request as the CLI makes, from a thread of the bench inside the coordinator's namespace). `POST /v1/vms` answers 202 once the VM is placed; the coordinator then hands it to the node, whose agent checks the image in its cache, writes the VM's record, spawns QEMU, waits for QMP to answer `query-status` with `running`, joins the tap to the zone's bridge and VXLAN, and reports `running`. A VM is ready when the bench sees `ZY-READY <name>` (printed by the guest's init) in the console log the agent keeps (`<agent dir>/vms/<id>/console.log`), polled every 10 ms (25 ms for batches); the API is only asked every 500 ms, to notice failures, so as not to load the coordinator while it works.\n"
+        "No figure is asserted and nothing fails on slowness. p50 and p95 interpolate linearly between the closest ranks. Every VM goes through the real path: a lab site (network namespaces, the real `zy-coordinator`, `zy-agent` and `zy` binaries of the `dist` profile), nodes enrolled in the intranet zone with `zy-agent join`, the test guest imported with `zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz --cmdline \"console=ttyS0 quiet no_timer_check\" --name guest` (`no_timer_check`: with many TCG guests on two cores the kernel's early timer check can time out and panic a guest before any driver, pvpanic included, is loaded), and VMs created with `POST /v1/vms` (the `zy` CLI's HTTPS client, a fresh TLS connection per request as the CLI makes, from a thread of the bench inside the coordinator's namespace). `POST /v1/vms` answers 202 once the VM is placed; the coordinator then hands it to the node, whose agent checks the image in its cache, writes the VM's record, spawns QEMU, waits for QMP to answer `query-status` with `running`, joins the tap to the zone's bridge and VXLAN, and reports `running`. A VM is ready when the bench sees `ZY-READY <name>` (printed by the guest's init) in the console log the agent keeps (`<agent dir>/vms/<id>/console.log`), polled every 10 ms (25 ms for batches); the API is only asked every 500 ms, to notice failures, so as not to load the coordinator while it works.\n"
         .to_string(),
         format!(
             "Timestamps, all wall clock on the same machine: the bench's own around each request; the coordinator's log lines `VM placed` and `VM state reported … state=running` and the agent's `VM state … state=starting` / `state=running` (µs timestamps; the agent logs `starting` just before it prepares and spawns QEMU, and `running` once QMP said `running` and the network is plugged); QEMU's fork time from `/proc/<pid>/stat` (field 22, in clock ticks of 1/{} s since boot, turned into wall time through CLOCK_BOOTTIME; too coarse for the table, so only in a note); the modification time of QEMU's pid file, which QEMU writes early in its start-up (file times have the kernel's coarse clock, about one scheduler tick). The API's `state_since` has one-second resolution, and the agent's own measure of spawn → QMP `running` (`Launched.startup`) is not reported anywhere, so neither is used.\n",
