@@ -118,11 +118,19 @@ impl Cgroups {
         }
     }
 
-    /// Removes the VM's cgroup(s) once its process is gone; absent is fine.
-    pub fn remove(&self, id: VmId) {
+    /// Removes the VM's cgroup(s) once its process is gone; absent is fine. Whether none
+    /// is left: a cgroup cannot go while it still holds a task, and a QEMU seen gone may
+    /// still be a zombie that its parent (init, for a re-attached one) has not reaped.
+    pub fn remove(&self, id: VmId) -> bool {
+        let mut gone = true;
         for d in self.dirs(id) {
-            let _ = std::fs::remove_dir(d);
+            match std::fs::remove_dir(&d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => gone = false,
+            }
         }
+        gone
     }
 }
 

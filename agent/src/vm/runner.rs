@@ -214,7 +214,16 @@ impl Supervisor {
     /// Removes what the supervisor kept for a VM whose QEMU is gone.
     pub async fn cleanup(&self, id: VmId) {
         match self {
-            Supervisor::Direct(cg) => cg.remove(id),
+            Supervisor::Direct(cg) => {
+                // Until the last task has left (a zombie being reaped), for a few seconds.
+                for _ in 0..100 {
+                    if cg.remove(id) {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                tracing::warn!(vm = %id, "a VM's cgroup still holds a task 5 s after its QEMU ended; left in place");
+            }
             Supervisor::Systemd(sd) => sd.forget(id).await,
         }
     }
