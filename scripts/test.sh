@@ -8,6 +8,7 @@ source scripts/lib.sh
 
 need_root
 ensure_base
+ensure_packages curl:curl  # the API lab test drives the API as clients do
 ensure_qemu
 ensure_nspawn
 bash images/make-test-guest.sh

@@ -156,8 +156,8 @@ pub enum IdError {
     BadTokenId(String),
     #[error("unknown zone `{0}`: the zones are `extranet` and `intranet`")]
     BadZone(String),
-    #[error("bad node name `{0}`: use 1 to 63 characters of a-z, 0-9 and `-`, starting with a letter or digit")]
-    BadName(String),
+    #[error("bad {what} name `{name}`: use 1 to 63 characters of a-z, 0-9 and `-`, starting and ending with a letter or digit")]
+    BadName { what: &'static str, name: String },
 }
 
 /// Keeps error messages short when someone passes a megabyte of garbage.
@@ -176,6 +176,12 @@ pub fn truncate_for_error(s: &str) -> String {
 
 /// Checks a node name: a DNS label, so it can be used in host names and unit names.
 pub fn validate_name(name: &str) -> Result<(), IdError> {
+    validate_name_of("node", name)
+}
+
+/// Checks the name of a `what` (node, VM, image, site): a DNS label, so it can be used in
+/// host names and unit names. The error names the `what`.
+pub fn validate_name_of(what: &'static str, name: &str) -> Result<(), IdError> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -186,7 +192,10 @@ pub fn validate_name(name: &str) -> Result<(), IdError> {
     if ok {
         Ok(())
     } else {
-        Err(IdError::BadName(truncate_for_error(name)))
+        Err(IdError::BadName {
+            what,
+            name: truncate_for_error(name),
+        })
     }
 }
 

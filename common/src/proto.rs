@@ -205,16 +205,15 @@ fn blob(what: &str, b: &[u8]) -> Result<(), FrameError> {
 
 impl WireVm {
     fn validate(&self) -> Result<(), FrameError> {
-        validate_name(&self.name).map_err(|e| FrameError::Invalid(e.to_string()))?;
-        if !(1..=64).contains(&self.vcpus) {
-            return invalid(format!("{} vCPUs is outside 1..=64", self.vcpus));
+        crate::ids::validate_name_of("VM", &self.name)
+            .map_err(|e| FrameError::Invalid(e.to_string()))?;
+        crate::resources::VmSize {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
         }
-        if !(64..=1024 * 1024).contains(&self.memory_mib) {
-            return invalid(format!("{} MiB is outside 64..=1048576", self.memory_mib));
-        }
-        if self.disk_gib > 64 * 1024 {
-            return invalid(format!("a {} GiB disk is over 64 TiB", self.disk_gib));
-        }
+        .check()
+        .map_err(|e| FrameError::Invalid(e.to_string()))?;
         if self.nics.len() > 8 {
             return invalid("more than 8 NICs".into());
         }

@@ -61,6 +61,40 @@ impl Resources {
     }
 }
 
+/// The vCPUs one VM may have: what the API, the wire and the agent each accept.
+pub const VCPUS: std::ops::RangeInclusive<u32> = 1..=64;
+/// The guest memory one VM may have, in MiB (64 MiB to 1 TiB).
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 64..=1024 * 1024;
+/// The largest disk one VM may have, in GiB (64 TiB).
+pub const MAX_DISK_GIB: u64 = 64 * 1024;
+
+/// A VM size outside what one VM may have.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("a VM has {lo} to {hi} vCPUs, not {0}", lo = VCPUS.start(), hi = VCPUS.end())]
+    Vcpus(u32),
+    #[error("a VM has {lo} MiB to {hi} MiB (1 TiB) of memory, not {0} MiB", lo = MEMORY_MIB.start(), hi = MEMORY_MIB.end())]
+    Memory(u64),
+    #[error("a VM's disk is at most {MAX_DISK_GIB} GiB (64 TiB), not {0} GiB")]
+    Disk(u64),
+}
+
+impl VmSize {
+    /// Checks the size against what one VM may have (not against any node's room).
+    pub fn check(&self) -> Result<(), SizeError> {
+        if !VCPUS.contains(&self.vcpus) {
+            return Err(SizeError::Vcpus(self.vcpus));
+        }
+        if !MEMORY_MIB.contains(&self.memory_mib) {
+            return Err(SizeError::Memory(self.memory_mib));
+        }
+        if self.disk_gib > MAX_DISK_GIB {
+            return Err(SizeError::Disk(self.disk_gib));
+        }
+        Ok(())
+    }
+}
+
 /// The model's parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ResourceModel {
@@ -107,6 +141,34 @@ impl ResourceModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_size_out_of_bounds_names_the_real_bounds() {
+        let ok = VmSize {
+            vcpus: 64,
+            memory_mib: 64,
+            disk_gib: MAX_DISK_GIB,
+        };
+        assert_eq!(ok.check(), Ok(()));
+        let e = VmSize { vcpus: 0, ..ok }.check().unwrap_err();
+        assert_eq!(e.to_string(), "a VM has 1 to 64 vCPUs, not 0");
+        let e = VmSize { vcpus: 65, ..ok }.check().unwrap_err();
+        assert!(e.to_string().contains("1 to 64"), "{e}");
+        let e = VmSize {
+            memory_mib: 63,
+            ..ok
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().contains("64 MiB to 1048576 MiB"), "{e}");
+        let e = VmSize {
+            disk_gib: MAX_DISK_GIB + 1,
+            ..ok
+        }
+        .check()
+        .unwrap_err();
+        assert!(e.to_string().contains("disk"), "{e}");
+    }
 
     #[test]
     fn a_vm_costs_its_guest_plus_qemu_and_a_node_keeps_its_reserve() {

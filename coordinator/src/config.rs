@@ -91,7 +91,8 @@ impl CoordinatorConfig {
 
     /// Checks the values the types cannot.
     pub fn validate(&self) -> Result<(), String> {
-        zy_common::ids::validate_name(&self.site).map_err(|e| format!("key `site`: {e}"))?;
+        zy_common::ids::validate_name_of("site", &self.site)
+            .map_err(|e| format!("key `site`: {e}"))?;
         self.timings
             .validate()
             .map_err(|e| format!("table `timings`: {e}"))?;

@@ -39,6 +39,8 @@ pub struct Coordinator {
     pub fleet: Arc<Fleet>,
     pub ca: SiteCa,
     pub api_tokens: RwLock<HashMap<TokenId, ApiTokenRecord>>,
+    /// Refused API tokens, for logging them at a bounded rate.
+    pub refusals: crate::api::refusals::Refusals,
     pub join_slots: Arc<Semaphore>,
     pub started: Instant,
     /// Image files and other content-addressed blobs.
@@ -117,6 +119,7 @@ impl Coordinator {
             fleet: Arc::new(fleet),
             ca,
             api_tokens: RwLock::new(api_tokens),
+            refusals: Default::default(),
             started: Instant::now(),
         })
     }

@@ -10,10 +10,7 @@ use serde::{Deserialize, Serialize};
 use zy_common::proto::Accel;
 use zy_common::VmId;
 
-/// Bounds a spec must stay within.
-pub const MAX_VCPUS: u32 = 64;
-pub const MIN_MEMORY_MIB: u64 = 64;
-pub const MAX_MEMORY_MIB: u64 = 1024 * 1024;
+use zy_common::resources::{MEMORY_MIB, VCPUS};
 
 /// How a VM boots.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,9 +72,9 @@ pub struct VmSpec {
 /// A spec that QEMU must not see.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SpecError {
-    #[error("{0} vCPUs is outside 1..={MAX_VCPUS}")]
+    #[error("a VM has {lo} to {hi} vCPUs, not {0}", lo = VCPUS.start(), hi = VCPUS.end())]
     Vcpus(u32),
-    #[error("{0} MiB of memory is outside {MIN_MEMORY_MIB}..={MAX_MEMORY_MIB}")]
+    #[error("a VM has {lo} MiB to {hi} MiB of memory, not {0} MiB", lo = MEMORY_MIB.start(), hi = MEMORY_MIB.end())]
     Memory(u64),
     #[error("{what} `{value}` cannot be passed to QEMU (commas, control characters or non-UTF-8)")]
     Unsafe { what: &'static str, value: String },
@@ -138,10 +135,10 @@ fn safe<'a>(what: &'static str, s: &'a str) -> Result<&'a str, SpecError> {
 impl VmSpec {
     /// Checks the spec before anything is made for it.
     pub fn validate(&self) -> Result<(), SpecError> {
-        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+        if !VCPUS.contains(&self.vcpus) {
             return Err(SpecError::Vcpus(self.vcpus));
         }
-        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+        if !MEMORY_MIB.contains(&self.memory_mib) {
             return Err(SpecError::Memory(self.memory_mib));
         }
         zy_common::ids::validate_name(&self.name).map_err(|_| SpecError::Unsafe {

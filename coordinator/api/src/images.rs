@@ -43,4 +43,8 @@ pub struct ImageView {
     /// The zone whose VMs may boot it; absent for a shared image.
     pub zone: Option<Zone>,
     pub shared: bool,
+    /// The VMs (not deleted) that boot from it, by name: while there are any it cannot be
+    /// deleted.
+    #[serde(default)]
+    pub used_by: Vec<String>,
 }

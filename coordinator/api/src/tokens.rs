@@ -35,4 +35,7 @@ pub struct TokenView {
     pub expires_at: String,
     pub expires_at_ms: u64,
     pub used_by: Option<NodeId>,
+    /// The name of the node it enrolled, while that node is enrolled.
+    #[serde(default)]
+    pub used_by_name: Option<String>,
 }

@@ -51,20 +51,37 @@ pub enum ExitCode {
 #[command(
     name = "zy",
     version,
-    about = "Drive a Zhengyun site: nodes and enrollment tokens"
+    about = "Drive a Zhengyun site: its nodes and their enrollment tokens, VMs, images, operations and events",
+    long_about = "Drive a Zhengyun site through its coordinator's HTTPS API: the nodes (servers) of the pool and the tokens that enroll them, VMs and the images they boot from, the durable operations that change VMs, and the site's live events.\n\nThe coordinator, API token and CA come from the global options, the environment (ZY_COORDINATOR, ZY_TOKEN, ZY_CA) or a zy.toml (--config, $ZY_CONFIG, ~/.config/zhengyun/zy.toml, /etc/zhengyun/zy.toml, /var/lib/zhengyun/coordinator/zy.toml). Exit codes: 0 ok, 1 failure, 2 bad arguments or request, 3 not found, 4 unauthorized, 5 coordinator unreachable, 6 conflict with the current state, 7 no usable configuration."
 )]
 pub struct Cli {
     /// A zy.toml with `coordinator`, `token` and `ca`.
-    #[arg(long, global = true, env = "ZY_CONFIG")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ZY_CONFIG"
+    )]
     pub config: Option<PathBuf>,
     /// The coordinator's API address, host:port.
-    #[arg(long, global = true, env = "ZY_COORDINATOR")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ZY_COORDINATOR"
+    )]
     pub coordinator: Option<String>,
     /// The API token (zya1-...).
-    #[arg(long, global = true, env = "ZY_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "ZY_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// The site CA certificate (ca.crt) to verify the coordinator with.
-    #[arg(long, global = true, env = "ZY_CA")]
+    #[arg(long, global = true, help_heading = "Global options", env = "ZY_CA")]
     pub ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
@@ -122,14 +139,16 @@ pub struct WaitFlags {
 pub enum VmCmd {
     /// Create a VM: it is placed on a node of its zone and started.
     Create {
+        /// The VM's name: 1 to 63 of a-z, 0-9 and `-`, unique among the site's VMs.
         #[arg(long)]
         name: String,
         /// extranet or intranet.
         #[arg(long)]
         zone: Zone,
+        /// Virtual CPUs (1 to 64).
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
-        /// Memory in MiB.
+        /// Memory in MiB (64 to 1048576).
         #[arg(long, default_value_t = 512)]
         memory: u64,
         /// Size of the VM's disk in GiB (0: none, or the image's size).
@@ -148,30 +167,35 @@ pub enum VmCmd {
     Ls(JsonFlag),
     /// One VM in detail.
     Show {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         json: JsonFlag,
     },
     /// Start a stopped VM.
     Start {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: WaitFlags,
     },
     /// Stop a VM (ACPI powerdown, then quit, then kill).
     Stop {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: WaitFlags,
     },
     /// Stop and start a VM.
     Restart {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: WaitFlags,
     },
     /// Show a VM's serial console (from its node); --follow keeps streaming it.
     Console {
+        /// VM name or id.
         vm: String,
         /// Keep printing what the guest prints, until interrupted.
         #[arg(short, long)]
@@ -183,6 +207,7 @@ pub enum VmCmd {
     /// Delete a VM and everything of it on its node (at once if the node is connected, when
     /// it returns otherwise).
     Delete {
+        /// VM name or id.
         vm: String,
         #[command(flatten)]
         wait: WaitFlags,
@@ -222,8 +247,16 @@ pub enum ImageCmd {
     },
     /// List images.
     Ls(JsonFlag),
-    /// Delete an image.
+    /// One image in detail: its blobs, format and size, and the VMs that boot from it.
+    Show {
+        /// The image's name.
+        name: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Delete an image (refused while VMs boot from it).
     Rm {
+        /// The image's name.
         name: String,
         #[command(flatten)]
         json: JsonFlag,
@@ -611,6 +644,16 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Image(ImageCmd::Ls(j)) => {
             let images: Vec<ImageView> = c.call(Method::GET, "/v1/images", None).await?;
             print(j.json, &images, || image_table(&images))
+        }
+        Command::Image(ImageCmd::Show { name, json }) => {
+            let img: ImageView = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/images/{}", path_segment(&name)?),
+                    None,
+                )
+                .await?;
+            print(json.json, &img, || image_detail(&img))
         }
         Command::Image(ImageCmd::Rm { name, json }) => {
             let img: ImageView = c
@@ -1113,6 +1156,57 @@ fn image_table(images: &[ImageView]) -> String {
     )
 }
 
+fn image_detail(i: &ImageView) -> String {
+    let mut rows: Vec<(&str, String)> = vec![
+        ("name", i.name.clone()),
+        (
+            "zone",
+            i.zone
+                .map(|z| z.to_string())
+                .unwrap_or_else(|| "shared (both zones)".into()),
+        ),
+        ("size", human_bytes(i.size_bytes)),
+        ("created", i.created_at.clone()),
+    ];
+    match &i.kind {
+        zy_common::image::ImageKind::Disk {
+            blob,
+            format,
+            virtual_size,
+        } => {
+            rows.push(("kind", format!("disk ({})", format.as_str())));
+            rows.push(("virtual size", human_bytes(*virtual_size)));
+            rows.push(("blob", blob.to_string()));
+        }
+        zy_common::image::ImageKind::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            rows.push(("kind", "kernel".into()));
+            rows.push(("kernel", kernel.to_string()));
+            rows.push((
+                "initrd",
+                initrd.map(|h| h.to_string()).unwrap_or_else(|| "-".into()),
+            ));
+            rows.push(("cmdline", cmdline.clone()));
+        }
+    }
+    rows.push((
+        "used by",
+        if i.used_by.is_empty() {
+            "no VM".into()
+        } else {
+            format!("{} VM(s): {}", i.used_by.len(), i.used_by.join(", "))
+        },
+    ));
+    let mut out = String::new();
+    for (k, v) in rows {
+        out.push_str(&format!("{:<13} {v}\n", format!("{k}:")));
+    }
+    out
+}
+
 fn token_table(ts: &[TokenView]) -> String {
     if ts.is_empty() {
         return "no tokens: `zy token create --zone <zone>` makes one\n".into();
@@ -1125,7 +1219,12 @@ fn token_table(ts: &[TokenView]) -> String {
                 t.zone.to_string(),
                 t.status.clone(),
                 t.expires_at.clone(),
-                t.used_by.map(|n| n.to_string()).unwrap_or("-".into()),
+                match (&t.used_by_name, t.used_by) {
+                    (Some(name), _) => name.clone(),
+                    // Enrolled a node since removed: its id is all that is left.
+                    (None, Some(id)) => id.to_string(),
+                    (None, None) => "-".into(),
+                },
             ]
         })
         .collect();
@@ -1135,6 +1234,51 @@ fn token_table(ts: &[TokenView]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every argument of every command says what it is, and the global options are
+    /// listed apart from a command's own.
+    #[test]
+    fn every_argument_has_help_and_globals_are_apart() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            if cmd.get_about().is_none() && cmd.get_name() != "help" {
+                missing.push(format!("{path}: the command has no description"));
+            }
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if ["help", "version"].contains(&id) {
+                    continue;
+                }
+                if a.get_help().is_none() {
+                    missing.push(format!("{path} {id}: no help"));
+                }
+                if a.is_global_set() && a.get_help_heading() != Some("Global options") {
+                    missing.push(format!("{path} {id}: a global option outside its heading"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut missing = Vec::new();
+        walk(&cmd, "zy", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
+        let help = cmd
+            .find_subcommand_mut("vm")
+            .and_then(|c| c.find_subcommand_mut("create"))
+            .expect("zy vm create")
+            .render_help()
+            .to_string();
+        let own = help.find("Options:").expect("own options");
+        let global = help.find("Global options:").expect("global options");
+        assert!(own < global, "{help}");
+        assert!(
+            help[own..global].contains("--image") && !help[own..global].contains("--token"),
+            "{help}"
+        );
+    }
 
     #[test]
     fn ttl_bounds_and_units() {

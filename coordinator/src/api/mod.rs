@@ -8,6 +8,7 @@
 pub mod events;
 pub mod https;
 mod nodes;
+pub mod refusals;
 mod tokens;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tracing::warn;
 use zy_api::*;
+use zy_common::time::now_millis;
 use zy_common::token::ApiToken;
 
 use crate::fleet::CommandError;
@@ -207,8 +209,68 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
                 "this path does not take that method; see /v1/openapi.json",
             )
         })
-        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::map_response(json_errors))
         .with_state(coord)
+}
+
+/// Largest request body the API takes, but for blobs (`PUT /v1/blobs`, streamed).
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// The code for programs of an HTTP error status that axum or hyper answered without us.
+fn status_code_name(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "bad_request",
+        s if s.is_server_error() => "internal",
+        _ => "error",
+    }
+}
+
+/// Every error leaves in the API's JSON form, also those that extractors (a body over
+/// the limit, a path that does not parse) answer in plain text on their own.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (parts, body) = res.into_parts();
+    let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+        format!(
+            "the request body is over the API's limit of {} KiB (image data goes to PUT /v1/blobs)",
+            BODY_LIMIT / 1024
+        )
+    } else {
+        let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+        let text = String::from_utf8_lossy(&text).trim().to_string();
+        if text.is_empty() {
+            status
+                .canonical_reason()
+                .unwrap_or("the request failed")
+                .to_string()
+        } else {
+            zy_common::ids::truncate_for_error(&text)
+        }
+    };
+    let mut out = ApiError::new(status, status_code_name(status), message).into_response();
+    // Headers the answer needs beyond its body (WWW-Authenticate, Allow, Retry-After).
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 async fn authenticate(
@@ -216,24 +278,16 @@ async fn authenticate(
     headers: HeaderMap,
     mut req: Request,
     next: Next,
-) -> Result<Response, ApiError> {
-    let unauthorized = |why: &str| {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("{why}: pass `Authorization: Bearer <API token>` (zy reads it from zy.toml, --token or ZY_TOKEN)"),
-        )
-    };
+) -> Result<Response, Unauthorized> {
     let value = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| unauthorized("no API token"))?;
-    let presented = value
-        .strip_prefix("Bearer ")
-        .ok_or_else(|| unauthorized("the Authorization header is not a bearer token"))?;
+        .ok_or_else(|| Unauthorized::missing("no API token"))?;
+    let presented = bearer(value)
+        .ok_or_else(|| Unauthorized::missing("the Authorization header is not a bearer token"))?;
     let token: ApiToken = presented
         .parse()
-        .map_err(|_| unauthorized("that is not an API token"))?;
+        .map_err(|_| Unauthorized::invalid("that is not an API token"))?;
     let known = coord
         .api_tokens
         .read()
@@ -246,9 +300,60 @@ async fn authenticate(
             Ok(next.run(req).await)
         }
         _ => {
-            warn!(token = %token.id, "API request with an unknown or wrong token");
-            Err(unauthorized("the API token is not valid here"))
+            if let Some(suppressed) = coord.refusals.note(token.id.to_string(), now_millis()) {
+                warn!(token = %token.id, suppressed, "API request with an unknown or wrong token");
+            }
+            Err(Unauthorized::invalid("the API token is not valid here"))
         }
+    }
+}
+
+/// The credentials of an `Authorization` value whose scheme is `Bearer`, matched without
+/// regard to case as RFC 9110 wants of auth schemes.
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.trim_start().split_once(' ')?;
+    let token = rest.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// A 401 as RFC 6750 has it: with `WWW-Authenticate: Bearer`, and `error="invalid_token"`
+/// when a token was presented but is not good.
+#[derive(Debug)]
+struct Unauthorized {
+    why: &'static str,
+    invalid: bool,
+}
+
+impl Unauthorized {
+    fn missing(why: &'static str) -> Self {
+        Self {
+            why,
+            invalid: false,
+        }
+    }
+    fn invalid(why: &'static str) -> Self {
+        Self { why, invalid: true }
+    }
+}
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        let challenge = if self.invalid {
+            r#"Bearer realm="zhengyun", error="invalid_token""#
+        } else {
+            r#"Bearer realm="zhengyun""#
+        };
+        let mut res = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{}: pass `Authorization: Bearer <API token>` (zy reads it from zy.toml, --token or ZY_TOKEN)", self.why),
+        )
+        .into_response();
+        res.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static(challenge),
+        );
+        res
     }
 }
 
@@ -290,5 +395,109 @@ mod tests {
         routes.sort();
         assert_eq!(documented, routes);
         assert_eq!(doc["openapi"], "3.1.0");
+    }
+
+    fn schema(doc: &serde_json::Value, name: &str) -> serde_json::Value {
+        doc["components"]["schemas"][name].clone()
+    }
+
+    /// What the document says a request may hold is what the server accepts: the bounds are
+    /// the code's own constants.
+    #[test]
+    fn the_documents_bounds_are_the_servers() {
+        use zy_common::resources::{MAX_DISK_GIB, MEMORY_MIB, VCPUS};
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let vm = schema(&doc, "CreateVm");
+        let p = &vm["properties"];
+        assert_eq!(p["vcpus"]["minimum"], *VCPUS.start());
+        assert_eq!(p["vcpus"]["maximum"], *VCPUS.end());
+        assert_eq!(p["memory_mib"]["minimum"], *MEMORY_MIB.start());
+        assert_eq!(p["memory_mib"]["maximum"], *MEMORY_MIB.end());
+        assert_eq!(p["disk_gib"]["maximum"], MAX_DISK_GIB);
+        let t = schema(&doc, "CreateToken");
+        assert_eq!(
+            t["properties"]["ttl_secs"]["minimum"],
+            *TOKEN_TTL_SECS.start()
+        );
+        assert_eq!(
+            t["properties"]["ttl_secs"]["maximum"],
+            *TOKEN_TTL_SECS.end()
+        );
+        // Every integer says its width, and none is negative.
+        fn integers(x: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
+            match x {
+                serde_json::Value::Object(m) => {
+                    if m.get("type") == Some(&serde_json::json!("integer"))
+                        && (m.get("format").is_none() || m.get("minimum").is_none())
+                    {
+                        bad.push(at.to_string());
+                    }
+                    for (k, v) in m {
+                        integers(v, &format!("{at}/{k}"), bad);
+                    }
+                }
+                serde_json::Value::Array(a) => {
+                    for (i, v) in a.iter().enumerate() {
+                        integers(v, &format!("{at}/{i}"), bad);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut bad = Vec::new();
+        integers(&doc, "", &mut bad);
+        assert!(
+            bad.is_empty(),
+            "integers without format or minimum: {bad:?}"
+        );
+        // Every operation that takes a body says it may be too large, every one behind a
+        // token says 401, and every one has the error form for the rest.
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (m, o) in ops.as_object().unwrap() {
+                let Some(r) = o.get("responses") else {
+                    continue;
+                };
+                assert!(r.get("default").is_some(), "{m} {path}: no default error");
+                if o.get("requestBody").is_some() {
+                    assert!(r.get("413").is_some(), "{m} {path}: no 413");
+                }
+                if !["/v1/health", "/v1/openapi.json"].contains(&path.as_str()) {
+                    assert!(r.get("401").is_some(), "{m} {path}: no 401");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// A name the document's pattern and lengths allow is one the server takes, and the
+        /// other way round.
+        #[test]
+        fn the_documents_name_pattern_is_the_servers(name in "[a-z0-9A-Z_. -]{0,70}") {
+            let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+            let s = schema(&doc, "Name");
+            let re = regex_lite::Regex::new(s["pattern"].as_str().unwrap()).unwrap();
+            let len = name.chars().count() as u64;
+            let by_doc = re.is_match(&name)
+                && len >= s["minLength"].as_u64().unwrap()
+                && len <= s["maxLength"].as_u64().unwrap();
+            let by_server = zy_common::ids::validate_name_of("VM", &name).is_ok();
+            proptest::prop_assert_eq!(by_doc, by_server, "{:?}", name);
+        }
+
+        #[test]
+        fn names_the_document_allows_are_taken(name in "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?") {
+            proptest::prop_assert!(zy_common::ids::validate_name_of("VM", &name).is_ok(), "{:?}", name);
+        }
+    }
+
+    #[test]
+    fn bearer_is_matched_in_any_case_and_needs_credentials() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
     }
 }

@@ -12,8 +12,9 @@ use zy_common::token::{BootstrapToken, Secret};
 
 use super::{ApiError, ApiResult, Shared};
 use crate::store::TokenRecord;
+use crate::Coordinator;
 
-pub(super) fn token_view(t: &TokenRecord, now: u64) -> TokenView {
+pub(super) fn token_view(coord: &Coordinator, t: &TokenRecord, now: u64) -> TokenView {
     TokenView {
         id: t.id.to_string(),
         zone: t.zone,
@@ -25,6 +26,7 @@ pub(super) fn token_view(t: &TokenRecord, now: u64) -> TokenView {
         expires_at: rfc3339(t.expires_at_ms),
         expires_at_ms: t.expires_at_ms,
         used_by: t.used.map(|(n, _)| n),
+        used_by_name: t.used.and_then(|(n, _)| coord.fleet.name_of(n)),
     }
 }
 
@@ -35,7 +37,9 @@ pub(super) async fn list_tokens(State(coord): Shared) -> ApiResult<Vec<TokenView
         .map_err(ApiError::internal)??;
     tokens.sort_by_key(|t| t.created_at_ms);
     let now = now_millis();
-    Ok(Json(tokens.iter().map(|t| token_view(t, now)).collect()))
+    Ok(Json(
+        tokens.iter().map(|t| token_view(&coord, t, now)).collect(),
+    ))
 }
 
 pub(super) async fn create_token(
@@ -100,5 +104,5 @@ pub(super) async fn revoke_token(
         .map_err(ApiError::internal)??
         .ok_or_else(|| ApiError::not_found(format!("no token {id}; `zy token ls` lists them")))?;
     info!(token = %id, "bootstrap token revoked");
-    Ok(Json(token_view(&rec, now_millis())))
+    Ok(Json(token_view(&coord, &rec, now_millis())))
 }

@@ -423,6 +423,14 @@ impl Fleet {
             .collect()
     }
 
+    /// The name of an enrolled node.
+    pub fn name_of(&self, id: NodeId) -> Option<String> {
+        lock(&self.inner)
+            .nodes
+            .get(&id)
+            .map(|n| n.record.name.clone())
+    }
+
     /// The ids of every enrolled node.
     pub fn enrolled(&self) -> HashSet<NodeId> {
         lock(&self.inner).nodes.keys().copied().collect()

@@ -1,6 +1,7 @@
 //! Images over the API: blobs are uploaded as raw bodies and named by their BLAKE3 hash;
 //! an image names one or more blobs and says how they boot.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -21,7 +22,7 @@ use crate::Coordinator;
 /// The largest blob accepted (an image file).
 pub const MAX_BLOB: u64 = 64 << 30;
 
-fn view(r: &ImageRecord) -> ImageView {
+fn view(r: &ImageRecord, users: &HashMap<String, Vec<String>>) -> ImageView {
     ImageView {
         name: r.name.clone(),
         kind: r.kind.clone(),
@@ -29,7 +30,25 @@ fn view(r: &ImageRecord) -> ImageView {
         created_at: rfc3339(r.created_at_ms),
         zone: r.zone,
         shared: r.zone.is_none(),
+        used_by: users.get(&r.name).cloned().unwrap_or_default(),
     }
+}
+
+/// The VMs (not deleted) of each image, by name, sorted.
+fn image_users(coord: &Coordinator) -> HashMap<String, Vec<String>> {
+    let mut m: HashMap<String, Vec<String>> = coord.vms.with(|t| {
+        let mut m: HashMap<String, Vec<String>> = HashMap::new();
+        for v in t
+            .vms
+            .values()
+            .filter(|v| v.desired != zy_api::VmDesired::Deleted)
+        {
+            m.entry(v.image.clone()).or_default().push(v.name.clone());
+        }
+        m
+    });
+    m.values_mut().for_each(|v| v.sort());
+    m
 }
 
 fn blob_err(e: BlobError) -> ApiError {
@@ -68,7 +87,8 @@ pub async fn list_images(
     let images = tokio::task::spawn_blocking(move || store.images())
         .await
         .map_err(ApiError::internal)??;
-    Ok(Json(images.iter().map(view).collect()))
+    let users = image_users(&coord);
+    Ok(Json(images.iter().map(|i| view(i, &users)).collect()))
 }
 
 pub async fn show_image(
@@ -80,7 +100,7 @@ pub async fn show_image(
     tokio::task::spawn_blocking(move || store.image(&n))
         .await
         .map_err(ApiError::internal)??
-        .map(|r| Json(view(&r)))
+        .map(|r| Json(view(&r, &image_users(&coord))))
         .ok_or_else(|| {
             ApiError::not_found(format!(
                 "no image `{}`; `zy image ls` lists them",
@@ -95,8 +115,8 @@ pub async fn create_image(
 ) -> Result<(StatusCode, Json<ImageView>), ApiError> {
     let req: CreateImage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad image request: {e}")))?;
-    zy_common::ids::validate_name(&req.name)
-        .map_err(|e| ApiError::bad_request(e.to_string().replace("node name", "image name")))?;
+    zy_common::ids::validate_name_of("image", &req.name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let zone = match (req.zone, req.shared) {
         (Some(z), false) => Some(z),
         (None, true) => None,
@@ -195,7 +215,7 @@ pub async fn create_image(
         ));
     }
     info!(name = %rec.name, "image created");
-    Ok((StatusCode::CREATED, Json(view(&rec))))
+    Ok((StatusCode::CREATED, Json(view(&rec, &HashMap::new()))))
 }
 
 /// The first bytes of a blob, as many as inspection needs.
@@ -255,5 +275,5 @@ pub async fn delete_image(
         }
     }
     info!(name = %rec.name, "image deleted");
-    Ok(Json(view(&rec)))
+    Ok(Json(view(&rec, &HashMap::new())))
 }

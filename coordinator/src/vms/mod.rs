@@ -512,26 +512,15 @@ pub async fn create(
     let key = idempotency_key(&headers)?;
     let req: CreateVm = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad VM request: {e}")))?;
-    zy_common::ids::validate_name(&req.name)
-        .map_err(|e| ApiError::bad_request(e.to_string().replace("node name", "VM name")))?;
-    if !(1..=64).contains(&req.vcpus) {
-        return Err(ApiError::bad_request(format!(
-            "{} vCPUs is outside 1..=64",
-            req.vcpus
-        )));
+    zy_common::ids::validate_name_of("VM", &req.name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    zy_common::resources::VmSize {
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        disk_gib: req.disk_gib,
     }
-    if !(64..=1024 * 1024).contains(&req.memory_mib) {
-        return Err(ApiError::bad_request(format!(
-            "{} MiB of memory is outside 64 MiB..=1 TiB",
-            req.memory_mib
-        )));
-    }
-    if req.disk_gib > 64 * 1024 {
-        return Err(ApiError::bad_request(format!(
-            "a {} GiB disk is over the 64 TiB limit",
-            req.disk_gib
-        )));
-    }
+    .check()
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(a) = coord.vms.with(|t| replay(&coord, t, &key)) {
         return Ok((StatusCode::OK, Json(a)));
     }

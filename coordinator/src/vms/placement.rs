@@ -31,13 +31,51 @@ pub struct Demand {
 pub enum PlaceError {
     #[error("no node of zone {0} is ready: enroll one, or wait for it to report")]
     NoNode(Zone),
-    #[error("no node of zone {zone} has room for {} vCPU(s), {} MiB of memory (with QEMU's own) and {} GiB of disk: the most room left on one node is {} vCPU(s), {} MiB and {} GiB", fmt_vcpus(need.vcpu_milli), need.memory_mib, need.disk_gib, fmt_vcpus(best.vcpu_milli), best.memory_mib, best.disk_gib)]
+    #[error("{}", no_room(*zone, need, best))]
     NoRoom {
         zone: Zone,
         need: Resources,
         /// The most left in each dimension on any one ready node of the zone.
         best: Resources,
     },
+}
+
+/// Says what ran out: each resource the VM needs more of than any one node has left, or,
+/// when every one would fit somewhere, that no node has all of them at once.
+fn no_room(zone: Zone, need: &Resources, best: &Resources) -> String {
+    let mut short = Vec::new();
+    if need.vcpu_milli > best.vcpu_milli {
+        short.push(format!(
+            "{} vCPU(s) (the most left on one node: {})",
+            fmt_vcpus(need.vcpu_milli),
+            fmt_vcpus(best.vcpu_milli)
+        ));
+    }
+    if need.memory_mib > best.memory_mib {
+        short.push(format!(
+            "{} MiB of memory with QEMU's own (the most left on one node: {} MiB)",
+            need.memory_mib, best.memory_mib
+        ));
+    }
+    if need.disk_gib > best.disk_gib {
+        short.push(format!(
+            "a {} GiB disk (the most disk left on one node: {} GiB)",
+            need.disk_gib, best.disk_gib
+        ));
+    }
+    if short.is_empty() {
+        format!(
+            "no node of zone {zone} has room for {} vCPU(s), {} MiB of memory (with QEMU's own) and {} GiB of disk at once, though each would fit on some node",
+            fmt_vcpus(need.vcpu_milli),
+            need.memory_mib,
+            need.disk_gib
+        )
+    } else {
+        format!(
+            "no node of zone {zone} has room for {}",
+            short.join(", nor for ")
+        )
+    }
 }
 
 fn fmt_vcpus(milli: u64) -> String {
@@ -143,6 +181,10 @@ mod tests {
             err.to_string().contains("10256 MiB") && err.to_string().contains("7680 MiB"),
             "{err}"
         );
+        assert!(
+            !err.to_string().contains("disk"),
+            "only memory ran out: {err}"
+        );
         let mut down = nodes.clone();
         for n in &mut down {
             n.ready = n.zone != Zone::Intranet;
@@ -151,6 +193,49 @@ mod tests {
             place(&down, &HashMap::new(), d),
             Err(PlaceError::NoNode(Zone::Intranet))
         );
+    }
+
+    #[test]
+    fn a_refusal_names_the_resource_that_ran_out() {
+        let nodes = vec![
+            node("a", Zone::Intranet, 8192),
+            node("b", Zone::Intranet, 4096),
+        ];
+        let big_disk = Demand {
+            zone: Zone::Intranet,
+            need: MODEL.cost(VmSize {
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 60_000,
+            }),
+        };
+        let e = place(&nodes, &HashMap::new(), big_disk)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("60000 GiB disk") && !e.contains("memory") && !e.contains("vCPU"),
+            "{e}"
+        );
+        let many_vcpus = demand(40, 256);
+        let e = place(&nodes, &HashMap::new(), many_vcpus)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("40 vCPU(s)") && e.contains("16") && !e.contains("memory"),
+            "{e}"
+        );
+        // Each fits somewhere, but not together: a has the memory, b the vCPUs.
+        let used = HashMap::from([(
+            nodes[0].id,
+            Resources {
+                vcpu_milli: 16_000,
+                ..Resources::default()
+            },
+        )]);
+        let e = place(&nodes, &used, demand(2, 6000))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at once"), "{e}");
     }
 
     proptest! {
