@@ -835,6 +835,35 @@ mod tests {
             kind: CommandKind::SetReportInterval { ms: 0 },
         });
         assert!(m.validate().is_err());
+        // What reaches a guest is checked again as it arrives.
+        let ensure = |f: &dyn Fn(&mut WireVm)| {
+            let mut m = samples()
+                .into_iter()
+                .find(|(n, _)| *n == "command_ensure_vm")
+                .unwrap()
+                .1;
+            if let Message::Command(Command {
+                kind: CommandKind::EnsureVm(i),
+                ..
+            }) = &mut m
+            {
+                f(&mut i.vm);
+            }
+            m.validate()
+        };
+        assert!(ensure(&|_| {}).is_ok());
+        let err = ensure(&|v| v.user_data = Some("#!/bin/sh\n".into())).unwrap_err();
+        assert!(err.to_string().contains("user-data"), "{err}");
+        let err = ensure(&|v| {
+            v.ssh_keys = vec![SshKey::parse(crate::guest::tests::ED25519).unwrap(); 33]
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("33 keys"), "{err}");
+        let err = ensure(&|v| v.nics[0].search = vec!["not a domain".into()]).unwrap_err();
+        assert!(err.to_string().contains("search domain"), "{err}");
+        assert!(
+            ensure(&|v| v.nics[0].nameservers = vec![std::net::Ipv4Addr::LOCALHOST; 4]).is_err()
+        );
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {
