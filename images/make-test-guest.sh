@@ -16,11 +16,20 @@
 # Booted from the disk image, it prints `ZY-DISK base=<text>` (a file of the image) and
 # `ZY-DISK boots=<n>` (a file it appends to at each boot: writes reach the VM's overlay).
 # It brings eth0 up with its address (it then answers ping) and prints `ZY-NET <addr> mtu <n>`,
+# its default route and name servers when it has them (`ZY-ROUTE default via <gw>`,
+# `ZY-DNS <servers>`, written to /etc/resolv.conf; `zy.dns=` and `zy.search=` on the command
+# line), and with SSH keys in the seed's meta-data (`public-keys`) it runs dropbear on port
+# 22 letting those keys in as root (`ZY-SSHD <n> keys`). For tests, `zy.sshkey=1` makes it
+# make an ed25519 key and print its public line (`ZY-SSHKEY <line>`), and `zy.sshto=<ip>`
+# makes it log in to <ip> with that key until it can and print what the far side said
+# (`ZY-SSH-OK <far hostname>`).
 # powers off cleanly on an ACPI power button press (QMP system_powerdown), prints
 # `ZY-READY <name>` on the serial console, and keeps a shell on the console.
 #
 # Usage: images/make-test-guest.sh [out dir]   (default: images/out; skipped if up to date)
 # Needs apt (downloads a few .deb files; installs nothing), gzip and qemu-img.
+# dropbear and the libraries it links (glibc, libtomcrypt, libtommath, libgmp, zlib,
+# libcrypt) are taken from their Debian packages: about 3 MB more in the initramfs.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="${1:-$here/out}"
@@ -45,9 +54,12 @@ trap 'rm -rf "$work"' EXIT
 cd "$work"
 # apt's sandbox user cannot write to a root-owned temp dir; download as root there.
 chmod 0777 "$work"
-apt-get download -qq "$kpkg" busybox-static syslinux syslinux-common mtools dosfstools 2>/dev/null
+ssh_debs="dropbear-bin libtomcrypt1 libtommath1 libgmp10 zlib1g libcrypt1 libc6"
+# shellcheck disable=SC2086
+apt-get download -qq "$kpkg" busybox-static syslinux syslinux-common mtools dosfstools $ssh_debs 2>/dev/null
 dpkg -x linux-image-*.deb k
 dpkg -x busybox-static_*.deb bb
+for p in $ssh_debs; do dpkg -x "${p}"_*.deb ssh; done
 for d in syslinux_*.deb syslinux-common_*.deb mtools_*.deb dosfstools_*.deb; do dpkg -x "$d" tools; done
 kver="${kpkg#linux-image-}"
 bb="$work/bb/bin/busybox"
@@ -58,6 +70,18 @@ cp "$bb" "$root/bin/busybox"
 for applet in $("$bb" --list); do
     [[ "$applet" == busybox ]] || ln -sf busybox "$root/bin/$applet"
 done
+# dropbear (server, client, key maker) with the shared libraries it needs.
+mkdir -p "$root/lib64" "$root/lib/x86_64-linux-gnu" "$root/etc/dropbear" "$root/root/.ssh"
+cp ssh/usr/sbin/dropbear ssh/usr/bin/dbclient ssh/usr/bin/dropbearkey "$root/bin/"
+cp -L ssh/lib64/ld-linux-x86-64.so.2 "$root/lib64/"
+for lib in libc.so.6 libcrypt.so.1 libtomcrypt.so.1 libtommath.so.1 libgmp.so.10 libz.so.1; do
+    f=$(find ssh/lib ssh/usr/lib -name "$lib" | head -1)
+    [[ -n "$f" ]] || { echo "make-test-guest: $lib is missing from the dropbear packages" >&2; exit 1; }
+    cp -L "$f" "$root/lib/x86_64-linux-gnu/"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\n' > "$root/etc/passwd"
+printf 'root:x:0:\n' > "$root/etc/group"
+printf '/bin/sh\n' > "$root/etc/shells"
 
 # The modules the guest needs, with their dependencies, found by busybox depmod.
 src="k/lib/modules/$kver"
@@ -102,6 +126,10 @@ for arg in $(cat /proc/cmdline); do
         zy.tcpsink=*) ZY_tcpsink="${arg#zy.tcpsink=}" ;;
         zy.tcpsend=*) ZY_tcpsend="${arg#zy.tcpsend=}" ;;
         zy.panic_after=*) ZY_panic_after="${arg#zy.panic_after=}" ;;
+        zy.dns=*) ZY_dns=$(echo "${arg#zy.dns=}" | tr , ' ') ;;
+        zy.search=*) ZY_search=$(echo "${arg#zy.search=}" | tr , ' ') ;;
+        zy.sshkey=*) ZY_sshkey="${arg#zy.sshkey=}" ;;
+        zy.sshto=*) ZY_sshto="${arg#zy.sshto=}" ;;
     esac
 done
 # Without an address on the command line, a cloud-init NoCloud seed must provide one.
@@ -118,6 +146,10 @@ if [ -z "$ZY_ip" ]; then
                 ZY_ip=$(sed -n 's/^ *- \([0-9.]*\/[0-9]*\)$/\1/p' /seed/network-config | head -1)
                 ZY_gw=$(sed -n 's/^ *via: //p' /seed/network-config | head -1)
                 ZY_mtu=$(sed -n 's/^ *mtu: //p' /seed/network-config | head -1)
+                ZY_dns=$(sed -n 's/^ *addresses: \[\(.*\)\]$/\1/p' /seed/network-config | head -1 | tr -d ,)
+                ZY_search=$(sed -n 's/^ *search: \[\(.*\)\]$/\1/p' /seed/network-config | head -1 | tr -d ,)
+                # meta-data's public-keys: one quoted key line per item.
+                sed -n '/^public-keys:/,/^[^ ]/s/^  - "\(.*\)"$/\1/p' /seed/meta-data > /tmp/keys
                 echo "ZY-SEED $ZY_seed"
             fi
             umount /seed
@@ -146,8 +178,23 @@ if [ -n "$ZY_ip" ]; then
     [ -n "$ZY_mtu" ] && ip link set eth0 mtu "$ZY_mtu"
     ip link set eth0 up
     ip addr add "$ZY_ip" dev eth0
-    [ -n "$ZY_gw" ] && ip route add default via "$ZY_gw"
+    [ -n "$ZY_gw" ] && ip route add default via "$ZY_gw" && echo "ZY-ROUTE $(ip route show default)"
     echo "ZY-NET $ZY_ip mtu $(cat /sys/class/net/eth0/mtu)"
+fi
+if [ -n "$ZY_dns" ]; then
+    for ns in $ZY_dns; do echo "nameserver $ns"; done > /etc/resolv.conf
+    [ -n "$ZY_search" ] && echo "search $ZY_search" >> /etc/resolv.conf
+    echo "ZY-DNS $ZY_dns${ZY_search:+ search $ZY_search}"
+fi
+# SSH: the seed's keys let root in through dropbear (host keys made on first use).
+export HOME=/root
+if [ -s /tmp/keys ]; then
+    mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+    chmod 700 /root /root/.ssh
+    cp /tmp/keys /root/.ssh/authorized_keys
+    chmod 600 /root/.ssh/authorized_keys
+    dropbear -R -p 22 -P /run/dropbear.pid 2>/tmp/dropbear.log
+    echo "ZY-SSHD $(wc -l < /root/.ssh/authorized_keys) keys"
 fi
 # A press of the ACPI power button (QMP system_powerdown) powers the guest off cleanly:
 # busybox acpid runs /etc/acpi/<event>/<parameter> for each event.
@@ -190,6 +237,16 @@ if [ -n "$ZY_tcpsend" ]; then
         sleep 1
     done
     echo "ZY-TCP sent") &
+fi
+# Tests of SSH: make a key and show it, then log in to a peer with it until that works.
+if [ -n "$ZY_sshkey" ]; then
+    dropbearkey -t ed25519 -f /root/.ssh/id_dropbear 2>/dev/null | grep '^ssh-ed25519 ' | sed 's/^/ZY-SSHKEY /'
+fi
+if [ -n "$ZY_sshto" ]; then
+    (until out=$(dbclient -y -i /root/.ssh/id_dropbear "root@$ZY_sshto" hostname 2>/tmp/dbclient.log </dev/null); do
+        sleep 2
+    done
+    echo "ZY-SSH-OK $out") &
 fi
 # Tests of guest health ask for a kernel panic (which pvpanic reports to QEMU).
 if [ -n "$ZY_panic_after" ]; then

@@ -21,10 +21,10 @@ use zy_common::VmId;
 use crate::netdev::{Networks, Segment};
 use crate::uplink::{BlobSource, Uplink};
 use crate::vm::actor::{Ctx, Request, VmEvent};
-use crate::vm::manager::{find_strays, Begin, VmManager, PREPARING_MARKER};
+use crate::vm::manager::{find_strays, Begin, Prepared, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
 use crate::vm::runner::{QemuRunner, VmRunner};
-use crate::vm::seed::{Seed, SeedNic};
+use crate::vm::seed::{Seed, SeedNic, SEED_FILE};
 use crate::vm::spec::{BaseImage, Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 
 /// Everything VM commands need.
@@ -164,7 +164,7 @@ impl Node {
     /// they start is reported as it happens.
     pub async fn handle(self: &Arc<Self>, kind: CommandKind) -> Result<ReplyKind, ReplyError> {
         match kind {
-            CommandKind::EnsureVm(intent) => self.ensure(intent).map(ReplyKind::Vm),
+            CommandKind::EnsureVm(intent) => self.ensure(*intent).map(ReplyKind::Vm),
             CommandKind::DeleteVm { id, generation } => {
                 self.delete(id, generation).await.map(|()| ReplyKind::Done)
             }
@@ -316,11 +316,7 @@ impl Node {
         Ok(())
     }
 
-    async fn prepare(
-        &self,
-        vm: &WireVm,
-        paths: &VmPaths,
-    ) -> Result<(VmSpec, Vec<(String, Segment)>), String> {
+    async fn prepare(&self, vm: &WireVm, paths: &VmPaths) -> Result<Prepared, String> {
         for blob in vm.image.blobs() {
             self.blobs
                 .ensure_blob(blob, &self.cache)
@@ -328,6 +324,7 @@ impl Node {
                 .map_err(|e| format!("cannot get the image: {e}"))?;
         }
         let mut disks = Vec::new();
+        let mut written_seed = None;
         let boot = match &vm.image {
             ImageKind::Disk { blob, format, .. } => {
                 // Inspected again here, before QEMU or qemu-img open it: the node trusts
@@ -372,10 +369,15 @@ impl Node {
                             prefix: n.prefix,
                             gateway: n.gateway,
                             mtu: crate::netdev::OVERLAY_MTU,
+                            nameservers: n.nameservers.clone(),
+                            search: n.search.clone(),
                         })
                         .collect(),
+                    ssh_keys: vm.ssh_keys.clone(),
+                    user_data: vm.user_data.clone(),
                 };
-                let path = paths.dir.join("seed.img");
+                written_seed = Some(seed.clone());
+                let path = paths.dir.join(SEED_FILE);
                 let p = path.clone();
                 blocking(move || {
                     seed.write(&p)
@@ -414,6 +416,14 @@ impl Node {
                     ));
                     if let Some(gw) = n.gateway {
                         line.push_str(&format!(" zy.gw={gw}"));
+                    }
+                    if !n.nameservers.is_empty() {
+                        let dns: Vec<String> =
+                            n.nameservers.iter().map(|a| a.to_string()).collect();
+                        line.push_str(&format!(" zy.dns={}", dns.join(",")));
+                    }
+                    if !n.search.is_empty() {
+                        line.push_str(&format!(" zy.search={}", n.search.join(",")));
                     }
                 }
                 Boot::Kernel {
@@ -460,7 +470,11 @@ impl Node {
             nics,
         };
         spec.validate().map_err(|e| e.to_string())?;
-        Ok((spec, ports))
+        Ok(Prepared {
+            spec,
+            ports,
+            seed: written_seed,
+        })
     }
 }
 
@@ -652,18 +666,22 @@ mod tests {
                 ip: "192.168.5.2".parse().unwrap(),
                 prefix: 24,
                 gateway: None,
+                nameservers: vec![],
+                search: vec![],
                 peers: vec!["10.0.0.2".parse().unwrap()],
             }],
+            ssh_keys: vec![],
+            user_data: None,
         }
     }
 
     fn ensure(vm: &WireVm, desired: Desired, g: u64) -> CommandKind {
-        CommandKind::EnsureVm(VmIntent {
+        CommandKind::EnsureVm(Box::new(VmIntent {
             vm: vm.clone(),
             desired,
             generation: Generation(g),
             stop_grace_ms: 1000,
-        })
+        }))
     }
 
     /// Takes events until one of `id` is in state `name`; every event seen.

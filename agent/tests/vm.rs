@@ -516,14 +516,16 @@ mod handover {
                 cmdline: "console=ttyS0 quiet no_timer_check".into(),
             },
             nics: vec![],
+            ssh_keys: vec![],
+            user_data: None,
         };
         let ensure = |g: u64| {
-            CommandKind::EnsureVm(VmIntent {
+            CommandKind::EnsureVm(Box::new(VmIntent {
                 vm: vm.clone(),
                 desired: Desired::Stopped,
                 generation: Generation(g),
                 stop_grace_ms: 1000,
-            })
+            }))
         };
         // The second hand-over arrives while the first is still making the disk.
         let (a, b) = tokio::join!(node.handle(ensure(1)), node.handle(ensure(1)));
@@ -591,13 +593,15 @@ mod handover {
                 cmdline: String::new(),
             },
             nics: vec![],
+            ssh_keys: vec![],
+            user_data: None,
         };
-        node.handle(CommandKind::EnsureVm(VmIntent {
+        node.handle(CommandKind::EnsureVm(Box::new(VmIntent {
             vm,
             desired: Desired::Running,
             generation: Generation(1),
             stop_grace_ms: 1000,
-        }))
+        })))
         .await
         .unwrap();
         let t0 = Instant::now();

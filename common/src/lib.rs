@@ -3,7 +3,8 @@
 //! This crate owns the vocabulary of the system: typed ids and zones ([`ids`]), the wire
 //! protocol spoken between daemons ([`wire`] for frames, [`proto`] for messages), the TLS
 //! identities that make every connection mutual ([`tls`]), the one-time bootstrap tokens that
-//! enroll nodes ([`token`]) and the QUIC transport settings both sides must agree on ([`quic`]).
+//! enroll nodes ([`token`]), the QUIC transport settings both sides must agree on ([`quic`])
+//! and what a VM's owner hands its guest, SSH keys and user-data ([`guest`]).
 //!
 //! What only the daemons need sits behind features, on by default: `pki` (making and
 //! reading certificates), `quic` (the link's transport settings) and `logging`. A client of
@@ -16,6 +17,7 @@
 pub mod blob;
 pub mod error;
 pub mod files;
+pub mod guest;
 pub mod ids;
 pub mod image;
 #[cfg(feature = "logging")]

@@ -1,4 +1,4 @@
-//! The messages of wire protocol version 2.
+//! The messages of wire protocol version 3.
 //!
 //! One connection per agent; on it one bidirectional *control stream* that the agent opens.
 //! After the [`crate::wire::Preamble`] exchange:
@@ -27,6 +27,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::blob::BlobHash;
+use crate::guest::SshKey;
 use crate::ids::{validate_name, NodeId, VmId, Zone};
 use crate::image::ImageKind;
 use crate::vm::{Desired, Generation, VmState};
@@ -37,7 +38,7 @@ pub const MAX_TEXT: usize = 1024;
 /// Longest DER blob (certificates, certificate requests).
 pub const MAX_DER: usize = 16 * 1024;
 
-/// Every message of protocol version 1.
+/// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     JoinRequest(JoinRequest),
@@ -221,6 +222,26 @@ impl WireVm {
             if n.vni == 0 || n.vni > 0x00ff_ffff || n.prefix > 30 || n.peers.len() > 4096 {
                 return invalid("a NIC with an impossible network".into());
             }
+            if n.nameservers.len() > crate::guest::MAX_NAMESERVERS
+                || n.search.len() > crate::guest::MAX_SEARCH
+            {
+                return invalid("a NIC with too many name servers or search domains".into());
+            }
+            for d in &n.search {
+                crate::guest::check_domain(d)
+                    .map_err(|e| FrameError::Invalid(format!("search domain: {e}")))?;
+            }
+        }
+        // Keys and user-data are checked again as they arrive: they end up in the guest.
+        for k in &self.ssh_keys {
+            crate::guest::SshKey::parse(k.as_str())
+                .map_err(|e| FrameError::Invalid(format!("SSH key: {e}")))?;
+        }
+        crate::guest::check_ssh_keys(&self.ssh_keys)
+            .map_err(|e| FrameError::Invalid(format!("SSH keys: {e}")))?;
+        if let Some(u) = &self.user_data {
+            crate::guest::check_user_data(u)
+                .map_err(|e| FrameError::Invalid(format!("user-data {e}")))?;
         }
         if let ImageKind::Kernel { cmdline, .. } = &self.image {
             text("cmdline", cmdline, 2048)?;
@@ -393,7 +414,7 @@ pub enum CommandKind {
     /// Have this VM, in this state: made (image fetched, disk and ports made) if the node
     /// lacks it, started or stopped if not as desired. Ignored when the node already holds
     /// this generation or a newer one.
-    EnsureVm(VmIntent),
+    EnsureVm(Box<VmIntent>),
     /// Have no such VM: stop it if it runs and remove everything of it from the node.
     /// Done at once when the node has no such VM.
     DeleteVm { id: VmId, generation: Generation },
@@ -427,6 +448,10 @@ pub struct WireVm {
     pub disk_gib: u64,
     pub image: ImageKind,
     pub nics: Vec<WireNic>,
+    /// OpenSSH public keys the guest is to let in (a disk image's seed carries them).
+    pub ssh_keys: Vec<SshKey>,
+    /// The owner's `#cloud-config` document, written into the seed as it was given.
+    pub user_data: Option<String>,
 }
 
 /// One NIC of a VM and the network it joins.
@@ -439,6 +464,9 @@ pub struct WireNic {
     pub ip: std::net::Ipv4Addr,
     pub prefix: u8,
     pub gateway: Option<std::net::Ipv4Addr>,
+    /// The zone's name servers and DNS search domains, for the guest's resolver.
+    pub nameservers: Vec<std::net::Ipv4Addr>,
+    pub search: Vec<String>,
     /// The underlay addresses of the other nodes of this network.
     pub peers: Vec<std::net::Ipv4Addr>,
 }
@@ -713,6 +741,43 @@ mod tests {
                     message: "gone".into(),
                 }),
             ),
+            (
+                "command_ensure_vm",
+                Message::Command(Command {
+                    id: 5,
+                    kind: CommandKind::EnsureVm(Box::new(VmIntent {
+                        vm: WireVm {
+                            id: VmId(Uuid::from_u128(7)),
+                            name: "w1".into(),
+                            zone: Zone::Intranet,
+                            vcpus: 2,
+                            memory_mib: 512,
+                            disk_gib: 10,
+                            image: ImageKind::Kernel {
+                                kernel: BlobHash([1; 32]),
+                                initrd: None,
+                                cmdline: "console=ttyS0".into(),
+                            },
+                            nics: vec![WireNic {
+                                vni: 20,
+                                local: std::net::Ipv4Addr::new(10, 77, 0, 11),
+                                mac: [0x52, 0x54, 0, 1, 2, 3],
+                                ip: std::net::Ipv4Addr::new(10, 220, 0, 2),
+                                prefix: 16,
+                                gateway: Some(std::net::Ipv4Addr::new(10, 220, 0, 1)),
+                                nameservers: vec![std::net::Ipv4Addr::new(10, 220, 0, 1)],
+                                search: vec!["hz.gov".into()],
+                                peers: vec![std::net::Ipv4Addr::new(10, 77, 0, 12)],
+                            }],
+                            ssh_keys: vec![SshKey::parse(crate::guest::tests::ED25519).unwrap()],
+                            user_data: Some("#cloud-config\npackages: [nginx]\n".into()),
+                        },
+                        desired: Desired::Running,
+                        generation: Generation(3),
+                        stop_grace_ms: 30_000,
+                    })),
+                }),
+            ),
             ("fetch_blob", Message::FetchBlob(BlobHash([7; 32]))),
             (
                 "blob_header",
@@ -733,11 +798,11 @@ mod tests {
     /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
     #[test]
     fn golden_encodings() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v2.txt");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v3.txt");
         let got: String = samples()
             .iter()
             .map(|(name, m)| {
-                let bytes = encode(WIRE_MAGIC, 2, m, MAX_BODY).unwrap();
+                let bytes = encode(WIRE_MAGIC, 3, m, MAX_BODY).unwrap();
                 format!("{name} {}\n", hex(&bytes))
             })
             .collect();
@@ -746,7 +811,7 @@ mod tests {
             std::fs::write(path, &got).unwrap();
         }
         let want = std::fs::read_to_string(path).expect("golden file is checked in");
-        assert_eq!(got, want, "wire encoding of protocol v2 changed");
+        assert_eq!(got, want, "wire encoding of protocol v3 changed");
         for (_, m) in samples() {
             m.validate().unwrap();
         }
@@ -769,6 +834,35 @@ mod tests {
             kind: CommandKind::SetReportInterval { ms: 0 },
         });
         assert!(m.validate().is_err());
+        // What reaches a guest is checked again as it arrives.
+        let ensure = |f: &dyn Fn(&mut WireVm)| {
+            let mut m = samples()
+                .into_iter()
+                .find(|(n, _)| *n == "command_ensure_vm")
+                .unwrap()
+                .1;
+            if let Message::Command(Command {
+                kind: CommandKind::EnsureVm(i),
+                ..
+            }) = &mut m
+            {
+                f(&mut i.vm);
+            }
+            m.validate()
+        };
+        assert!(ensure(&|_| {}).is_ok());
+        let err = ensure(&|v| v.user_data = Some("#!/bin/sh\n".into())).unwrap_err();
+        assert!(err.to_string().contains("user-data"), "{err}");
+        let err = ensure(&|v| {
+            v.ssh_keys = vec![SshKey::parse(crate::guest::tests::ED25519).unwrap(); 33]
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("33 keys"), "{err}");
+        let err = ensure(&|v| v.nics[0].search = vec!["not a domain".into()]).unwrap_err();
+        assert!(err.to_string().contains("search domain"), "{err}");
+        assert!(
+            ensure(&|v| v.nics[0].nameservers = vec![std::net::Ipv4Addr::LOCALHOST; 4]).is_err()
+        );
     }
 
     fn arb_message() -> impl Strategy<Value = Message> {

@@ -34,7 +34,8 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_BODY: u32 = 256 * 1024;
 
 /// The wire protocol versions this build speaks.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 2 };
+/// Version 3 gave VMs their SSH keys and user-data, and NICs their name servers.
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 3, max: 3 };
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

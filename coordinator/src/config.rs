@@ -1,10 +1,11 @@
 //! The coordinator's configuration: a TOML file in its state directory, flags on top.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use zy_common::quic::Timings;
+use zy_common::Zone;
 
 /// File name of the config inside the state directory.
 pub const CONFIG_FILE: &str = "coordinator.toml";
@@ -28,6 +29,125 @@ pub struct CoordinatorConfig {
     /// vCPUs placed per host CPU (1.0 to 16.0): how far guests may share a node's CPUs.
     #[serde(default = "default_overcommit")]
     pub cpu_overcommit: f64,
+    /// What each zone's network gives its guests beyond an address: a default gateway, name
+    /// servers, search domains. Empty by default (guests reach only their zone).
+    #[serde(default, skip_serializing_if = "Zones::is_empty")]
+    pub zones: Zones,
+}
+
+/// The settings of each zone's network.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zones {
+    #[serde(default, skip_serializing_if = "ZoneSettings::is_empty")]
+    pub extranet: ZoneSettings,
+    #[serde(default, skip_serializing_if = "ZoneSettings::is_empty")]
+    pub intranet: ZoneSettings,
+}
+
+impl Zones {
+    /// The settings of one zone.
+    pub fn get(&self, zone: Zone) -> &ZoneSettings {
+        match zone {
+            Zone::Extranet => &self.extranet,
+            Zone::Intranet => &self.intranet,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.extranet.is_empty() && self.intranet.is_empty()
+    }
+}
+
+/// What a zone's guests are told besides their address (`[zones.<zone>]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneSettings {
+    /// The default route's next hop: a host address of the zone's subnet, which VMs are
+    /// then never given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// Name servers (at most 3); one outside the zone's subnet needs the gateway.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<Ipv4Addr>,
+    /// DNS search domains (at most 6).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<String>,
+}
+
+impl ZoneSettings {
+    fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Checks the settings against the zone's network.
+    pub fn validate(&self, zone: Zone) -> Result<(), String> {
+        let net = crate::vms::zone_net(zone);
+        let key = |k: &str| format!("key `zones.{zone}.{k}`");
+        let subnet = format!("{}/{}", net.base, net.prefix);
+        let inside = |ip: Ipv4Addr| {
+            let mask = u32::MAX << (32 - u32::from(net.prefix));
+            u32::from(ip) & mask == u32::from(net.base)
+        };
+        let broadcast = Ipv4Addr::from(u32::from(net.base) | (u32::MAX >> u32::from(net.prefix)));
+        if let Some(gw) = self.gateway {
+            if !inside(gw) {
+                return Err(format!(
+                    "{}: {gw} is outside the zone's subnet {subnet}",
+                    key("gateway")
+                ));
+            }
+            if gw == net.base || gw == broadcast {
+                return Err(format!(
+                    "{}: {gw} is the network or broadcast address of {subnet}",
+                    key("gateway")
+                ));
+            }
+        }
+        if self.nameservers.len() > zy_common::guest::MAX_NAMESERVERS {
+            return Err(format!(
+                "{}: {} name servers, over the {} a resolver uses",
+                key("nameservers"),
+                self.nameservers.len(),
+                zy_common::guest::MAX_NAMESERVERS
+            ));
+        }
+        for (i, ns) in self.nameservers.iter().enumerate() {
+            if ns.is_unspecified() || ns.is_broadcast() || ns.is_multicast() || ns.is_loopback() {
+                return Err(format!(
+                    "{}: {ns} cannot be a name server",
+                    key("nameservers")
+                ));
+            }
+            if inside(*ns) && (*ns == net.base || *ns == broadcast) {
+                return Err(format!(
+                    "{}: {ns} is the network or broadcast address of {subnet}",
+                    key("nameservers")
+                ));
+            }
+            if !inside(*ns) && self.gateway.is_none() {
+                return Err(format!(
+                    "{}: {ns} is outside the zone's subnet {subnet} and no gateway is set to reach it",
+                    key("nameservers")
+                ));
+            }
+            if self.nameservers[..i].contains(ns) {
+                return Err(format!("{}: {ns} is listed twice", key("nameservers")));
+            }
+        }
+        if self.search.len() > zy_common::guest::MAX_SEARCH {
+            return Err(format!(
+                "{}: {} domains, over {}",
+                key("search"),
+                self.search.len(),
+                zy_common::guest::MAX_SEARCH
+            ));
+        }
+        for d in &self.search {
+            zy_common::guest::check_domain(d).map_err(|e| format!("{}: {e}", key("search")))?;
+        }
+        Ok(())
+    }
 }
 
 fn default_max_joins() -> usize {
@@ -47,6 +167,7 @@ impl Default for CoordinatorConfig {
             timings: Timings::default(),
             max_concurrent_joins: default_max_joins(),
             cpu_overcommit: default_overcommit(),
+            zones: Zones::default(),
         }
     }
 }
@@ -105,6 +226,9 @@ impl CoordinatorConfig {
                 self.cpu_overcommit
             ));
         }
+        for zone in Zone::ALL {
+            self.zones.get(zone).validate(zone)?;
+        }
         Ok(())
     }
 
@@ -142,5 +266,39 @@ mod tests {
         assert!(msg.contains("timings"), "{msg}");
         let bad = good.replace("\"site1\"", "\"Bad Site\"");
         assert!(CoordinatorConfig::parse(p, &bad).is_err());
+    }
+
+    #[test]
+    fn zone_settings_are_empty_by_default_and_checked_against_the_zone() {
+        let p = Path::new("/etc/zy/c.toml");
+        let good = CoordinatorConfig::default().to_toml();
+        assert!(!good.contains("zones"), "{good}");
+        let with = |zones: &str| CoordinatorConfig::parse(p, &format!("{good}\n{zones}"));
+        let cfg = with(
+            "[zones.intranet]\ngateway = \"10.220.0.1\"\nnameservers = [\"10.220.0.1\", \"192.0.2.53\"]\nsearch = [\"hz-a.gov.internal\"]\n",
+        )
+        .unwrap();
+        let z = cfg.zones.get(Zone::Intranet);
+        assert_eq!(z.gateway, Some(Ipv4Addr::new(10, 220, 0, 1)));
+        assert_eq!(z.nameservers.len(), 2);
+        assert!(cfg.zones.get(Zone::Extranet).is_empty());
+        // What is written is read back the same.
+        assert_eq!(CoordinatorConfig::parse(p, &cfg.to_toml()).unwrap(), cfg);
+        for (zones, want) in [
+            ("[zones.intranet]\ngateway = \"10.210.0.1\"\n", "zones.intranet.gateway`: 10.210.0.1 is outside the zone's subnet 10.220.0.0/16"),
+            ("[zones.extranet]\ngateway = \"10.210.255.255\"\n", "network or broadcast"),
+            ("[zones.extranet]\ngateway = \"10.210.0.0\"\n", "network or broadcast"),
+            ("[zones.intranet]\nnameservers = [\"192.0.2.53\"]\n", "no gateway is set"),
+            ("[zones.intranet]\nnameservers = [\"127.0.0.53\"]\n", "cannot be a name server"),
+            ("[zones.intranet]\nnameservers = [\"10.220.0.9\", \"10.220.0.9\"]\n", "listed twice"),
+            ("[zones.intranet]\nnameservers = [\"10.220.0.9\", \"10.220.0.8\", \"10.220.0.7\", \"10.220.0.6\"]\n", "4 name servers"),
+            ("[zones.intranet]\nsearch = [\"bad domain\"]\n", "zones.intranet.search`: `bad domain` is not a domain name"),
+            ("[zones.intranet]\ngateway = \"nonsense\"\n", "gateway"),
+            ("[zones.intranet]\nrouter = \"10.220.0.1\"\n", "router"),
+            ("[zones.dmz]\ngateway = \"10.220.0.1\"\n", "dmz"),
+        ] {
+            let msg = with(zones).unwrap_err().to_string();
+            assert!(msg.contains("c.toml") && msg.contains(want), "{zones}: {msg}");
+        }
     }
 }

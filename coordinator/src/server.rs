@@ -66,6 +66,11 @@ pub enum StartError {
     Blobs(#[from] zy_common::blob::BlobError),
     #[error("could not start the VM table's committer thread")]
     Committer(#[source] std::io::Error),
+    #[error("the zone settings of {config} conflict with the VMs: {}; pick another gateway", conflicts.join("; "))]
+    Gateway {
+        config: String,
+        conflicts: Vec<String>,
+    },
     #[error("cannot listen on {addr} ({what})")]
     Bind {
         what: &'static str,
@@ -105,7 +110,15 @@ impl Coordinator {
         let api_tokens = store.api_tokens()?.into_iter().map(|t| (t.id, t)).collect();
         let blobs = zy_common::blob::BlobDir::open(&state.blobs())?;
         let store = Arc::new(store);
-        let vms = crate::vms::Vms::new(store.clone(), store.vms()?, store.ops()?)
+        let all = store.vms()?;
+        let conflicts = crate::vms::gateway_conflicts(&config, &all);
+        if !conflicts.is_empty() {
+            return Err(StartError::Gateway {
+                config: state.config().display().to_string(),
+                conflicts,
+            });
+        }
+        let vms = crate::vms::Vms::new(store.clone(), all, store.ops()?)
             .map_err(StartError::Committer)?;
         Ok(Self {
             reconciler: Arc::default(),

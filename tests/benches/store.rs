@@ -82,6 +82,8 @@ fn vm(i: usize) -> VmRec {
         ip: std::net::Ipv4Addr::from(0x0adc_0002u32 + i as u32),
         created_at_ms: 1,
         rev: 1,
+        ssh_keys: Vec::new(),
+        user_data: None,
     }
 }
 

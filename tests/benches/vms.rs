@@ -293,6 +293,8 @@ async fn api_create(api: &Client, name: &str, memory_mib: u64) -> Result<VmView>
         disk_gib: 0,
         image: "guest".into(),
         start: true,
+        ssh_keys: vec![],
+        user_data: None,
     })?;
     let a: Accepted = api
         .call(method("POST"), "/v1/vms", Some(body))

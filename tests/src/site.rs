@@ -22,6 +22,14 @@ pub struct Site {
 impl Site {
     /// A lab with `n` nodes and a running coordinator.
     pub fn new(n: usize) -> Result<Site> {
+        Self::configured(n, |_| {})
+    }
+
+    /// A lab with `n` nodes and a running coordinator whose config `edit` changed first.
+    pub fn configured(
+        n: usize,
+        edit: impl FnOnce(&mut zy_coordinator::config::CoordinatorConfig),
+    ) -> Result<Site> {
         let lab = Lab::new(n)?;
         let state = lab.dir.join("coordinator");
         let out = std::process::Command::new(bin("zy-coordinator"))
@@ -46,6 +54,7 @@ impl Site {
         let cfg_path = state.join(zy_coordinator::config::CONFIG_FILE);
         let mut cfg = zy_coordinator::config::CoordinatorConfig::load(&cfg_path)?;
         cfg.cpu_overcommit = 16.0;
+        edit(&mut cfg);
         std::fs::write(&cfg_path, cfg.to_toml())?;
         let site = Site { lab, state };
         site.start_coordinator()?;
@@ -54,7 +63,15 @@ impl Site {
 
     /// A site whose node `i + 1` is enrolled in `zones[i]`, its agent started and reporting.
     pub fn with_agents(zones: &[&str]) -> Result<Site> {
-        let site = Site::new(zones.len())?;
+        Self::with_agents_configured(zones, |_| {})
+    }
+
+    /// [`Site::with_agents`] with a coordinator config that `edit` changed.
+    pub fn with_agents_configured(
+        zones: &[&str],
+        edit: impl FnOnce(&mut zy_coordinator::config::CoordinatorConfig),
+    ) -> Result<Site> {
+        let site = Site::configured(zones.len(), edit)?;
         for (i, zone) in zones.iter().enumerate() {
             site.join(i + 1, zone)?;
             site.start_agent(i + 1, &[])?;

@@ -243,6 +243,32 @@ impl Actor {
 
     async fn start(&mut self) -> Result<(), String> {
         self.set(VmState::Starting);
+        if let Some(seed) = self.rec.seed.clone() {
+            // A seed lost from the VM's directory is written again from the record: the
+            // guest's cloud-init sees the same instance, keys and user-data.
+            let path = self.paths().dir.join(super::seed::SEED_FILE);
+            let made = tokio::task::spawn_blocking(move || match path.try_exists() {
+                Ok(true) => Ok(false),
+                _ => seed.write(&path).map(|()| true),
+            })
+            .await;
+            match made {
+                Ok(Ok(true)) => {
+                    warn!(vm = %self.rec.spec.id, "the cloud-init seed was missing; written again")
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    let reason = format!("cannot write its missing cloud-init seed: {e}");
+                    self.set(VmState::failed(reason.clone()));
+                    return Err(reason);
+                }
+                Err(e) => {
+                    let reason = format!("cannot write its missing cloud-init seed: {e}");
+                    self.set(VmState::failed(reason.clone()));
+                    return Err(reason);
+                }
+            }
+        }
         let launched = self.ctx.runner.start(&self.rec.spec, &self.paths()).await;
         match launched {
             Ok(l) => {

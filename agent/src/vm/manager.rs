@@ -137,6 +137,15 @@ pub fn find_strays(vms_dir: &std::path::Path, known: &dyn Fn(VmId) -> bool) -> V
     out
 }
 
+/// What a preparation made of a VM: its spec, the networks of its taps and, for a disk
+/// image, the cloud-init seed it wrote.
+#[derive(Debug)]
+pub struct Prepared {
+    pub spec: VmSpec,
+    pub ports: Vec<(String, crate::netdev::Segment)>,
+    pub seed: Option<super::seed::Seed>,
+}
+
 impl VmManager {
     /// Finds every VM recorded under the data directory, re-attaches to the QEMU processes
     /// still running, and starts those that should run and do not.
@@ -285,7 +294,7 @@ impl VmManager {
     pub async fn finish(
         &self,
         id: VmId,
-        made: Result<(VmSpec, Vec<(String, crate::netdev::Segment)>), String>,
+        made: Result<Prepared, String>,
         own_dir: bool,
     ) -> Result<(), String> {
         let paths = VmPaths::new(&self.ctx.data_dir, id);
@@ -299,7 +308,7 @@ impl VmManager {
             Err(e) => Err(Some(e)),
         };
         let result = match made {
-            Ok((spec, ports)) => {
+            Ok(Prepared { spec, ports, seed }) => {
                 let rec = VmRecord {
                     spec,
                     desired,
@@ -307,6 +316,7 @@ impl VmManager {
                     stop_grace_ms: grace,
                     created_at_ms: now_millis(),
                     ports,
+                    seed,
                 };
                 match actor::save_record(&rec, &paths).await {
                     Ok(()) => Ok(rec),
@@ -444,7 +454,14 @@ impl VmManager {
             source,
         });
         let result = match made {
-            Ok(()) => self.finish(id, Ok((spec, ports)), own_dir).await,
+            Ok(()) => {
+                let prepared = Prepared {
+                    spec,
+                    ports,
+                    seed: None,
+                };
+                self.finish(id, Ok(prepared), own_dir).await
+            }
             Err(e) => {
                 let _ = self.finish(id, Err(e.to_string()), false).await;
                 return Err(e);

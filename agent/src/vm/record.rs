@@ -2,7 +2,8 @@
 //! what lets the agent find and re-attach to its QEMU processes after its own restart.
 //! Framed like every persistent format: magic `ZV`, version, length, postcard body.
 //! Older records are converted when read, here and nowhere else: version 1 (before
-//! generations) and version 2 (before disks named their base image).
+//! generations), version 2 (before disks named their base image) and version 3 (before
+//! records kept the VM's cloud-init seed).
 
 use std::path::Path;
 
@@ -15,7 +16,7 @@ use super::spec::{Boot, DiskSpec, NicSpec, VmPaths, VmSpec};
 pub use zy_common::vm::Desired;
 
 const MAGIC: [u8; 2] = *b"ZV";
-const VERSION: u16 = 3;
+const VERSION: u16 = 4;
 const MAX: u32 = 64 * 1024;
 
 /// What the node keeps about a VM.
@@ -31,6 +32,20 @@ pub struct VmRecord {
     pub created_at_ms: u64,
     /// The network each NIC's tap joins, by tap name.
     pub ports: Vec<(String, crate::netdev::Segment)>,
+    /// What the guest of a disk image is told through its cloud-init seed (`seed.img`): a
+    /// seed missing at a start is written again from here.
+    pub seed: Option<super::seed::Seed>,
+}
+
+/// A version 3 record: no seed kept.
+#[derive(Deserialize)]
+struct VmRecordV3 {
+    spec: VmSpec,
+    desired: Desired,
+    intent: Generation,
+    stop_grace_ms: u32,
+    created_at_ms: u64,
+    ports: Vec<(String, crate::netdev::Segment)>,
 }
 
 /// A version 1 record: no generations yet.
@@ -145,6 +160,19 @@ impl VmRecord {
             VERSION => Ok(wire::decode::<VmRecord>(&bytes, MAGIC, MAX)
                 .map_err(corrupt)?
                 .1),
+            // Its seed stays as it was written; only a lost one could not be made again.
+            3 => {
+                let (_, old) = wire::decode::<VmRecordV3>(&bytes, MAGIC, MAX).map_err(corrupt)?;
+                Ok(VmRecord {
+                    spec: old.spec,
+                    desired: old.desired,
+                    intent: old.intent,
+                    stop_grace_ms: old.stop_grace_ms,
+                    created_at_ms: old.created_at_ms,
+                    ports: old.ports,
+                    seed: None,
+                })
+            }
             2 => {
                 let (_, old) = wire::decode::<VmRecordV2>(&bytes, MAGIC, MAX).map_err(corrupt)?;
                 Ok(VmRecord {
@@ -154,6 +182,7 @@ impl VmRecord {
                     stop_grace_ms: old.stop_grace_ms,
                     created_at_ms: old.created_at_ms,
                     ports: old.ports,
+                    seed: None,
                 })
             }
             1 => {
@@ -165,6 +194,7 @@ impl VmRecord {
                     stop_grace_ms: DEFAULT_STOP_GRACE_MS,
                     created_at_ms: old.created_at_ms,
                     ports: old.ports,
+                    seed: None,
                 })
             }
             got => Err(corrupt(FrameError::UnsupportedVersion {
@@ -232,6 +262,31 @@ mod tests {
             stop_grace_ms: 1000,
             created_at_ms: 9,
             ports: vec![],
+            seed: None,
+        };
+        rec.save(&paths).unwrap();
+        assert_eq!(VmRecord::load(&paths.record()).unwrap(), rec);
+        // With a seed holding keys, user-data and a resolver.
+        let rec = VmRecord {
+            seed: Some(crate::vm::seed::Seed {
+                id: rec.spec.id,
+                hostname: "w1".into(),
+                nics: vec![crate::vm::seed::SeedNic {
+                    mac: [0x52, 0x54, 0, 1, 2, 3],
+                    ip: std::net::Ipv4Addr::new(10, 220, 0, 2),
+                    prefix: 16,
+                    gateway: Some(std::net::Ipv4Addr::new(10, 220, 0, 1)),
+                    mtu: 1450,
+                    nameservers: vec![std::net::Ipv4Addr::new(10, 220, 0, 1)],
+                    search: vec!["hz.gov".into()],
+                }],
+                ssh_keys: vec![zy_common::guest::SshKey::parse(
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDKwxyYVhVBnDWR4OE6Ix9qctTrkxiKMI3txQaLpbjA/",
+                )
+                .unwrap()],
+                user_data: Some(format!("#cloud-config\n# {}\n", "x".repeat(32 * 1024 - 20))),
+            }),
+            ..rec
         };
         rec.save(&paths).unwrap();
         assert_eq!(VmRecord::load(&paths.record()).unwrap(), rec);
@@ -306,6 +361,47 @@ mod tests {
             (rec.desired, rec.intent, rec.stop_grace_ms),
             (Desired::Stopped, Generation(4), 2000)
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A version 3 record (no seed kept) keeps everything else; its VM's seed stays the one
+    /// on disk.
+    #[test]
+    fn version_3_records_are_converted_when_read() {
+        #[derive(Serialize)]
+        struct V3 {
+            spec: VmSpec,
+            desired: Desired,
+            intent: Generation,
+            stop_grace_ms: u32,
+            created_at_ms: u64,
+            ports: Vec<(String, crate::netdev::Segment)>,
+        }
+        let (dir, paths) = tmp();
+        let old = V3 {
+            spec: spec_v2().into(),
+            desired: Desired::Running,
+            intent: Generation(6),
+            stop_grace_ms: 3000,
+            created_at_ms: 8,
+            ports: vec![],
+        };
+        std::fs::write(paths.record(), wire::encode(MAGIC, 3, &old, MAX).unwrap()).unwrap();
+        let rec = VmRecord::load(&paths.record()).unwrap();
+        assert_eq!(rec.spec, old.spec);
+        assert_eq!(
+            (
+                rec.desired,
+                rec.intent,
+                rec.stop_grace_ms,
+                rec.created_at_ms
+            ),
+            (Desired::Running, Generation(6), 3000, 8)
+        );
+        assert_eq!(rec.seed, None);
+        rec.save(&paths).unwrap();
+        let bytes = std::fs::read(paths.record()).unwrap();
+        assert_eq!(wire::peek_version(&bytes, MAGIC, MAX), Ok(VERSION));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

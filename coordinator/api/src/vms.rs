@@ -20,6 +20,13 @@ pub struct CreateVm {
     pub image: String,
     #[serde(default = "yes")]
     pub start: bool,
+    /// OpenSSH public key lines the guest lets in (a disk image's cloud-init applies them
+    /// to its default user).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// A `#cloud-config` document for the guest's cloud-init, passed on as given.
+    #[serde(default)]
+    pub user_data: Option<String>,
 }
 
 fn yes() -> bool {
@@ -53,6 +60,13 @@ pub struct VmView {
     pub created_at: String,
     /// The operation under way on this VM, if any.
     pub operation: Option<OpId>,
+    /// The SSH public keys it was given.
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// The size of the user-data it was given (the document itself is not shown: it may
+    /// hold secrets).
+    #[serde(default)]
+    pub user_data_bytes: Option<u64>,
 }
 
 /// What the site wants of a VM. The coordinator's store keeps it too, in its VM records:

@@ -160,6 +160,14 @@ pub enum VmCmd {
         /// Create it stopped.
         #[arg(long)]
         stopped: bool,
+        /// An OpenSSH public key file (`~/.ssh/id_ed25519.pub`; one key per line) whose keys
+        /// the guest lets in; repeatable. Disk images only: cloud-init applies them.
+        #[arg(long = "ssh-key", value_name = "FILE")]
+        ssh_keys: Vec<PathBuf>,
+        /// A `#cloud-config` file for the guest's cloud-init (at most 32 KiB), passed on as
+        /// it is; Zhengyun's keys, name and network come with it. Disk images only.
+        #[arg(long, value_name = "FILE")]
+        user_data: Option<PathBuf>,
         #[command(flatten)]
         wait: WaitFlags,
     },
@@ -580,10 +588,18 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             disk,
             image,
             stopped,
+            ssh_keys,
+            user_data,
             wait,
         }) => {
+            let keys = read_key_files(&ssh_keys)?;
+            let user_data = match user_data {
+                Some(p) => Some(read_text_file(&p, "user-data")?),
+                None => None,
+            };
             let body = serde_json::json!({"name": name, "zone": zone, "vcpus": vcpus,
-                "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped});
+                "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped,
+                "ssh_keys": keys, "user_data": user_data});
             let a = mutate(&c, Method::POST, "/v1/vms".into(), Some(body)).await?;
             if let (false, Some(vm)) = (wait.json, &a.vm) {
                 println!(
@@ -1078,6 +1094,60 @@ fn vm_table(vms: &[VmView]) -> String {
     )
 }
 
+/// A text file the user named, read whole (bounded: these go into a request).
+fn read_text_file(path: &Path, what: &str) -> Result<String, CliError> {
+    let usage = |message: String| CliError {
+        code: ExitCode::Usage,
+        message,
+    };
+    let meta = std::fs::metadata(path)
+        .map_err(|e| usage(format!("cannot read {what} file {}: {e}", path.display())))?;
+    if meta.len() > 1024 * 1024 {
+        return Err(usage(format!(
+            "{what} file {} is {} bytes: that is not a {what} file",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let bytes = std::fs::read(path)
+        .map_err(|e| usage(format!("cannot read {what} file {}: {e}", path.display())))?;
+    String::from_utf8(bytes)
+        .map_err(|_| usage(format!("{what} file {} is not UTF-8 text", path.display())))
+}
+
+/// The keys of public key files: every line but blank ones and `#` comments, as
+/// `authorized_keys` files have them. The coordinator checks each.
+fn read_key_files(paths: &[PathBuf]) -> Result<Vec<String>, CliError> {
+    let mut keys = Vec::new();
+    for p in paths {
+        let text = read_text_file(p, "SSH public key")?;
+        if text.contains("PRIVATE KEY") {
+            return Err(CliError {
+                code: ExitCode::Usage,
+                message: format!(
+                    "{} is a private key: give the public one (`{}.pub`)",
+                    p.display(),
+                    p.display()
+                ),
+            });
+        }
+        let before = keys.len();
+        keys.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+        if keys.len() == before {
+            return Err(CliError {
+                code: ExitCode::Usage,
+                message: format!("SSH public key file {} holds no key", p.display()),
+            });
+        }
+    }
+    Ok(keys)
+}
+
 fn vm_detail(v: &VmView) -> String {
     let mut s = format!(
         "name:      {}\nid:        {}\nzone:      {}\nstate:     {} since {} (wanted: {:?}, generation {}, node has {})\nnode:      {}\naddress:   {} (mac {})\nsize:      {} vCPU, {} MiB, {} GiB disk\nimage:     {}\nqemu pid:  {}\ncreated:   {}\n",
@@ -1104,6 +1174,12 @@ fn vm_detail(v: &VmView) -> String {
     }
     if let Some(op) = &v.operation {
         s.push_str(&format!("operation: {op} under way\n"));
+    }
+    for k in &v.ssh_keys {
+        s.push_str(&format!("ssh key:   {k}\n"));
+    }
+    if let Some(n) = v.user_data_bytes {
+        s.push_str(&format!("user-data: {n} bytes\n"));
     }
     s
 }

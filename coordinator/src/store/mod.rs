@@ -27,9 +27,10 @@ use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 
 use crate::fleet::membership::NodeState;
 
-/// The schema this build writes and reads. Schema 1 (VMs without generations, deletions in
-/// a table of their own) is converted at open.
-pub const SCHEMA_VERSION: u64 = 2;
+/// The schema this build writes and reads. Older schemas are converted at open: schema 1
+/// (VMs without generations, deletions in a table of their own) and schema 2 (VMs without
+/// SSH keys and user-data).
+pub const SCHEMA_VERSION: u64 = 3;
 /// The record body version this build writes and reads.
 const RECORD_VERSION: u16 = 1;
 /// Bound on one record.
@@ -210,6 +211,10 @@ pub struct VmRec {
     pub created_at_ms: u64,
     /// Bumped by every write of the row: writes are compare-and-swap on it.
     pub rev: u64,
+    /// The SSH public keys its guest lets in.
+    pub ssh_keys: Vec<zy_common::guest::SshKey>,
+    /// The owner's `#cloud-config` document, as given.
+    pub user_data: Option<String>,
 }
 
 impl VmRec {
@@ -236,6 +241,31 @@ pub enum VmWrite {
         id: zy_common::VmId,
         expect: Option<u64>,
     },
+}
+
+mod v2 {
+    //! Schema 2 VM records (no SSH keys or user-data), read once by the conversion.
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub struct VmRec {
+        pub id: zy_common::VmId,
+        pub name: String,
+        pub zone: Zone,
+        pub vcpus: u32,
+        pub memory_mib: u64,
+        pub disk_gib: u64,
+        pub image: String,
+        pub boot: zy_common::image::ImageKind,
+        pub node: Option<NodeId>,
+        pub desired: VmDesired,
+        pub generation: zy_common::vm::Generation,
+        pub observed: Option<Observed>,
+        pub mac: [u8; 6],
+        pub ip: std::net::Ipv4Addr,
+        pub created_at_ms: u64,
+        pub rev: u64,
+    }
 }
 
 mod v1 {
@@ -388,6 +418,10 @@ impl Store {
                 // Older schemas are converted here, once.
                 Some(1) => {
                     convert_v1(&txn)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(2) => {
+                    convert_v2(&txn)?;
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -779,7 +813,45 @@ impl Store {
     }
 }
 
-/// Converts schema 1 to schema 2: every VM gets generation 1 and revision 1, what its node
+/// Converts schema 2 to schema 3: every VM keeps everything and was given no SSH keys and
+/// no user-data (it was made before they could be).
+fn convert_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut out = Vec::new();
+    {
+        let table = txn.open_table(VMS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v2::VmRec = decode("vms", k.value(), v.value())?;
+            out.push(VmRec {
+                id: old.id,
+                name: old.name,
+                zone: old.zone,
+                vcpus: old.vcpus,
+                memory_mib: old.memory_mib,
+                disk_gib: old.disk_gib,
+                image: old.image,
+                boot: old.boot,
+                node: old.node,
+                desired: old.desired,
+                generation: old.generation,
+                observed: old.observed,
+                mac: old.mac,
+                ip: old.ip,
+                created_at_ms: old.created_at_ms,
+                rev: old.rev,
+                ssh_keys: Vec::new(),
+                user_data: None,
+            });
+        }
+    }
+    let mut table = txn.open_table(VMS)?;
+    for rec in &out {
+        table.insert(rec.id.0.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Converts schema 1 to the current schema: every VM gets generation 1 and revision 1, what its node
 /// last said becomes an observation of generation 0 (any real report is newer), each pending
 /// deletion (a table of its own in schema 1) becomes a tombstone, and every image, which any
 /// zone could boot, becomes shared.
@@ -838,6 +910,8 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 ip: old.ip,
                 created_at_ms: old.created_at_ms,
                 rev: 1,
+                ssh_keys: Vec::new(),
+                user_data: None,
             });
         }
     }
@@ -867,6 +941,8 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 ip: d.ip,
                 created_at_ms: d.at_ms,
                 rev: 1,
+                ssh_keys: Vec::new(),
+                user_data: None,
             });
         }
     }
@@ -1062,6 +1138,8 @@ pub(crate) fn test_vm(name: &str) -> VmRec {
         ip: std::net::Ipv4Addr::new(10, 220, 0, 3),
         created_at_ms: 1,
         rev: 1,
+        ssh_keys: Vec::new(),
+        user_data: None,
     }
 }
 
@@ -1485,5 +1563,117 @@ mod tests {
         let s = Store::open(&dir.join("zy.redb")).unwrap();
         assert_eq!(s.vms().unwrap().len(), 2);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn schema_2_vms_are_converted_once_at_open_with_no_keys_or_user_data() {
+        #[derive(Serialize)]
+        struct V2 {
+            id: zy_common::VmId,
+            name: String,
+            zone: Zone,
+            vcpus: u32,
+            memory_mib: u64,
+            disk_gib: u64,
+            image: String,
+            boot: zy_common::image::ImageKind,
+            node: Option<NodeId>,
+            desired: VmDesired,
+            generation: zy_common::vm::Generation,
+            observed: Option<Observed>,
+            mac: [u8; 6],
+            ip: std::net::Ipv4Addr,
+            created_at_ms: u64,
+            rev: u64,
+        }
+        let (dir, s) = tmp();
+        let want = VmRec {
+            desired: VmDesired::Stopped,
+            generation: zy_common::vm::Generation(4),
+            rev: 7,
+            ..test_vm("w1")
+        };
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 2)
+                .unwrap();
+            let w = want.clone();
+            let old = V2 {
+                id: w.id,
+                name: w.name,
+                zone: w.zone,
+                vcpus: w.vcpus,
+                memory_mib: w.memory_mib,
+                disk_gib: w.disk_gib,
+                image: w.image,
+                boot: w.boot,
+                node: w.node,
+                desired: w.desired,
+                generation: w.generation,
+                observed: w.observed,
+                mac: w.mac,
+                ip: w.ip,
+                created_at_ms: w.created_at_ms,
+                rev: w.rev,
+            };
+            txn.open_table(VMS)
+                .unwrap()
+                .insert(
+                    want.id.0.as_bytes().as_slice(),
+                    encode(&old).unwrap().as_slice(),
+                )
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(s.vms().unwrap(), vec![want.clone()]);
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.vms().unwrap(), vec![want]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The checked-in encoding of a VM record of this schema. A change to it fails here: that
+    /// is a new schema, converted at open, not an edit of this file. Regenerate only for a
+    /// new schema: `ZY_BLESS=1 cargo test -p zy-coordinator golden`.
+    #[test]
+    fn golden_vm_record() {
+        let rec = VmRec {
+            id: zy_common::VmId(uuid::Uuid::from_u128(7)),
+            node: Some(NodeId(uuid::Uuid::from_u128(9))),
+            observed: Some(Observed {
+                state: zy_common::vm::VmState::Running,
+                pid: Some(42),
+                intent: zy_common::vm::Generation(1),
+                generation: zy_common::vm::Generation(1 << 20),
+                at_ms: 1_700_000_000_000,
+            }),
+            ssh_keys: vec![zy_common::guest::SshKey::parse(
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDKwxyYVhVBnDWR4OE6Ix9qctTrkxiKMI3txQaLpbjA/ ops@hz-a",
+            )
+            .unwrap()],
+            user_data: Some("#cloud-config\npackages: [nginx]\n".into()),
+            ..test_vm("w1")
+        };
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/store_schema3.txt"
+        );
+        let got = format!("vm {}\n", zy_common::token::hex(&encode(&rec).unwrap()));
+        if std::env::var_os("ZY_BLESS").is_some() {
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).expect("golden file is checked in");
+        assert_eq!(
+            got, want,
+            "the VM record of schema {SCHEMA_VERSION} changed"
+        );
+        let back: VmRec = decode("vms", b"k", &encode(&rec).unwrap()).unwrap();
+        assert_eq!(back, rec);
     }
 }

@@ -11,6 +11,7 @@
 //! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
 
 pub mod commit;
+pub mod guest;
 pub mod images;
 pub mod placement;
 pub mod reconcile;
@@ -62,13 +63,33 @@ pub fn zone_net(zone: Zone) -> ZoneNet {
     }
 }
 
-/// The lowest free address of a network (from .2: .1 is kept for a gateway).
-pub fn allocate_ip(net: ZoneNet, taken: &[Ipv4Addr]) -> Option<Ipv4Addr> {
+/// The lowest free address of a network (from .2: .1 is kept for a gateway), never the
+/// zone's configured gateway.
+pub fn allocate_ip(
+    net: ZoneNet,
+    gateway: Option<Ipv4Addr>,
+    taken: &[Ipv4Addr],
+) -> Option<Ipv4Addr> {
     let base = u32::from(net.base);
     let size = 1u32 << (32 - u32::from(net.prefix));
     (2..size - 1)
         .map(|i| Ipv4Addr::from(base + i))
-        .find(|ip| !taken.contains(ip))
+        .find(|ip| !taken.contains(ip) && Some(*ip) != gateway)
+}
+
+/// VMs that hold the address their zone's configured gateway has: the coordinator does not
+/// start with such a config (the gateway would answer for a VM, or the VM for it).
+pub fn gateway_conflicts(config: &crate::config::CoordinatorConfig, vms: &[VmRec]) -> Vec<String> {
+    // Tombstones too: a deleted VM may still run on a node that is away.
+    vms.iter()
+        .filter(|v| config.zones.get(v.zone).gateway == Some(v.ip))
+        .map(|v| {
+            format!(
+                "VM {} ({}) holds {}, the gateway of zone {}",
+                v.name, v.id, v.ip, v.zone
+            )
+        })
+        .collect()
 }
 
 /// The operation's view.
@@ -148,6 +169,8 @@ fn view(coord: &Coordinator, v: &VmRec, op: Option<OpId>) -> VmView {
         state_since: rfc3339(since),
         created_at: rfc3339(v.created_at_ms),
         operation: op,
+        ssh_keys: v.ssh_keys.iter().map(|k| k.to_string()).collect(),
+        user_data_bytes: v.user_data.as_ref().map(|u| u.len() as u64),
     }
 }
 
@@ -413,6 +436,7 @@ pub fn hosting(t: &Table) -> std::collections::HashSet<NodeId> {
 /// nodes of its zone that host VMs.
 pub fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, String> {
     let net = zone_net(v.zone);
+    let zone = coord.config.zones.get(v.zone);
     let local = node_ip(coord, node).ok_or("the node is not connected")?;
     let hosts = coord.vms.with(hosting);
     let peers = coord
@@ -436,9 +460,13 @@ pub fn wire(coord: &Coordinator, v: &VmRec, node: NodeId) -> Result<WireVm, Stri
             mac: v.mac,
             ip: v.ip,
             prefix: net.prefix,
-            gateway: None,
+            gateway: zone.gateway,
+            nameservers: zone.nameservers.clone(),
+            search: zone.search.clone(),
             peers,
         }],
+        ssh_keys: v.ssh_keys.clone(),
+        user_data: v.user_data.clone(),
     })
 }
 
@@ -521,6 +549,10 @@ pub async fn create(
     }
     .check()
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let ssh_keys = guest::ssh_keys(&req.ssh_keys).map_err(ApiError::bad_request)?;
+    if let Some(u) = &req.user_data {
+        guest::user_data(u).map_err(ApiError::bad_request)?;
+    }
     if let Some(a) = coord.vms.with(|t| replay(&coord, t, &key)) {
         return Ok((StatusCode::OK, Json(a)));
     }
@@ -554,7 +586,16 @@ pub async fn create(
             }
             req.disk_gib.max(min)
         }
-        ImageKind::Kernel { .. } => req.disk_gib,
+        ImageKind::Kernel { .. } => {
+            if !ssh_keys.is_empty() || req.user_data.is_some() {
+                return Err(ApiError::bad_request(format!(
+                    "image {} boots a kernel directly, with no cloud-init seed: ssh_keys and \
+                     user_data reach only the guests of disk images",
+                    image.name
+                )));
+            }
+            req.disk_gib
+        }
     };
     let model = coord.config.resource_model();
     let nodes: Vec<NodeCap> = coord
@@ -619,7 +660,8 @@ pub async fn create(
             .filter(|v| v.zone == req.zone)
             .map(|v| v.ip)
             .collect();
-        let ip = allocate_ip(zone_net(req.zone), &taken).ok_or_else(|| {
+        let gateway = coord.config.zones.get(req.zone).gateway;
+        let ip = allocate_ip(zone_net(req.zone), gateway, &taken).ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "no_address",
@@ -651,6 +693,8 @@ pub async fn create(
             ip,
             created_at_ms: now,
             rev: 1,
+            ssh_keys: ssh_keys.clone(),
+            user_data: req.user_data.clone(),
         };
         let (b, op) = plan_create(t, rec.clone(), key.clone(), now)?;
         let a = Accepted {
@@ -996,7 +1040,7 @@ mod tests {
         assert_ne!(e.base, i.base);
         let mut taken = Vec::new();
         for _ in 0..300 {
-            let ip = allocate_ip(i, &taken).unwrap();
+            let ip = allocate_ip(i, None, &taken).unwrap();
             assert!(!taken.contains(&ip));
             taken.push(ip);
         }
@@ -1006,6 +1050,28 @@ mod tests {
             base: Ipv4Addr::new(10, 0, 0, 0),
             prefix: 30,
         };
-        assert_eq!(allocate_ip(tiny, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
+        assert_eq!(allocate_ip(tiny, None, &[Ipv4Addr::new(10, 0, 0, 2)]), None);
+    }
+
+    #[test]
+    fn the_zones_gateway_is_never_a_vms_address() {
+        let i = zone_net(Zone::Intranet);
+        let gw = Some(Ipv4Addr::new(10, 220, 0, 3));
+        let taken = [Ipv4Addr::new(10, 220, 0, 2)];
+        assert_eq!(
+            allocate_ip(i, gw, &taken),
+            Some(Ipv4Addr::new(10, 220, 0, 4))
+        );
+        let mut cfg = crate::config::CoordinatorConfig::default();
+        let mut vm = crate::store::test_vm("w1");
+        assert!(gateway_conflicts(&cfg, std::slice::from_ref(&vm)).is_empty());
+        cfg.zones.intranet.gateway = Some(vm.ip);
+        let c = gateway_conflicts(&cfg, std::slice::from_ref(&vm));
+        assert!(
+            c.len() == 1 && c[0].contains("VM w1") && c[0].contains("gateway of zone intranet"),
+            "{c:?}"
+        );
+        vm.zone = Zone::Extranet;
+        assert!(gateway_conflicts(&cfg, &[vm]).is_empty());
     }
 }

@@ -171,12 +171,12 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
                     }
                 };
                 (
-                    CommandKind::EnsureVm(VmIntent {
+                    CommandKind::EnsureVm(Box::new(VmIntent {
                         vm,
                         desired,
                         generation: v.generation,
                         stop_grace_ms: super::STOP_GRACE_MS,
-                    }),
+                    })),
                     ENSURE_TIMEOUT,
                 )
             }
