@@ -33,8 +33,8 @@ pub const HEADER_LEN: usize = 8;
 /// chunks) travels on streams of its own with bounds of their own.
 pub const MAX_BODY: u32 = 256 * 1024;
 
-/// The wire protocol versions this build speaks.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 2 };
+/// The wire protocol versions this build speaks: 2, and 3 (2 plus certificate renewal).
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 3 };
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
