@@ -5,6 +5,7 @@
 //! (`/v1/tenants/{tenant}/...`) beside the site-wide ones used by ops.
 //! Errors are always `{"error": {"code", "message"}}` with a fitting status.
 
+mod apitokens;
 pub mod events;
 pub mod https;
 mod nodes;
@@ -41,6 +42,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tokens"),
     ("post", "/v1/tokens"),
     ("delete", "/v1/tokens/{id}"),
+    ("get", "/v1/apitokens"),
+    ("post", "/v1/apitokens"),
+    ("delete", "/v1/apitokens/{token}"),
+    ("get", "/v1/ca"),
     ("put", "/v1/blobs"),
     ("get", "/v1/images"),
     ("post", "/v1/images"),
@@ -171,6 +176,15 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             axum::routing::delete(tokens::revoke_token),
         )
         .route(
+            "/v1/apitokens",
+            get(apitokens::list).post(apitokens::create),
+        )
+        .route(
+            "/v1/apitokens/{token}",
+            axum::routing::delete(apitokens::revoke),
+        )
+        .route("/v1/ca", get(apitokens::show_ca))
+        .route(
             "/v1/blobs",
             axum::routing::put(crate::vms::images::put_blob).layer(DefaultBodyLimit::disable()),
         )
@@ -234,22 +248,76 @@ async fn authenticate(
     let token: ApiToken = presented
         .parse()
         .map_err(|_| unauthorized("that is not an API token"))?;
+    let now = zy_common::time::now_millis();
     let known = coord
         .api_tokens
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(&token.id)
-        .map(|r| r.secret_hash);
-    match known {
-        Some(hash) if hash == token.secret.hash() => {
-            req.extensions_mut().insert(token.id);
-            Ok(next.run(req).await)
-        }
+        .cloned();
+    let rec = match known {
+        Some(rec) if rec.secret_hash == token.secret.hash() => rec,
         _ => {
             warn!(token = %token.id, "API request with an unknown or wrong token");
-            Err(unauthorized("the API token is not valid here"))
+            return Err(unauthorized("the API token is not valid here"));
+        }
+    };
+    match rec.status(now) {
+        crate::store::ApiTokenStatus::Valid => {}
+        crate::store::ApiTokenStatus::Expired => {
+            warn!(token = %token.id, name = %rec.name, "API request with an expired token");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_expired",
+                format!(
+                    "the API token `{}` expired at {}; ask for a new one (zy apitoken create)",
+                    rec.name,
+                    zy_common::time::rfc3339(rec.expires_at_ms.unwrap_or_default())
+                ),
+            ));
+        }
+        crate::store::ApiTokenStatus::Revoked => {
+            warn!(token = %token.id, name = %rec.name, "API request with a revoked token");
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "token_revoked",
+                format!(
+                    "the API token `{}` was revoked at {}; ask for a new one (zy apitoken create)",
+                    rec.name,
+                    zy_common::time::rfc3339(rec.revoked_at_ms.unwrap_or_default())
+                ),
+            ));
         }
     }
+    if rec
+        .last_used_ms
+        .is_none_or(|t| now.saturating_sub(t) >= LAST_USED_RESOLUTION_MS)
+    {
+        touch(&coord, token.id, now);
+    }
+    req.extensions_mut().insert(token.id);
+    Ok(next.run(req).await)
+}
+
+/// How coarse an API token's last use is kept: one store write per token per minute at most.
+const LAST_USED_RESOLUTION_MS: u64 = 60_000;
+
+/// Records a token's use, in memory at once and in the store in the background.
+fn touch(coord: &Arc<Coordinator>, id: zy_common::ids::TokenId, now: u64) {
+    if let Some(t) = coord
+        .api_tokens
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&id)
+    {
+        t.last_used_ms = Some(now);
+    }
+    let store = coord.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.touch_api_token(id, now) {
+            warn!(token = %id, error = %zy_common::error::chain(&e), "cannot record an API token's last use");
+        }
+    });
 }
 
 async fn health(State(coord): Shared) -> Json<Health> {
