@@ -87,7 +87,7 @@ fn a_certificate_renewed_under_a_running_vm_drops_no_link() {
     assert!(first.validity_ms() <= tls::SERVER_VALIDITY_MAX.as_millis() as u64);
     assert!(first.validity_ms() < 825 * 86_400_000);
     assert!(
-        ca.server.sans.iter().any(|s| s == COORD_IP),
+        ca.server.sans.iter().any(|s| *s == COORD_IP.to_string()),
         "{:?}",
         ca.server.sans
     );
@@ -170,7 +170,7 @@ fn a_certificate_renewed_under_a_running_vm_drops_no_link() {
     })
     .unwrap();
     assert_eq!(served.validity_ms(), 60_000);
-    assert!(served.sans.iter().any(|s| s == COORD_IP));
+    assert!(served.sans.iter().any(|s| *s == COORD_IP.to_string()));
     let out = curl_health(&site);
     assert!(
         out.status.success(),

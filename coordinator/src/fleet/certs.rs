@@ -28,7 +28,9 @@ use zy_common::tls::{self, CertInfo};
 use crate::store::NodeCert;
 use crate::Coordinator;
 
-/// How often certificates are looked at, at most: a clock that jumps is noticed within this.
+/// How often certificates are looked at, at most: a clock that jumps, or a node enrolled or
+/// renewed meanwhile, is noticed within this (or a twelfth of a node certificate's validity,
+/// if less: within the sixth before its end that warnings leave).
 const CHECK_AT_LEAST_EVERY: Duration = Duration::from_secs(3600);
 /// How often the same certificate is warned of, at most.
 const WARN_AT_MOST_EVERY: Duration = Duration::from_secs(24 * 3600);
@@ -157,11 +159,14 @@ async fn renew_server(
 pub async fn run(coord: Arc<Coordinator>) {
     let warned = Mutex::new(HashMap::<String, Instant>::new());
     let mut server_retry_at_ms = 0;
+    let every = CHECK_AT_LEAST_EVERY
+        .min(coord.config.certs.node_validity / 12)
+        .max(Duration::from_secs(1));
     loop {
         let now = now_millis();
         let current = CertInfo::parse(&coord.server_cert.leaf());
         let advertised = coord.state.advertised_host();
-        let mut next_ms = now + CHECK_AT_LEAST_EVERY.as_millis() as u64;
+        let mut next_ms = now + every.as_millis() as u64;
         match current {
             Ok(info) => {
                 let reason = server_renewal_reason(&info, advertised.as_deref(), now);
@@ -210,7 +215,7 @@ pub async fn run(coord: Arc<Coordinator>) {
         let soonest = check_expiries(&coord, &warned, now);
         next_ms = next_ms.min(soonest);
         let wait = Duration::from_millis(next_ms.saturating_sub(now_millis()).max(1000));
-        tokio::time::sleep(wait.min(CHECK_AT_LEAST_EVERY)).await;
+        tokio::time::sleep(wait.min(every)).await;
     }
 }
 
