@@ -141,14 +141,16 @@ fn a_certificate_renewed_under_a_running_vm_drops_no_link() {
     assert_eq!(after.cert.as_ref().unwrap().not_after_ms, disk.not_after_ms);
     // No link drop: the same connection, one connect in the agent's whole log.
     assert_eq!(after.connected_since_ms, Some(since));
-    let log = site.lab.log("agent-n1");
+    // (The agent logs the renewal just after writing it: wait for the line.)
+    let log = wait_for("the agent to log its renewal", T, || {
+        let log = site.lab.log("agent-n1");
+        log.contains("certificate renewed; the next connection uses it")
+            .then_some(log)
+    })
+    .unwrap();
     assert_eq!(
         log.matches("connected to the coordinator").count(),
         1,
-        "{log}"
-    );
-    assert!(
-        log.contains("certificate renewed; the next connection uses it"),
         "{log}"
     );
     assert!(site
