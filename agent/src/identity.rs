@@ -4,17 +4,20 @@
 //! <data_dir>/identity/      0700
 //!   node.key                the node's private key (0600), generated here, never sent
 //!   node.crt                the node certificate the coordinator signed
+//!                           (key and certificate are replaced as a pair at every renewal,
+//!                           `*.next` while that happens)
 //!   ca.crt                  the site CA, as pinned by the bootstrap token
 //!   node.toml               node id, name, zone, coordinator address
 //! ```
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use zy_common::ids::{NodeId, Zone};
-use zy_common::tls::{self, NodeIdentity};
+use zy_common::tls::{self, CertInfo, NodeIdentity};
 
 /// What `node.toml` holds.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -26,13 +29,76 @@ pub struct NodeFile {
     pub coordinator: String,
 }
 
-/// A loaded identity, ready for TLS.
+/// A loaded identity, ready for TLS. Its key and certificate can be replaced while the agent
+/// runs (a renewal): each connection takes the pair current when it starts.
 #[derive(Debug)]
 pub struct Identity {
     pub node: NodeFile,
     pub ca: CertificateDer<'static>,
+    dir: IdentityDir,
+    creds: RwLock<Arc<Creds>>,
+}
+
+/// The node's key and certificate, and what the certificate says.
+#[derive(Debug)]
+pub struct Creds {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    pub info: CertInfo,
+}
+
+impl Identity {
+    /// The key and certificate to connect with now.
+    pub fn creds(&self) -> Arc<Creds> {
+        self.creds.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Takes a renewed certificate for a new key: checks that it names this node and fits
+    /// the key, writes both as a pair (a crash leaves the old pair or the new one), and
+    /// connects with them from the next connection on.
+    pub fn install(
+        &self,
+        key_pem: &str,
+        cert: CertificateDer<'static>,
+    ) -> Result<CertInfo, IdentityError> {
+        let invalid = |message: String| IdentityError::Invalid {
+            path: self.dir.cert(),
+            message,
+        };
+        let who = NodeIdentity::from_cert(&cert)?;
+        if who.node_id != self.node.node_id || who.zone != self.node.zone {
+            return Err(invalid(format!(
+                "the renewed certificate names node {} in {}, this is {} in {}",
+                who.node_id, who.zone, self.node.node_id, self.node.zone
+            )));
+        }
+        let key = tls::key_from_pem("node key", key_pem)?;
+        let chain = vec![cert];
+        // The same check a TLS handshake makes, before anything is written.
+        tls::daemon_client_config(&self.ca, chain.clone(), key.clone_key())?;
+        let info = CertInfo::parse(&chain[0])?;
+        zy_common::files::replace_pair(
+            &self.dir.key(),
+            key_pem.as_bytes(),
+            &self.dir.cert(),
+            tls::pem_cert(&chain[0]).as_bytes(),
+        )
+        .map_err(|source| IdentityError::Write {
+            path: self.dir.cert(),
+            source,
+        })?;
+        *self.creds.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Creds {
+            chain,
+            key,
+            info: info.clone(),
+        });
+        Ok(info)
+    }
+
+    /// Where the identity lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir.dir
+    }
 }
 
 /// Why the identity could not be read or written.
@@ -123,6 +189,12 @@ impl IdentityDir {
             return Err(IdentityError::NotEnrolled(self.dir.clone()));
         }
         let node = self.read_node()?;
+        zy_common::files::recover_pair(&self.key(), &self.cert()).map_err(|source| {
+            IdentityError::Write {
+                path: self.cert(),
+                source,
+            }
+        })?;
         let read = |path: PathBuf| {
             std::fs::read_to_string(&path).map_err(|source| IdentityError::Read { path, source })
         };
@@ -154,11 +226,12 @@ impl IdentityDir {
                 ),
             });
         }
+        let info = CertInfo::parse(&chain[0])?;
         Ok(Identity {
             node,
             ca,
-            chain,
-            key,
+            dir: self.clone(),
+            creds: RwLock::new(Arc::new(Creds { chain, key, info })),
         })
     }
 

@@ -18,6 +18,7 @@ pub mod link;
 pub mod net;
 pub mod netdev;
 pub mod node;
+pub mod renew;
 mod sys;
 pub mod uplink;
 pub mod vm;

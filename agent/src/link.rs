@@ -12,7 +12,9 @@
 //! ```
 //!
 //! The node keeps working while the coordinator is away: nothing on the node depends on the
-//! link being up. Reconnection waits grow exponentially with full jitter, so a thousand
+//! link being up. The node's certificate is renewed over the session ([`crate::renew`]) and
+//! taken into use at the next connection; one that has expired ends the agent (exit 78):
+//! the coordinator would refuse it, and only a new enrollment helps. Reconnection waits grow exponentially with full jitter, so a thousand
 //! agents that lost the same coordinator do not all come back in the same millisecond.
 
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use crate::host::{self, LoadSampler};
 use crate::identity::Identity;
 use crate::net;
 use crate::node::Node;
+use crate::renew::{Renewal, Step};
 use crate::uplink::Conn;
 use crate::vm::actor::VmEvent;
 
@@ -49,12 +52,20 @@ pub enum LinkError {
     Protocol(String),
     #[error("cannot read this host: {0}")]
     Host(#[from] host::HostError),
+    #[error("this node's certificate (serial {serial}) expired at {at}: the coordinator will not take it, so the node cannot reconnect. Re-enroll it: `zy node remove {name}` on the coordinator, delete {dir} here, then `zy-agent join` with a new token")]
+    Expired {
+        serial: String,
+        at: String,
+        name: String,
+        dir: String,
+    },
 }
 
 impl LinkError {
     /// True when retrying cannot help and the agent should stop.
     pub fn is_permanent(&self) -> bool {
         matches!(self, LinkError::Refused { code, .. } if code.is_permanent())
+            || matches!(self, LinkError::Expired { .. })
     }
 }
 
@@ -97,7 +108,7 @@ impl Backoff {
 /// Keeps the link up until a permanent refusal. Never returns otherwise.
 pub async fn run(
     config: &AgentConfig,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     node: Arc<Node>,
     published: watch::Sender<Option<Conn>>,
     mut events: mpsc::Receiver<VmEvent>,
@@ -109,9 +120,19 @@ pub async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(200), config.max_backoff);
     let mut sampler = LoadSampler::new(&config.data_dir);
     let mut endpoint: Option<(SocketAddr, quinn::Endpoint)> = None;
+    let mut renewal = Renewal::new(crate::renew::spread_of(&identity.node.node_id));
     loop {
         let started = Instant::now();
         let result: Result<Never, LinkError> = async {
+            let creds = identity.creds();
+            if now_millis() >= creds.info.not_after_ms {
+                return Err(LinkError::Expired {
+                    serial: creds.info.serial.clone(),
+                    at: zy_common::time::rfc3339(creds.info.not_after_ms),
+                    name: identity.node.name.clone(),
+                    dir: identity.dir().display().to_string(),
+                });
+            }
             let target = net::resolve(&addr).await?;
             let ep = match &endpoint {
                 Some((t, ep)) if *t == target => ep.clone(),
@@ -130,10 +151,12 @@ pub async fn run(
                 &node,
                 &published,
                 &mut events,
+                &mut renewal,
             )
             .await
         }
         .await;
+        renewal.session_ended();
         let result = match result {
             Ok(never) => match never {},
             Err(e) => e,
@@ -158,22 +181,28 @@ pub enum Never {}
 #[allow(clippy::too_many_arguments)]
 async fn session_inner(
     config: &AgentConfig,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     endpoint: &quinn::Endpoint,
     target: SocketAddr,
     sampler: &mut LoadSampler,
     node: &Arc<Node>,
     published: &watch::Sender<Option<Conn>>,
     events: &mut mpsc::Receiver<VmEvent>,
+    renewal: &mut Renewal,
 ) -> Result<Never, LinkError> {
+    // The key and certificate current now: a renewal during this session is used by the next.
+    let creds = identity.creds();
     let tls = zy_common::tls::daemon_client_config(
         &identity.ca,
-        identity.chain.clone(),
-        identity.key.clone_key(),
+        creds.chain.clone(),
+        creds.key.clone_key(),
     )
     .map_err(|e| LinkError::Protocol(e.to_string()))?;
     let conn = net::connect(endpoint, target, tls, config.idle_timeout).await?;
-    let result = drive(config, identity, &conn, sampler, node, published, events).await;
+    let result = drive(
+        config, identity, &conn, sampler, node, published, events, renewal,
+    )
+    .await;
     published.send_replace(None);
     let code = match &result {
         Err(LinkError::Refused { .. }) => close::REFUSED,
@@ -184,14 +213,16 @@ async fn session_inner(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     config: &AgentConfig,
-    identity: &Identity,
+    identity: &Arc<Identity>,
     conn: &quinn::Connection,
     sampler: &mut LoadSampler,
     node: &Arc<Node>,
     published: &watch::Sender<Option<Conn>>,
     events: &mut mpsc::Receiver<VmEvent>,
+    renewal: &mut Renewal,
 ) -> Result<Never, LinkError> {
     let lost = |e: quinn::ConnectionError| LinkError::Lost(net::explain(&e));
     let stream = |e: StreamError| match e {
@@ -307,8 +338,31 @@ async fn drive(
     let mut handlers = tokio::task::JoinSet::new();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renews = version >= zy_common::proto::RENEWAL_SINCE;
+    if !renews {
+        warn!(version, "the coordinator speaks a protocol without certificate renewal; upgrade it before this node's certificate expires");
+    }
     loop {
+        // The next renewal step, looked at again at least every minute (the wall clock can
+        // jump; tokio's cannot see it).
+        let renew_in = match renews {
+            true => match renewal.step(&identity.creds().info, now_millis(), jitter()) {
+                Step::Request => Duration::ZERO,
+                Step::WaitUntil(at) => Duration::from_millis(at.saturating_sub(now_millis())),
+            },
+            false => Duration::from_secs(3600),
+        }
+        .min(Duration::from_secs(60));
         tokio::select! {
+            _ = tokio::time::sleep(renew_in), if renews => {
+                if renewal.step(&identity.creds().info, now_millis(), jitter()) == Step::Request {
+                    let (key, csr) = zy_common::tls::node_request(&identity.node.name)
+                        .map_err(|e| LinkError::Protocol(format!("cannot make a new key: {e}")))?;
+                    info!(serial = %identity.creds().info.serial, not_after = %zy_common::time::rfc3339(identity.creds().info.not_after_ms), "asking the coordinator to renew this node's certificate");
+                    wire::write_frame(&mut send, version, &Message::RenewCert { csr_der: csr }).await.map_err(stream)?;
+                    renewal.sent(key.serialize_pem(), now_millis());
+                }
+            }
             _ = ticker.tick() => {
                 let load = sampler.sample()?;
                 wire::write_frame(&mut send, version, &Message::Load(load)).await.map_err(stream)?;
@@ -343,6 +397,9 @@ async fn drive(
                     Message::Refused(r) => {
                         return Err(LinkError::Refused { code: r.code, message: r.message });
                     }
+                    Message::CertRenewed(result) if renews => {
+                        on_renewed(identity, renewal, result).await;
+                    }
                     other => {
                         return Err(LinkError::Protocol(format!("unexpected {} from the coordinator", other.kind())));
                     }
@@ -357,6 +414,49 @@ async fn drive(
                 wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
             }
             e = conn.closed() => return Err(lost(e)),
+        }
+    }
+}
+
+/// A uniform jitter factor in [0.5, 1.0].
+fn jitter() -> f64 {
+    0.5 + rand::rng().random::<f64>() / 2.0
+}
+
+/// The coordinator answered a renewal request: store the new pair, or schedule a retry.
+async fn on_renewed(
+    identity: &Arc<Identity>,
+    renewal: &mut Renewal,
+    result: Result<Vec<u8>, zy_common::proto::ReplyError>,
+) {
+    let old = identity.creds().info.clone();
+    let cert = match result {
+        Ok(cert) => cert,
+        Err(e) => {
+            let wait = renewal.failed(&old, now_millis(), jitter());
+            warn!(reason = %e, retry_in_ms = wait, not_after = %zy_common::time::rfc3339(old.not_after_ms), "the coordinator refused to renew this node's certificate");
+            return;
+        }
+    };
+    let Some(key_pem) = renewal.issued() else {
+        warn!("a certificate came that no pending request asked for; ignored");
+        return;
+    };
+    let id = identity.clone();
+    let stored = tokio::task::spawn_blocking(move || id.install(&key_pem, cert.into()))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| zy_common::error::chain(&e)));
+    match stored {
+        Ok(new) => info!(
+            old_serial = %old.serial,
+            serial = %new.serial,
+            not_after = %zy_common::time::rfc3339(new.not_after_ms),
+            "certificate renewed; the next connection uses it"
+        ),
+        Err(e) => {
+            let wait = renewal.failed(&old, now_millis(), jitter());
+            error!(error = %e, retry_in_ms = wait, "cannot store the renewed certificate; the old one stays in use");
         }
     }
 }

@@ -124,7 +124,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             if let Some(a) = accel {
                 cfg.accel = a;
             }
-            let identity = IdentityDir::new(&cfg.data_dir).load()?;
+            let identity = std::sync::Arc::new(IdentityDir::new(&cfg.data_dir).load()?);
             info!(node = %identity.node.node_id, name = %identity.node.name, zone = %identity.node.zone, "agent starting");
             zy_common::sdnotify::notify("READY=1");
             let _watchdog = zy_common::sdnotify::spawn_watchdog();

@@ -92,6 +92,9 @@ pub fn explain_text(raw: &str) -> String {
     if raw.contains(PIN_MISMATCH) {
         return format!("{PIN_MISMATCH}: the token was made by another coordinator, or something is impersonating it ({raw})");
     }
+    if raw.contains("CertificateExpired") || raw.contains("certificate expired") {
+        return format!("the coordinator refused this node's certificate: it has expired, so the node cannot reconnect; re-enroll it (zy node remove, delete the identity directory, zy-agent join with a new token) ({raw})");
+    }
     let cert_problem = ["UnknownIssuer", "BadSignature", "certificate", "UnknownCA"]
         .iter()
         .any(|k| raw.contains(k));

@@ -11,7 +11,15 @@
 //!    |   (or Refused)      |                     | Load/Event/Reply -> |   (every second)
 //!                                                | <-------- Command   |
 //!                                                | <-------- Refused   |   (then close)
+//!                                                | RenewCert --------> |   (version 3: when
+//!                                                | <------ CertRenewed |    a third is left)
 //! ```
+//!
+//! Certificate renewal (version 3 and later) rides the control stream of a live session:
+//! the agent sends a request for a key it has just made, the coordinator issues a
+//! certificate for the node the session's own certificate names (never for what the request
+//! claims) and answers; the session and everything on it carry on untouched, and the agent
+//! presents the new certificate from its next connection on.
 //!
 //! VMs travel as *intents*, level-triggered and generation-numbered: [`CommandKind::EnsureVm`]
 //! says "this VM, in this state, as of desired generation g" and [`CommandKind::DeleteVm`]
@@ -38,7 +46,11 @@ pub const MAX_TEXT: usize = 1024;
 /// Longest DER blob (certificates, certificate requests).
 pub const MAX_DER: usize = 16 * 1024;
 
-/// Every message of the protocol.
+/// The first protocol version with [`Message::RenewCert`] and [`Message::CertRenewed`].
+pub const RENEWAL_SINCE: u16 = 3;
+
+/// Every message of protocol version 3. New variants go at the end: postcard numbers
+/// variants by position, so the encodings of the older ones never change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     JoinRequest(JoinRequest),
@@ -68,6 +80,14 @@ pub enum Message {
         lines: u32,
         follow: bool,
     },
+    /// Agent → coordinator on the control stream (version 3): a certificate, please, for the
+    /// key of this PKCS#10 request; the node stays the one the session's certificate names.
+    RenewCert {
+        csr_der: Vec<u8>,
+    },
+    /// Coordinator → agent (version 3): the answer to [`Message::RenewCert`], the new node
+    /// certificate (DER) or why not.
+    CertRenewed(Result<Vec<u8>, ReplyError>),
 }
 
 impl Message {
@@ -87,6 +107,16 @@ impl Message {
             Message::BlobHeader { .. } => "BlobHeader",
             Message::VmReport(_) => "VmReport",
             Message::Console { .. } => "Console",
+            Message::RenewCert { .. } => "RenewCert",
+            Message::CertRenewed(_) => "CertRenewed",
+        }
+    }
+
+    /// The first protocol version that has this message.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            Message::RenewCert { .. } | Message::CertRenewed(_) => RENEWAL_SINCE,
+            _ => 3,
         }
     }
 
@@ -147,6 +177,9 @@ impl Message {
             Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
             Message::Console { lines, .. } if *lines <= 100_000 => Ok(()),
             Message::Console { .. } => invalid("more than 100000 console lines".into()),
+            Message::RenewCert { csr_der } => blob("csr", csr_der),
+            Message::CertRenewed(Ok(cert)) => blob("cert", cert),
+            Message::CertRenewed(Err(e)) => text("renewal error", &e.message, MAX_TEXT),
             Message::VmReport(VmReport { vms, .. }) => {
                 if vms.len() > 10_000 {
                     return invalid(format!("{} VMs on one node is not plausible", vms.len()));
@@ -793,28 +826,59 @@ mod tests {
         b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
+    /// The renewal messages, for the golden file.
+    fn samples_v3() -> Vec<(&'static str, Message)> {
+        vec![
+            (
+                "renew_cert",
+                Message::RenewCert {
+                    csr_der: vec![0x30, 0x82, 0x02],
+                },
+            ),
+            (
+                "cert_renewed",
+                Message::CertRenewed(Ok(vec![0x30, 0x82, 0x03])),
+            ),
+            (
+                "cert_refused",
+                Message::CertRenewed(Err(ReplyError::new(
+                    ReplyErrorKind::Refused,
+                    "node removed",
+                ))),
+            ),
+        ]
+    }
+
+    /// Checks one version's encodings against its golden file.
+    fn golden(version: u16, file: &str, samples: &[(&'static str, Message)]) {
+        let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
+        let got: String = samples
+            .iter()
+            .map(|(name, m)| {
+                let bytes = encode(WIRE_MAGIC, version, m, MAX_BODY).unwrap();
+                format!("{name} {}\n", hex(&bytes))
+            })
+            .collect();
+        if std::env::var_os("ZY_BLESS").is_some() {
+            std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap()).unwrap();
+            std::fs::write(&path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&path).expect("golden file is checked in");
+        assert_eq!(got, want, "wire encoding of protocol v{version} changed");
+        for (_, m) in samples {
+            m.validate().unwrap();
+            assert!(m.since_version() <= version, "{} in v{version}", m.kind());
+        }
+    }
+
     /// The checked-in encodings. A change to any message's layout fails here: that is a
     /// protocol change and needs a new protocol version, not an edit of this file.
     /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
     #[test]
     fn golden_encodings() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v3.txt");
-        let got: String = samples()
-            .iter()
-            .map(|(name, m)| {
-                let bytes = encode(WIRE_MAGIC, 3, m, MAX_BODY).unwrap();
-                format!("{name} {}\n", hex(&bytes))
-            })
-            .collect();
-        if std::env::var_os("ZY_BLESS").is_some() {
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            std::fs::write(path, &got).unwrap();
-        }
-        let want = std::fs::read_to_string(path).expect("golden file is checked in");
-        assert_eq!(got, want, "wire encoding of protocol v3 changed");
-        for (_, m) in samples() {
-            m.validate().unwrap();
-        }
+        let mut v3 = samples();
+        v3.extend(samples_v3());
+        golden(3, "proto_v3.txt", &v3);
     }
 
     #[test]

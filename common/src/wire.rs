@@ -33,8 +33,9 @@ pub const HEADER_LEN: usize = 8;
 /// chunks) travels on streams of its own with bounds of their own.
 pub const MAX_BODY: u32 = 256 * 1024;
 
-/// The wire protocol versions this build speaks.
-/// Version 3 gave VMs their SSH keys and user-data, and NICs their name servers.
+/// The wire protocol versions this build speaks. Version 3 (this release: no build ever
+/// spoke 2 to a peer that mattered) gave VMs their SSH keys and user-data and NICs their
+/// name servers, which changed existing messages, and added certificate renewal.
 pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 3, max: 3 };
 
 /// Why a frame could not be encoded or decoded.

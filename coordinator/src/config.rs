@@ -2,9 +2,11 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use zy_common::quic::Timings;
+use zy_common::tls;
 use zy_common::Zone;
 
 /// File name of the config inside the state directory.
@@ -33,6 +35,88 @@ pub struct CoordinatorConfig {
     /// servers, search domains. Empty by default (guests reach only their zone).
     #[serde(default, skip_serializing_if = "Zones::is_empty")]
     pub zones: Zones,
+    /// Certificate lifetimes.
+    #[serde(default)]
+    pub certs: CertConfig,
+}
+
+/// How long the certificates the coordinator issues last. Each is renewed when a third of
+/// its validity is left (node certificates by their agent over its link, the server's by
+/// the coordinator), and a warning goes out when a sixth is left and it has not been.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    /// Node certificates: 1 hour to 365 days (default 7 days).
+    #[serde(
+        with = "zy_common::quic::duration_text",
+        default = "default_node_validity"
+    )]
+    pub node_validity: Duration,
+    /// The coordinator's server certificate: 1 day to 397 days (the default; see
+    /// [`tls::SERVER_VALIDITY_MAX`]).
+    #[serde(
+        with = "zy_common::quic::duration_text",
+        default = "default_server_validity"
+    )]
+    pub server_validity: Duration,
+    /// Lab tests only: lowers the bounds above to 10 seconds, so that a test sees
+    /// certificates renewed within a minute. Logged loudly at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub short_validity_for_tests: bool,
+}
+
+/// The shortest validity `short_validity_for_tests` allows.
+pub const TEST_MIN_VALIDITY: Duration = Duration::from_secs(10);
+
+fn default_node_validity() -> Duration {
+    tls::NODE_VALIDITY_DEFAULT
+}
+
+fn default_server_validity() -> Duration {
+    tls::SERVER_VALIDITY_MAX
+}
+
+impl Default for CertConfig {
+    fn default() -> Self {
+        Self {
+            node_validity: default_node_validity(),
+            server_validity: default_server_validity(),
+            short_validity_for_tests: false,
+        }
+    }
+}
+
+impl CertConfig {
+    fn validate(&self) -> Result<(), String> {
+        let day = Duration::from_secs(86_400);
+        let (node_min, server_min) = match self.short_validity_for_tests {
+            true => (TEST_MIN_VALIDITY, TEST_MIN_VALIDITY),
+            false => (Duration::from_secs(3600), day),
+        };
+        let check = |key: &str, v: Duration, min: Duration, max: Duration| {
+            if v < min || v > max {
+                return Err(format!(
+                    "key `{key}` is {}, not within {} to {}",
+                    humantime::format_duration(v),
+                    humantime::format_duration(min),
+                    humantime::format_duration(max)
+                ));
+            }
+            Ok(())
+        };
+        check(
+            "node_validity",
+            self.node_validity,
+            node_min,
+            tls::NODE_VALIDITY_MAX,
+        )?;
+        check(
+            "server_validity",
+            self.server_validity,
+            server_min,
+            tls::SERVER_VALIDITY_MAX,
+        )
+    }
 }
 
 /// The settings of each zone's network.
@@ -168,6 +252,7 @@ impl Default for CoordinatorConfig {
             max_concurrent_joins: default_max_joins(),
             cpu_overcommit: default_overcommit(),
             zones: Zones::default(),
+            certs: CertConfig::default(),
         }
     }
 }
@@ -220,6 +305,9 @@ impl CoordinatorConfig {
         if self.max_concurrent_joins == 0 || self.max_concurrent_joins > 10_000 {
             return Err("key `max_concurrent_joins` must be within 1..=10000".into());
         }
+        self.certs
+            .validate()
+            .map_err(|e| format!("table `certs`: {e}"))?;
         if !(1.0..=16.0).contains(&self.cpu_overcommit) {
             return Err(format!(
                 "key `cpu_overcommit` is {}, not within 1.0..=16.0 vCPUs per host CPU",
@@ -300,5 +388,41 @@ mod tests {
             let msg = with(zones).unwrap_err().to_string();
             assert!(msg.contains("c.toml") && msg.contains(want), "{zones}: {msg}");
         }
+    }
+
+    #[test]
+    fn certificate_lifetimes_are_bounded_and_only_tests_go_below_an_hour() {
+        let p = Path::new("c.toml");
+        let base = "site = \"s\"\ndaemon_listen = \"0.0.0.0:1\"\napi_listen = \"0.0.0.0:2\"\n";
+        let cfg = CoordinatorConfig::parse(p, base).unwrap();
+        assert_eq!(cfg.certs, CertConfig::default());
+        let with = |certs: &str| CoordinatorConfig::parse(p, &format!("{base}[certs]\n{certs}"));
+        assert_eq!(
+            with("node_validity = \"30d\"").unwrap().certs.node_validity,
+            Duration::from_secs(30 * 86_400)
+        );
+        for bad in [
+            "node_validity = \"30s\"",
+            "node_validity = \"400d\"",
+            "server_validity = \"398d\"",
+            "server_validity = \"825d\"",
+            "server_validity = \"1h\"",
+        ] {
+            let msg = with(bad).unwrap_err().to_string();
+            assert!(
+                msg.contains("certs") && msg.contains("validity"),
+                "{bad}: {msg}"
+            );
+        }
+        let short = with(
+            "node_validity = \"30s\"\nserver_validity = \"1m\"\nshort_validity_for_tests = true",
+        )
+        .unwrap();
+        assert_eq!(short.certs.node_validity, Duration::from_secs(30));
+        assert!(with("node_validity = \"5s\"\nshort_validity_for_tests = true").is_err());
+        // The test switch is not written out unless set.
+        assert!(!CoordinatorConfig::default()
+            .to_toml()
+            .contains("short_validity"));
     }
 }

@@ -38,6 +38,8 @@ pub struct Coordinator {
     pub store: Arc<Store>,
     pub fleet: Arc<Fleet>,
     pub ca: SiteCa,
+    /// The server certificate both listeners serve; renewed in place.
+    pub server_cert: Arc<tls::CertSlot>,
     pub api_tokens: RwLock<HashMap<TokenId, ApiTokenRecord>>,
     /// Refused API tokens, for logging them at a bounded rate.
     pub refusals: crate::api::refusals::Refusals,
@@ -100,6 +102,15 @@ impl Coordinator {
     /// Loads the state directory and opens the store.
     pub fn open(state: StateDir, config: CoordinatorConfig) -> Result<Self, StartError> {
         let ca = state.load_ca()?;
+        let server = state.load_server()?;
+        let server_cert = tls::CertSlot::new(
+            tls::certs_from_pem("server certificate", &server.cert_pem)?,
+            tls::key_from_pem("server key", &server.key_pem)?,
+        )?;
+        if config.certs.short_validity_for_tests {
+            tracing::warn!(node_validity = ?config.certs.node_validity, server_validity = ?config.certs.server_validity,
+                "short_validity_for_tests is set: certificates may last seconds; never use this outside the lab");
+        }
         let store = Store::open(&state.store())?;
         let fleet = Fleet::new(
             store.nodes()?,
@@ -131,6 +142,7 @@ impl Coordinator {
             store,
             fleet: Arc::new(fleet),
             ca,
+            server_cert,
             api_tokens: RwLock::new(api_tokens),
             refusals: Default::default(),
             started: Instant::now(),
@@ -140,12 +152,7 @@ impl Coordinator {
     /// Binds both listeners and starts every task.
     pub async fn start(self) -> Result<Running, StartError> {
         let coord = Arc::new(self);
-        let server = coord.state.load_server()?;
-        let chain = tls::certs_from_pem("server certificate", &server.cert_pem)?;
-        let key = tls::key_from_pem("server key", &server.key_pem)?;
-
-        let daemon_tls =
-            tls::daemon_server_config(coord.ca.cert_der(), chain.clone(), key.clone_key())?;
+        let daemon_tls = tls::daemon_server_config(coord.ca.cert_der(), coord.server_cert.clone())?;
         let quic_crypto = quinn::crypto::rustls::QuicServerConfig::try_from(daemon_tls)
             .map_err(|e| tls::TlsError::Quic(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic_crypto));
@@ -166,7 +173,7 @@ impl Coordinator {
         )
         .map_err(bind_err)?;
 
-        let api_tls = tls::https_server_config(chain, key)?;
+        let api_tls = tls::https_server_config(coord.server_cert.clone())?;
         let listener = tokio::net::TcpListener::bind(coord.config.api_listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -190,6 +197,7 @@ impl Coordinator {
             tokio::spawn(monitor(coord.clone())),
             tokio::spawn(crate::vms::reconcile::run(coord.clone())),
             tokio::spawn(collect_blobs(coord.clone())),
+            tokio::spawn(crate::fleet::certs::run(coord.clone())),
         ];
         info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
               nodes = coord.fleet.snapshot().len(), "coordinator started");

@@ -420,3 +420,133 @@ async fn idle_connections_from_one_source_cannot_starve_the_api() {
     );
     running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_tokens_are_named_listed_without_secrets_and_revoked_for_good() {
+    use zy_api::{ApiTokenView, CaView, CreatedApiToken};
+    let (_dir, running, admin, token) = start().await;
+    let addr = running.bound.api.to_string();
+    let ca = std::fs::read_to_string(running.coord.state.ca_cert()).unwrap();
+    let ca = zy_common::tls::certs_from_pem("ca", &ca).unwrap().remove(0);
+    let as_token = |t: &str| {
+        Client::new(
+            &addr,
+            Some(t.to_string()),
+            zy_common::tls::https_client_config(&ca).unwrap(),
+        )
+    };
+    let create = |c: &Client, body: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            c.call::<CreatedApiToken>(Method::POST, "/v1/apitokens", Some(body))
+                .await
+        }
+    };
+    let ci = create(
+        &admin,
+        serde_json::json!({"name": "ci", "expires_in_secs": 3600}),
+    )
+    .await
+    .unwrap();
+    assert!(ci.token.starts_with("zya1-") && ci.expires_at.is_some());
+    // Names are unique among live tokens; bad names and lifetimes are refused.
+    for (body, status) in [
+        (serde_json::json!({"name": "ci"}), StatusCode::CONFLICT),
+        (
+            serde_json::json!({"name": "Bad Name"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            serde_json::json!({"name": "x", "expires_in_secs": 5}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (s, _, m) = api_err(create(&admin, body).await.unwrap_err());
+        assert_eq!(s, status, "{m}");
+    }
+    // The new token works, the listing has no secret and marks the caller's token.
+    let c = as_token(&ci.token);
+    let ls: Vec<ApiTokenView> = c.call(Method::GET, "/v1/apitokens", None).await.unwrap();
+    assert_eq!(ls.len(), 2);
+    let text = serde_json::to_string(&ls).unwrap();
+    assert!(!text.contains(&ci.token[22..]) && !text.contains(&token[22..]));
+    let me = ls.iter().find(|t| t.current).unwrap();
+    assert_eq!((me.name.as_str(), me.status.as_str()), ("ci", "valid"));
+    assert!(me.last_used_at.is_some(), "{me:?}");
+    assert_eq!(me.created_by.as_deref(), Some(&token[5..21]));
+    let ca_view: CaView = c.call(Method::GET, "/v1/ca", None).await.unwrap();
+    assert!(ca_view.server.days_left >= 396 && ca_view.ca.days_left > 3000);
+
+    // One's own token only with force; then it is refused, saying why.
+    let (s, code, _) = api_err(
+        c.call::<ApiTokenView>(Method::DELETE, "/v1/apitokens/ci", None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((s, code.as_str()), (StatusCode::CONFLICT, "own_token"));
+    let r: ApiTokenView = c
+        .call(Method::DELETE, "/v1/apitokens/ci?force=true", None)
+        .await
+        .unwrap();
+    assert_eq!(r.status, "revoked");
+    let (s, code, m) = api_err(
+        c.call::<Health>(Method::GET, "/v1/nodes", None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_revoked"),
+        "{m}"
+    );
+    assert!(m.contains("`ci` was revoked"), "{m}");
+    // The name is free again; the last valid token cannot be revoked, even with force.
+    create(&admin, serde_json::json!({"name": "ci"}))
+        .await
+        .unwrap();
+    let admin_id = &token[5..21];
+    admin
+        .call::<ApiTokenView>(Method::DELETE, "/v1/apitokens/ci", None)
+        .await
+        .unwrap();
+    let (s, code, _) = api_err(
+        admin
+            .call::<ApiTokenView>(
+                Method::DELETE,
+                &format!("/v1/apitokens/{admin_id}?force=true"),
+                None,
+            )
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((s, code.as_str()), (StatusCode::CONFLICT, "last_token"));
+
+    // An expired token: 401 naming it (made to expire by the store, as time would).
+    let short = create(
+        &admin,
+        serde_json::json!({"name": "short", "expires_in_secs": 60}),
+    )
+    .await
+    .unwrap();
+    let id: zy_common::ids::TokenId = short.id.parse().unwrap();
+    running
+        .coord
+        .api_tokens
+        .write()
+        .unwrap()
+        .get_mut(&id)
+        .unwrap()
+        .expires_at_ms = Some(1);
+    let (s, code, m) = api_err(
+        as_token(&short.token)
+            .call::<Health>(Method::GET, "/v1/nodes", None)
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (s, code.as_str()),
+        (StatusCode::UNAUTHORIZED, "token_expired"),
+        "{m}"
+    );
+    running.shutdown().await;
+}

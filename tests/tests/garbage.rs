@@ -127,7 +127,8 @@ fn node_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
             h.extend([1u8; 20]);
             h
         }
-        3 => frame(3, &Message::Load(load())),
+        // A frame of a version other than the one negotiated.
+        3 => frame(V + 1, &Message::Load(load())),
         4 => frame(V, &join_request("n9")),
         _ => {
             let mut l = load();
@@ -289,10 +290,10 @@ fn garbage_frames_leave_both_daemons_healthy() {
 
     // Now a rogue coordinator (with a certificate from the real CA) feeds an agent garbage.
     let ca_full = StateDir::new(&site.state).load_ca().unwrap();
-    let server = ca_full.issue_server(&[]).unwrap();
+    let server = ca_full.issue_server(&[], tls::SERVER_VALIDITY_MAX).unwrap();
     let chain = tls::certs_from_pem("chain", &server.cert_pem).unwrap();
     let key = tls::key_from_pem("key", &server.key_pem).unwrap();
-    let scfg = tls::daemon_server_config(&ca, chain, key).unwrap();
+    let scfg = tls::daemon_server_config(&ca, tls::CertSlot::new(chain, key).unwrap()).unwrap();
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(scfg).unwrap(),
     ));

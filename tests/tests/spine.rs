@@ -286,7 +286,12 @@ fn removed_nodes_and_foreign_certificates_are_refused_on_both_sides() {
     let (key, csr) = zy_common::tls::node_request("n2").unwrap();
     let id = zy_common::NodeId::new_random();
     let cert = foreign
-        .issue_node(&csr, id, zy_common::Zone::Intranet)
+        .issue_node(
+            &csr,
+            id,
+            zy_common::Zone::Intranet,
+            zy_common::tls::NODE_VALIDITY_DEFAULT,
+        )
         .unwrap();
     let dir = site.agent_dir(2).join("identity");
     std::fs::create_dir_all(&dir).unwrap();

@@ -10,6 +10,7 @@
 
 use serde::{Deserialize, Serialize};
 
+mod certs;
 mod events;
 mod images;
 mod nodes;
@@ -17,6 +18,7 @@ mod ops;
 mod tokens;
 mod vms;
 
+pub use certs::*;
 pub use events::*;
 pub use images::*;
 pub use nodes::*;

@@ -21,6 +21,13 @@ pub struct NodeView {
     pub remote: Option<String>,
     pub inventory: Option<Inventory>,
     pub load: Option<LoadReport>,
+    /// When its current connection was made (ms since the epoch), if it is connected: a
+    /// link that dropped and came back shows a later time.
+    #[serde(default)]
+    pub connected_since_ms: Option<u64>,
+    /// The certificate the node holds, as the coordinator last knew it.
+    #[serde(default)]
+    pub cert: Option<crate::NodeCertView>,
 }
 
 /// `GET /v1/nodes/{node}`: a node and its recent membership history.

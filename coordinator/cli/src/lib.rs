@@ -12,6 +12,7 @@
 //! or server, so it builds small and runs anywhere an operator sits.
 
 pub mod client;
+mod trust;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -95,6 +96,12 @@ pub enum Command {
     /// Bootstrap tokens that enroll new nodes.
     #[command(subcommand)]
     Token(TokenCmd),
+    /// API tokens: the bearer tokens `zy` and other clients drive the API with.
+    #[command(subcommand)]
+    Apitoken(trust::ApiTokenCmd),
+    /// The site's certificates.
+    #[command(subcommand)]
+    Ca(trust::CaCmd),
     /// Virtual machines.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -681,6 +688,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             print(json.json, &img, || format!("deleted image {}\n", img.name))
         }
+        Command::Apitoken(cmd) => trust::apitoken(&c, cmd).await,
+        Command::Ca(cmd) => trust::ca(&c, cmd).await,
         Command::Token(TokenCmd::Ls(j)) => {
             let ts: Vec<TokenView> = c.call(Method::GET, "/v1/tokens", None).await?;
             print(j.json, &ts, || token_table(&ts))
@@ -874,6 +883,14 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
         ago(n.last_seen_ms, now),
         n.remote.as_deref().map(|r| format!("yes, from {r}")).unwrap_or("no".into()),
     );
+    if let Some(c) = &n.cert {
+        s.push_str(&format!(
+            "certificate: serial {}, valid until {} ({} days left)\n",
+            c.serial,
+            c.not_after,
+            (c.not_after_ms as i64 - now as i64).div_euclid(86_400_000)
+        ));
+    }
     if let Some(i) = &n.inventory {
         s.push_str(&format!(
             "hostname:    {}\ncpu:         {} x {}\nmemory:      {}\ndisk:        {} free of {}\naccelerator: {} (kvm usable: {})\nagent:       {}\nkernel:      {}\n",

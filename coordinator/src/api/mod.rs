@@ -5,6 +5,7 @@
 //! (`/v1/tenants/{tenant}/...`) beside the site-wide ones used by ops.
 //! Errors are always `{"error": {"code", "message"}}` with a fitting status.
 
+mod apitokens;
 pub mod events;
 pub mod https;
 mod nodes;
@@ -43,6 +44,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/tokens"),
     ("post", "/v1/tokens"),
     ("delete", "/v1/tokens/{id}"),
+    ("get", "/v1/apitokens"),
+    ("post", "/v1/apitokens"),
+    ("delete", "/v1/apitokens/{token}"),
+    ("get", "/v1/ca"),
     ("put", "/v1/blobs"),
     ("get", "/v1/images"),
     ("post", "/v1/images"),
@@ -173,6 +178,15 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             axum::routing::delete(tokens::revoke_token),
         )
         .route(
+            "/v1/apitokens",
+            get(apitokens::list).post(apitokens::create),
+        )
+        .route(
+            "/v1/apitokens/{token}",
+            axum::routing::delete(apitokens::revoke),
+        )
+        .route("/v1/ca", get(apitokens::show_ca))
+        .route(
             "/v1/blobs",
             axum::routing::put(crate::vms::images::put_blob).layer(DefaultBodyLimit::disable()),
         )
@@ -288,24 +302,80 @@ async fn authenticate(
     let token: ApiToken = presented
         .parse()
         .map_err(|_| Unauthorized::invalid("that is not an API token"))?;
+    let now = now_millis();
     let known = coord
         .api_tokens
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .get(&token.id)
-        .map(|r| r.secret_hash);
-    match known {
-        Some(hash) if hash == token.secret.hash() => {
-            req.extensions_mut().insert(token.id);
-            Ok(next.run(req).await)
-        }
+        .cloned();
+    let rec = match known {
+        Some(rec) if rec.secret_hash == token.secret.hash() => rec,
         _ => {
-            if let Some(suppressed) = coord.refusals.note(token.id.to_string(), now_millis()) {
+            if let Some(suppressed) = coord.refusals.note(token.id.to_string(), now) {
                 warn!(token = %token.id, suppressed, "API request with an unknown or wrong token");
             }
-            Err(Unauthorized::invalid("the API token is not valid here"))
+            return Err(Unauthorized::invalid("the API token is not valid here"));
+        }
+    };
+    match rec.status(now) {
+        crate::store::ApiTokenStatus::Valid => {}
+        crate::store::ApiTokenStatus::Expired => {
+            if let Some(suppressed) = coord.refusals.note(token.id.to_string(), now) {
+                warn!(token = %token.id, name = %rec.name, suppressed, "API request with an expired token");
+            }
+            return Err(Unauthorized::with(
+                "token_expired",
+                format!(
+                    "the API token `{}` expired at {}; ask for a new one (zy apitoken create)",
+                    rec.name,
+                    zy_common::time::rfc3339(rec.expires_at_ms.unwrap_or_default())
+                ),
+            ));
+        }
+        crate::store::ApiTokenStatus::Revoked => {
+            if let Some(suppressed) = coord.refusals.note(token.id.to_string(), now) {
+                warn!(token = %token.id, name = %rec.name, suppressed, "API request with a revoked token");
+            }
+            return Err(Unauthorized::with(
+                "token_revoked",
+                format!(
+                    "the API token `{}` was revoked at {}; ask for a new one (zy apitoken create)",
+                    rec.name,
+                    zy_common::time::rfc3339(rec.revoked_at_ms.unwrap_or_default())
+                ),
+            ));
         }
     }
+    if rec
+        .last_used_ms
+        .is_none_or(|t| now.saturating_sub(t) >= LAST_USED_RESOLUTION_MS)
+    {
+        touch(&coord, token.id, now);
+    }
+    req.extensions_mut().insert(token.id);
+    Ok(next.run(req).await)
+}
+
+/// How coarse an API token's last use is kept: one store write per token per minute at most.
+const LAST_USED_RESOLUTION_MS: u64 = 60_000;
+
+/// Records a token's use, in memory at once and in the store in the background.
+fn touch(coord: &Arc<Coordinator>, id: zy_common::ids::TokenId, now: u64) {
+    if let Some(t) = coord
+        .api_tokens
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&id)
+    {
+        t.last_used_ms = Some(now);
+    }
+    let store = coord.store.clone();
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.touch_api_token(id, now) {
+            warn!(token = %id, error = %zy_common::error::chain(&e), "cannot record an API token's last use");
+        }
+    });
 }
 
 /// The credentials of an `Authorization` value whose scheme is `Bearer`, matched without
@@ -320,19 +390,36 @@ fn bearer(value: &str) -> Option<&str> {
 /// when a token was presented but is not good.
 #[derive(Debug)]
 struct Unauthorized {
-    why: &'static str,
+    code: &'static str,
+    message: String,
     invalid: bool,
 }
 
 impl Unauthorized {
+    const HOW: &'static str =
+        "pass `Authorization: Bearer <API token>` (zy reads it from zy.toml, --token or ZY_TOKEN)";
+
     fn missing(why: &'static str) -> Self {
         Self {
-            why,
+            code: "unauthorized",
+            message: format!("{why}: {}", Self::HOW),
             invalid: false,
         }
     }
     fn invalid(why: &'static str) -> Self {
-        Self { why, invalid: true }
+        Self {
+            code: "unauthorized",
+            message: format!("{why}: {}", Self::HOW),
+            invalid: true,
+        }
+    }
+    /// A token that was good once (expired, revoked), with its own code and message.
+    fn with(code: &'static str, message: String) -> Self {
+        Self {
+            code,
+            message,
+            invalid: true,
+        }
     }
 }
 
@@ -343,12 +430,8 @@ impl IntoResponse for Unauthorized {
         } else {
             r#"Bearer realm="zhengyun""#
         };
-        let mut res = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("{}: pass `Authorization: Bearer <API token>` (zy reads it from zy.toml, --token or ZY_TOKEN)", self.why),
-        )
-        .into_response();
+        let mut res =
+            ApiError::new(StatusCode::UNAUTHORIZED, self.code, self.message).into_response();
         res.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static(challenge),
@@ -423,12 +506,17 @@ mod tests {
             t["properties"]["ttl_secs"]["maximum"],
             *TOKEN_TTL_SECS.end()
         );
-        // Every integer says its width, and none is negative.
+        // Every integer says its width, and its lower bound unless it says it may be
+        // negative.
         fn integers(x: &serde_json::Value, at: &str, bad: &mut Vec<String>) {
             match x {
                 serde_json::Value::Object(m) => {
+                    let signed = m
+                        .get("description")
+                        .and_then(|d| d.as_str())
+                        .is_some_and(|d| d.contains("negative"));
                     if m.get("type") == Some(&serde_json::json!("integer"))
-                        && (m.get("format").is_none() || m.get("minimum").is_none())
+                        && (m.get("format").is_none() || (m.get("minimum").is_none() && !signed))
                     {
                         bad.push(at.to_string());
                     }

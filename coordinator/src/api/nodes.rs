@@ -28,6 +28,13 @@ pub(super) fn view(n: &NodeLive) -> NodeView {
         remote: n.session.as_ref().map(|s| s.remote.to_string()),
         inventory: n.record.inventory.clone(),
         load: n.load.clone(),
+        connected_since_ms: n.connected_since_ms,
+        cert: n.record.cert.as_ref().map(|c| NodeCertView {
+            serial: c.serial.clone(),
+            not_before: rfc3339(c.not_before_ms),
+            not_after: rfc3339(c.not_after_ms),
+            not_after_ms: c.not_after_ms,
+        }),
     }
 }
 

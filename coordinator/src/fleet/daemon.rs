@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn, Instrument};
@@ -45,13 +46,14 @@ pub async fn serve(coord: Arc<Coordinator>, endpoint: quinn::Endpoint) {
                     return;
                 }
             };
-            let identity = conn
+            let peer_cert = conn
                 .peer_identity()
                 .and_then(|any| {
                     any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
                         .ok()
                 })
-                .and_then(|certs| certs.first().map(|c| NodeIdentity::from_cert(c)));
+                .and_then(|certs| certs.first().cloned());
+            let identity = peer_cert.as_ref().map(|c| NodeIdentity::from_cert(c));
             match identity {
                 None => {
                     // Enrollments beyond the limit wait their turn, up to a bound.
@@ -74,7 +76,9 @@ pub async fn serve(coord: Arc<Coordinator>, endpoint: quinn::Endpoint) {
                 }
                 Some(Ok(who)) => {
                     let span = tracing::info_span!("node", node = %who.node_id, %remote);
-                    handle_node(&coord, conn, who).instrument(span).await;
+                    let cert =
+                        Arc::new(peer_cert.unwrap_or_else(|| CertificateDer::from(Vec::new())));
+                    handle_node(&coord, conn, who, cert).instrument(span).await;
                 }
             }
         });
@@ -199,7 +203,12 @@ async fn enroll(
     let node_id = NodeId::new_random();
     let cert = coord
         .ca
-        .issue_node(&req.csr_der, node_id, zone)
+        .issue_node(
+            &req.csr_der,
+            node_id,
+            zone,
+            coord.config.certs.node_validity,
+        )
         .map_err(|e| (RefusalCode::BadRequest, e.to_string()))?;
     let now = now_millis();
     let record = NodeRecord {
@@ -212,6 +221,9 @@ async fn enroll(
         token: token.id,
         last_seen_ms: 0,
         inventory: None,
+        cert: zy_common::tls::CertInfo::parse(&cert)
+            .ok()
+            .map(|i| crate::store::NodeCert::of(&i)),
     };
     let store = coord.store.clone();
     let secret = token.secret.hash();
@@ -238,7 +250,12 @@ async fn enroll(
     })
 }
 
-async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: NodeIdentity) {
+async fn handle_node(
+    coord: &Arc<Coordinator>,
+    conn: quinn::Connection,
+    who: NodeIdentity,
+    cert: Arc<CertificateDer<'static>>,
+) {
     let (version, msg, mut send, recv) = match first_message(&conn).await {
         Ok(x) => x,
         Err(e) => {
@@ -267,7 +284,7 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
     }
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     let (session, kicked) = Session::new(coord.fleet.next_session_id(), conn.remote_address(), tx);
-    let session = session.with_conn(conn.clone());
+    let session = session.with_conn(conn.clone(), version);
     let sid = session.id;
     let session_for_close = session.clone();
     let welcome = Message::Welcome(Welcome {
@@ -296,6 +313,14 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
             return;
         }
     }
+    match zy_common::tls::CertInfo::parse(&cert) {
+        Ok(info) => {
+            if let Err(e) = crate::fleet::certs::note_node_cert(coord, who.node_id, &info).await {
+                warn!(error = %e, "cannot record the certificate the node connected with");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot read the certificate the node connected with"),
+    }
     info!("node connected");
     tokio::spawn(serve_streams(
         coord.clone(),
@@ -307,6 +332,7 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
         coord,
         &conn,
         who.node_id,
+        &cert,
         session,
         version,
         send,
@@ -429,6 +455,7 @@ async fn run_session(
     coord: &Arc<Coordinator>,
     conn: &quinn::Connection,
     node: NodeId,
+    cert: &Arc<CertificateDer<'static>>,
     session: Session,
     version: u16,
     mut send: quinn::SendStream,
@@ -478,7 +505,8 @@ async fn run_session(
             r = wire::read_frame::<Message, _>(&mut recv, version, MAX_BODY, &mut buf) => {
                 let err = match r {
                     Ok(m) => match m.validate() {
-                        Ok(()) => match on_message(coord, node, &session, &vm_tx, m) {
+                        Ok(()) if m.since_version() > version => format!("{} needs protocol version {}; this session speaks {version}", m.kind(), m.since_version()),
+                        Ok(()) => match on_message(coord, node, cert, &session, &vm_tx, m) {
                             Ok(()) => continue,
                             Err(e) => e,
                         },
@@ -523,6 +551,7 @@ enum VmUpdate {
 fn on_message(
     coord: &Arc<Coordinator>,
     node: NodeId,
+    cert: &Arc<CertificateDer<'static>>,
     session: &Session,
     vm_tx: &mpsc::Sender<VmUpdate>,
     m: Message,
@@ -552,6 +581,21 @@ fn on_message(
                         .map_err(|_| "too many VM updates at once".to_string());
                 }
             }
+            Ok(())
+        }
+        Message::RenewCert { csr_der } => {
+            // Issued for the node this session's certificate names; the session goes on.
+            let (coord, cert, tx) = (coord.clone(), cert.clone(), session.tx.clone());
+            tokio::spawn(async move {
+                let result = crate::fleet::certs::renew_node(&coord, &cert, &csr_der)
+                    .await
+                    .map(|c| c.to_vec());
+                if let Err(e) = &result {
+                    warn!(reason = %e, "refused to renew a node's certificate");
+                }
+                // A full queue loses the answer; the agent asks again.
+                let _ = tx.try_send(Message::CertRenewed(result));
+            });
             Ok(())
         }
         other => Err(format!("unexpected {} from a node", other.kind())),

@@ -4,6 +4,7 @@
 //!
 //! Locking: one mutex, held only for map updates, never across an await or I/O.
 
+pub mod certs;
 pub mod daemon;
 pub mod membership;
 
@@ -33,6 +34,8 @@ pub struct Session {
     kick: Arc<watch::Sender<Option<Kick>>>,
     /// The QUIC connection, to open streams to the node (absent in tests without QUIC).
     pub conn: Option<quinn::Connection>,
+    /// The protocol version negotiated on the control stream; the streams use it too.
+    pub version: u16,
     pending: Arc<Mutex<Pending>>,
     next_command: Arc<AtomicU64>,
 }
@@ -68,15 +71,17 @@ impl Session {
             tx,
             kick: Arc::new(kick),
             conn: None,
+            version: zy_common::wire::PROTOCOL_VERSIONS.max,
             pending: Arc::default(),
             next_command: Arc::new(AtomicU64::new(1)),
         };
         (s, kicked)
     }
 
-    /// The same session, with its QUIC connection.
-    pub fn with_conn(mut self, conn: quinn::Connection) -> Self {
+    /// The same session, with its QUIC connection and the version spoken on it.
+    pub fn with_conn(mut self, conn: quinn::Connection, version: u16) -> Self {
         self.conn = Some(conn);
+        self.version = version;
         self
     }
 
@@ -403,6 +408,19 @@ impl Fleet {
         inner.nodes.values().find(|n| n.record.name == key).cloned()
     }
 
+    /// Notes the certificate a node holds now (connected with, or just issued). Returns
+    /// false if it was known already or the node is not enrolled: nothing to make durable.
+    pub fn note_cert(&self, id: NodeId, cert: &crate::store::NodeCert) -> bool {
+        let mut inner = lock(&self.inner);
+        match inner.nodes.get_mut(&id) {
+            Some(n) if n.record.cert.as_ref() != Some(cert) => {
+                n.record.cert = Some(cert.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Changes whenever who is connected changes.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Relaxed)
@@ -493,6 +511,7 @@ mod tests {
             token: TokenId([0; 8]),
             last_seen_ms: 0,
             inventory: None,
+            cert: None,
         }
     }
 

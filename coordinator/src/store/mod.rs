@@ -27,9 +27,10 @@ use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 
 use crate::fleet::membership::NodeState;
 
-/// The schema this build writes and reads. Older schemas are converted at open: schema 1
-/// (VMs without generations, deletions in a table of their own) and schema 2 (VMs without
-/// SSH keys and user-data).
+/// The schema this build writes and reads. Older ones are converted at open: schema 1 (VMs
+/// without generations, deletions in a table of their own) and schema 2 (VMs without SSH
+/// keys and user-data, nodes without their certificate's dates, API tokens without expiry,
+/// revocation or last use).
 pub const SCHEMA_VERSION: u64 = 3;
 /// The record body version this build writes and reads.
 const RECORD_VERSION: u16 = 1;
@@ -115,6 +116,29 @@ pub struct NodeRecord {
     /// Last report as of the last transition or disconnect (not every report).
     pub last_seen_ms: u64,
     pub inventory: Option<Inventory>,
+    /// The certificate the node holds, as far as the coordinator knows: the one it last
+    /// connected with or the one last issued to it, whichever came last.
+    pub cert: Option<NodeCert>,
+}
+
+/// A node certificate's serial and dates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCert {
+    /// Lower-case hex.
+    pub serial: String,
+    pub not_before_ms: u64,
+    pub not_after_ms: u64,
+}
+
+impl NodeCert {
+    /// From a certificate's details.
+    pub fn of(info: &zy_common::tls::CertInfo) -> Self {
+        Self {
+            serial: info.serial.clone(),
+            not_before_ms: info.not_before_ms,
+            not_after_ms: info.not_after_ms,
+        }
+    }
 }
 
 /// A bootstrap token as stored: never the secret, only its hash.
@@ -157,13 +181,43 @@ impl TokenRecord {
     }
 }
 
-/// An API token as stored.
+/// An API token as stored: never the secret, only its hash.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ApiTokenRecord {
     pub id: TokenId,
     pub secret_hash: SecretHash,
+    /// Unique among the tokens not revoked.
     pub name: String,
     pub created_at_ms: u64,
+    /// The token that created it (`None`: made by `zy-coordinator init`).
+    pub created_by: Option<TokenId>,
+    /// `None`: never expires.
+    pub expires_at_ms: Option<u64>,
+    pub revoked_at_ms: Option<u64>,
+    /// Last request made with it, to the minute (kept coarse: one write a minute at most).
+    pub last_used_ms: Option<u64>,
+}
+
+/// What an API token can still do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiTokenStatus {
+    Valid,
+    Expired,
+    Revoked,
+}
+
+impl ApiTokenRecord {
+    /// The token's status at `now`.
+    pub fn status(&self, now_ms: u64) -> ApiTokenStatus {
+        if self.revoked_at_ms.is_some() {
+            ApiTokenStatus::Revoked
+        } else if self.expires_at_ms.is_some_and(|e| now_ms >= e) {
+            ApiTokenStatus::Expired
+        } else {
+            ApiTokenStatus::Valid
+        }
+    }
 }
 
 /// An image as stored: its name, how it boots (by blob hash), and whose it is.
@@ -244,7 +298,8 @@ pub enum VmWrite {
 }
 
 mod v2 {
-    //! Schema 2 VM records (no SSH keys or user-data), read once by the conversion.
+    //! Schema 2 records, read once by the conversion to schema 3: VMs (no SSH keys or
+    //! user-data), nodes and API tokens (the same in schema 1).
     use super::*;
 
     #[derive(Deserialize)]
@@ -265,6 +320,27 @@ mod v2 {
         pub ip: std::net::Ipv4Addr,
         pub created_at_ms: u64,
         pub rev: u64,
+    }
+
+    #[derive(Deserialize)]
+    pub struct NodeRecord {
+        pub id: NodeId,
+        pub name: String,
+        pub zone: Zone,
+        pub state: NodeState,
+        pub state_since_ms: u64,
+        pub enrolled_at_ms: u64,
+        pub token: TokenId,
+        pub last_seen_ms: u64,
+        pub inventory: Option<Inventory>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct ApiTokenRecord {
+        pub id: TokenId,
+        pub secret_hash: SecretHash,
+        pub name: String,
+        pub created_at_ms: u64,
     }
 }
 
@@ -415,13 +491,17 @@ impl Store {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(v) if v > SCHEMA_VERSION => return Err(StoreError::NewerSchema { found: v }),
-                // Older schemas are converted here, once.
+                // Older schemas are converted here, once, each step in turn.
                 Some(1) => {
+                    // VMs and images straight to the current schema; nodes and API tokens
+                    // were the same in schemas 1 and 2.
                     convert_v1(&txn)?;
+                    convert_v2_fleet(&txn)?;
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(2) => {
-                    convert_v2(&txn)?;
+                    convert_v2_vms(&txn)?;
+                    convert_v2_fleet(&txn)?;
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -626,6 +706,72 @@ impl Store {
         Ok(())
     }
 
+    /// Revokes an API token. Returns the record as it now is, or `None` if unknown.
+    pub fn revoke_api_token(
+        &self,
+        id: TokenId,
+        now_ms: u64,
+    ) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.update_api_token(id, |rec| {
+            rec.revoked_at_ms.get_or_insert(now_ms);
+        })
+    }
+
+    /// Records when an API token was last used.
+    pub fn touch_api_token(
+        &self,
+        id: TokenId,
+        now_ms: u64,
+    ) -> Result<Option<ApiTokenRecord>, StoreError> {
+        self.update_api_token(id, |rec| {
+            rec.last_used_ms = Some(rec.last_used_ms.unwrap_or(0).max(now_ms));
+        })
+    }
+
+    fn update_api_token(
+        &self,
+        id: TokenId,
+        change: impl FnOnce(&mut ApiTokenRecord),
+    ) -> Result<Option<ApiTokenRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let mut t = txn.open_table(API_TOKENS)?;
+            let Some(mut rec) = t
+                .get(id.0.as_slice())?
+                .map(|v| decode::<ApiTokenRecord>("api_tokens", &id.0, v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            change(&mut rec);
+            t.insert(id.0.as_slice(), encode(&rec)?.as_slice())?;
+            rec
+        };
+        txn.commit()?;
+        Ok(Some(rec))
+    }
+
+    /// Records the certificate a node now holds. `false` if the node is not enrolled (it
+    /// was removed meanwhile).
+    pub fn set_node_cert(&self, id: NodeId, cert: &NodeCert) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut nodes = txn.open_table(NODES)?;
+            let key = id.as_bytes().as_slice();
+            let Some(mut rec) = nodes
+                .get(key)?
+                .map(|v| decode::<NodeRecord>("nodes", key, v.value()))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            rec.cert = Some(cert.clone());
+            nodes.insert(key, encode(&rec)?.as_slice())?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
     /// Revokes a bootstrap token. Returns the record as it now is, or `None` if unknown.
     pub fn revoke_token(
         &self,
@@ -813,9 +959,9 @@ impl Store {
     }
 }
 
-/// Converts schema 2 to schema 3: every VM keeps everything and was given no SSH keys and
-/// no user-data (it was made before they could be).
-fn convert_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+/// Converts schema 2's VMs to schema 3: every VM keeps everything and was given no SSH keys
+/// and no user-data (it was made before they could be).
+fn convert_v2_vms(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut out = Vec::new();
     {
         let table = txn.open_table(VMS)?;
@@ -847,6 +993,59 @@ fn convert_v2(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
     let mut table = txn.open_table(VMS)?;
     for rec in &out {
         table.insert(rec.id.0.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Converts schema 2's (and schema 1's) nodes and API tokens to schema 3: nodes learn their
+/// certificate's dates at their next connection (none until then); API tokens, the admin
+/// token of `init` among them, keep their name and hash and never expire, as before.
+fn convert_v2_fleet(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut nodes = Vec::new();
+    {
+        let table = txn.open_table(NODES)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v2::NodeRecord = decode("nodes", k.value(), v.value())?;
+            nodes.push(NodeRecord {
+                id: old.id,
+                name: old.name,
+                zone: old.zone,
+                state: old.state,
+                state_since_ms: old.state_since_ms,
+                enrolled_at_ms: old.enrolled_at_ms,
+                token: old.token,
+                last_seen_ms: old.last_seen_ms,
+                inventory: old.inventory,
+                cert: None,
+            });
+        }
+    }
+    let mut table = txn.open_table(NODES)?;
+    for rec in &nodes {
+        table.insert(rec.id.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    let mut tokens = Vec::new();
+    {
+        let table = txn.open_table(API_TOKENS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v2::ApiTokenRecord = decode("api_tokens", k.value(), v.value())?;
+            tokens.push(ApiTokenRecord {
+                id: old.id,
+                secret_hash: old.secret_hash,
+                name: old.name,
+                created_at_ms: old.created_at_ms,
+                created_by: None,
+                expires_at_ms: None,
+                revoked_at_ms: None,
+                last_used_ms: None,
+            });
+        }
+    }
+    let mut table = txn.open_table(API_TOKENS)?;
+    for rec in &tokens {
+        table.insert(rec.id.0.as_slice(), encode(rec)?.as_slice())?;
     }
     Ok(())
 }
@@ -1170,6 +1369,7 @@ mod tests {
             token: TokenId([0; 8]),
             last_seen_ms: 0,
             inventory: None,
+            cert: None,
         }
     }
 
@@ -1675,5 +1875,185 @@ mod tests {
         );
         let back: VmRec = decode("vms", b"k", &encode(&rec).unwrap()).unwrap();
         assert_eq!(back, rec);
+    }
+
+    /// Fixed records of the kinds schema 3 changed.
+    fn golden_records() -> Vec<(&'static str, Vec<u8>)> {
+        let token = ApiTokenRecord {
+            id: TokenId([1, 2, 3, 4, 5, 6, 7, 8]),
+            secret_hash: SecretHash([9; 32]),
+            name: "ci".into(),
+            created_at_ms: 1_700_000_000_000,
+            created_by: Some(TokenId([8; 8])),
+            expires_at_ms: Some(1_700_086_400_000),
+            revoked_at_ms: None,
+            last_used_ms: Some(1_700_000_060_000),
+        };
+        let node = NodeRecord {
+            id: NodeId(uuid::Uuid::from_u128(
+                0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+            )),
+            name: "n1".into(),
+            zone: Zone::Extranet,
+            state: NodeState::Ready,
+            state_since_ms: 5,
+            enrolled_at_ms: 1,
+            token: TokenId([7; 8]),
+            last_seen_ms: 6,
+            inventory: None,
+            cert: Some(NodeCert {
+                serial: "0a0b".into(),
+                not_before_ms: 1_000,
+                not_after_ms: 605_000,
+            }),
+        };
+        vec![
+            ("api_token", encode(&token).unwrap()),
+            ("node", encode(&node).unwrap()),
+        ]
+    }
+
+    /// The checked-in encodings of the records schema 3 changed: a change to their layout
+    /// fails here, and needs a new schema with a conversion, not an edit of the file.
+    /// Regenerate only then: `ZY_BLESS=1 cargo test -p zy-coordinator golden`.
+    #[test]
+    fn golden_record_encodings_of_schema_3() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/store_v3.txt");
+        let got: String = golden_records()
+            .iter()
+            .map(|(name, b)| format!("{name} {}\n", zy_common::token::hex(b)))
+            .collect();
+        if std::env::var_os("ZY_BLESS").is_some() {
+            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).expect("golden file is checked in");
+        assert_eq!(got, want, "record encoding of schema 3 changed");
+    }
+
+    #[test]
+    fn schema_2_nodes_and_api_tokens_are_converted_once_and_the_admin_token_still_works() {
+        #[derive(Serialize)]
+        struct Node2 {
+            id: NodeId,
+            name: String,
+            zone: Zone,
+            state: NodeState,
+            state_since_ms: u64,
+            enrolled_at_ms: u64,
+            token: TokenId,
+            last_seen_ms: u64,
+            inventory: Option<Inventory>,
+        }
+        #[derive(Serialize)]
+        struct Token2 {
+            id: TokenId,
+            secret_hash: SecretHash,
+            name: String,
+            created_at_ms: u64,
+        }
+        let (dir, s) = tmp();
+        let secret = Secret::new_random();
+        let (nid, tid) = (NodeId::new_random(), TokenId::new_random());
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 2)
+                .unwrap();
+            let n = Node2 {
+                id: nid,
+                name: "n1".into(),
+                zone: Zone::Intranet,
+                state: NodeState::Ready,
+                state_since_ms: 3,
+                enrolled_at_ms: 1,
+                token: TokenId([2; 8]),
+                last_seen_ms: 4,
+                inventory: None,
+            };
+            txn.open_table(NODES)
+                .unwrap()
+                .insert(nid.as_bytes().as_slice(), encode(&n).unwrap().as_slice())
+                .unwrap();
+            let t = Token2 {
+                id: tid,
+                secret_hash: secret.hash(),
+                name: "admin".into(),
+                created_at_ms: 1,
+            };
+            txn.open_table(API_TOKENS)
+                .unwrap()
+                .insert(tid.0.as_slice(), encode(&t).unwrap().as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        drop(s);
+        for _ in 0..2 {
+            let s = Store::open(&dir.join("zy.redb")).unwrap();
+            assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+            let nodes = s.nodes().unwrap();
+            assert_eq!(
+                (nodes[0].id, nodes[0].state, nodes[0].cert.clone()),
+                (nid, NodeState::Ready, None)
+            );
+            let tokens = s.api_tokens().unwrap();
+            assert_eq!(tokens.len(), 1);
+            assert_eq!(tokens[0].name, "admin");
+            assert_eq!(tokens[0].secret_hash, secret.hash());
+            assert_eq!(tokens[0].status(u64::MAX - 1), ApiTokenStatus::Valid);
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn api_tokens_expire_are_revoked_and_remember_their_last_use() {
+        let (dir, s) = tmp();
+        let t = ApiTokenRecord {
+            id: TokenId::new_random(),
+            secret_hash: Secret::new_random().hash(),
+            name: "ci".into(),
+            created_at_ms: 10,
+            created_by: None,
+            expires_at_ms: Some(100),
+            revoked_at_ms: None,
+            last_used_ms: None,
+        };
+        s.insert_api_token(&t).unwrap();
+        assert_eq!(t.status(99), ApiTokenStatus::Valid);
+        assert_eq!(t.status(100), ApiTokenStatus::Expired);
+        let touched = s.touch_api_token(t.id, 50).unwrap().unwrap();
+        assert_eq!(touched.last_used_ms, Some(50));
+        // A late writer never moves it back.
+        assert_eq!(
+            s.touch_api_token(t.id, 40).unwrap().unwrap().last_used_ms,
+            Some(50)
+        );
+        let r = s.revoke_api_token(t.id, 60).unwrap().unwrap();
+        assert_eq!(r.status(61), ApiTokenStatus::Revoked);
+        // Revoking again keeps the first time.
+        assert_eq!(
+            s.revoke_api_token(t.id, 70).unwrap().unwrap().revoked_at_ms,
+            Some(60)
+        );
+        assert!(s
+            .revoke_api_token(TokenId::new_random(), 1)
+            .unwrap()
+            .is_none());
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        let back = s.api_tokens().unwrap();
+        assert_eq!(
+            (back[0].revoked_at_ms, back[0].last_used_ms),
+            (Some(60), Some(50))
+        );
+        // A node's certificate is recorded, and not for a node that is not enrolled.
+        let cert = NodeCert {
+            serial: "01".into(),
+            not_before_ms: 1,
+            not_after_ms: 2,
+        };
+        assert!(!s.set_node_cert(NodeId::new_random(), &cert).unwrap());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -4,7 +4,8 @@
 //! <state>/                  0700
 //!   coordinator.toml        the daemon's config
 //!   ca.crt  ca.key          the site CA (key 0600)
-//!   server.crt server.key   the coordinator's certificate chain and key (key 0600)
+//!   server.crt server.key   the coordinator's certificate chain and key (key 0600),
+//!                           replaced as a pair on renewal (`*.next` while that happens)
 //!   zy.redb                 the store
 //!   zy.toml                 a CLI config with the admin API token (0600)
 //!   blobs/<blake3>          image files, named by the hash of their content
@@ -95,7 +96,9 @@ impl StateDir {
     }
 
     /// Creates a new state directory: CA, server certificate, store, admin token.
-    /// `api_address` is what the CLI config will point at.
+    /// `api_address` is what the CLI config will point at; its host joins the server
+    /// certificate's names (an IP address as an IP SAN), so that any TLS client that trusts
+    /// the CA can reach the API at that address.
     pub fn init(
         &self,
         config: &CoordinatorConfig,
@@ -111,7 +114,9 @@ impl StateDir {
         })?;
         set_mode(&self.root, 0o700)?;
         let (ca, ca_pem) = SiteCa::generate(&config.site)?;
-        let server = ca.issue_server(extra_names)?;
+        let mut names = extra_names.to_vec();
+        names.extend(host_of(api_address));
+        let server = ca.issue_server(&names, config.certs.server_validity)?;
         // Keys first, each created 0600 before a byte is written.
         write_file(&self.ca_key(), ca_pem.key_pem.as_bytes(), 0o600)?;
         write_file(&self.server_key(), server.key_pem.as_bytes(), 0o600)?;
@@ -128,6 +133,10 @@ impl StateDir {
             secret_hash: token.secret.hash(),
             name: "admin".into(),
             created_at_ms: zy_common::time::now_millis(),
+            created_by: None,
+            expires_at_ms: None,
+            revoked_at_ms: None,
+            last_used_ms: None,
         })?;
         let cli = format!(
             "# Written by zy-coordinator init. Holds the admin API token: keep it 0600.\n\
@@ -157,13 +166,61 @@ impl StateDir {
         })?)
     }
 
-    /// The server certificate chain and key.
+    /// The server certificate chain and key; a renewal that a crash cut short is first
+    /// finished or undone.
     pub fn load_server(&self) -> Result<PemPair, StateDirError> {
+        zy_common::files::recover_pair(&self.server_key(), &self.server_cert()).map_err(
+            |source| StateDirError::Write {
+                path: self.server_cert(),
+                source,
+            },
+        )?;
         Ok(PemPair {
             cert_pem: read(&self.server_cert())?,
             key_pem: read_key(&self.server_key())?,
         })
     }
+}
+
+impl StateDir {
+    /// Replaces the server certificate and key, as a pair (see
+    /// [`zy_common::files::replace_pair`]).
+    pub fn store_server(&self, pair: &PemPair) -> Result<(), StateDirError> {
+        zy_common::files::replace_pair(
+            &self.server_key(),
+            pair.key_pem.as_bytes(),
+            &self.server_cert(),
+            pair.cert_pem.as_bytes(),
+        )
+        .map_err(|source| StateDirError::Write {
+            path: self.server_cert(),
+            source,
+        })
+    }
+
+    /// The host the CLI config reaches the API at (`coordinator` in `zy.toml`), if it can
+    /// be read: what the server certificate must name.
+    pub fn advertised_host(&self) -> Option<String> {
+        let text = std::fs::read_to_string(self.cli_config()).ok()?;
+        let v: toml::Table = toml::from_str(&text).ok()?;
+        host_of(v.get("coordinator")?.as_str()?)
+    }
+}
+
+/// The host of `host:port` (`[v6]:port` too), or of a bare host.
+pub fn host_of(address: &str) -> Option<String> {
+    if let Ok(sa) = address.parse::<std::net::SocketAddr>() {
+        return Some(sa.ip().to_string());
+    }
+    if let Ok(ip) = address.parse::<std::net::IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let host = match address.rsplit_once(':') {
+        Some((h, port)) if port.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => address,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (!host.is_empty()).then(|| host.to_string())
 }
 
 fn read(path: &Path) -> Result<String, StateDirError> {
@@ -226,8 +283,28 @@ mod tests {
             Err(StateDirError::AlreadyInitialised(_))
         ));
         sd.load_ca().unwrap();
+        // The advertised address is an IP SAN of the server certificate, within the limit.
+        let chain =
+            zy_common::tls::certs_from_pem("s", &sd.load_server().unwrap().cert_pem).unwrap();
+        let info = zy_common::tls::CertInfo::parse(&chain[0]).unwrap();
+        assert!(
+            info.sans.iter().any(|s| s == "127.0.0.1"),
+            "{:?}",
+            info.sans
+        );
+        assert!(info.validity_ms() <= zy_common::tls::SERVER_VALIDITY_MAX.as_millis() as u64);
+        assert_eq!(sd.advertised_host().as_deref(), Some("127.0.0.1"));
         std::fs::set_permissions(sd.ca_key(), std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(sd.load_ca(), Err(StateDirError::LooseKey { .. })));
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("10.0.0.10:7443").as_deref(), Some("10.0.0.10"));
+        assert_eq!(host_of("[::1]:7443").as_deref(), Some("::1"));
+        assert_eq!(host_of("coord.gov:7443").as_deref(), Some("coord.gov"));
+        assert_eq!(host_of("coord.gov").as_deref(), Some("coord.gov"));
+        assert_eq!(host_of(":7443"), None);
     }
 }

@@ -971,10 +971,10 @@ pub async fn console(
         }
     }
     let v = coord.vms.find(&key)?;
-    let conn = v
+    let (conn, version) = v
         .node
         .and_then(|n| coord.fleet.session(n))
-        .and_then(|s| s.conn)
+        .and_then(|s| Some((s.conn?, s.version)))
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::CONFLICT,
@@ -989,8 +989,7 @@ pub async fn console(
             e.to_string(),
         )
     })?;
-    // The version is the one every session speaks today; streams reuse it.
-    let version = zy_common::wire::PROTOCOL_VERSIONS.max;
+    // Streams speak the version of their session's control stream.
     zy_common::wire::write_frame(
         &mut send,
         version,
