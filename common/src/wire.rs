@@ -34,7 +34,8 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_BODY: u32 = 256 * 1024;
 
 /// The wire protocol versions this build speaks.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 2 };
+/// Version 3 is version 2 plus the interactive console (`common/src/proto.rs`).
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 2, max: 3 };
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
