@@ -267,7 +267,7 @@ async fn handle_node(coord: &Arc<Coordinator>, conn: quinn::Connection, who: Nod
     }
     let (tx, rx) = mpsc::channel(SESSION_QUEUE);
     let (session, kicked) = Session::new(coord.fleet.next_session_id(), conn.remote_address(), tx);
-    let session = session.with_conn(conn.clone());
+    let session = session.with_conn(conn.clone(), version);
     let sid = session.id;
     let session_for_close = session.clone();
     let welcome = Message::Welcome(Welcome {

@@ -33,6 +33,8 @@ pub struct Session {
     kick: Arc<watch::Sender<Option<Kick>>>,
     /// The QUIC connection, to open streams to the node (absent in tests without QUIC).
     pub conn: Option<quinn::Connection>,
+    /// The protocol version the session negotiated (streams opened on it speak it too).
+    pub version: u16,
     pending: Arc<Mutex<Pending>>,
     next_command: Arc<AtomicU64>,
 }
@@ -68,15 +70,17 @@ impl Session {
             tx,
             kick: Arc::new(kick),
             conn: None,
+            version: zy_common::wire::PROTOCOL_VERSIONS.max,
             pending: Arc::default(),
             next_command: Arc::new(AtomicU64::new(1)),
         };
         (s, kicked)
     }
 
-    /// The same session, with its QUIC connection.
-    pub fn with_conn(mut self, conn: quinn::Connection) -> Self {
+    /// The same session, with its QUIC connection and the version negotiated on it.
+    pub fn with_conn(mut self, conn: quinn::Connection, version: u16) -> Self {
         self.conn = Some(conn);
+        self.version = version;
         self
     }
 
