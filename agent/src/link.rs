@@ -392,8 +392,7 @@ async fn serve_streams(conn: quinn::Connection, version: u16, node: Arc<Node>) {
                 Message::ConsoleAttach { id, mode } => {
                     // A VM this node does not have has no console here either.
                     let hub = node.vms.get(id).and_then(|_| node.consoles.get(id));
-                    let r =
-                        crate::vm::console::session(recv, &mut send, version, hub, mode).await;
+                    let r = crate::vm::console::session(recv, &mut send, version, hub, mode).await;
                     match r {
                         Ok(()) => debug!(vm = %id, "console session ended"),
                         Err(e) => {

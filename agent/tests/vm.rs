@@ -187,9 +187,11 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
     assert!(err.to_string().contains("not installed"), "{err}");
     let mut bad = s.clone();
     bad.vcpus = 1000;
-    assert!(runner::launch(&qemu(), &bad, &paths, &direct(), &Default::default())
-        .await
-        .is_err());
+    assert!(
+        runner::launch(&qemu(), &bad, &paths, &direct(), &Default::default())
+            .await
+            .is_err()
+    );
     assert!(!paths.dir.exists(), "nothing was made for a refused spec");
     // A kernel that is not there: QEMU exits at once, and says why.
     let mut gone = s.clone();

@@ -84,7 +84,10 @@ pub enum Message {
     /// to this VM's live console. The agent answers with [`ConsoleFrame`]s, starting with
     /// [`ConsoleFrame::Attached`] or [`ConsoleFrame::Ended`]; the coordinator sends
     /// [`ConsoleFrame::Input`] (taken only from the VM's one writer).
-    ConsoleAttach { id: VmId, mode: ConsoleMode },
+    ConsoleAttach {
+        id: VmId,
+        mode: ConsoleMode,
+    },
 }
 
 /// Most bytes of console output or input in one [`ConsoleFrame`].
@@ -843,12 +846,21 @@ mod tests {
     fn console_frames() -> Vec<(&'static str, ConsoleFrame)> {
         vec![
             ("frame_attached", ConsoleFrame::Attached { took_over: true }),
-            ("frame_output", ConsoleFrame::Output(b"\x1b[1mhi\r\n".to_vec())),
+            (
+                "frame_output",
+                ConsoleFrame::Output(b"\x1b[1mhi\r\n".to_vec()),
+            ),
             ("frame_input", ConsoleFrame::Input(b"ls\r".to_vec())),
             ("frame_skipped", ConsoleFrame::Skipped(3)),
             ("frame_busy", ConsoleFrame::Ended(ConsoleEnd::Busy)),
-            ("frame_not_running", ConsoleFrame::Ended(ConsoleEnd::NotRunning)),
-            ("frame_taken_over", ConsoleFrame::Ended(ConsoleEnd::TakenOver)),
+            (
+                "frame_not_running",
+                ConsoleFrame::Ended(ConsoleEnd::NotRunning),
+            ),
+            (
+                "frame_taken_over",
+                ConsoleFrame::Ended(ConsoleEnd::TakenOver),
+            ),
             ("frame_closed", ConsoleFrame::Ended(ConsoleEnd::Closed)),
         ]
     }
@@ -909,7 +921,13 @@ mod tests {
         let mut bytes = encode(WIRE_MAGIC, 3, &ConsoleFrame::Skipped(1), MAX_BODY).unwrap();
         bytes[HEADER_LEN] = 0x7f;
         assert!(decode::<ConsoleFrame>(&bytes, WIRE_MAGIC, MAX_BODY).is_err());
-        let bytes = encode(WIRE_MAGIC, 3, &ConsoleFrame::Input(b"abc".to_vec()), MAX_BODY).unwrap();
+        let bytes = encode(
+            WIRE_MAGIC,
+            3,
+            &ConsoleFrame::Input(b"abc".to_vec()),
+            MAX_BODY,
+        )
+        .unwrap();
         assert!(decode::<ConsoleFrame>(&bytes[..bytes.len() - 1], WIRE_MAGIC, MAX_BODY).is_err());
         let mut long = bytes.clone();
         long.push(0);

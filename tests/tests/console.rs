@@ -49,8 +49,7 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
         .unwrap();
     site.zy_ok(&[
-        "vm", "create", "--name", "c1", "--zone", "intranet", "--memory", "256", "--image",
-        "guest",
+        "vm", "create", "--name", "c1", "--zone", "intranet", "--memory", "256", "--image", "guest",
     ]);
     wait_for("c1 to run", BOOT, || {
         let v: VmView = site.zy_json(&["vm", "show", "c1"]).unwrap();
@@ -67,16 +66,18 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
 
     // A watcher, read-only and not on a terminal, sees everything live, stripped.
     let cfg = site.cli_config().to_string_lossy().into_owned();
-    let mut watcher = Reaped(std::process::Command::new("ip")
-        .args(["netns", "exec", &site.lab.coord_ns()])
-        .arg(zy_lab::bin("zy"))
-        .args(["vm", "console", "c1", "--read-only"])
-        .env("ZY_CONFIG", &cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap());
+    let mut watcher = Reaped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &site.lab.coord_ns()])
+            .arg(zy_lab::bin("zy"))
+            .args(["vm", "console", "c1", "--read-only"])
+            .env("ZY_CONFIG", &cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let watched = Arc::new(Mutex::new(Vec::new()));
     let (mut out, w) = (watcher.0.stdout.take().unwrap(), watched.clone());
     std::thread::spawn(move || {
@@ -96,11 +97,15 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     assert!(!before.raw());
     s1.wait_for("connected to c1 (Ctrl-] to detach)", SAY)
         .unwrap();
-    assert!(s1.modes().unwrap().raw(), "the terminal is raw while attached");
+    assert!(
+        s1.modes().unwrap().raw(),
+        "the terminal is raw while attached"
+    );
     s1.type_(b"\recho zy-$((6*7))-one\r").unwrap();
     s1.wait_for("zy-42-one", SAY).unwrap();
     // Escape sequences reach the terminal as they are.
-    s1.type_(b"printf '\\033[1mzy-%s\\033[0m\\n' bold\r").unwrap();
+    s1.type_(b"printf '\\033[1mzy-%s\\033[0m\\n' bold\r")
+        .unwrap();
     s1.wait_for("\x1b[1mzy-bold\x1b[0m", SAY).unwrap();
 
     // A second writer is refused, told how to take over, and leaves its terminal alone.
@@ -117,7 +122,11 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     s3.wait_for("took the console over", SAY).unwrap();
     let taken = s1.wait_exit(SAY).unwrap();
     assert_eq!(taken.code(), Some(8), "{}", s1.seen());
-    assert!(s1.seen().contains("taken over by another session"), "{}", s1.seen());
+    assert!(
+        s1.seen().contains("taken over by another session"),
+        "{}",
+        s1.seen()
+    );
     assert_eq!(s1.modes().unwrap(), before, "s1's terminal is as it was");
 
     // The new writer types; Ctrl-] detaches with exit 0 and the terminal as it was.

@@ -127,7 +127,8 @@ fn node_case(i: usize, rng: &mut impl RngCore) -> Vec<u8> {
             h.extend([1u8; 20]);
             h
         }
-        3 => frame(3, &Message::Load(load())),
+        // A version the session did not negotiate.
+        3 => frame(V + 1, &Message::Load(load())),
         4 => frame(V, &join_request("n9")),
         _ => {
             let mut l = load();

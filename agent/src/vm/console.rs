@@ -551,7 +551,10 @@ mod tests {
         let log = std::fs::read(dir.0.join("console.log")).unwrap();
         assert_eq!(log, b"\x1b[1mlogin:\x1b[0m ");
         let mut late = attach(&consoles, id, ConsoleMode::ReadOnly);
-        assert_eq!(late.next().await, ConsoleFrame::Ended(ConsoleEnd::NotRunning));
+        assert_eq!(
+            late.next().await,
+            ConsoleFrame::Ended(ConsoleEnd::NotRunning)
+        );
     }
 
     impl Client {
@@ -571,8 +574,14 @@ mod tests {
         let (consoles, id, _qemu, _dir) = hub().await;
         let mut w = attach(&consoles, id, ConsoleMode::Write);
         assert_eq!(w.next().await, ConsoleFrame::Attached { took_over: false });
-        w.to_agent.write_all(b"ZY\0\x03\0\0\0\x02\x7f\x7f").await.unwrap();
-        assert!(matches!(w.task.await.unwrap(), Err(SessionError::Stream(_))));
+        w.to_agent
+            .write_all(b"ZY\0\x03\0\0\0\x02\x7f\x7f")
+            .await
+            .unwrap();
+        assert!(matches!(
+            w.task.await.unwrap(),
+            Err(SessionError::Stream(_))
+        ));
         // Its slot is free again.
         let mut w2 = attach(&consoles, id, ConsoleMode::Write);
         assert_eq!(w2.next().await, ConsoleFrame::Attached { took_over: false });

@@ -16,8 +16,7 @@ use zy_api::ErrorBody;
 const TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A WebSocket to the coordinator (the interactive console).
-pub type WebSocket =
-    tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+pub type WebSocket = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// Why a request failed. Each variant maps to its own CLI exit code.
 #[derive(Debug, thiserror::Error)]

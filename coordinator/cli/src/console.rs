@@ -87,7 +87,9 @@ pub async fn run(c: &Client, vm: &str, a: &ConsoleArgs) -> Result<(), CliError> 
         }
         Way::Watch => {
             let ws = c
-                .websocket(&format!("/v1/vms/{vm}/console?interactive=true&read_only=true"))
+                .websocket(&format!(
+                    "/v1/vms/{vm}/console?interactive=true&read_only=true"
+                ))
                 .await?;
             if stdout_tty {
                 eprintln!("watching the console of {vm} (read-only; Ctrl-C to stop)");
@@ -134,7 +136,9 @@ fn finish(vm: &str, end: End) -> Result<(), CliError> {
         }
         End::TakenOver => fail(
             ExitCode::TakenOver,
-            format!("\nthe console of {vm} was taken over by another session (zy vm console --force)"),
+            format!(
+                "\nthe console of {vm} was taken over by another session (zy vm console --force)"
+            ),
         ),
         End::Closed => fail(
             ExitCode::Failure,
@@ -180,6 +184,7 @@ async fn session(
     mut input: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
     strip: bool,
 ) -> End {
+    let typing = input.is_some();
     let mut stripper = strip.then(Stripper::default);
     let mut out = std::io::stdout();
     let mut text = Vec::new();
@@ -246,7 +251,8 @@ async fn session(
             }
             _ = term.recv() => break End::Signal("SIGTERM"),
             _ = hup.recv() => break End::Signal("SIGHUP"),
-            _ = int.recv() => break End::Signal("SIGINT"),
+            // Ctrl-C is how a watcher stops (a typing session's Ctrl-C is the guest's).
+            _ = int.recv() => break if typing { End::Signal("SIGINT") } else { End::Detached },
             _ = quit.recv() => break End::Signal("SIGQUIT"),
         }
     };
@@ -274,7 +280,10 @@ mod tests {
     fn the_way_follows_the_flags_and_the_terminal() {
         let log = |lines, follow, raw| Way::Log { lines, follow, raw };
         let plain = args(false, None, false, false);
-        assert_eq!(choose(&plain, true, true).unwrap(), Way::Type { force: false });
+        assert_eq!(
+            choose(&plain, true, true).unwrap(),
+            Way::Type { force: false }
+        );
         assert_eq!(
             choose(&args(false, None, false, true), true, true).unwrap(),
             Way::Type { force: true }

@@ -185,12 +185,7 @@ mod tests {
             (b"\x1b[12\x18x\x1b[1\x1b[mY", b"xY"),
         ];
         for (input, want) in cases {
-            assert_eq!(
-                strip(input),
-                *want,
-                "{:?}",
-                String::from_utf8_lossy(input)
-            );
+            assert_eq!(strip(input), *want, "{:?}", String::from_utf8_lossy(input));
         }
     }
 

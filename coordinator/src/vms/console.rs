@@ -29,8 +29,9 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
 use axum::http::StatusCode;
-use tracing::debug;
+use tracing::info;
 use zy_api::ConsoleEvent;
+use zy_common::ids::TokenId;
 use zy_common::proto::{ConsoleEnd, ConsoleFrame, ConsoleMode, Message, MAX_CONSOLE_CHUNK};
 use zy_common::wire::{self, MAX_BODY};
 
@@ -117,6 +118,8 @@ pub async fn console(
     req: Request,
 ) -> Result<axum::response::Response, ApiError> {
     let ask = parse_query(query.as_deref().unwrap_or(""))?;
+    // Who types on a console is worth a line in the log.
+    let caller = req.extensions().get::<TokenId>().copied();
     // An interactive console must be a WebSocket: said before the node is bothered.
     let upgrade = match ask {
         Ask::Log { .. } => None,
@@ -163,7 +166,7 @@ pub async fn console(
                     ),
                 ));
             }
-            interactive(conn, version, &v.name, v.id, mode, upgrade).await
+            interactive(conn, version, &v.name, v.id, mode, upgrade, caller).await
         }
         (Ask::Interactive(_), None) => Err(ApiError::internal("no upgrade for a WebSocket")),
     }
@@ -210,6 +213,7 @@ async fn interactive(
     id: zy_common::VmId,
     mode: ConsoleMode,
     upgrade: WebSocketUpgrade,
+    caller: Option<TokenId>,
 ) -> Result<axum::response::Response, ApiError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(unreachable)?;
     wire::write_frame(&mut send, version, &Message::ConsoleAttach { id, mode })
@@ -249,9 +253,11 @@ async fn interactive(
         }
     };
     let name = name.to_string();
+    let token = caller.map(|t| t.to_string()).unwrap_or_default();
+    info!(vm = %name, %token, ?mode, took_over, "interactive console attached");
     Ok(upgrade.on_upgrade(move |ws| async move {
         relay(ws, send, recv, version, took_over).await;
-        debug!(vm = %name, "interactive console ended");
+        info!(vm = %name, %token, "interactive console ended");
     }))
 }
 
