@@ -3,13 +3,15 @@
 //! hub. A command typed is answered by the guest's shell; one session types at a time (a
 //! second is refused, `--force` takes over and the first is told); Ctrl-] detaches; the
 //! terminal's modes are raw while attached and as they were after; a read-only watcher
-//! sees the session live with control sequences removed, and so does `--lines`.
+//! sees the session live with control sequences removed, and so does `--lines`; a session
+//! whose agent dies ends (exit 5), and the restarted agent's re-attached VM has its console.
 
 use std::io::Read;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use zy_api::VmView;
 use zy_lab::pty::Pty;
 use zy_lab::site::Site;
@@ -152,8 +154,37 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     })
     .unwrap();
     let mut s4 = s4;
-    s4.type_(&[0x1d]).unwrap();
-    assert_eq!(s4.wait_exit(SAY).unwrap().code(), Some(0), "{}", s4.seen());
+
+    // The agent dies under a session: it ends, told the node's link was lost (exit 5). A
+    // restarted agent re-attaches to the running QEMU, and its console with it.
+    site.lab.signal("agent-n1", Signal::SIGKILL);
+    let lost = s4.wait_exit(SAY).unwrap();
+    assert_eq!(lost.code(), Some(5), "{}", s4.seen());
+    assert_eq!(s4.modes().unwrap(), before, "s4's terminal is as it was");
+    site.start_agent(1, &[]).unwrap();
+    wait_for("the agent to re-attach", SAY, || {
+        site.lab
+            .log("agent-n1")
+            .contains("re-attached to a running VM")
+            .then_some(())
+    })
+    .unwrap();
+    site.wait_state("n1", "ready", SAY).unwrap();
+    let mut s5 = wait_for("the console after the agent's restart", SAY, || {
+        let mut s = console(&site, "s5", &["c1"]);
+        match s.wait_for("connected to c1", Duration::from_secs(5)) {
+            Ok(()) => Some(s),
+            Err(_) => {
+                let _ = s.wait_exit(Duration::from_secs(5));
+                None
+            }
+        }
+    })
+    .unwrap();
+    s5.type_(b"echo zy-$((8*8))-again\r").unwrap();
+    s5.wait_for("zy-64-again", SAY).unwrap();
+    s5.type_(&[0x1d]).unwrap();
+    assert_eq!(s5.wait_exit(SAY).unwrap().code(), Some(0), "{}", s5.seen());
 
     // What was watched, and the log's lines: the session's text, no control bytes.
     wait_for("the watcher to see the third session", SAY, || {
