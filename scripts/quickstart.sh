@@ -134,7 +134,8 @@ namespace, and two VMs that reach each other across the nodes. Drive it with the
   export ZY_CONFIG=$QS/coordinator/zy.toml PATH=$BIN:\$PATH
   zy node ls
   zy vm ls
-  zy vm console vm1 --follow
+  zy vm console vm1            # its serial console, interactive (Ctrl-] detaches)
+  zy vm console vm1 --follow   # its console's log, followed
   zy vm create --name vm3 --zone intranet --memory 256 --image guest
   zy node show node1
 

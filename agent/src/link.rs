@@ -472,16 +472,39 @@ async fn serve_streams(conn: quinn::Connection, version: u16, node: Arc<Node>) {
                 wire::read_frame::<Message, _>(&mut recv, version, MAX_BODY, &mut buf),
             )
             .await;
-            let Ok(Ok(Message::Console { id, lines, follow })) = first else {
-                let _ = send.reset(1u32.into());
-                return;
+            let first = match first {
+                // A message newer than the session's version is refused like garbage.
+                Ok(Ok(m)) if m.since_version() <= version && m.validate().is_ok() => m,
+                _ => {
+                    let _ = send.reset(1u32.into());
+                    return;
+                }
             };
-            if node.vms.get(id).is_none() {
-                let _ = send.reset(2u32.into());
-                return;
+            match first {
+                Message::Console { id, lines, follow } => {
+                    if node.vms.get(id).is_none() {
+                        let _ = send.reset(2u32.into());
+                        return;
+                    }
+                    let log = crate::vm::spec::VmPaths::new(node.vms.data_dir(), id).console_log();
+                    let _ = crate::vm::console::serve(&mut send, &log, lines, follow).await;
+                }
+                Message::ConsoleAttach { id, mode } => {
+                    // A VM this node does not have has no console here either.
+                    let hub = node.vms.get(id).and_then(|_| node.consoles.get(id));
+                    let r = crate::vm::console::session(recv, &mut send, version, hub, mode).await;
+                    match r {
+                        Ok(()) => debug!(vm = %id, "console session ended"),
+                        Err(e) => {
+                            debug!(vm = %id, error = %zy_common::error::chain(&e), "console session failed")
+                        }
+                    }
+                }
+                _ => {
+                    let _ = send.reset(1u32.into());
+                    return;
+                }
             }
-            let log = crate::vm::spec::VmPaths::new(node.vms.data_dir(), id).console_log();
-            let _ = crate::vm::console::serve(&mut send, &log, lines, follow).await;
             let _ = send.finish();
         });
     }

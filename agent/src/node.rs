@@ -21,6 +21,7 @@ use zy_common::VmId;
 use crate::netdev::{Networks, Segment};
 use crate::uplink::{BlobSource, Uplink};
 use crate::vm::actor::{Ctx, Request, VmEvent};
+use crate::vm::console::Consoles;
 use crate::vm::manager::{find_strays, Begin, Prepared, VmManager, PREPARING_MARKER};
 use crate::vm::observed::{ObservedClock, ObservedError};
 use crate::vm::runner::{QemuRunner, VmRunner};
@@ -35,6 +36,8 @@ pub struct Node {
     blobs: Arc<dyn BlobSource>,
     pub cache: BlobDir,
     pub accel: Accel,
+    /// The VMs' open consoles.
+    pub consoles: Consoles,
 }
 
 /// What the node's VM side uses of the host.
@@ -46,6 +49,8 @@ pub struct Host {
     pub networks: Option<Arc<dyn Networks>>,
     /// Where image blobs come from.
     pub blobs: Arc<dyn BlobSource>,
+    /// Where the runner opens the VMs' consoles (none are opened by a fake runner).
+    pub consoles: Consoles,
 }
 
 /// Why the node's VM side could not start.
@@ -115,13 +120,16 @@ impl Node {
                 None
             }
         };
+        let consoles = Consoles::default();
         let host = Host {
             runner: Arc::new(QemuRunner {
                 qemu: ctx_qemu,
                 supervisor,
+                consoles: consoles.clone(),
             }),
             networks,
             blobs: Arc::new(uplink),
+            consoles,
         };
         Self::with_host(host, data_dir, accel).await
     }
@@ -150,6 +158,7 @@ impl Node {
                 blobs: host.blobs,
                 cache,
                 accel,
+                consoles: host.consoles,
             }),
             rx,
         ))
@@ -635,6 +644,7 @@ mod tests {
                 runner: Arc::new(self.runner.clone()),
                 networks: Some(self.nets.clone()),
                 blobs: self.blobs.clone(),
+                consoles: Default::default(),
             };
             Node::with_host(host, &self.tmp.0, Accel::Tcg)
                 .await

@@ -39,6 +39,7 @@ fn real_runner() -> std::sync::Arc<dyn runner::VmRunner> {
     std::sync::Arc::new(runner::QemuRunner {
         qemu: qemu(),
         supervisor: direct(),
+        consoles: Default::default(),
     })
 }
 
@@ -121,7 +122,7 @@ async fn boots_reports_running_and_powers_off_gracefully() {
     assert!(out.status.success());
     let s = spec("vm-test-1", Some(disk));
     let paths = VmPaths::new(&tmp.0, s.id);
-    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct(), &Default::default())
         .await
         .unwrap();
     assert_eq!(l.qmp.status().await.unwrap(), "running");
@@ -146,7 +147,7 @@ async fn a_crash_is_noticed_with_the_last_console_lines() {
     let tmp = TempDir(std::env::temp_dir().join(format!("zy-vm-{}", rand::random::<u64>())));
     let s = spec("vm-test-2", None);
     let paths = VmPaths::new(&tmp.0, s.id);
-    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct(), &Default::default())
         .await
         .unwrap();
     wait_console(&paths.console_log(), "ZY-READY", Duration::from_secs(120)).await;
@@ -179,15 +180,18 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
         &s,
         &paths,
         &direct(),
+        &Default::default(),
     )
     .await
     .unwrap_err();
     assert!(err.to_string().contains("not installed"), "{err}");
     let mut bad = s.clone();
     bad.vcpus = 1000;
-    assert!(runner::launch(&qemu(), &bad, &paths, &direct())
-        .await
-        .is_err());
+    assert!(
+        runner::launch(&qemu(), &bad, &paths, &direct(), &Default::default())
+            .await
+            .is_err()
+    );
     assert!(!paths.dir.exists(), "nothing was made for a refused spec");
     // A kernel that is not there: QEMU exits at once, and says why.
     let mut gone = s.clone();
@@ -196,7 +200,7 @@ async fn bad_specs_and_a_missing_qemu_leave_nothing_behind() {
         initrd: None,
         cmdline: String::new(),
     };
-    let err = runner::launch(&qemu(), &gone, &paths, &direct())
+    let err = runner::launch(&qemu(), &gone, &paths, &direct(), &Default::default())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("exited at start"), "{err}");
@@ -443,7 +447,7 @@ async fn a_qemu_without_a_record_is_reported_not_touched() {
     let tmp = TempDir(std::env::temp_dir().join(format!("zy-stray-{}", rand::random::<u64>())));
     let s = spec("vm-stray", None);
     let paths = VmPaths::new(&tmp.0, s.id);
-    let mut l = runner::launch(&qemu(), &s, &paths, &direct())
+    let mut l = runner::launch(&qemu(), &s, &paths, &direct(), &Default::default())
         .await
         .unwrap();
     // No record was ever written for it.

@@ -31,6 +31,19 @@
 //!
 //! Every message is checked by [`Message::validate`] after decoding: the codec guarantees
 //! shape, validation guarantees sense (finite numbers, bounded strings, sane ranges).
+//!
+//! Version 3 adds the interactive console ([`Message::ConsoleAttach`], then
+//! [`ConsoleFrame`]s both ways on the stream it opens); every message of version 2 keeps
+//! its layout, so a version 3 build speaks both and sends a version 2 peer nothing new.
+//!
+//! ```text
+//!  coordinator                          agent
+//!    | ConsoleAttach {id, mode} ----------> |   (first frame of a stream it opens)
+//!    | <------------ Attached {took_over}   |   or Ended(Busy | NotRunning), then the end
+//!    | <------------ Output(bytes) ...      |   what the guest prints, live
+//!    | Input(bytes) ... ------------------> |   keystrokes (writers only)
+//!    | <------------ Ended(TakenOver|Closed)|   then the stream ends
+//! ```
 
 use serde::{Deserialize, Serialize};
 
@@ -48,9 +61,12 @@ pub const MAX_DER: usize = 16 * 1024;
 
 /// The first protocol version with [`Message::RenewCert`] and [`Message::CertRenewed`].
 pub const RENEWAL_SINCE: u16 = 3;
+/// The first protocol version with [`Message::ConsoleAttach`] and its [`ConsoleFrame`]s.
+pub const CONSOLE_SINCE: u16 = 3;
 
-/// Every message of protocol version 3. New variants go at the end: postcard numbers
-/// variants by position, so the encodings of the older ones never change.
+/// Every message of protocol version 3 (see [`Message::since_version`]). New variants go at
+/// the end: postcard numbers variants by position, so the encodings of the older ones never
+/// change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum Message {
     JoinRequest(JoinRequest),
@@ -88,6 +104,78 @@ pub enum Message {
     /// Coordinator → agent (version 3): the answer to [`Message::RenewCert`], the new node
     /// certificate (DER) or why not.
     CertRenewed(Result<Vec<u8>, ReplyError>),
+    /// Version 3. Coordinator → agent, first frame of a stream the coordinator opens: attach
+    /// to this VM's live console. The agent answers with [`ConsoleFrame`]s, starting with
+    /// [`ConsoleFrame::Attached`] or [`ConsoleFrame::Ended`]; the coordinator sends
+    /// [`ConsoleFrame::Input`] (taken only from the VM's one writer).
+    ConsoleAttach {
+        id: VmId,
+        mode: ConsoleMode,
+    },
+}
+
+/// Most bytes of console output or input in one [`ConsoleFrame`].
+pub const MAX_CONSOLE_CHUNK: usize = 16 * 1024;
+
+/// How an interactive console session attaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleMode {
+    /// Watch only; any number of these at once.
+    ReadOnly,
+    /// Type too, if no one else holds the VM's writer slot.
+    Write,
+    /// Type too, taking the writer slot from whoever holds it (who is told).
+    TakeOver,
+}
+
+impl ConsoleMode {
+    /// Whether the session sends input.
+    pub fn writes(self) -> bool {
+        !matches!(self, ConsoleMode::ReadOnly)
+    }
+}
+
+/// The frames of an interactive console stream after [`Message::ConsoleAttach`] (version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleFrame {
+    /// Agent → coordinator, first: attached; `took_over` when another writer was displaced.
+    Attached { took_over: bool },
+    /// Agent → coordinator: bytes the guest printed, as they are.
+    Output(Vec<u8>),
+    /// Coordinator → agent: bytes typed, for the guest's serial port.
+    Input(Vec<u8>),
+    /// Agent → coordinator: this many chunks of output were lost (the reader was too slow).
+    Skipped(u64),
+    /// Agent → coordinator, last: why the session ends (or was refused).
+    Ended(ConsoleEnd),
+}
+
+/// Why an interactive console session ended, or was never attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsoleEnd {
+    /// Refused: another session holds the writer slot (attach with take-over to displace it).
+    Busy,
+    /// Refused: the VM's console is not open here (the VM is not running on this node).
+    NotRunning,
+    /// Another session took the writer slot.
+    TakenOver,
+    /// The console closed: the VM stopped or was deleted.
+    Closed,
+}
+
+impl ConsoleFrame {
+    /// Checks what the codec cannot: chunk sizes.
+    pub fn validate(&self) -> Result<(), FrameError> {
+        match self {
+            ConsoleFrame::Output(b) | ConsoleFrame::Input(b) if b.len() > MAX_CONSOLE_CHUNK => {
+                invalid(format!(
+                    "a console chunk of {} bytes is over {MAX_CONSOLE_CHUNK}",
+                    b.len()
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Message {
@@ -109,13 +197,16 @@ impl Message {
             Message::Console { .. } => "Console",
             Message::RenewCert { .. } => "RenewCert",
             Message::CertRenewed(_) => "CertRenewed",
+            Message::ConsoleAttach { .. } => "ConsoleAttach",
         }
     }
 
-    /// The first protocol version that has this message.
+    /// The first protocol version that has this message: a peer that negotiated an older
+    /// one must never be sent it, and refuses it if it comes.
     pub fn since_version(&self) -> u16 {
         match self {
             Message::RenewCert { .. } | Message::CertRenewed(_) => RENEWAL_SINCE,
+            Message::ConsoleAttach { .. } => CONSOLE_SINCE,
             _ => 3,
         }
     }
@@ -180,6 +271,7 @@ impl Message {
             Message::RenewCert { csr_der } => blob("csr", csr_der),
             Message::CertRenewed(Ok(cert)) => blob("cert", cert),
             Message::CertRenewed(Err(e)) => text("renewal error", &e.message, MAX_TEXT),
+            Message::ConsoleAttach { .. } => Ok(()),
             Message::VmReport(VmReport { vms, .. }) => {
                 if vms.len() > 10_000 {
                     return invalid(format!("{} VMs on one node is not plausible", vms.len()));
@@ -637,7 +729,7 @@ pub mod close {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::{decode, encode, MAX_BODY, WIRE_MAGIC};
+    use crate::wire::{decode, encode, HEADER_LEN, MAX_BODY, WIRE_MAGIC};
     use proptest::prelude::*;
     use uuid::Uuid;
 
@@ -822,13 +914,24 @@ mod tests {
         ]
     }
 
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
-    /// The renewal messages, for the golden file.
+    /// The console and renewal messages, with fixed contents.
     fn samples_v3() -> Vec<(&'static str, Message)> {
         vec![
+            (
+                "console_attach",
+                Message::ConsoleAttach {
+                    id: VmId(Uuid::from_u128(7)),
+                    mode: ConsoleMode::TakeOver,
+                },
+            ),
+            (
+                "console",
+                Message::Console {
+                    id: VmId(Uuid::from_u128(7)),
+                    lines: 100,
+                    follow: true,
+                },
+            ),
             (
                 "renew_cert",
                 Message::RenewCert {
@@ -849,36 +952,96 @@ mod tests {
         ]
     }
 
-    /// Checks one version's encodings against its golden file.
-    fn golden(version: u16, file: &str, samples: &[(&'static str, Message)]) {
-        let path = format!("{}/tests/golden/{file}", env!("CARGO_MANIFEST_DIR"));
-        let got: String = samples
+    /// One of each console frame, with fixed contents.
+    fn console_frames() -> Vec<(&'static str, ConsoleFrame)> {
+        vec![
+            ("frame_attached", ConsoleFrame::Attached { took_over: true }),
+            (
+                "frame_output",
+                ConsoleFrame::Output(b"\x1b[1mhi\r\n".to_vec()),
+            ),
+            ("frame_input", ConsoleFrame::Input(b"ls\r".to_vec())),
+            ("frame_skipped", ConsoleFrame::Skipped(3)),
+            ("frame_busy", ConsoleFrame::Ended(ConsoleEnd::Busy)),
+            (
+                "frame_not_running",
+                ConsoleFrame::Ended(ConsoleEnd::NotRunning),
+            ),
+            (
+                "frame_taken_over",
+                ConsoleFrame::Ended(ConsoleEnd::TakenOver),
+            ),
+            ("frame_closed", ConsoleFrame::Ended(ConsoleEnd::Closed)),
+        ]
+    }
+
+    fn golden(path: &str, version: u16, got: &[(&str, Vec<u8>)]) {
+        let got: String = got
             .iter()
-            .map(|(name, m)| {
-                let bytes = encode(WIRE_MAGIC, version, m, MAX_BODY).unwrap();
-                format!("{name} {}\n", hex(&bytes))
-            })
+            .map(|(name, bytes)| format!("{name} {}\n", hex(bytes)))
             .collect();
         if std::env::var_os("ZY_BLESS").is_some() {
-            std::fs::create_dir_all(std::path::Path::new(&path).parent().unwrap()).unwrap();
-            std::fs::write(&path, &got).unwrap();
+            std::fs::write(path, &got).unwrap();
         }
-        let want = std::fs::read_to_string(&path).expect("golden file is checked in");
+        let want = std::fs::read_to_string(path).expect("golden file is checked in");
         assert_eq!(got, want, "wire encoding of protocol v{version} changed");
-        for (_, m) in samples {
-            m.validate().unwrap();
-            assert!(m.since_version() <= version, "{} in v{version}", m.kind());
+    }
+
+    /// Version 3's checked-in encodings: every message, with the console frames. A change
+    /// to any message's layout fails here: that is a protocol change and needs a new
+    /// protocol version, not an edit of this file.
+    /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
+    #[test]
+    fn golden_encodings_v3() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v3.txt");
+        let mut got: Vec<(&str, Vec<u8>)> = samples()
+            .into_iter()
+            .chain(samples_v3())
+            .map(|(name, m)| {
+                m.validate().unwrap();
+                (name, encode(WIRE_MAGIC, 3, &m, MAX_BODY).unwrap())
+            })
+            .collect();
+        got.extend(console_frames().into_iter().map(|(name, f)| {
+            f.validate().unwrap();
+            (name, encode(WIRE_MAGIC, 3, &f, MAX_BODY).unwrap())
+        }));
+        golden(path, 3, &got);
+        for (_, m) in samples().into_iter().chain(samples_v3()) {
+            assert!(m.since_version() <= 3, "{} is of a later version", m.kind());
         }
     }
 
-    /// The checked-in encodings. A change to any message's layout fails here: that is a
-    /// protocol change and needs a new protocol version, not an edit of this file.
-    /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
     #[test]
-    fn golden_encodings() {
-        let mut v3 = samples();
-        v3.extend(samples_v3());
-        golden(3, "proto_v3.txt", &v3);
+    fn console_frames_are_bounded_and_bad_bytes_refused() {
+        let big = ConsoleFrame::Output(vec![b'x'; MAX_CONSOLE_CHUNK + 1]);
+        assert!(big.validate().is_err());
+        assert!(ConsoleFrame::Input(vec![b'x'; MAX_CONSOLE_CHUNK])
+            .validate()
+            .is_ok());
+        // An unknown variant, a truncated body and trailing bytes are errors, not panics.
+        let mut bytes = encode(WIRE_MAGIC, 3, &ConsoleFrame::Skipped(1), MAX_BODY).unwrap();
+        bytes[HEADER_LEN] = 0x7f;
+        assert!(decode::<ConsoleFrame>(&bytes, WIRE_MAGIC, MAX_BODY).is_err());
+        let bytes = encode(
+            WIRE_MAGIC,
+            3,
+            &ConsoleFrame::Input(b"abc".to_vec()),
+            MAX_BODY,
+        )
+        .unwrap();
+        assert!(decode::<ConsoleFrame>(&bytes[..bytes.len() - 1], WIRE_MAGIC, MAX_BODY).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        long[7] += 1;
+        assert!(matches!(
+            decode::<ConsoleFrame>(&long, WIRE_MAGIC, MAX_BODY),
+            Err(FrameError::TrailingBytes(1))
+        ));
+    }
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
     }
 
     #[test]
@@ -992,6 +1155,18 @@ mod tests {
             if let Ok((_, m)) = decode::<Message>(&bytes, WIRE_MAGIC, MAX_BODY) {
                 let _ = m.validate();
             }
+            if let Ok((_, f)) = decode::<ConsoleFrame>(&bytes, WIRE_MAGIC, MAX_BODY) {
+                let _ = f.validate();
+            }
+        }
+
+        #[test]
+        fn console_frames_round_trip(data in proptest::collection::vec(any::<u8>(), 0..MAX_CONSOLE_CHUNK), input in any::<bool>()) {
+            let f = if input { ConsoleFrame::Input(data) } else { ConsoleFrame::Output(data) };
+            let bytes = encode(WIRE_MAGIC, 3, &f, MAX_BODY).unwrap();
+            let (_, back): (u16, ConsoleFrame) = decode(&bytes, WIRE_MAGIC, MAX_BODY).unwrap();
+            prop_assert!(back.validate().is_ok());
+            prop_assert_eq!(back, f);
         }
 
         #[test]

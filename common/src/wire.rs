@@ -35,7 +35,8 @@ pub const MAX_BODY: u32 = 256 * 1024;
 
 /// The wire protocol versions this build speaks. Version 3 (this release: no build ever
 /// spoke 2 to a peer that mattered) gave VMs their SSH keys and user-data and NICs their
-/// name servers, which changed existing messages, and added certificate renewal.
+/// name servers, which changed existing messages, and added certificate renewal and the
+/// interactive console.
 pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 3, max: 3 };
 
 /// Why a frame could not be encoded or decoded.

@@ -536,5 +536,6 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 pub mod bench;
 pub mod nspawn;
 pub mod peer;
+pub mod pty;
 pub mod site;
 pub mod slowdisk;

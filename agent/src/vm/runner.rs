@@ -1,8 +1,8 @@
 //! Starting, watching and stopping one QEMU process.
 //!
 //! QEMU runs in its own process group (a signal to the agent's group never reaches it), so
-//! it outlives the agent. Its serial console goes to a socket that the agent copies into a
-//! size-capped log; its QMP socket is how the agent controls it.
+//! it outlives the agent. Its serial console goes to a socket that the agent holds
+//! ([`super::console`]: copied into a size-capped log, served live); its QMP socket is how the agent controls it.
 //!
 //! The actor sees none of this: it runs VMs through [`VmRunner`] and [`RunningVm`], which
 //! [`QemuRunner`] and [`Launched`] implement here (tested for real in `agent/tests/vm.rs` and
@@ -14,10 +14,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use futures_util::future::BoxFuture;
-use tokio::io::AsyncReadExt;
-use tokio::net::UnixStream;
-use tracing::{debug, warn};
+use tracing::warn;
 
+use super::console::Consoles;
 use super::limits::Cgroups;
 use super::qmp::{Qmp, QmpError};
 use super::spec::{SpecError, VmPaths, VmSpec};
@@ -132,6 +131,8 @@ impl Exit {
 pub struct QemuRunner {
     pub qemu: PathBuf,
     pub supervisor: Supervisor,
+    /// Where the VMs' consoles are opened (the node serves them from there).
+    pub consoles: Consoles,
 }
 
 impl VmRunner for QemuRunner {
@@ -141,7 +142,7 @@ impl VmRunner for QemuRunner {
         paths: &'a VmPaths,
     ) -> BoxFuture<'a, Result<Box<dyn RunningVm>, RunError>> {
         Box::pin(async move {
-            let l = launch(&self.qemu, spec, paths, &self.supervisor).await?;
+            let l = launch(&self.qemu, spec, paths, &self.supervisor, &self.consoles).await?;
             Ok(Box::new(l) as Box<dyn RunningVm>)
         })
     }
@@ -152,7 +153,7 @@ impl VmRunner for QemuRunner {
         paths: &'a VmPaths,
     ) -> BoxFuture<'a, Result<Option<Box<dyn RunningVm>>, RunError>> {
         Box::pin(async move {
-            let l = attach(spec, paths, &self.supervisor).await?;
+            let l = attach(spec, paths, &self.supervisor, &self.consoles).await?;
             Ok(l.map(|l| Box::new(l) as Box<dyn RunningVm>))
         })
     }
@@ -343,6 +344,7 @@ pub async fn attach(
     spec: &VmSpec,
     paths: &VmPaths,
     sup: &Supervisor,
+    consoles: &Consoles,
 ) -> Result<Option<Launched>, RunError> {
     let Ok(text) = std::fs::read_to_string(paths.pidfile()) else {
         return Ok(None);
@@ -354,7 +356,7 @@ pub async fn attach(
         return Ok(None);
     }
     let qmp = Qmp::connect(&paths.qmp()).await?;
-    tokio::spawn(copy_console(paths.console_sock(), paths.console_log()));
+    consoles.open(spec.id, paths.console_sock(), paths.console_log());
     // A QEMU started before the agent moved to systemd is not a unit: watch it by pid.
     let proc = match sup {
         Supervisor::Systemd(sd) if sd.main_pid(spec.id).await == Some(pid) => Proc::Unit {
@@ -378,6 +380,7 @@ pub async fn launch(
     spec: &VmSpec,
     paths: &VmPaths,
     sup: &Supervisor,
+    consoles: &Consoles,
 ) -> Result<Launched, RunError> {
     let args = spec.qemu_args(paths)?;
     if !qemu.exists() {
@@ -445,7 +448,7 @@ pub async fn launch(
         }
     };
 
-    match until_running(&mut proc, paths, &stderr_path, t0).await {
+    match until_running(&mut proc, spec.id, paths, consoles, &stderr_path, t0).await {
         Ok(qmp) => Ok(Launched {
             pid,
             proc,
@@ -469,7 +472,9 @@ pub async fn launch(
 /// Waits until QEMU answers on QMP that it runs; its QMP session.
 async fn until_running(
     proc: &mut Proc,
+    id: VmId,
     paths: &VmPaths,
+    consoles: &Consoles,
     stderr_path: &Path,
     t0: Instant,
 ) -> Result<Qmp, RunError> {
@@ -492,7 +497,7 @@ async fn until_running(
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    tokio::spawn(copy_console(paths.console_sock(), paths.console_log()));
+    consoles.open(id, paths.console_sock(), paths.console_log());
     let mut qmp = qmp;
     let status = match qmp.status().await {
         Ok(s) => s,
@@ -526,36 +531,6 @@ async fn gone_within(proc: &mut Proc, stderr: &Path) -> Option<RunError> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     None
-}
-
-/// Copies the serial console into a size-capped log until QEMU closes it.
-pub async fn copy_console(sock: PathBuf, log: PathBuf) {
-    let mut stream = None;
-    for _ in 0..200 {
-        if let Ok(s) = UnixStream::connect(&sock).await {
-            stream = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let Some(mut stream) = stream else {
-        warn!(sock = %sock.display(), "no console socket");
-        return;
-    };
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        // Off the runtime thread: a slow disk must not hold up the node's reports.
-        let (l, chunk) = (log.clone(), buf[..n].to_vec());
-        match tokio::task::spawn_blocking(move || append_capped(&l, &chunk, CONSOLE_CAP)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(error = %e, "console log write failed"),
-            Err(e) => debug!(error = %e, "console log writer failed"),
-        }
-    }
 }
 
 /// Appends to `log`, rotating it to `<log>.1` once it would pass `cap`.

@@ -79,3 +79,43 @@ pub enum VmDesired {
     /// A tombstone: deleted at the site, kept until its node confirms it removed the VM.
     Deleted,
 }
+
+/// A notice on an interactive console's WebSocket (`GET /v1/vms/{vm}/console?interactive=true`),
+/// sent as a text message; the terminal's bytes travel as binary messages both ways.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum ConsoleEvent {
+    /// First, when this session took the console over from another writer.
+    TookOver,
+    /// This many chunks of output were lost: the reader fell behind.
+    Skipped { chunks: u64 },
+    /// Last: another session took the console over (`force=true`).
+    TakenOver,
+    /// Last: the console closed (the VM stopped or was deleted).
+    Closed,
+    /// Last: the link to the VM's node was lost.
+    NodeLost,
+}
+
+#[cfg(test)]
+mod console_tests {
+    use super::ConsoleEvent;
+
+    #[test]
+    fn console_events_are_tagged_json() {
+        let cases = [
+            (ConsoleEvent::TookOver, r#"{"event":"took_over"}"#),
+            (
+                ConsoleEvent::Skipped { chunks: 2 },
+                r#"{"event":"skipped","chunks":2}"#,
+            ),
+            (ConsoleEvent::TakenOver, r#"{"event":"taken_over"}"#),
+            (ConsoleEvent::Closed, r#"{"event":"closed"}"#),
+            (ConsoleEvent::NodeLost, r#"{"event":"node_lost"}"#),
+        ];
+        for (e, json) in cases {
+            assert_eq!(serde_json::to_string(&e).unwrap(), json);
+            assert_eq!(serde_json::from_str::<ConsoleEvent>(json).unwrap(), e);
+        }
+    }
+}

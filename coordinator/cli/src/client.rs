@@ -15,6 +15,9 @@ use zy_api::ErrorBody;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A WebSocket to the coordinator (the interactive console).
+pub type WebSocket = tokio_tungstenite::WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
 /// Why a request failed. Each variant maps to its own CLI exit code.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -208,12 +211,88 @@ impl Client {
         Ok((status, bytes))
     }
 
+    /// Opens a WebSocket on `path` (`GET` with an upgrade), over the same verified TLS
+    /// and with the same token as every request. An API error comes back as
+    /// [`ClientError::Api`], before any upgrade.
+    pub async fn websocket(&self, path: &str) -> Result<WebSocket, ClientError> {
+        use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+        let key = generate_key();
+        let headers = [
+            (hyper::header::CONNECTION, "upgrade".to_string()),
+            (hyper::header::UPGRADE, "websocket".to_string()),
+            (hyper::header::SEC_WEBSOCKET_VERSION, "13".to_string()),
+            (hyper::header::SEC_WEBSOCKET_KEY, key.clone()),
+        ];
+        let resp = tokio::time::timeout(
+            TIMEOUT,
+            self.send_with(Method::GET, path, Full::new(Bytes::new()), false, &headers),
+        )
+        .await
+        .map_err(|_| ClientError::Unreachable {
+            addr: self.addr.clone(),
+            message: "no answer within 15s".into(),
+        })??;
+        let status = resp.status();
+        if status != StatusCode::SWITCHING_PROTOCOLS {
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| ClientError::Decode(e.to_string()))?
+                .to_bytes();
+            let not_ws = || {
+                ClientError::Decode(format!(
+                    "the coordinator answered {status} where a WebSocket was asked for"
+                ))
+            };
+            // An error status decodes to the API's error; a success here is no WebSocket.
+            return Err(self
+                .decode::<serde_json::Value>((status, bytes))
+                .err()
+                .unwrap_or_else(not_ws));
+        }
+        let accept = resp
+            .headers()
+            .get(hyper::header::SEC_WEBSOCKET_ACCEPT)
+            .and_then(|v| v.to_str().ok());
+        if accept != Some(derive_accept_key(key.as_bytes()).as_str()) {
+            return Err(ClientError::Decode(
+                "the coordinator's WebSocket answer does not match the request".into(),
+            ));
+        }
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| ClientError::Decode(format!("the WebSocket upgrade failed: {e}")))?;
+        Ok(tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await)
+    }
+
     async fn send<B>(
         &self,
         method: Method,
         path: &str,
         body: B,
         json: bool,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        self.send_with(method, path, body, json, &[]).await
+    }
+
+    async fn send_with<B>(
+        &self,
+        method: Method,
+        path: &str,
+        body: B,
+        json: bool,
+        headers: &[(hyper::header::HeaderName, String)],
     ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
     where
         B: hyper::body::Body + Send + 'static,
@@ -241,7 +320,7 @@ impl Client {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         tokio::spawn(async move {
-            let _ = conn.await;
+            let _ = conn.with_upgrades().await;
         });
         let mut req = Request::builder()
             .method(method)
@@ -259,6 +338,9 @@ impl Client {
         }
         if let Some(k) = &self.idempotency_key {
             req = req.header("idempotency-key", k.as_str());
+        }
+        for (name, value) in headers {
+            req = req.header(name, value.as_str());
         }
         let req = req.body(body).map_err(|e| unreachable(e.to_string()))?;
         sender

@@ -12,6 +12,8 @@
 //! or server, so it builds small and runs anywhere an operator sits.
 
 pub mod client;
+pub mod console;
+pub mod term;
 mod trust;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +47,8 @@ pub enum ExitCode {
     Conflict = 6,
     /// No usable CLI configuration (coordinator address, token or CA unknown).
     Config = 7,
+    /// The interactive console was taken over by another session (`zy vm console --force`).
+    TakenOver = 8,
 }
 
 /// The Zhengyun ops CLI.
@@ -208,16 +212,25 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitFlags,
     },
-    /// Show a VM's serial console (from its node); --follow keeps streaming it.
+    /// A VM's serial console. On a terminal: interactive (keystrokes go to the guest,
+    /// Ctrl-] detaches; one session types at a time). Otherwise, or with --lines or
+    /// --follow: its log, control sequences removed.
     Console {
         /// VM name or id.
         vm: String,
-        /// Keep printing what the guest prints, until interrupted.
-        #[arg(short, long)]
+        /// Show the console's log and keep printing what the guest prints, until interrupted.
+        #[arg(short, long, conflicts_with = "read_only")]
         follow: bool,
-        /// How many of the last lines to show first.
-        #[arg(long, default_value_t = 100)]
-        lines: u32,
+        /// Show the last N lines of the console's log (100 when not on a terminal).
+        #[arg(long, value_name = "N", conflicts_with = "read_only")]
+        lines: Option<u32>,
+        /// Watch the live console without typing on it (any number may watch).
+        #[arg(long, conflicts_with = "force")]
+        read_only: bool,
+        /// Take the interactive console over from the session typing on it (it is told,
+        /// and ends).
+        #[arg(long)]
+        force: bool,
     },
     /// Delete a VM and everything of it on its node (at once if the node is connected, when
     /// it returns otherwise).
@@ -650,14 +663,20 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 .await?;
             print(json.json, &op, || op_detail(&op))
         }
-        Command::Vm(VmCmd::Console { vm, follow, lines }) => {
-            let path = format!(
-                "/v1/vms/{}/console?lines={lines}&follow={follow}",
-                path_segment(&vm)?
-            );
-            let mut out = std::io::stdout().lock();
-            c.stream_to(&path, &mut out).await?;
-            Ok(())
+        Command::Vm(VmCmd::Console {
+            vm,
+            follow,
+            lines,
+            read_only,
+            force,
+        }) => {
+            let a = console::ConsoleArgs {
+                follow,
+                lines,
+                read_only,
+                force,
+            };
+            console::run(&c, path_segment(&vm)?, &a).await
         }
         Command::Vm(VmCmd::Delete { vm, wait }) => {
             let path = format!("/v1/vms/{}", path_segment(&vm)?);

@@ -103,7 +103,9 @@ pub async fn serve(listener: TcpListener, tls: Arc<rustls::ServerConfig>, router
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tls), service);
+                .serve_connection(TokioIo::new(tls), service)
+                // Interactive consoles are WebSockets.
+                .with_upgrades();
             if let Err(e) = conn.await {
                 debug!(%remote, error = %e, "API connection ended with an error");
             }

@@ -11,6 +11,7 @@
 //! Each zone has its own network (a VXLAN VNI and a subnet); the two never share either.
 
 pub mod commit;
+pub mod console;
 pub mod guest;
 pub mod images;
 pub mod placement;
@@ -935,97 +936,6 @@ pub async fn show_op(
         .with(|t| t.ops.get(&id).map(op_view))
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no operation {id}; `zy op ls` lists them")))
-}
-
-/// `GET /v1/vms/{vm}/console?lines=N&follow=true`: the VM's console from its node, as plain
-/// text, streamed while `follow` holds.
-pub async fn console(
-    State(coord): State<Arc<Coordinator>>,
-    Path(key): Path<String>,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-) -> Result<axum::response::Response, ApiError> {
-    let (mut lines, mut follow) = (100u32, false);
-    for pair in query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        match pair.split_once('=') {
-            Some(("lines", v)) => {
-                lines = v.parse().ok().filter(|n| *n <= 100_000).ok_or_else(|| {
-                    ApiError::bad_request("lines must be a number within 0..=100000")
-                })?
-            }
-            Some(("follow", v)) => {
-                follow = v
-                    .parse()
-                    .map_err(|_| ApiError::bad_request("follow must be true or false"))?
-            }
-            _ => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown parameter `{}`: the console takes lines and follow",
-                    zy_common::ids::truncate_for_error(pair)
-                )))
-            }
-        }
-    }
-    let v = coord.vms.find(&key)?;
-    let (conn, version) = v
-        .node
-        .and_then(|n| coord.fleet.session(n))
-        .and_then(|s| Some((s.conn?, s.version)))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::CONFLICT,
-                "not_connected",
-                "the VM's node is not connected",
-            )
-        })?;
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "node_unreachable",
-            e.to_string(),
-        )
-    })?;
-    // Streams speak the version of their session's control stream.
-    zy_common::wire::write_frame(
-        &mut send,
-        version,
-        &zy_common::proto::Message::Console {
-            id: v.id,
-            lines,
-            follow,
-        },
-    )
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            "node_unreachable",
-            e.to_string(),
-        )
-    })?;
-    let _ = send.finish();
-    let stream = futures_util::stream::unfold(recv, |mut recv| async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(axum::body::Bytes::from(buf)), recv))
-            }
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), recv)),
-        }
-    });
-    axum::response::Response::builder()
-        .header(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; charset=utf-8",
-        )
-        .body(axum::body::Body::from_stream(stream))
-        .map_err(ApiError::internal)
 }
 
 #[cfg(test)]
