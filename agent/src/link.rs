@@ -20,6 +20,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use zy_common::task::AbortOnDrop;
 
 use rand::Rng;
 use tokio::sync::{mpsc, watch};
@@ -507,14 +508,6 @@ async fn serve_streams(conn: quinn::Connection, version: u16, node: Arc<Node>) {
             }
             let _ = send.finish();
         });
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -26,6 +26,7 @@ pub mod proto;
 pub mod quic;
 pub mod resources;
 pub mod sdnotify;
+pub mod task;
 pub mod time;
 pub mod tls;
 pub mod token;

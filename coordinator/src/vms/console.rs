@@ -25,6 +25,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use zy_common::task::AbortOnDrop;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, Path, RawQuery, Request, State};
@@ -344,14 +345,6 @@ async fn relay(
                 reason: "console ended".into(),
             })))
             .await;
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
