@@ -84,6 +84,10 @@ pub enum TlsError {
     BadCsr(String),
     #[error("the certificate does not name a Zhengyun node: {0}")]
     NotANodeCert(String),
+    #[error("the certificate cannot be read: {0}")]
+    BadCert(String),
+    #[error("`{0}` is not a CA fingerprint (64 hex digits)")]
+    BadFingerprint(String),
     #[error("QUIC refused the TLS configuration: {0}")]
     Quic(String),
 }
@@ -119,7 +123,7 @@ impl FromStr for CaFingerprint {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         crate::token::hex_decode::<32>(s)
             .map(Self)
-            .ok_or_else(|| TlsError::NotANodeCert("bad fingerprint".into()))
+            .ok_or_else(|| TlsError::BadFingerprint(crate::ids::truncate_for_error(s)))
     }
 }
 
@@ -650,7 +654,7 @@ impl CertInfo {
     pub fn parse(der: &[u8]) -> Result<Self, TlsError> {
         use x509_parser::extensions::GeneralName;
         let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| TlsError::NotANodeCert(e.to_string()))?;
+            .map_err(|e| TlsError::BadCert(e.to_string()))?;
         let mut sans = Vec::new();
         if let Ok(Some(ext)) = cert.subject_alternative_name() {
             for name in &ext.value.general_names {
