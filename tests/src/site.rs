@@ -98,6 +98,31 @@ impl Site {
         Ok((site, disk))
     }
 
+    /// The test guest's disk image (`images/out/disk.qcow2`, from
+    /// `images/make-test-guest.sh`) as an image named `name` of `zone`.
+    pub fn import_disk(&self, name: &str, zone: &str) -> Result<()> {
+        let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
+        if !disk.exists() {
+            bail!("build the test guest first: images/make-test-guest.sh");
+        }
+        let out = self.zy(&[
+            "image",
+            "import",
+            &disk.to_string_lossy(),
+            "--name",
+            name,
+            "--zone",
+            zone,
+        ]);
+        if !out.status.success() {
+            bail!(
+                "import of {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// The test guest (`images/make-test-guest.sh`) as a kernel image named `name` that
     /// boots with `cmdline`.
     pub fn import_guest(&self, name: &str, cmdline: &str) -> Result<()> {

@@ -8,7 +8,7 @@
 //! what it covered (VMs, kills, requests whose outcome was unknown).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -324,16 +324,7 @@ fn chaos_loses_duplicates_and_leaves_nothing() {
     let site = Site::with_agents(&["intranet"; NODES]).unwrap();
     site.import_guest("guest", "console=ttyS0 quiet no_timer_check")
         .unwrap();
-    let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
-    site.zy_ok(&[
-        "image",
-        "import",
-        &disk.to_string_lossy(),
-        "--name",
-        "disk",
-        "--zone",
-        "intranet",
-    ]);
+    site.import_disk("disk", "intranet").unwrap();
     let mut run = Run {
         site,
         rng: StdRng::seed_from_u64(seed),

@@ -66,11 +66,6 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn a_disk_image_vm_lets_a_peer_in_with_its_key_and_learns_its_zones_route_and_resolver() {
-    let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
-    assert!(
-        disk.exists(),
-        "build the test guest: images/make-test-guest.sh"
-    );
     let site = Site::with_agents_configured(&["intranet"], |cfg| {
         let z = &mut cfg.zones.intranet;
         z.gateway = Some("10.220.0.1".parse().unwrap());
@@ -86,15 +81,7 @@ fn a_disk_image_vm_lets_a_peer_in_with_its_key_and_learns_its_zones_route_and_re
         "console=ttyS0 quiet no_timer_check zy.sshkey=1 zy.sshto=10.220.0.3",
     )
     .unwrap();
-    ok(&[
-        "image",
-        "import",
-        &disk.to_string_lossy(),
-        "--name",
-        "disk",
-        "--zone",
-        "intranet",
-    ]);
+    site.import_disk("disk", "intranet").unwrap();
     ok(&[
         "vm", "create", "--name", "p1", "--zone", "intranet", "--memory", "192", "--image", "peer",
     ]);

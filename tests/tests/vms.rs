@@ -2,7 +2,6 @@
 //! real nodes, same-zone VMs on different nodes reaching each other over VXLAN, the other
 //! zone out of reach, VMs surviving an agent's kill -9, and nothing left after delete.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -313,21 +312,8 @@ fn vms_boot_reach_their_zone_only_survive_the_agent_and_leave_nothing() {
 #[test]
 fn a_disk_image_boots_from_its_overlay_and_learns_its_address_from_the_seed() {
     let site = Site::with_agents(&["intranet"]).unwrap();
-    let disk = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/out/disk.qcow2");
-    assert!(
-        disk.exists(),
-        "build the test guest: images/make-test-guest.sh"
-    );
     let ok = |args: &[&str]| site.zy_ok(args);
-    ok(&[
-        "image",
-        "import",
-        &disk.to_string_lossy(),
-        "--name",
-        "disk",
-        "--zone",
-        "intranet",
-    ]);
+    site.import_disk("disk", "intranet").unwrap();
     // The image holds a kernel command line without any address: only the seed has it.
     ok(&[
         "vm", "create", "--name", "d1", "--zone", "intranet", "--memory", "256", "--disk", "1",
