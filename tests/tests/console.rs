@@ -45,6 +45,22 @@ impl Drop for Reaped {
     }
 }
 
+/// A session `name` on c1 once one is taken (the writer slot or the console may still be
+/// coming back).
+fn attached(site: &Site, name: &str, what: &str) -> Pty {
+    wait_for(what, SAY, || {
+        let mut s = console(site, name, &["c1"]);
+        match s.wait_for("connected to c1", Duration::from_secs(5)) {
+            Ok(()) => Some(s),
+            Err(_) => {
+                let _ = s.wait_exit(Duration::from_secs(5));
+                None
+            }
+        }
+    })
+    .unwrap()
+}
+
 #[test]
 fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     let site = Site::with_agents(&["intranet"]).unwrap();
@@ -142,18 +158,7 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     assert_eq!(s3.modes().unwrap(), before, "s3's terminal is as it was");
 
     // The slot is free again: a plain attach is taken.
-    let s4 = wait_for("a free console after the detach", SAY, || {
-        let mut s = console(&site, "s4", &["c1"]);
-        match s.wait_for("connected to c1", Duration::from_secs(5)) {
-            Ok(()) => Some(s),
-            Err(_) => {
-                let _ = s.wait_exit(Duration::from_secs(5));
-                None
-            }
-        }
-    })
-    .unwrap();
-    let mut s4 = s4;
+    let mut s4 = attached(&site, "s4", "a free console after the detach");
 
     // The agent dies under a session: it ends, told the node's link was lost (exit 5). A
     // restarted agent re-attaches to the running QEMU, and its console with it.
@@ -170,17 +175,7 @@ fn the_console_is_a_terminal_with_one_writer_and_detaches() {
     })
     .unwrap();
     site.wait_state("n1", "ready", SAY).unwrap();
-    let mut s5 = wait_for("the console after the agent's restart", SAY, || {
-        let mut s = console(&site, "s5", &["c1"]);
-        match s.wait_for("connected to c1", Duration::from_secs(5)) {
-            Ok(()) => Some(s),
-            Err(_) => {
-                let _ = s.wait_exit(Duration::from_secs(5));
-                None
-            }
-        }
-    })
-    .unwrap();
+    let mut s5 = attached(&site, "s5", "the console after the agent's restart");
     s5.type_(b"echo zy-$((8*8))-again\r").unwrap();
     s5.wait_for("zy-64-again", SAY).unwrap();
     s5.type_(&[0x1d]).unwrap();
