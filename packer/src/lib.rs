@@ -27,7 +27,9 @@
 //!    that succeeds for every f. A placement is allowed when every evacuation it changes
 //!    still succeeds (so a safe state stays safe; a zone that already lost its margin, for
 //!    example after a node died, is reported by [`Cluster::n_plus_one_failures`] but does
-//!    not block placements that do not make it worse).
+//!    not block placements that do not make it worse). A zone with fewer than two Ready
+//!    nodes cannot survive the loss of one whatever is placed where; N+1 is not enforced
+//!    there (and its nodes are reported by [`Cluster::n_plus_one_failures`]).
 //!
 //! # Incremental N+1
 //! Each node's evacuation is simulated once and remembered with the nodes it moved VMs to
@@ -322,7 +324,7 @@ impl fmt::Display for Refusal {
         } else {
             write!(
                 f,
-                "no node of zone {} can take {} ({} ready)",
+                "no node of zone {} has room for {} ({} ready)",
                 self.zone, self.demand, ready
             )?;
             let mut parts = Vec::new();
@@ -514,6 +516,8 @@ struct ZoneSt {
     nodes: Vec<NodeIx>,
     tree: MaxTree,
     max_cap: Res,
+    /// Nodes that take VMs.
+    ready: usize,
 }
 
 /// The remembered evacuation of one node.
@@ -597,6 +601,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                     nodes: Vec::new(),
                     tree: MaxTree::default(),
                     max_cap: Res::ZERO,
+                    ready: 0,
                 });
                 self.zone_ix.insert(spec.zone.clone(), z);
                 z
@@ -635,6 +640,9 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         z.nodes.push(ix);
         z.tree.push(room);
         z.max_cap = Res(std::array::from_fn(|d| z.max_cap.0[d].max(cap.0[d])));
+        if self.nodes[ix].spec.state.takes_vms() {
+            z.ready += 1;
+        }
         self.sims.push(Sim {
             ok: true,
             ..Sim::default()
@@ -765,6 +773,12 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             return Ok(());
         }
         self.nodes[n].spec.state = state;
+        let z = &mut self.zones[self.nodes[n].zone];
+        if state.takes_vms() {
+            z.ready += 1;
+        } else if before.takes_vms() {
+            z.ready -= 1;
+        }
         self.update_tree(n);
         if self.policy.n_plus_one {
             if state.takes_vms() {
@@ -1268,7 +1282,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         req: &Request,
         group: Option<usize>,
     ) -> Option<NodeIx> {
-        if !self.policy.n_plus_one {
+        if !self.policy.n_plus_one || self.zones[self.nodes[n].zone].ready < 2 {
             return None;
         }
         // Apply, simulate the evacuations it changes, undo.

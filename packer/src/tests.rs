@@ -147,6 +147,17 @@ fn n_plus_one_keeps_room_for_the_biggest_loss_and_says_so() {
 }
 
 #[test]
+fn a_zone_of_one_ready_node_takes_vms_though_it_cannot_be_n_plus_one() {
+    let mut c = cluster(
+        true,
+        &[spec("a", "z", None, 4, 8192), spec("b", "z", None, 4, 8192)],
+    );
+    c.set_state(1, NodeState::Down).unwrap();
+    assert_eq!(c.place(1, &req("z", 1, 1024, None)), Ok(0));
+    assert_eq!(c.n_plus_one_failures(), vec![0]);
+}
+
+#[test]
 fn a_standby_node_that_would_fit_is_named_for_waking() {
     let mut c = cluster(
         false,
@@ -304,7 +315,12 @@ proptest! {
                         spread: if rack { Spread::Rack } else { Spread::Host },
                         priority: 0,
                     };
-                    let safe = c.n_plus_one_failures().is_empty();
+                    let zone_ready = c
+                        .zone_nodes(&r.zone)
+                        .iter()
+                        .filter(|&&n| c.node_spec(n).state == NodeState::Ready)
+                        .count();
+                    let safe = c.n_plus_one_failures().is_empty() && zone_ready >= 2;
                     next += 1;
                     if let Ok(n) = c.place(next, &r) {
                         prop_assert!(c.node_spec(n).state == NodeState::Ready);
