@@ -295,9 +295,10 @@ impl SiteCa {
     /// server as well as the client: a live migration's destination QEMU serves its NBD
     /// export and its incoming stream with it (gnutls through QEMU's `tls-creds-x509`),
     /// and the source QEMU presents it as a client. [`SiteCa::issue_node`]'s certificate
-    /// is not enough for that: its extended key usage is clientAuth only (a gnutls server
-    /// refuses to serve with it), and QEMU's own check of a non-CA certificate wants key
-    /// usage keyEncipherment beside digitalSignature. Same subject as a node certificate
+    /// is not enough for that: QEMU 10's check of a server certificate wants key usage
+    /// keyEncipherment beside digitalSignature (it refuses the enrollment certificate with
+    /// "usage does not permit key encipherment"), and its extended key usage is clientAuth
+    /// only, which does not allow a TLS server. Same subject as a node certificate
     /// (O=Zhengyun, OU=zone, CN=node id) and the same DNS name, `<node>.node.zhengyun`,
     /// which the client checks (QEMU's `tls-hostname`).
     pub fn issue_node_peer(

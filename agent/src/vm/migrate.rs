@@ -17,7 +17,8 @@
 //! holding the same CA's certificates either way.
 //!
 //! The node certificates issued at enrollment are client certificates only (extended key
-//! usage clientAuth, key usage digitalSignature): QEMU, as a TLS server, refuses them. A
+//! usage clientAuth, key usage digitalSignature): QEMU, as a TLS server, refuses them
+//! ("usage does not permit key encipherment", QEMU 10.0.2). A
 //! migration needs [`zy_common::tls::SiteCa::issue_node_peer`]'s (serverAuth and
 //! clientAuth, digitalSignature and keyEncipherment, the same subject and
 //! `<node>.node.zhengyun` name). QEMU reads them from a directory with fixed file names
@@ -165,7 +166,8 @@ impl Default for Limits {
             max_bandwidth: 1 << 30,
             downtime_ms: 100,
             max_downtime_ms: 2000,
-            grow_polls: 10,
+            // Five seconds of growth at one poll per 100 ms.
+            grow_polls: 50,
             mirror_timeout: Duration::from_secs(3600),
             memory_timeout: Duration::from_secs(1800),
             cancel_timeout: Duration::from_secs(60),
@@ -806,11 +808,11 @@ async fn run_out(
         Some(json!({"capabilities": caps})),
     )
     .await?;
-    let mut downtime_limit = lim.downtime_ms;
+    let mut escalation = Escalation::new(lim);
     qmp.execute(
         "migrate-set-parameters",
         Some(
-            json!({"max-bandwidth": lim.max_bandwidth, "downtime-limit": downtime_limit,
+            json!({"max-bandwidth": lim.max_bandwidth, "downtime-limit": escalation.limit,
                     "tls-creds": CREDS, "tls-hostname": plan.tls.peer_hostname}),
         ),
     )
@@ -820,8 +822,6 @@ async fn run_out(
     made.migrating = true;
 
     let tmem = Instant::now();
-    let mut last_remaining = u64::MAX;
-    let mut grew = 0;
     let mut switched_over = false;
     loop {
         check(
@@ -840,7 +840,7 @@ async fn run_out(
                     memory_ms: m["total-time"].as_u64().unwrap_or(0),
                     total_ms: t0.elapsed().as_millis() as u64,
                     ram_transferred: ram["transferred"].as_u64().unwrap_or(0),
-                    downtime_limit_ms: downtime_limit,
+                    downtime_limit_ms: escalation.limit,
                 });
             }
             "failed" | "cancelled" | "cancelling" => {
@@ -868,29 +868,59 @@ async fn run_out(
                 dirty_rate: ram["dirty-pages-rate"].as_u64().unwrap_or(0)
                     * ram["page-size"].as_u64().unwrap_or(4096),
                 expected_downtime_ms: m["expected-downtime"].as_u64().unwrap_or(0),
-                downtime_limit_ms: downtime_limit,
+                downtime_limit_ms: escalation.limit,
                 cpu_throttle_percent: m["cpu-throttle-percentage"].as_u64().unwrap_or(0),
             });
-            // Escalate the downtime limit while the guest dirties memory faster than it
-            // goes (remaining grows), as Proxmox does.
-            if remaining > last_remaining && last_remaining != 0 {
-                grew += 1;
-            } else {
-                grew = 0;
-            }
-            last_remaining = remaining;
-            if grew >= lim.grow_polls && downtime_limit < lim.max_downtime_ms {
-                downtime_limit = (downtime_limit * 2).min(lim.max_downtime_ms);
-                grew = 0;
-                info!(vm = %spec.id, downtime_limit, "the guest dirties memory faster than it moves; raising the downtime limit");
+            if let Some(limit) = escalation.observe(remaining) {
+                info!(vm = %spec.id, downtime_limit = limit, "the guest dirties memory faster than it moves; raising the downtime limit");
                 qmp.execute(
                     "migrate-set-parameters",
-                    Some(json!({"downtime-limit": downtime_limit})),
+                    Some(json!({"downtime-limit": limit})),
                 )
                 .await?;
             }
         }
         tokio::time::sleep(POLL).await;
+    }
+}
+
+/// When to raise the downtime limit (pure: fed `remaining` at each poll). While the guest
+/// dirties memory faster than it goes, `remaining` grows; after [`Limits::grow_polls`]
+/// polls of growth in a row the limit doubles, up to [`Limits::max_downtime_ms`], as
+/// Proxmox does.
+#[derive(Debug)]
+struct Escalation {
+    limit: u64,
+    max: u64,
+    polls: u32,
+    last: Option<u64>,
+    grew: u32,
+}
+
+impl Escalation {
+    fn new(lim: &Limits) -> Self {
+        Self {
+            limit: lim.downtime_ms.min(lim.max_downtime_ms),
+            max: lim.max_downtime_ms,
+            polls: lim.grow_polls.max(1),
+            last: None,
+            grew: 0,
+        }
+    }
+
+    /// The new limit, when it is to be raised.
+    fn observe(&mut self, remaining: u64) -> Option<u64> {
+        match self.last {
+            Some(last) if remaining > last => self.grew += 1,
+            _ => self.grew = 0,
+        }
+        self.last = Some(remaining);
+        if self.grew < self.polls || self.limit >= self.max {
+            return None;
+        }
+        self.grew = 0;
+        self.limit = self.limit.saturating_mul(2).min(self.max);
+        Some(self.limit)
     }
 }
 
@@ -1036,5 +1066,64 @@ async fn undo_out(qmp: &mut Qmp, spec: &VmSpec, made: &Made, lim: &Limits) {
             }
         }
         Err(e) => warn!(%vm, error = %e, "cannot read the source's state"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(downtime_ms: u64, max_downtime_ms: u64, grow_polls: u32) -> Limits {
+        Limits {
+            downtime_ms,
+            max_downtime_ms,
+            grow_polls,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn the_downtime_limit_doubles_only_after_growth_in_a_row_and_stops_at_the_cap() {
+        let mut e = Escalation::new(&limits(100, 300, 3));
+        // Shrinking or flat: never.
+        for r in [1000, 900, 900, 800] {
+            assert_eq!(e.observe(r), None);
+        }
+        // Two polls of growth, one fall: the count starts again.
+        assert_eq!(e.observe(850), None);
+        assert_eq!(e.observe(860), None);
+        assert_eq!(e.observe(10), None);
+        assert_eq!(e.observe(20), None);
+        assert_eq!(e.observe(30), None);
+        assert_eq!(e.observe(40), Some(200));
+        // Three more: capped at 300, then never again.
+        assert_eq!(e.observe(50), None);
+        assert_eq!(e.observe(60), None);
+        assert_eq!(e.observe(70), Some(300));
+        for r in 80..200 {
+            assert_eq!(e.observe(r), None);
+        }
+    }
+
+    #[test]
+    fn addresses_are_given_to_qemu_as_it_reads_them() {
+        assert_eq!(
+            tcp_uri("127.0.0.1:4444".parse().unwrap()),
+            "tcp:127.0.0.1:4444"
+        );
+        assert_eq!(tcp_uri("[::1]:4444".parse().unwrap()), "tcp:[::1]:4444");
+        assert_eq!(
+            inet("10.0.0.1:10809".parse().unwrap()),
+            json!({"host": "10.0.0.1", "port": "10809"})
+        );
+    }
+
+    #[test]
+    fn the_peer_subject_is_gnutls_form_of_a_node_certificate() {
+        let node = zy_common::NodeId::new_random();
+        assert_eq!(
+            peer_dn(node, zy_common::Zone::Intranet),
+            format!("O=Zhengyun,OU=intranet,CN={node}")
+        );
     }
 }
