@@ -564,3 +564,36 @@ async fn a_source_other_than_the_expected_node_is_refused() {
     assert_gone(&inc);
     let _ = src.qmp.execute("quit", None).await;
 }
+
+/// A cancel while the memory moves: the source runs on, clean; the destination is removed.
+#[tokio::test]
+async fn a_cancel_during_the_memory_stream_leaves_the_source_running() {
+    let w = World::new("cancel", "write -P 0x77 0 1M");
+    let mut src = w.start_source().await;
+    let sizes = migrate::source_disks(&mut src.qmp, &w.spec).await.unwrap();
+    // Slow enough that the memory stream lasts a few polls.
+    let slow = Limits {
+        max_bandwidth: 32 << 20,
+        ..Limits::default()
+    };
+    let inc = w.incoming_plan(1, &sizes, slow.clone());
+    let dst = Incoming::prepare(&qemu(), &sup(), &Consoles::default(), inc.clone())
+        .await
+        .unwrap();
+    let out = w.outgoing_plan(&inc, slow);
+    let cancel = AtomicBool::new(false);
+    let e = migrate::migrate_out(&mut src.qmp, &w.spec, &out, &cancel, &mut |p| {
+        if matches!(p, Progress::Memory { transferred, .. } if transferred > 0) {
+            cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    })
+    .await
+    .expect_err("a cancelled migration succeeded");
+    assert!(matches!(e, migrate::MigrateError::Cancelled), "{e}");
+    assert_source_untouched(&mut src.qmp).await;
+    let m = src.qmp.execute("query-migrate", None).await.unwrap();
+    assert_eq!(m["status"], "cancelled", "{m}");
+    dst.abort().await;
+    assert_gone(&inc);
+    let _ = src.qmp.execute("quit", None).await;
+}

@@ -823,9 +823,12 @@ async fn run_out(
 
     let tmem = Instant::now();
     let mut switched_over = false;
+    // Once `migrate-continue` is sent the device state is on its way and QEMU decides the
+    // outcome: a cancel from then on is too late to be safe, and is not looked at.
+    let too_late = AtomicBool::new(false);
     loop {
         check(
-            cancel,
+            if switched_over { &too_late } else { cancel },
             tmem,
             lim.memory_timeout,
             "the memory to be migrated",
