@@ -26,7 +26,9 @@
 //!
 //! # Convergence
 //!
-//! Postcopy is not available: QEMU refuses postcopy when the NBD stream uses TLS. So the
+//! Postcopy is not used: with TLS on the NBD stream it is not supported (libvirt refuses
+//! the combination), and a postcopy that fails half way loses the guest, whose memory is
+//! then split between two hosts. So the
 //! memory converges by auto-converge (QEMU throttles the guest's vCPUs while it dirties
 //! memory faster than it is sent) and by escalating the downtime limit, as Proxmox does:
 //! when `remaining` has grown for [`Limits::grow_polls`] polls in a row, the limit doubles,
@@ -74,6 +76,19 @@
 //!                                                 block-export-del, nbd-server-stop, cont
 //!                                                 query-status running
 //! ```
+//!
+//! The destination's states ([`Incoming`]):
+//!
+//! ```text
+//!   prepare ─▶ Listening ─(mirrors, then the stream)─▶ Arrived (paused) ─activate─▶ Running
+//!                 │ failed / cancelled / timed out          │ activate failed     (the caller's)
+//!                 ▼                                         ▼
+//!              Aborted: its QEMU killed, every file made for it removed
+//! ```
+//!
+//! There is no version negotiation of our own: the two QEMUs negotiate their stream, and
+//! the destination runs the source's spec (same machine type and devices); the agents'
+//! wire protocol, which carries the plan, is versioned as every message is.
 //!
 //! On any failure on the source: `migrate_cancel`, a forced `block-job-cancel` of every
 //! mirror and `job-dismiss`, `blockdev-del` of every NBD node (Incus PR #4054: leftover
@@ -124,6 +139,10 @@ pub enum MigrateError {
     },
     #[error("the destination has {dest} disks for the source's {source_disks}")]
     DiskCount { dest: usize, source_disks: usize },
+    #[error("the plan has {plan} disks to mirror for the VM's {vm}")]
+    PlanDisks { plan: usize, vm: usize },
+    #[error("disk {0} has no base image: it can only be mirrored in full")]
+    TopWithoutBase(usize),
     #[error("QEMU reported nothing usable for disk node {0}")]
     DiskInfo(String),
     #[error("the mirror of {job} failed: {why}")]
@@ -495,16 +514,15 @@ impl Incoming {
     /// Returns the running VM, which the caller now owns (its disks stay).
     pub async fn activate(mut self) -> Result<Launched, MigrateError> {
         let r = self.activate_inner().await;
-        match r {
-            Ok(()) => {
+        match (r, self.launched.take()) {
+            (Ok(()), Some(l)) => {
                 self.made_files.clear();
                 self.made_dir = None;
-                Ok(self
-                    .launched
-                    .take()
-                    .expect("activate runs on a started QEMU"))
+                Ok(l)
             }
-            Err(e) => {
+            (Ok(()), None) => Err(MigrateError::Cancelled),
+            (Err(e), l) => {
+                self.launched = l;
                 self.abort().await;
                 Err(e)
             }
@@ -621,9 +639,33 @@ pub struct Outcome {
     pub downtime_limit_ms: u64,
 }
 
+/// How a disk is mirrored: what the destination's target holds already decides it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MirrorSync {
+    /// The target is an overlay on the same base: only the source overlay's clusters go.
+    Top,
+    /// The target is standalone: every byte the guest sees goes.
+    Full,
+}
+
+impl IncomingPlan {
+    /// How the source must mirror each disk to this destination's targets.
+    pub fn mirror_syncs(&self) -> Vec<MirrorSync> {
+        self.disks
+            .iter()
+            .map(|d| match d.base {
+                Some(_) => MirrorSync::Top,
+                None => MirrorSync::Full,
+            })
+            .collect()
+    }
+}
+
 /// Where the source sends a VM.
 #[derive(Clone, Debug)]
 pub struct OutgoingPlan {
+    /// Per disk, as the destination made its targets ([`IncomingPlan::mirror_syncs`]).
+    pub syncs: Vec<MirrorSync>,
     /// The destination's NBD server.
     pub nbd: SocketAddr,
     /// The destination's migration stream.
@@ -713,6 +755,19 @@ async fn run_out(
     t0: Instant,
 ) -> Result<Outcome, MigrateError> {
     let lim = &plan.limits;
+    // Checked before anything is made: `sync=top` to a standalone target would leave the
+    // base's part of the disk behind.
+    if plan.syncs.len() != spec.disks.len() {
+        return Err(MigrateError::PlanDisks {
+            plan: plan.syncs.len(),
+            vm: spec.disks.len(),
+        });
+    }
+    for (i, (d, s)) in spec.disks.iter().zip(&plan.syncs).enumerate() {
+        if *s == MirrorSync::Top && d.base.is_none() {
+            return Err(MigrateError::TopWithoutBase(i));
+        }
+    }
     let dir = plan.tls.dir.display().to_string();
     qmp.execute(
         "object-add",
@@ -723,7 +778,7 @@ async fn run_out(
     )
     .await?;
     made.creds = true;
-    for (i, d) in spec.disks.iter().enumerate() {
+    for (i, sync) in plan.syncs.iter().enumerate() {
         let node = format!("zymig-nbd{i}");
         let mut server = inet(plan.nbd);
         server["type"] = json!("inet");
@@ -736,7 +791,10 @@ async fn run_out(
         .await?;
         made.nbd_nodes.push(node.clone());
         let job_id = format!("zymig-disk{i}");
-        let sync = if d.base.is_some() { "top" } else { "full" };
+        let sync = match sync {
+            MirrorSync::Top => "top",
+            MirrorSync::Full => "full",
+        };
         qmp.execute(
             "blockdev-mirror",
             Some(
