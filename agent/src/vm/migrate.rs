@@ -160,7 +160,8 @@ pub enum MigrateError {
 /// Time and rate limits of one migration.
 #[derive(Clone, Debug)]
 pub struct Limits {
-    /// Bytes per second for the memory stream, and for each disk's mirror.
+    /// Bytes per second for the memory stream, and for the mirrors together (each disk
+    /// gets its share).
     pub max_bandwidth: u64,
     /// The downtime QEMU aims at first (ms).
     pub downtime_ms: u64,
@@ -778,6 +779,7 @@ async fn run_out(
     )
     .await?;
     made.creds = true;
+    let mirror_speed = lim.max_bandwidth / plan.syncs.len().max(1) as u64;
     for (i, sync) in plan.syncs.iter().enumerate() {
         let node = format!("zymig-nbd{i}");
         let mut server = inet(plan.nbd);
@@ -799,7 +801,7 @@ async fn run_out(
             "blockdev-mirror",
             Some(
                 json!({"job-id": job_id, "device": format!("disk{i}"), "target": node,
-                        "sync": sync, "speed": lim.max_bandwidth, "auto-dismiss": false}),
+                        "sync": sync, "speed": mirror_speed, "auto-dismiss": false}),
             ),
         )
         .await?;
