@@ -397,6 +397,8 @@ pub struct Candidate {
     /// What the zone's Ready nodes offer in all, and what VMs use of them (before this one).
     pub zone_cap: Res,
     pub zone_used: Res,
+    /// The zone's index ([`Cluster::zone_index`]).
+    pub zone: usize,
 }
 
 impl Candidate {
@@ -421,7 +423,7 @@ pub trait Scorer {
 }
 
 /// Zhengyun's own score (see the crate's documentation).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Zhengyun {
     /// Weight of stranded room against plain remaining room.
     pub stranding: f64,
@@ -431,6 +433,9 @@ pub struct Zhengyun {
     /// The zone's mix is what its VMs use plus this share of its capacity, balanced, so
     /// that the first VMs of one shape do not set the mix for all.
     pub prior: f64,
+    /// For a batch known in advance (a static trace, a plan): per zone index, the share of
+    /// CPU and memory the whole batch will use, which is then the mix from the start.
+    pub batch_mix: Vec<Option<[f64; 2]>>,
 }
 
 impl Default for Zhengyun {
@@ -439,9 +444,13 @@ impl Default for Zhengyun {
             stranding: 1.0,
             stray: 0.2,
             prior: 0.1,
+            batch_mix: Vec::new(),
         }
     }
 }
+
+/// The balanced prior added to a batch's mix (see [`Zhengyun::prior`]).
+pub const BATCH_PRIOR: f64 = 0.1;
 
 /// What an empty node costs against a used one: more than any used node can score.
 const OPEN_PENALTY: f64 = 10.0;
@@ -483,14 +492,17 @@ impl Scorer for Zhengyun {
             return -OPEN_PENALTY + size;
         }
         // The zone's mix: its use per resource, with a balanced prior.
-        let mix: [f64; 2] = [CPU, MEM].map(|d| {
-            let cap = c.zone_cap.0[d];
-            if cap == 0 {
-                0.0
-            } else {
-                (c.zone_used.0[d] + c.demand.0[d]) as f64 / cap as f64 + self.prior
-            }
-        });
+        let mix: [f64; 2] = match self.batch_mix.get(c.zone).copied().flatten() {
+            Some(m) => m,
+            None => [CPU, MEM].map(|d| {
+                let cap = c.zone_cap.0[d];
+                if cap == 0 {
+                    0.0
+                } else {
+                    (c.zone_used.0[d] + c.demand.0[d]) as f64 / cap as f64 + self.prior
+                }
+            }),
+        };
         let before: [f64; 2] = [CPU, MEM].map(|d| {
             let cap = c.capacity.0[d];
             if cap == 0 {
@@ -773,6 +785,41 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             .map(|z| self.zones[*z].nodes.as_slice())
             .unwrap_or(&[])
     }
+    /// A zone's index, as [`Candidate::zone`] gives it.
+    pub fn zone_index(&self, zone: &str) -> Option<usize> {
+        self.zone_ix.get(zone).copied()
+    }
+
+    /// Zhengyun's scorer for a batch of requests known in advance: each zone's mix is the
+    /// share of its Ready capacity that the pool's VMs and the whole batch will use.
+    pub fn batch_scorer(&self, reqs: &[Request]) -> Zhengyun {
+        let mut total: Vec<Res> = self.zones.iter().map(|z| z.ready_used).collect();
+        for r in reqs {
+            if let Some(&z) = self.zone_ix.get(&r.zone) {
+                total[z] = total[z].plus(&r.demand);
+            }
+        }
+        let batch_mix = self
+            .zones
+            .iter()
+            .zip(&total)
+            .map(|(z, t)| {
+                let share = |d: usize| {
+                    if z.ready_cap.0[d] == 0 {
+                        0.0
+                    } else {
+                        t.0[d] as f64 / z.ready_cap.0[d] as f64
+                    }
+                };
+                Some([share(CPU) + BATCH_PRIOR, share(MEM) + BATCH_PRIOR])
+            })
+            .collect();
+        Zhengyun {
+            batch_mix,
+            ..Zhengyun::default()
+        }
+    }
+
     pub fn zones(&self) -> impl Iterator<Item = &str> {
         self.zones.iter().map(|z| z.name.as_str())
     }
@@ -1073,6 +1120,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             zone_max: zone.0,
             zone_cap: zone.1,
             zone_used: zone.2,
+            zone: node.zone,
         }
     }
 
@@ -1557,31 +1605,83 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
 }
 
 /// The order in which Zhengyun decides a batch whose members all arrive at once (a static
-/// trace, or a plan): higher priority first, then anti-affinity groups (the hardest to
-/// place), then larger first by the sum of their shares of `unit` (a typical node), then
-/// the given order. Returns indices into `reqs`.
+/// trace, or a plan). Returns indices into `reqs`.
+///
+/// Higher priority first. Within a priority, requests fall into classes by shape (their
+/// CPU to memory ratio against `unit`, a typical node), each class sorted larger first
+/// (by the sum of its shares of `unit`; anti-affinity members first among equals), and the
+/// classes are interleaved so that every prefix of the order holds each class in the
+/// proportion of its whole demand. Big before small, as first-fit decreasing does, but
+/// never all of one shape before another: that is what strands a node's CPU behind full
+/// memory, or the reverse.
 pub fn static_order(reqs: &[Request], unit: &Res) -> Vec<usize> {
-    let share = |r: &Request| -> f64 {
-        (0..DIMS)
-            .map(|d| {
-                if unit.0[d] == 0 {
-                    0.0
-                } else {
-                    r.demand.0[d] as f64 / unit.0[d] as f64
-                }
-            })
-            .sum()
+    const CLASSES: usize = 6;
+    let share = |r: &Request, d: usize| -> f64 {
+        if unit.0[d] == 0 {
+            0.0
+        } else {
+            r.demand.0[d] as f64 / unit.0[d] as f64
+        }
     };
-    let mut idx: Vec<usize> = (0..reqs.len()).collect();
-    idx.sort_by(|&a, &b| {
-        let (ra, rb) = (&reqs[a], &reqs[b]);
-        rb.priority
-            .cmp(&ra.priority)
-            .then(rb.group.is_some().cmp(&ra.group.is_some()))
-            .then(share(rb).total_cmp(&share(ra)))
-            .then(a.cmp(&b))
-    });
-    idx
+    let size = |r: &Request| -> f64 { (0..DIMS).map(|d| share(r, d)).sum() };
+    let class = |r: &Request| -> usize {
+        let (c, m) = (share(r, CPU), share(r, MEM));
+        if c + m == 0.0 {
+            return 0;
+        }
+        // The angle from all-memory (0) to all-CPU (pi/2), in equal slices.
+        let a = c.atan2(m) / std::f64::consts::FRAC_PI_2;
+        ((a * CLASSES as f64) as usize).min(CLASSES - 1)
+    };
+    let mut prios: Vec<i32> = reqs.iter().map(|r| r.priority).collect();
+    prios.sort_unstable_by(|a, b| b.cmp(a));
+    prios.dedup();
+    let mut out = Vec::with_capacity(reqs.len());
+    for p in prios {
+        let mut classes: Vec<Vec<usize>> = vec![Vec::new(); CLASSES];
+        for (i, r) in reqs.iter().enumerate() {
+            if r.priority == p {
+                classes[class(r)].push(i);
+            }
+        }
+        let mut totals = [0.0f64; CLASSES];
+        for (k, cl) in classes.iter_mut().enumerate() {
+            cl.sort_by(|&a, &b| {
+                let (ra, rb) = (&reqs[a], &reqs[b]);
+                size(rb)
+                    .total_cmp(&size(ra))
+                    .then(rb.group.is_some().cmp(&ra.group.is_some()))
+                    .then(a.cmp(&b))
+            });
+            totals[k] = cl.iter().map(|&i| size(&reqs[i])).sum();
+        }
+        let mut next = [0usize; CLASSES];
+        let mut taken = [0.0f64; CLASSES];
+        loop {
+            // The class furthest behind its share of the demand goes next.
+            let pick = (0..CLASSES)
+                .filter(|&k| next[k] < classes[k].len())
+                .min_by(|&a, &b| {
+                    let fa = if totals[a] > 0.0 {
+                        taken[a] / totals[a]
+                    } else {
+                        0.0
+                    };
+                    let fb = if totals[b] > 0.0 {
+                        taken[b] / totals[b]
+                    } else {
+                        0.0
+                    };
+                    fa.total_cmp(&fb).then(a.cmp(&b))
+                });
+            let Some(k) = pick else { break };
+            let i = classes[k][next[k]];
+            next[k] += 1;
+            taken[k] += size(&reqs[i]);
+            out.push(i);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -351,3 +351,31 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_batch_is_ordered_big_first_but_never_one_shape_before_another() {
+    // 20 CPU-heavy and 20 memory-heavy requests given in two blocks.
+    let mut reqs = Vec::new();
+    for i in 0..20 {
+        reqs.push(req("z", 16, 2048 + i, None));
+    }
+    for i in 0..20 {
+        reqs.push(req("z", 1, 32768 + i, None));
+    }
+    let mut high = req("z", 1, 1024, None);
+    high.priority = 5;
+    reqs.push(high);
+    let order = static_order(&reqs, &Res::new(64_000, 65536, 1000));
+    assert_eq!(order.len(), reqs.len());
+    assert_eq!(order[0], 40, "the higher priority first");
+    let mut seen: Vec<usize> = order.clone();
+    seen.sort();
+    assert_eq!(seen, (0..41).collect::<Vec<_>>(), "every request once");
+    // In every prefix of ten, both shapes.
+    for w in order[1..].chunks(10) {
+        assert!(w.iter().any(|&i| i < 20) && w.iter().any(|&i| (20..40).contains(&i)), "{order:?}");
+    }
+    // Within a shape, bigger first.
+    let cpu: Vec<usize> = order.iter().copied().filter(|&i| i < 20).collect();
+    assert_eq!(cpu, (0..20).rev().collect::<Vec<_>>());
+}
