@@ -373,7 +373,10 @@ fn a_batch_is_ordered_big_first_but_never_one_shape_before_another() {
     assert_eq!(seen, (0..41).collect::<Vec<_>>(), "every request once");
     // In every prefix of ten, both shapes.
     for w in order[1..].chunks(10) {
-        assert!(w.iter().any(|&i| i < 20) && w.iter().any(|&i| (20..40).contains(&i)), "{order:?}");
+        assert!(
+            w.iter().any(|&i| i < 20) && w.iter().any(|&i| (20..40).contains(&i)),
+            "{order:?}"
+        );
     }
     // Within a shape, bigger first.
     let cpu: Vec<usize> = order.iter().copied().filter(|&i| i < 20).collect();
