@@ -1,0 +1,292 @@
+//! Replays a [`Trace`] through a packer: Zhengyun's, or a baseline of another scheduler
+//! (`crate::baselines`), all under the same hard rules of [`Cluster`].
+//!
+//! The crate reads no clock: the caller passes one (`clock`, in nanoseconds), used only to
+//! time each decision.
+//!
+//! - **Static** traces (every request arrives at 0 and never departs) are decided one by one
+//!   in the order the packer picks ([`Order`]): Zhengyun **reorders** them by
+//!   [`crate::static_order`], first-fit and best-fit decreasing by decreasing size, Nomad and
+//!   Kubernetes keep the trace's order (they are online schedulers). The output's
+//!   `placements` are in the order decided, and its `meta.reordered` says whether that is
+//!   not the trace's order.
+//! - **Online** traces are replayed in time order; at equal times departures come before
+//!   arrivals (then trace order). Each arrival is decided from the past only: the packer
+//!   sees the pool as the earlier events left it and nothing of what comes later.
+//!
+//! Every request ends exactly once in the placements or in the rejected.
+
+use crate::trace::{PlacementOut, Placements, PlacementsMeta, Trace};
+use crate::{static_order, Cluster, NodeIx, Res, Scorer, Selection, DIMS};
+
+/// The order in which a packer decides a static trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Order {
+    /// The trace's order.
+    Given,
+    /// Zhengyun's [`static_order`].
+    Zhengyun,
+    /// Decreasing size: the sum of the request's shares of a typical node (the mean node
+    /// capacity after overcommit) in every resource, ties in trace order.
+    Decreasing,
+}
+
+/// A packer: a scorer, how it looks at the nodes, and its static order.
+pub struct Packer {
+    pub name: String,
+    pub scorer: Box<dyn Scorer>,
+    /// Nomad's limit iterator: look at max(2, ⌈log2 n⌉) nodes of the zone, in a random order
+    /// (seeded per decision from `seed`), that pass every rule.
+    pub sampled: bool,
+    pub seed: u64,
+    pub order: Order,
+}
+
+impl std::fmt::Debug for Packer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packer")
+            .field("name", &self.name)
+            .field("sampled", &self.sampled)
+            .field("order", &self.order)
+            .finish()
+    }
+}
+
+/// What happened during a replay, in order.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Event {
+    /// Request `req` (index into the trace) went to node `node` (index into the trace's nodes).
+    Place {
+        req: usize,
+        node: NodeIx,
+    },
+    Reject {
+        req: usize,
+    },
+    /// A placed request left.
+    Depart {
+        req: usize,
+    },
+}
+
+/// The outcome of a replay.
+#[derive(Clone, Debug)]
+pub struct Replay {
+    pub packer: String,
+    pub is_static: bool,
+    /// A static trace decided in another order than its own.
+    pub reordered: bool,
+    /// (time, event), in the order they happened.
+    pub log: Vec<(f64, Event)>,
+    /// Per decision (placed or rejected), how long it took, in ns.
+    pub decision_ns: Vec<u64>,
+}
+
+/// The replay could not run (a bug of the caller or of the packer, never of the trace: the
+/// trace was validated).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("the packer refused node `{node}`")]
+    Node {
+        node: String,
+        #[source]
+        source: crate::Error,
+    },
+    #[error("request `{request}` could not be removed")]
+    Remove {
+        request: String,
+        #[source]
+        source: crate::Error,
+    },
+}
+
+/// The mean capacity after overcommit of the trace's nodes (a "typical node").
+pub fn typical_node(trace: &Trace) -> Res {
+    let n = trace.nodes.len().max(1) as u128;
+    let o = trace.policy.overcommit;
+    let mut sum = [0u128; DIMS];
+    for node in &trace.nodes {
+        let c = o.apply(&node.capacity);
+        for (s, v) in sum.iter_mut().zip(c.0) {
+            *s += u128::from(v);
+        }
+    }
+    Res(std::array::from_fn(|d| (sum[d] / n) as u64))
+}
+
+/// The order in which `packer` decides the static trace `trace` (indices of requests).
+pub fn decision_order(trace: &Trace, packer: &Packer) -> Vec<usize> {
+    let unit = typical_node(trace);
+    match packer.order {
+        Order::Given => (0..trace.requests.len()).collect(),
+        Order::Zhengyun => {
+            let reqs: Vec<_> = (0..trace.requests.len())
+                .map(|i| trace.request(i))
+                .collect();
+            static_order(&reqs, &unit)
+        }
+        Order::Decreasing => {
+            let share = |i: usize| -> f64 {
+                let d = trace.requests[i].demand;
+                (0..DIMS)
+                    .filter(|&k| unit.0[k] > 0)
+                    .map(|k| d.0[k] as f64 / unit.0[k] as f64)
+                    .sum()
+            };
+            let mut idx: Vec<usize> = (0..trace.requests.len()).collect();
+            idx.sort_by(|&a, &b| share(b).total_cmp(&share(a)).then(a.cmp(&b)));
+            idx
+        }
+    }
+}
+
+/// Nomad's limit for a zone of `n` nodes: max(2, ⌈log2 n⌉) (scheduler/stack.go).
+pub fn nomad_limit(n: usize) -> usize {
+    if n == 0 {
+        return 2;
+    }
+    ((n as f64).log2().ceil() as usize).max(2)
+}
+
+fn mix(seed: u64, i: u64) -> u64 {
+    let mut z = seed ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Replays `trace` through `packer`; `clock` returns nanoseconds from any fixed point.
+pub fn replay(
+    trace: &Trace,
+    packer: &Packer,
+    clock: &mut dyn FnMut() -> u64,
+) -> Result<Replay, ReplayError> {
+    let mut cluster: Cluster<String> = Cluster::new(trace.policy);
+    for i in 0..trace.nodes.len() {
+        cluster
+            .add_node(trace.node_spec(i))
+            .map_err(|source| ReplayError::Node {
+                node: trace.nodes[i].id.clone(),
+                source,
+            })?;
+    }
+    let zone_size = |zone: &str, c: &Cluster<String>| c.zone_nodes(zone).len();
+    let is_static = trace.is_static();
+    let mut out = Replay {
+        packer: packer.name.clone(),
+        is_static,
+        reordered: false,
+        log: Vec::with_capacity(trace.requests.len() * 2),
+        decision_ns: Vec::with_capacity(trace.requests.len()),
+    };
+    let mut placed = vec![false; trace.requests.len()];
+    let mut decisions = 0u64;
+    let mut decide = |i: usize, t: f64, cluster: &mut Cluster<String>, out: &mut Replay| {
+        let req = trace.request(i);
+        let sel = if packer.sampled {
+            Selection::Sample {
+                limit: nomad_limit(zone_size(&req.zone, cluster)),
+                seed: mix(packer.seed, decisions),
+            }
+        } else {
+            Selection::All
+        };
+        decisions += 1;
+        let t0 = clock();
+        let r = cluster.place_with(
+            trace.requests[i].id.clone(),
+            &req,
+            packer.scorer.as_ref(),
+            sel,
+        );
+        let t1 = clock();
+        out.decision_ns.push(t1.saturating_sub(t0));
+        match r {
+            Ok(node) => {
+                out.log.push((t, Event::Place { req: i, node }));
+                true
+            }
+            Err(_) => {
+                out.log.push((t, Event::Reject { req: i }));
+                false
+            }
+        }
+    };
+    if is_static {
+        let order = decision_order(trace, packer);
+        out.reordered = order.iter().enumerate().any(|(k, &i)| k != i);
+        for i in order {
+            placed[i] = decide(i, 0.0, &mut cluster, &mut out);
+        }
+    } else {
+        // (time, 0 = departure / 1 = arrival, request)
+        let mut events: Vec<(f64, u8, usize)> = Vec::with_capacity(trace.requests.len() * 2);
+        for (i, r) in trace.requests.iter().enumerate() {
+            events.push((r.arrive, 1, i));
+            if let Some(d) = r.depart {
+                events.push((d, 0, i));
+            }
+        }
+        events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+        for (t, kind, i) in events {
+            if kind == 1 {
+                placed[i] = decide(i, t, &mut cluster, &mut out);
+            } else if placed[i] {
+                cluster
+                    .remove(&trace.requests[i].id)
+                    .map_err(|source| ReplayError::Remove {
+                        request: trace.requests[i].id.clone(),
+                        source,
+                    })?;
+                out.log.push((t, Event::Depart { req: i }));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Mean, p50 and p99 of the decision times, in µs.
+pub fn latency_us(ns: &[u64]) -> (f64, f64, f64) {
+    if ns.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let mut v: Vec<u64> = ns.to_vec();
+    v.sort_unstable();
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64 / 1000.0;
+    let q = |p: f64| -> f64 {
+        let k = ((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1;
+        v[k] as f64 / 1000.0
+    };
+    (mean, q(0.5), q(0.99))
+}
+
+impl Replay {
+    /// `PLACEMENTS.json`.
+    pub fn placements(&self, trace: &Trace) -> Placements {
+        let mut placements = Vec::new();
+        let mut rejected = Vec::new();
+        for (_, e) in &self.log {
+            match *e {
+                Event::Place { req, node } => placements.push(PlacementOut {
+                    request: trace.requests[req].id.clone(),
+                    node: trace.nodes[node].id.clone(),
+                }),
+                Event::Reject { req } => rejected.push(trace.requests[req].id.clone()),
+                Event::Depart { .. } => {}
+            }
+        }
+        let (mean, p50, p99) = latency_us(&self.decision_ns);
+        Placements {
+            placements,
+            rejected,
+            meta: PlacementsMeta {
+                packer: self.packer.clone(),
+                decision_us_mean: mean,
+                decision_us_p99: p99,
+                decision_us_p50: p50,
+                mode: if self.is_static { "static" } else { "online" }.into(),
+                reordered: self.reordered,
+            },
+        }
+    }
+}
