@@ -179,3 +179,85 @@ impl Scorer for K8sMostAllocated {
         (s / 2) as f64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Res;
+
+    fn cand(cap: Res, used: Res, demand: Res) -> Candidate {
+        Candidate {
+            node: 0,
+            pos: 0,
+            capacity: cap,
+            used,
+            demand,
+            vms: 1,
+            zone_max: cap,
+        }
+    }
+
+    #[test]
+    fn nomad_formula() {
+        // Empty after placing (all free): 20 - 20 = 0; full: 20 - 2 = 18.
+        assert_eq!(nomad_fit_binpack(1.0, 1.0), 0.0);
+        assert_eq!(nomad_fit_binpack(0.0, 0.0), 18.0);
+        let half = 20.0 - 2.0 * 10f64.sqrt();
+        assert!((nomad_fit_binpack(0.5, 0.5) - half).abs() < 1e-12);
+        // Overfit (negative free) is capped at 18.
+        assert_eq!(nomad_fit_binpack(-0.5, 0.0), 18.0);
+        // On a node of 100 vCPU-milli / 100 MiB, 50 used + 25 asked: 75 % used in both.
+        let c = cand(
+            Res::new(100, 100, 0),
+            Res::new(50, 50, 0),
+            Res::new(25, 25, 0),
+        );
+        let want = 20.0 - 2.0 * 10f64.powf(0.25);
+        assert!((NomadBinPack.score(&c) - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn kubernetes_formulas_in_integers() {
+        assert_eq!(k8s_least_requested(25, 100), 75);
+        assert_eq!(k8s_least_requested(101, 100), 0);
+        assert_eq!(k8s_least_requested(5, 0), 0);
+        assert_eq!(k8s_least_requested(1, 3), 66);
+        assert_eq!(k8s_most_requested(25, 100), 25);
+        assert_eq!(k8s_most_requested(150, 100), 100);
+        assert_eq!(k8s_most_requested(2, 3), 66);
+        assert_eq!(k8s_most_requested(5, 0), 0);
+        // CPU 30 % and memory 61 % requested after the pod: least (70 + 39) / 2 = 54,
+        // most (30 + 61) / 2 = 45 (integer division).
+        let c = cand(
+            Res::new(1000, 1000, 10),
+            Res::new(200, 510, 0),
+            Res::new(100, 100, 5),
+        );
+        assert_eq!(K8sLeastAllocated.score(&c), 54.0);
+        assert_eq!(K8sMostAllocated.score(&c), 45.0);
+    }
+
+    #[test]
+    fn best_fit_prefers_the_least_room_left_and_first_fit_the_first_node() {
+        let cap = Res::new(1000, 1000, 100);
+        let d = Res::new(100, 100, 10);
+        let full = cand(cap, Res::new(700, 700, 50), d);
+        let empty = cand(cap, Res::ZERO, d);
+        assert!(BestFit.score(&full) > BestFit.score(&empty));
+        // sum of shares left: 0.2 + 0.2 + 0.4
+        assert!((BestFit.score(&full) + 0.8).abs() < 1e-12);
+        assert_eq!(FirstFit.score(&full), FirstFit.score(&empty));
+        assert!(K8sMostAllocated.score(&full) > K8sMostAllocated.score(&empty));
+        assert!(K8sLeastAllocated.score(&full) < K8sLeastAllocated.score(&empty));
+        assert!(NomadBinPack.score(&full) > NomadBinPack.score(&empty));
+    }
+
+    #[test]
+    fn every_name_is_a_packer() {
+        for n in NAMES {
+            assert_eq!(by_name(n).unwrap().name, n);
+        }
+        assert!(by_name("random").is_none());
+        assert!(by_name("nomad-sampled").unwrap().sampled);
+    }
+}

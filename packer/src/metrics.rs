@@ -29,7 +29,8 @@
 //!   at [`N1_SAMPLES`] evenly spaced points of the log plus the end. Only a failure that a
 //!   placement brought about counts as a violation of the packer: an online departure can
 //!   make a first-fit evacuation fail (first fit is not monotone), which no placement rule
-//!   could prevent; those are counted apart.
+//!   could prevent; those are counted apart. A trace with `n_plus_one` false is not
+//!   checked for it.
 
 use std::collections::HashMap;
 
@@ -291,10 +292,12 @@ impl<'a> Pool<'a> {
 
     /// The nodes whose evacuation fails, by the definition, from scratch.
     fn n_plus_one_failures(&self) -> u64 {
+        if !self.trace.policy.n_plus_one {
+            return 0;
+        }
         let reqs = &self.trace.requests;
         let mut failures = 0;
-        for (z, nodes) in self.zone_nodes.iter().enumerate() {
-            let _ = z;
+        for nodes in &self.zone_nodes {
             // Room per node and an upper bound of it per block of the zone order: moves only
             // lower room, so a block whose bound is short can be skipped.
             let room: Vec<[u64; DIMS]> = nodes
@@ -509,5 +512,192 @@ pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
         decision_us_mean: mean,
         decision_us_p50: p50,
         decision_us_p99: p99,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replay::{Event, Replay};
+    use crate::trace::Trace;
+
+    #[test]
+    fn the_lower_bound_takes_the_biggest_nodes_first_in_every_resource() {
+        let caps = [
+            Res::new(10, 100, 0),
+            Res::new(5, 400, 0),
+            Res::new(5, 50, 0),
+        ];
+        assert_eq!(lower_bound(&Res::ZERO, &caps), Some(0));
+        assert_eq!(lower_bound(&Res::new(10, 0, 0), &caps), Some(1));
+        assert_eq!(lower_bound(&Res::new(12, 0, 0), &caps), Some(2));
+        assert_eq!(lower_bound(&Res::new(20, 0, 0), &caps), Some(3));
+        assert_eq!(lower_bound(&Res::new(21, 0, 0), &caps), None);
+        // CPU needs 1 node, memory 2 (400 + 100): the bound is 2.
+        assert_eq!(lower_bound(&Res::new(3, 450, 0), &caps), Some(2));
+        assert_eq!(lower_bound(&Res::new(0, 0, 1), &caps), None);
+    }
+
+    fn trace() -> Trace {
+        let v = serde_json::json!({
+            "policy": {"cpu_overcommit": 2.0, "n_plus_one": true},
+            "nodes": [
+                {"id": "n1", "zone": "z", "vcpus": 4, "memory_mib": 1000, "disk_gib": 10},
+                {"id": "n2", "zone": "z", "vcpus": 4, "memory_mib": 1000, "disk_gib": 10},
+                {"id": "x1", "zone": "y", "vcpus": 4, "memory_mib": 1000, "disk_gib": 10}
+            ],
+            "requests": [
+                {"id": "a", "zone": "z", "vcpus": 2, "memory_mib": 400, "disk_gib": 1, "anti_affinity": "g", "arrive": 0},
+                {"id": "b", "zone": "z", "vcpus": 1, "memory_mib": 400, "disk_gib": 1, "anti_affinity": "g", "arrive": 0},
+                {"id": "c", "zone": "z", "vcpus": 1, "memory_mib": 400, "disk_gib": 1, "arrive": 0},
+                {"id": "d", "zone": "z", "vcpus": 1, "memory_mib": 700, "disk_gib": 1, "arrive": 0}
+            ]
+        });
+        Trace::parse(&v.to_string()).unwrap()
+    }
+
+    fn replay(log: Vec<Event>) -> Replay {
+        Replay {
+            packer: "test".into(),
+            is_static: true,
+            reordered: false,
+            decision_ns: vec![1000; log.len()],
+            log: log.into_iter().map(|e| (0.0, e)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_good_placement_list_passes() {
+        let t = trace();
+        // b on n1, c on n2, a and d rejected: each node's VM fits on the other.
+        let r = replay(vec![
+            Event::Place { req: 1, node: 0 },
+            Event::Place { req: 2, node: 1 },
+            Event::Reject { req: 0 },
+            Event::Reject { req: 3 },
+        ]);
+        let rep = evaluate(&t, &r);
+        assert_eq!(rep.violations, Violations::default());
+        assert_eq!((rep.placed, rep.rejected), (2, 2));
+        assert_eq!(rep.hosts, 2.0);
+        // 800 MiB in zone z: one node; nothing in y.
+        assert_eq!(rep.bound, 1.0);
+        assert!((rep.gap_pct() - 100.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_checker_catches_every_broken_rule() {
+        let t = trace();
+        let cases = [
+            // d (700) and c (400) on one node of 1000 MiB: capacity.
+            (
+                vec![
+                    Event::Place { req: 3, node: 0 },
+                    Event::Place { req: 2, node: 0 },
+                    Event::Reject { req: 0 },
+                    Event::Reject { req: 1 },
+                ],
+                Violations {
+                    capacity: 1,
+                    // and n1's two VMs cannot both go to n2
+                    n_plus_one: 1,
+                    ..Violations::default()
+                },
+            ),
+            // a and b of group g on one node.
+            (
+                vec![
+                    Event::Place { req: 0, node: 0 },
+                    Event::Place { req: 1, node: 0 },
+                    Event::Reject { req: 2 },
+                    Event::Reject { req: 3 },
+                ],
+                Violations {
+                    anti_affinity: 1,
+                    n_plus_one: 1,
+                    ..Violations::default()
+                },
+            ),
+            // c into the other zone.
+            (
+                vec![
+                    Event::Place { req: 2, node: 2 },
+                    Event::Reject { req: 0 },
+                    Event::Reject { req: 1 },
+                    Event::Reject { req: 3 },
+                ],
+                Violations {
+                    zone: 1,
+                    // x1 is alone in its zone y: its VM has nowhere to go
+                    n_plus_one: 1,
+                    ..Violations::default()
+                },
+            ),
+            // c twice, d never.
+            (
+                vec![
+                    Event::Place { req: 2, node: 0 },
+                    Event::Reject { req: 2 },
+                    Event::Reject { req: 0 },
+                    Event::Reject { req: 1 },
+                ],
+                Violations {
+                    accounting: 2,
+                    ..Violations::default()
+                },
+            ),
+            // N+1 alone: d on n1 and c on n2 fit, but losing either leaves 700 + 400 >
+            // 1000 on the other.
+            (
+                vec![
+                    Event::Place { req: 3, node: 0 },
+                    Event::Place { req: 2, node: 1 },
+                    Event::Reject { req: 0 },
+                    Event::Reject { req: 1 },
+                ],
+                Violations {
+                    n_plus_one: 2,
+                    ..Violations::default()
+                },
+            ),
+        ];
+        for (log, want) in cases {
+            let rep = evaluate(&t, &replay(log.clone()));
+            assert_eq!(rep.violations, want, "{log:?}");
+            assert!(rep.violations.total() > 0);
+        }
+    }
+
+    #[test]
+    fn online_hosts_and_bound_are_averaged_over_time() {
+        let v = serde_json::json!({
+            "policy": {"cpu_overcommit": 1.0, "n_plus_one": false},
+            "horizon": 10.0,
+            "nodes": [
+                {"id": "n1", "zone": "z", "vcpus": 4, "memory_mib": 1000, "disk_gib": 10},
+                {"id": "n2", "zone": "z", "vcpus": 4, "memory_mib": 1000, "disk_gib": 10}
+            ],
+            "requests": [
+                {"id": "a", "zone": "z", "vcpus": 1, "memory_mib": 100, "disk_gib": 1, "arrive": 0, "depart": 5},
+                {"id": "b", "zone": "z", "vcpus": 1, "memory_mib": 100, "disk_gib": 1, "arrive": 0}
+            ]
+        });
+        let t = Trace::parse(&v.to_string()).unwrap();
+        // Spread over two hosts until 5, then one: 1.5 hosts on average; the bound is 1.
+        let r = Replay {
+            packer: "test".into(),
+            is_static: false,
+            reordered: false,
+            decision_ns: vec![1, 1],
+            log: vec![
+                (0.0, Event::Place { req: 0, node: 0 }),
+                (0.0, Event::Place { req: 1, node: 1 }),
+                (5.0, Event::Depart { req: 0 }),
+            ],
+        };
+        let rep = evaluate(&t, &r);
+        assert!((rep.hosts - 1.5).abs() < 1e-9, "{}", rep.hosts);
+        assert!((rep.bound - 1.0).abs() < 1e-9, "{}", rep.bound);
+        assert_eq!(rep.violations, Violations::default());
     }
 }

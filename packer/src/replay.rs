@@ -290,3 +290,141 @@ impl Replay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::baselines::by_name;
+    use crate::trace::Trace;
+
+    fn trace(
+        n_plus_one: bool,
+        nodes: &[(&str, u64, u64)],
+        reqs: &[(&str, u64, u64, f64, Option<f64>)],
+    ) -> Trace {
+        let v = serde_json::json!({
+            "policy": {"cpu_overcommit": 1.0, "n_plus_one": n_plus_one},
+            "nodes": nodes.iter().map(|(id, c, m)| serde_json::json!({
+                "id": id, "zone": "z", "vcpus": c, "memory_mib": m, "disk_gib": 100
+            })).collect::<Vec<_>>(),
+            "requests": reqs.iter().map(|(id, c, m, a, d)| serde_json::json!({
+                "id": id, "zone": "z", "vcpus": c, "memory_mib": m, "disk_gib": 1,
+                "arrive": a, "depart": d
+            })).collect::<Vec<_>>(),
+        });
+        Trace::parse(&v.to_string()).unwrap()
+    }
+
+    fn clock() -> impl FnMut() -> u64 {
+        let mut t = 0;
+        move || {
+            t += 1000;
+            t
+        }
+    }
+
+    #[test]
+    fn departures_come_before_arrivals_at_equal_times() {
+        // One node with room for one VM: b can only go in because a left at 10 first.
+        let t = trace(
+            false,
+            &[("n", 4, 4096)],
+            &[
+                ("b", 4, 4096, 10.0, None),
+                ("a", 4, 4096, 0.0, Some(10.0)),
+                ("c", 4, 4096, 10.0, Some(20.0)),
+            ],
+        );
+        for name in crate::baselines::NAMES {
+            let p = by_name(name).unwrap();
+            let r = replay(&t, &p, &mut clock()).unwrap();
+            assert!(!r.is_static);
+            assert_eq!(
+                r.log,
+                vec![
+                    (0.0, Event::Place { req: 1, node: 0 }),
+                    (10.0, Event::Depart { req: 1 }),
+                    (10.0, Event::Place { req: 0, node: 0 }),
+                    (10.0, Event::Reject { req: 2 }),
+                ],
+                "{name}"
+            );
+            // c was rejected: its departure is no event.
+            let out = r.placements(&t);
+            assert_eq!(out.placements.len(), 2);
+            assert_eq!(out.rejected, vec!["c".to_string()]);
+            assert_eq!(out.meta.mode, "online");
+            assert_eq!(r.decision_ns, vec![1000; 3]);
+            assert_eq!(out.meta.decision_us_p99, 1.0);
+        }
+    }
+
+    #[test]
+    fn every_request_once_and_the_static_order_is_the_packers() {
+        let reqs: Vec<(String, u64, u64)> = (0..40)
+            .map(|i| (format!("r{i:02}"), 1 + i % 5, 512 * (1 + i % 7)))
+            .collect();
+        let reqs: Vec<(&str, u64, u64, f64, Option<f64>)> = reqs
+            .iter()
+            .map(|(id, c, m)| (id.as_str(), *c, *m, 0.0, None))
+            .collect();
+        let t = trace(
+            true,
+            &[("n1", 8, 8192), ("n2", 8, 8192), ("n3", 8, 8192)],
+            &reqs,
+        );
+        assert!(t.is_static());
+        for name in crate::baselines::NAMES {
+            let p = by_name(name).unwrap();
+            let r = replay(&t, &p, &mut clock()).unwrap();
+            let out = r.placements(&t);
+            let mut seen: Vec<&str> = out
+                .placements
+                .iter()
+                .map(|p| p.request.as_str())
+                .chain(out.rejected.iter().map(String::as_str))
+                .collect();
+            seen.sort_unstable();
+            let mut want: Vec<&str> = t.requests.iter().map(|r| r.id.as_str()).collect();
+            want.sort_unstable();
+            assert_eq!(seen, want, "{name}: every request exactly once");
+            assert!(!out.rejected.is_empty(), "{name}: the fleet is too small");
+            // Ours and the decreasing ones reorder; Nomad's and Kubernetes' do not.
+            let reorders = matches!(p.order, Order::Zhengyun | Order::Decreasing);
+            assert_eq!(out.meta.reordered, reorders, "{name}");
+            // The placements are in decision order: the order's first placed comes first.
+            let order = decision_order(&t, &p);
+            let first_decided = t.requests[order[0]].id.as_str();
+            let first_out = r.log.first().map(|(_, e)| match *e {
+                Event::Place { req, .. } | Event::Reject { req } | Event::Depart { req } => {
+                    t.requests[req].id.as_str()
+                }
+            });
+            assert_eq!(first_out, Some(first_decided), "{name}");
+        }
+    }
+
+    #[test]
+    fn decreasing_order_and_nomads_limit() {
+        let t = trace(
+            false,
+            &[("n1", 8, 8192)],
+            &[
+                ("s", 1, 512, 0.0, None),
+                ("l", 4, 4096, 0.0, None),
+                ("m", 2, 1024, 0.0, None),
+            ],
+        );
+        let p = by_name("ffd").unwrap();
+        assert_eq!(decision_order(&t, &p), vec![1, 2, 0]);
+        assert_eq!(nomad_limit(0), 2);
+        assert_eq!(nomad_limit(3), 2);
+        assert_eq!(nomad_limit(5), 3);
+        assert_eq!(nomad_limit(1000), 10);
+        assert_eq!(nomad_limit(1024), 10);
+        assert_eq!(nomad_limit(1025), 11);
+        assert_eq!(latency_us(&[]), (0.0, 0.0, 0.0));
+        let (mean, p50, p99) = latency_us(&(1..=100).map(|x| x * 1000).collect::<Vec<_>>());
+        assert_eq!((mean, p50, p99), (50.5, 50.0, 99.0));
+    }
+}

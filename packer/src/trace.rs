@@ -501,3 +501,209 @@ pub struct Placements {
     pub rejected: Vec<String>,
     pub meta: PlacementsMeta,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "meta": {"anything": [1, 2, {"x": null}]},
+            "policy": {"cpu_overcommit": 4.0, "n_plus_one": true},
+            "horizon": null,
+            "nodes": [
+                {"id": "n1", "zone": "intranet", "rack": "r1", "vcpus": 32, "memory_mib": 262144, "disk_gib": 4000, "model": "R740"},
+                {"id": "n2", "zone": "intranet", "rack": null, "vcpus": 32, "memory_mib": 262144, "disk_gib": 4000, "model": {"free": "form"}}
+            ],
+            "requests": [
+                {"id": "a", "zone": "intranet", "vcpus": 0.5, "memory_mib": 1024, "disk_gib": 0, "anti_affinity": null, "arrive": 0, "depart": null},
+                {"id": "b", "zone": "intranet", "vcpus": 1.2345, "memory_mib": 2048, "disk_gib": 20, "anti_affinity": "g", "arrive": 0, "depart": null}
+            ]
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<Trace, TraceError> {
+        Trace::parse(&v.to_string())
+    }
+
+    fn err(v: &serde_json::Value) -> String {
+        match parse(v) {
+            Ok(_) => panic!("accepted {v}"),
+            Err(e) => {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(c) = src {
+                    s.push_str(": ");
+                    s.push_str(&c.to_string());
+                    src = c.source();
+                }
+                s
+            }
+        }
+    }
+
+    #[test]
+    fn a_good_trace_parses_in_the_packers_units() {
+        let t = parse(&base()).unwrap();
+        assert!(t.is_static());
+        assert_eq!(t.nodes[0].capacity, Res::new(32_000, 262_144, 4000));
+        assert_eq!(t.requests[0].demand, Res::new(500, 1024, 0));
+        // 1.2345 vCPUs round to the nearest milli-vCPU.
+        assert_eq!(t.requests[1].demand.cpu_milli(), 1235);
+        assert_eq!(t.policy.overcommit, Overcommit([4000, 1000, 1000]));
+        assert_eq!(t.requests[1].anti_affinity.as_deref(), Some("g"));
+        // And back: the written form parses to the same trace.
+        assert_eq!(Trace::parse(&t.to_json()).unwrap(), t);
+    }
+
+    #[test]
+    fn defaults_and_online_traces() {
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("policy");
+        v.as_object_mut().unwrap().remove("meta");
+        v["requests"][1]["arrive"] = 5.0.into();
+        v["requests"][1]["depart"] = 7.5.into();
+        let t = parse(&v).unwrap();
+        assert_eq!(t.policy, Policy::default());
+        assert!(!t.is_static());
+        assert_eq!(t.end(), 7.5);
+    }
+
+    #[test]
+    fn every_kind_of_bad_input_names_its_field_and_id() {
+        type Edit = fn(&mut serde_json::Value);
+        let cases: Vec<(Edit, &str)> = vec![
+            (|v| v["extra"] = 1.into(), "unknown field `extra`"),
+            (|v| v["nodes"][0]["cpu"] = 1.into(), "unknown field `cpu`"),
+            (
+                |v| v["requests"][0]["prio"] = 1.into(),
+                "unknown field `prio`",
+            ),
+            (|v| v["policy"]["mem"] = 1.into(), "unknown field `mem`"),
+            (
+                |v| v["nodes"][1]["id"] = "n1".into(),
+                "two nodes have the id `n1`",
+            ),
+            (
+                |v| v["requests"][1]["id"] = "a".into(),
+                "two requests have the id `a`",
+            ),
+            (
+                |v| v["requests"][0]["zone"] = "extranet".into(),
+                "request `a`: no node is in its zone `extranet`",
+            ),
+            (
+                |v| v["requests"][0]["vcpus"] = (-1.0).into(),
+                "request `a`: vcpus must be a number",
+            ),
+            (
+                |v| v["requests"][0]["vcpus"] = 0.0.into(),
+                "request `a`: vcpus must be at least 0.001",
+            ),
+            (
+                |v| v["requests"][0]["vcpus"] = 0.0004.into(),
+                "request `a`: vcpus must be at least 0.001",
+            ),
+            (
+                |v| v["nodes"][0]["vcpus"] = 1e300.into(),
+                "node `n1`: vcpus must be a number from 0 to",
+            ),
+            (
+                |v| v["requests"][1]["memory_mib"] = 0.into(),
+                "request `b`: memory_mib must be more than 0",
+            ),
+            (
+                |v| v["requests"][1]["memory_mib"] = 1.5.into(),
+                "request `b`: memory_mib must be a whole number, not 1.5",
+            ),
+            (
+                |v| v["nodes"][1]["memory_mib"] = 1e20.into(),
+                "node `n2`: memory_mib must be a whole number from 0",
+            ),
+            (
+                |v| v["requests"][1]["disk_gib"] = (-3).into(),
+                "request `b`: disk_gib must be a whole number",
+            ),
+            (
+                |v| v["requests"][0]["arrive"] = (-1).into(),
+                "request `a`: arrive must be a time from 0",
+            ),
+            (
+                |v| {
+                    v["requests"][0]["arrive"] = 5.into();
+                    v["requests"][0]["depart"] = 4.into();
+                },
+                "request `a`: depart 4 is not after its arrive 5",
+            ),
+            (
+                |v| {
+                    v["requests"][0]["arrive"] = 5.into();
+                    v["requests"][0]["depart"] = 5.into();
+                },
+                "request `a`: depart 5 is not after its arrive 5",
+            ),
+            (
+                |v| v["horizon"] = 0.into(),
+                "horizon must be null or a time above 0",
+            ),
+            (
+                |v| v["horizon"] = (-2.5).into(),
+                "horizon must be null or a time above 0",
+            ),
+            (
+                |v| {
+                    v["requests"][0]["arrive"] = 50.into();
+                    v["horizon"] = 10.into();
+                },
+                "horizon 10 is before the last arrival (50)",
+            ),
+            (
+                |v| v["policy"]["cpu_overcommit"] = 0.into(),
+                "vCPU overcommit must be a number from 0.1 to 16, not 0",
+            ),
+            (
+                |v| v["policy"]["cpu_overcommit"] = 100.into(),
+                "vCPU overcommit must be a number from 0.1 to 16, not 100",
+            ),
+            (
+                |v| v["policy"]["memory_overcommit"] = (-1).into(),
+                "memory overcommit must be",
+            ),
+            (
+                |v| v["nodes"][0]["id"] = "".into(),
+                "node 0: id must be 1 to 256 bytes",
+            ),
+            (
+                |v| v["requests"][1]["id"] = "x\ny".into(),
+                "request 1: id must not hold control characters",
+            ),
+            (
+                |v| v["requests"][1]["anti_affinity"] = "".into(),
+                "request `b`: anti_affinity must be null",
+            ),
+            (
+                |v| v["nodes"][0]["zone"] = "".into(),
+                "node `n1`: zone must be a name",
+            ),
+            (
+                |v| v["nodes"][0]["vcpus"] = "many".into(),
+                "not JSON of the trace format",
+            ),
+            (
+                |v| {
+                    v.as_object_mut().unwrap().remove("nodes");
+                },
+                "missing field `nodes`",
+            ),
+        ];
+        for (edit, want) in cases {
+            let mut v = base();
+            edit(&mut v);
+            let e = err(&v);
+            assert!(e.contains(want), "{e:?} does not say {want:?}");
+        }
+        assert!(Trace::parse("{").is_err());
+        assert!(Trace::parse("").is_err());
+        assert!(Trace::parse("[]").is_err());
+    }
+}
