@@ -10,6 +10,14 @@
 //! cargo bench -p zy-packer --bench packing      # also run by scripts/bench.sh
 //! ```
 //!
+//! Time: the generators and the checker take seconds; the replays are the packer's own
+//! decisions. With the packer of 2026-12-02 (N+1 simulations dominate: decision p99 of
+//! 40-140 ms at 1,000 nodes) a 1,000-node static run takes 1-7 minutes per packer on a
+//! two-core machine and an online run about three times that, so the whole default bench
+//! takes hours, not the ten minutes it is meant to; select parts (`ZY_BENCH_PACK_NODES`,
+//! `_MIXES`, `_PACKERS`) until the packer is faster. The section of `docs/PERFORMANCE.md`
+//! is rewritten after every packer, marked unfinished until the run ends.
+//!
 //! | variable                  | default           | meaning                                     |
 //! |---------------------------|-------------------|---------------------------------------------|
 //! | `ZY_BENCH_PACK_NODES`     | 100,1000,10000    | fleet sizes                                 |
@@ -310,6 +318,13 @@ fn main() {
                         tc.elapsed().as_secs_f64()
                     );
                     run.reports.push(report);
+                    if write {
+                        // As it goes: a long run leaves what it measured so far.
+                        let mut so_far: Vec<&Run> = runs.iter().collect();
+                        so_far.push(&run);
+                        let text = section(&so_far, &sizes, &mixes, &big_packers, big, seed, started, &t_all, Some("the bench writes this section as it goes, and this run had not ended when it was written: the tables below are the runs it had finished (a table may lack its last packers)"));
+                        write_docs(&text);
+                    }
                 }
                 print!("{}", table(&run));
                 runs.push(run);
@@ -317,6 +332,43 @@ fn main() {
         }
     }
 
+    let all: Vec<&Run> = runs.iter().collect();
+    let text = section(
+        &all,
+        &sizes,
+        &mixes,
+        &big_packers,
+        big,
+        seed,
+        started,
+        &t_all,
+        None,
+    );
+    println!("\n{text}");
+    if write {
+        write_docs(&text);
+        println!("wrote {}", performance_md().display());
+    } else {
+        println!(
+            "docs/PERFORMANCE.md left alone (a ZY_BENCH_PACK_* selection, or ZY_BENCH_WRITE=0)"
+        );
+    }
+}
+
+/// The section of docs/PERFORMANCE.md for the runs so far (`unfinished` says what is still
+/// to come when the bench writes it as it goes).
+#[allow(clippy::too_many_arguments)]
+fn section(
+    runs: &[&Run],
+    sizes: &[usize],
+    mixes: &[Mix],
+    big_packers: &[String],
+    big: usize,
+    seed: u64,
+    started: u64,
+    t_all: &Instant,
+    unfinished: Option<&str>,
+) -> String {
     let overrides: Vec<String> = VARS
         .iter()
         .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
@@ -357,29 +409,28 @@ fn main() {
         mixes.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
         big_packers.join(", ")
     );
-    for run in &runs {
+    for run in runs {
         text.push_str(&table(run));
     }
+    if let Some(left) = unfinished {
+        let _ = writeln!(text, "**Unfinished:** {left}\n");
+    }
     let _ = writeln!(text, "### Method\n");
-    for p in method(&runs) {
+    for p in method(runs) {
         let _ = writeln!(text, "{p}\n");
     }
-    println!("\n{text}");
-    if write {
-        let path = performance_md();
-        let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Performance\n".into());
-        match std::fs::write(&path, splice(&old, &text)) {
-            Ok(()) => println!("wrote {}", path.canonicalize().unwrap_or(path).display()),
-            Err(e) => eprintln!("could not write docs/PERFORMANCE.md: {e}"),
-        }
-    } else {
-        println!(
-            "docs/PERFORMANCE.md left alone (a ZY_BENCH_PACK_* selection, or ZY_BENCH_WRITE=0)"
-        );
+    text
+}
+
+fn write_docs(text: &str) {
+    let path = performance_md();
+    let old = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Performance\n".into());
+    if let Err(e) = std::fs::write(&path, splice(&old, text)) {
+        eprintln!("could not write docs/PERFORMANCE.md: {e}");
     }
 }
 
-fn method(runs: &[Run]) -> Vec<String> {
+fn method(runs: &[&Run]) -> Vec<String> {
     let gen_s: f64 = runs.iter().map(|r| r.gen_s).sum();
     vec![
         format!(
