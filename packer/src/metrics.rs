@@ -11,10 +11,11 @@
 //!   more of a resource than the k biggest, so no packing uses fewer nodes. It ignores
 //!   anti-affinity, N+1 and the shapes of the VMs, so it may be unreachable; a zone whose
 //!   demand exceeds its capacity counts all its nodes. Summed over the zones.
-//! - **Hosts used**: nodes holding at least one VM. Static: at the end. Online: averaged
-//!   over time from 0 to the trace's end ([`crate::trace::Trace::end`]), against the lower
-//!   bound of the demand present at each moment, averaged the same way; the **gap** is
-//!   hosts / bound − 1.
+//! - **Hosts used**: nodes holding at least one VM. Static: at the end, against the bound
+//!   of the whole trace's demand. Online: averaged over time from 0 to the trace's end
+//!   ([`crate::trace::Trace::end`]), against the lower bound of the demand present at each
+//!   moment by the trace (rejected requests included: the bound is the same for every
+//!   packer), averaged the same way; the **gap** is hosts / bound − 1.
 //! - **Stranded capacity**: on every used node where one resource (vCPU or memory) is at
 //!   least [`STRANDED_FULL`] used, the room left in the other one cannot be sold to
 //!   anything that needs both: that room, summed over the nodes, as a share of the fleet's
@@ -151,7 +152,6 @@ struct Pool<'a> {
     zone_nodes: Vec<Vec<usize>>,
     zone_caps: Vec<ZoneCaps>,
     zone_ix: HashMap<&'a str, usize>,
-    demand: Vec<[u128; DIMS]>,
     used_hosts: usize,
 }
 
@@ -184,7 +184,6 @@ impl<'a> Pool<'a> {
             .iter()
             .map(|ns| ZoneCaps::new(&ns.iter().map(|&i| Res(cap[i])).collect::<Vec<_>>()))
             .collect();
-        let nz = zone_nodes.len();
         Pool {
             trace,
             used: vec![[0; DIMS]; cap.len()],
@@ -194,17 +193,8 @@ impl<'a> Pool<'a> {
             zone_nodes,
             zone_caps,
             zone_ix,
-            demand: vec![[0; DIMS]; nz],
             used_hosts: 0,
         }
-    }
-
-    fn bound(&self) -> usize {
-        self.zone_caps
-            .iter()
-            .zip(&self.demand)
-            .map(|(zc, d)| zc.bound(d).unwrap_or(zc.n))
-            .sum()
     }
 
     /// Places request r on node n, counting the rules it breaks.
@@ -229,11 +219,6 @@ impl<'a> Pool<'a> {
             self.used_hosts += 1;
         }
         self.vms[n].push(r);
-        if let Some(&z) = self.zone_ix.get(req.zone.as_str()) {
-            for d in 0..DIMS {
-                self.demand[z][d] += u128::from(req.demand.0[d]);
-            }
-        }
     }
 
     fn depart(&mut self, r: usize, n: usize) {
@@ -252,11 +237,6 @@ impl<'a> Pool<'a> {
         self.vms[n].retain(|&x| x != r);
         if self.vms[n].is_empty() {
             self.used_hosts -= 1;
-        }
-        if let Some(&z) = self.zone_ix.get(req.zone.as_str()) {
-            for d in 0..DIMS {
-                self.demand[z][d] -= u128::from(req.demand.0[d]);
-            }
         }
     }
 
@@ -386,6 +366,63 @@ fn room_after(room: &[u64; DIMS], taken: Option<&[u64; DIMS]>) -> [u64; DIMS] {
     }
 }
 
+/// The lower bound of the trace's own demand, the same for every packer whatever it
+/// rejected: static, of every request; online, the integral over [0, end] of the bound of
+/// the requests present (arrived and not yet departed), from the trace's events alone
+/// (departures before arrivals at equal times).
+fn demand_bound(trace: &Trace, pool: &Pool<'_>, end: f64) -> f64 {
+    let zone = |r: &crate::trace::TraceRequest| pool.zone_ix.get(r.zone.as_str()).copied();
+    let mut demand = vec![[0u128; DIMS]; pool.zone_caps.len()];
+    let bound = |demand: &[[u128; DIMS]]| -> usize {
+        pool.zone_caps
+            .iter()
+            .zip(demand)
+            .map(|(zc, d)| zc.bound(d).unwrap_or(zc.n))
+            .sum()
+    };
+    if trace.is_static() {
+        for r in &trace.requests {
+            if let Some(z) = zone(r) {
+                for (x, &v) in demand[z].iter_mut().zip(&r.demand.0) {
+                    *x += u128::from(v);
+                }
+            }
+        }
+        return bound(&demand) as f64;
+    }
+    // (time, 0 = departure / 1 = arrival, request)
+    let mut ev: Vec<(f64, u8, usize)> = Vec::new();
+    for (i, r) in trace.requests.iter().enumerate() {
+        ev.push((r.arrive, 1, i));
+        if let Some(d) = r.depart {
+            ev.push((d, 0, i));
+        }
+    }
+    ev.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
+    let (mut area, mut t_prev, mut cur) = (0.0f64, 0.0f64, 0usize);
+    for (t, kind, i) in ev {
+        if t > t_prev {
+            area += cur as f64 * (t.min(end) - t_prev.min(end)).max(0.0);
+            t_prev = t;
+        }
+        let r = &trace.requests[i];
+        if let Some(z) = zone(r) {
+            for (x, &v) in demand[z].iter_mut().zip(&r.demand.0) {
+                if kind == 1 {
+                    *x += u128::from(v);
+                } else {
+                    *x -= u128::from(v);
+                }
+            }
+        }
+        cur = bound(&demand);
+    }
+    if end > t_prev {
+        area += cur as f64 * (end - t_prev);
+    }
+    area
+}
+
 /// Judges a replay of `trace` from its log.
 pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
     let mut pool = Pool::new(trace);
@@ -408,9 +445,8 @@ pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
             .map(|k| k * log.len() / (SAMPLES + 1))
             .collect()
     };
-    let (mut host_time, mut bound_time) = (0.0f64, 0.0f64);
+    let mut host_time = 0.0f64;
     let mut t_prev = 0.0f64;
-    let mut cur_bound = 0usize;
     let mut n1_fail = 0u64;
     let mut n1_after_dep = 0u64;
     let mut n1_checks = 0usize;
@@ -421,7 +457,6 @@ pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
         if !replay.is_static && t > t_prev {
             let dt = (t.min(end) - t_prev.min(end)).max(0.0);
             host_time += pool.used_hosts as f64 * dt;
-            bound_time += cur_bound as f64 * dt;
             t_prev = t;
         }
         let last_was_departure;
@@ -451,9 +486,6 @@ pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
                 last_was_departure = true;
             }
         }
-        if !replay.is_static {
-            cur_bound = pool.bound();
-        }
         while si < st_points.len() && st_points[si] == k {
             let (c, m) = pool.stranded();
             strand = (strand.0 + c, strand.1 + m, strand.2 + 1);
@@ -473,17 +505,16 @@ pub fn evaluate(trace: &Trace, replay: &Replay) -> Report {
     let (hosts, bound);
     if replay.is_static {
         hosts = pool.used_hosts as f64;
-        bound = pool.bound() as f64;
+        bound = demand_bound(trace, &pool, end);
         let (c, m) = pool.stranded();
         strand = (c, m, 1);
     } else {
         if end > t_prev {
             host_time += pool.used_hosts as f64 * (end - t_prev);
-            bound_time += cur_bound as f64 * (end - t_prev);
         }
         let span = if end > 0.0 { end } else { 1.0 };
         hosts = host_time / span;
-        bound = bound_time / span;
+        bound = demand_bound(trace, &pool, end) / span;
     }
     // The end, always (after a departure online, or the static end).
     let last_dep = matches!(log.last(), Some((_, Event::Depart { .. })));
@@ -580,9 +611,10 @@ mod tests {
         assert_eq!(rep.violations, Violations::default());
         assert_eq!((rep.placed, rep.rejected), (2, 2));
         assert_eq!(rep.hosts, 2.0);
-        // 800 MiB in zone z: one node; nothing in y.
-        assert_eq!(rep.bound, 1.0);
-        assert!((rep.gap_pct() - 100.0).abs() < 1e-9);
+        // The whole trace's demand, rejected requests included: 1900 MiB in zone z need two
+        // nodes; nothing in y.
+        assert_eq!(rep.bound, 2.0);
+        assert!(rep.gap_pct().abs() < 1e-9);
     }
 
     #[test]
