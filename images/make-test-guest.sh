@@ -9,7 +9,7 @@
 #
 # The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=`, `zy.mtu=` (and, for tests,
 # `zy.poweroff_after=<seconds>`, `zy.panic_after=<seconds>`, `zy.probe=<ip>,<ip>`,
-# `zy.bigping=<ip>`, `zy.tcpsink=<port>`, `zy.tcpsend=<ip>:<port>`) from
+# `zy.bigping=<ip>`, `zy.tcpsink=<port>`, `zy.tcpsend=<ip>:<port>`, `zy.diskwrite=<vdX>`) from
 # /proc/cmdline. Without `zy.ip`
 # it looks for a cloud-init NoCloud seed (a FAT disk holding meta-data and network-config)
 # and takes its name, address, gateway and MTU from there, printing `ZY-SEED <instance-id>`.
@@ -130,6 +130,7 @@ for arg in $(cat /proc/cmdline); do
         zy.search=*) ZY_search=$(echo "${arg#zy.search=}" | tr , ' ') ;;
         zy.sshkey=*) ZY_sshkey="${arg#zy.sshkey=}" ;;
         zy.sshto=*) ZY_sshto="${arg#zy.sshto=}" ;;
+        zy.diskwrite=*) ZY_diskwrite="${arg#zy.diskwrite=}" ;;
     esac
 done
 # Without an address on the command line, a cloud-init NoCloud seed must provide one.
@@ -247,6 +248,16 @@ if [ -n "$ZY_sshto" ]; then
         sleep 2
     done
     echo "ZY-SSH-OK $out") &
+fi
+# Tests of live migration: the guest keeps writing random 64 KiB blocks over the first
+# 32 MiB of a disk (`zy.diskwrite=vdb`), each synced, so that the disk changes while it moves.
+if [ -n "$ZY_diskwrite" ]; then
+    (echo "ZY-DISKWRITE $ZY_diskwrite"
+    n=0
+    while true; do
+        dd if=/dev/urandom of="/dev/$ZY_diskwrite" bs=65536 count=1 seek=$((n % 512)) conv=fsync 2>/dev/null
+        n=$((n + 7))
+    done) &
 fi
 # Tests of guest health ask for a kernel panic (which pvpanic reports to QEMU).
 if [ -n "$ZY_panic_after" ]; then

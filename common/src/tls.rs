@@ -281,6 +281,58 @@ impl SiteCa {
         zone: Zone,
         validity: std::time::Duration,
     ) -> Result<CertificateDer<'static>, TlsError> {
+        self.sign_node(
+            csr_der,
+            node,
+            zone,
+            validity,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            vec![KeyUsagePurpose::DigitalSignature],
+        )
+    }
+
+    /// Signs a node's certificate request for node-to-node TLS, where the node is the
+    /// server as well as the client: a live migration's destination QEMU serves its NBD
+    /// export and its incoming stream with it (gnutls through QEMU's `tls-creds-x509`),
+    /// and the source QEMU presents it as a client. [`SiteCa::issue_node`]'s certificate
+    /// is not enough for that: QEMU 10's check of a server certificate wants key usage
+    /// keyEncipherment beside digitalSignature (it refuses the enrollment certificate with
+    /// "usage does not permit key encipherment"), and its extended key usage is clientAuth
+    /// only, which does not allow a TLS server. Same subject as a node certificate
+    /// (O=Zhengyun, OU=zone, CN=node id) and the same DNS name, `<node>.node.zhengyun`,
+    /// which the client checks (QEMU's `tls-hostname`).
+    pub fn issue_node_peer(
+        &self,
+        csr_der: &[u8],
+        node: NodeId,
+        zone: Zone,
+        validity: std::time::Duration,
+    ) -> Result<CertificateDer<'static>, TlsError> {
+        self.sign_node(
+            csr_der,
+            node,
+            zone,
+            validity,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ],
+        )
+    }
+
+    fn sign_node(
+        &self,
+        csr_der: &[u8],
+        node: NodeId,
+        zone: Zone,
+        validity: std::time::Duration,
+        extended: Vec<ExtendedKeyUsagePurpose>,
+        usages: Vec<KeyUsagePurpose>,
+    ) -> Result<CertificateDer<'static>, TlsError> {
         let csr = CertificateSigningRequestParams::from_der(&csr_der.to_vec().into())
             .map_err(|e| TlsError::BadCsr(e.to_string()))?;
         let mut params = CertificateParams::new(vec![format!("{node}.node.zhengyun")])?;
@@ -289,8 +341,8 @@ impl SiteCa {
         dn.push(DnType::OrganizationalUnitName, zone.as_str());
         dn.push(DnType::CommonName, node.to_string());
         params.distinguished_name = dn;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = extended;
+        params.key_usages = usages;
         (params.not_before, params.not_after) = validity_window(validity.min(NODE_VALIDITY_MAX));
         let signed = CertificateSigningRequestParams {
             params,

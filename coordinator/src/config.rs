@@ -31,6 +31,11 @@ pub struct CoordinatorConfig {
     /// vCPUs placed per host CPU (1.0 to 16.0): how far guests may share a node's CPUs.
     #[serde(default = "default_overcommit")]
     pub cpu_overcommit: f64,
+    /// Place only where every zone can still lose any one node and restart its VMs on the
+    /// others (N+1, as `zy_packer` defines it). On by default; a zone with one node that
+    /// takes VMs cannot be N+1 and is exempt.
+    #[serde(default = "default_true")]
+    pub n_plus_one: bool,
     /// What each zone's network gives its guests beyond an address: a default gateway, name
     /// servers, search domains. Empty by default (guests reach only their zone).
     #[serde(default, skip_serializing_if = "Zones::is_empty")]
@@ -238,6 +243,10 @@ fn default_max_joins() -> usize {
     64
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_overcommit() -> f64 {
     zy_common::resources::MODEL.cpu_overcommit_milli as f64 / 1000.0
 }
@@ -251,6 +260,7 @@ impl Default for CoordinatorConfig {
             timings: Timings::default(),
             max_concurrent_joins: default_max_joins(),
             cpu_overcommit: default_overcommit(),
+            n_plus_one: true,
             zones: Zones::default(),
             certs: CertConfig::default(),
         }
@@ -325,6 +335,18 @@ impl CoordinatorConfig {
         zy_common::resources::ResourceModel {
             cpu_overcommit_milli: (self.cpu_overcommit * 1000.0).round() as u64,
             ..zy_common::resources::MODEL
+        }
+    }
+
+    /// The packer's rules for this site: its CPU overcommit (memory and disk 1.0) and N+1.
+    pub fn packer_policy(&self) -> zy_packer::Policy {
+        zy_packer::Policy {
+            overcommit: zy_packer::Overcommit([
+                (self.cpu_overcommit * 1000.0).round() as u32,
+                1000,
+                1000,
+            ]),
+            n_plus_one: self.n_plus_one,
         }
     }
 

@@ -27,7 +27,9 @@
 //!    that succeeds for every f. A placement is allowed when every evacuation it changes
 //!    still succeeds (so a safe state stays safe; a zone that already lost its margin, for
 //!    example after a node died, is reported by [`Cluster::n_plus_one_failures`] but does
-//!    not block placements that do not make it worse).
+//!    not block placements that do not make it worse). A zone with fewer than two Ready
+//!    nodes cannot survive the loss of one whatever is placed where; N+1 is not enforced
+//!    there (and its nodes are reported by [`Cluster::n_plus_one_failures`]).
 //!
 //! # Incremental N+1
 //! Each node's evacuation is simulated once and remembered with the nodes it moved VMs to
@@ -327,7 +329,7 @@ impl fmt::Display for Refusal {
         } else {
             write!(
                 f,
-                "no node of zone {} can take {} ({} ready)",
+                "no node of zone {} has room for {} ({} ready)",
                 self.zone, self.demand, ready
             )?;
             let mut parts = Vec::new();
@@ -397,6 +399,11 @@ pub struct Candidate {
     /// The largest capacity among the zone's nodes, per resource (for scorers that prefer
     /// to open big nodes).
     pub zone_max: Res,
+    /// What the zone's Ready nodes offer in all, and what VMs use of them (before this one).
+    pub zone_cap: Res,
+    pub zone_used: Res,
+    /// The zone's index ([`Cluster::zone_index`]).
+    pub zone: usize,
 }
 
 impl Candidate {
@@ -421,20 +428,50 @@ pub trait Scorer {
 }
 
 /// Zhengyun's own score (see the crate's documentation).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Zhengyun {
     /// Weight of stranded room against plain remaining room.
     pub stranding: f64,
+    /// How far (0..1) a used node's CPU and memory use may stray from the zone's mix
+    /// before an empty node is opened instead.
+    pub stray: f64,
+    /// The zone's mix is what its VMs use plus this share of its capacity, balanced, so
+    /// that the first VMs of one shape do not set the mix for all.
+    pub prior: f64,
+    /// For a batch known in advance (a static trace, a plan): per zone index, the share of
+    /// CPU and memory the whole batch will use, which is then the mix from the start.
+    pub batch_mix: Vec<Option<[f64; 2]>>,
 }
 
 impl Default for Zhengyun {
     fn default() -> Self {
-        Zhengyun { stranding: 1.0 }
+        Zhengyun {
+            stranding: 1.0,
+            stray: 0.2,
+            prior: 0.1,
+            batch_mix: Vec::new(),
+        }
     }
 }
 
+/// The balanced prior added to a batch's mix (see [`Zhengyun::prior`]).
+pub const BATCH_PRIOR: f64 = 0.1;
+
 /// What an empty node costs against a used one: more than any used node can score.
 const OPEN_PENALTY: f64 = 10.0;
+
+impl Zhengyun {
+    /// How far a CPU/memory use vector lies from the line of the zone's mix `s`.
+    fn stray_of(u: [f64; 2], s: [f64; 2]) -> f64 {
+        let norm = (s[0] * s[0] + s[1] * s[1]).sqrt();
+        if norm == 0.0 {
+            return 0.0;
+        }
+        let (a, b) = (s[0] / norm, s[1] / norm);
+        // The distance from u to its projection on (a, b).
+        (u[0] * b - u[1] * a).abs()
+    }
+}
 
 impl Scorer for Zhengyun {
     fn name(&self) -> &str {
@@ -459,9 +496,35 @@ impl Scorer for Zhengyun {
                 / 2.0;
             return -OPEN_PENALTY + size;
         }
+        // The zone's mix: its use per resource, with a balanced prior.
+        let mix: [f64; 2] = match self.batch_mix.get(c.zone).copied().flatten() {
+            Some(m) => m,
+            None => [CPU, MEM].map(|d| {
+                let cap = c.zone_cap.0[d];
+                if cap == 0 {
+                    0.0
+                } else {
+                    (c.zone_used.0[d] + c.demand.0[d]) as f64 / cap as f64 + self.prior
+                }
+            }),
+        };
+        let before: [f64; 2] = [CPU, MEM].map(|d| {
+            let cap = c.capacity.0[d];
+            if cap == 0 {
+                0.0
+            } else {
+                c.used.0[d] as f64 / cap as f64
+            }
+        });
+        let stray_after = Self::stray_of([u[CPU], u[MEM]], mix);
+        let stray_before = Self::stray_of(before, mix);
         let left = ((1.0 - u[CPU]) + (1.0 - u[MEM])) / 2.0 + (1.0 - u[DISK]) * 0.1;
-        let imbalance = (u[CPU] - u[MEM]).abs();
-        -(left + self.stranding * imbalance)
+        let mut score = -(left + self.stranding * stray_after);
+        if stray_after > self.stray && stray_after > stray_before {
+            // Worse than opening a node: this would strand one resource of this node.
+            score -= 2.0 * OPEN_PENALTY;
+        }
+        score
     }
 }
 
@@ -519,6 +582,11 @@ struct ZoneSt {
     nodes: Vec<NodeIx>,
     tree: MaxTree,
     max_cap: Res,
+    /// Nodes that take VMs.
+    ready: usize,
+    /// Sums over the Ready nodes: capacity, and what their VMs use.
+    ready_cap: Res,
+    ready_used: Res,
 }
 
 /// The remembered evacuation of one node.
@@ -527,10 +595,29 @@ struct Sim {
     ok: bool,
     /// Nodes it moved VMs to.
     targets: Vec<NodeIx>,
+    /// What it moved onto each of those, in the same order.
+    loads: Vec<Res>,
+    /// (target, group) of every grouped VM it moved, sorted.
+    host_groups: Vec<(NodeIx, usize)>,
+    /// The groups it moved members of, sorted.
+    groups: Vec<usize>,
     /// (group, rack) of every grouped VM it moved.
     group_racks: Vec<(usize, usize)>,
+    /// Each VM in evacuation order: the zone position it went to, and its demand.
+    landed: Vec<(usize, Res)>,
     /// The furthest zone position it looked at (every position up to it was looked at).
     reach: usize,
+}
+
+/// What a successful N+1 check simulated, for the VM it checked.
+#[derive(Clone, Debug)]
+struct Pending<K> {
+    key: K,
+    node: NodeIx,
+    demand: Res,
+    group: Option<usize>,
+    spread: Spread,
+    sims: Vec<(NodeIx, Sim)>,
 }
 
 /// The pool, its placements and the remembered N+1 evacuations.
@@ -558,6 +645,9 @@ pub struct Cluster<K: Ord + Clone + fmt::Debug> {
     users: Vec<BTreeSet<NodeIx>>,
     /// (group, rack) → nodes whose evacuation moved a member of the group into the rack.
     rack_users: HashMap<(usize, usize), BTreeSet<NodeIx>>,
+    /// The evacuations a successful N+1 check simulated for (VM, node): what inserting
+    /// exactly that VM there next would simulate again. Cleared by every change.
+    pending: Option<Pending<K>>,
 }
 
 impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
@@ -580,6 +670,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             sims: Vec::new(),
             users: Vec::new(),
             rack_users: HashMap::new(),
+            pending: None,
         }
     }
 
@@ -592,6 +683,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         if self.by_name.contains_key(&spec.name) {
             return Err(Error::DuplicateNode(spec.name));
         }
+        self.pending = None;
         let ix = self.nodes.len();
         let zone = match self.zone_ix.get(&spec.zone) {
             Some(z) => *z,
@@ -602,6 +694,9 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                     nodes: Vec::new(),
                     tree: MaxTree::default(),
                     max_cap: Res::ZERO,
+                    ready: 0,
+                    ready_cap: Res::ZERO,
+                    ready_used: Res::ZERO,
                 });
                 self.zone_ix.insert(spec.zone.clone(), z);
                 z
@@ -640,6 +735,10 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         z.nodes.push(ix);
         z.tree.push(room);
         z.max_cap = Res(std::array::from_fn(|d| z.max_cap.0[d].max(cap.0[d])));
+        if self.nodes[ix].spec.state.takes_vms() {
+            z.ready += 1;
+            z.ready_cap = z.ready_cap.plus(&cap);
+        }
         self.sims.push(Sim {
             ok: true,
             ..Sim::default()
@@ -691,6 +790,41 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             .map(|z| self.zones[*z].nodes.as_slice())
             .unwrap_or(&[])
     }
+    /// A zone's index, as [`Candidate::zone`] gives it.
+    pub fn zone_index(&self, zone: &str) -> Option<usize> {
+        self.zone_ix.get(zone).copied()
+    }
+
+    /// Zhengyun's scorer for a batch of requests known in advance: each zone's mix is the
+    /// share of its Ready capacity that the pool's VMs and the whole batch will use.
+    pub fn batch_scorer(&self, reqs: &[Request]) -> Zhengyun {
+        let mut total: Vec<Res> = self.zones.iter().map(|z| z.ready_used).collect();
+        for r in reqs {
+            if let Some(&z) = self.zone_ix.get(&r.zone) {
+                total[z] = total[z].plus(&r.demand);
+            }
+        }
+        let batch_mix = self
+            .zones
+            .iter()
+            .zip(&total)
+            .map(|(z, t)| {
+                let share = |d: usize| {
+                    if z.ready_cap.0[d] == 0 {
+                        0.0
+                    } else {
+                        t.0[d] as f64 / z.ready_cap.0[d] as f64
+                    }
+                };
+                Some([share(CPU) + BATCH_PRIOR, share(MEM) + BATCH_PRIOR])
+            })
+            .collect();
+        Zhengyun {
+            batch_mix,
+            ..Zhengyun::default()
+        }
+    }
+
     pub fn zones(&self) -> impl Iterator<Item = &str> {
         self.zones.iter().map(|z| z.name.as_str())
     }
@@ -732,11 +866,25 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 self.vms.len() - 1
             }
         };
-        self.by_key.insert(key, ix);
+        let pending = self.pending.take();
         self.attach(ix);
         if self.policy.n_plus_one {
-            self.resim_after_add(node, group);
+            match pending {
+                Some(p)
+                    if p.key == key
+                        && p.node == node
+                        && p.demand == req.demand
+                        && p.group == group
+                        && p.spread == req.spread =>
+                {
+                    for (f, sim) in p.sims {
+                        self.store_sim(f, sim);
+                    }
+                }
+                _ => self.resim_after_add(node, group),
+            }
         }
+        self.by_key.insert(key, ix);
         Ok(())
     }
 
@@ -746,10 +894,11 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             .by_key
             .get(key)
             .ok_or_else(|| Error::UnknownVm(format!("{key:?}")))?;
+        self.pending = None;
         let (node, grouped) = self.vms[ix]
             .as_ref()
-            .map(|v| (v.node, v.group.is_some()))
-            .unwrap_or((0, false));
+            .map(|v| (v.node, v.group))
+            .unwrap_or((0, None));
         self.detach(ix);
         self.by_key.remove(key);
         self.vms[ix] = None;
@@ -769,11 +918,23 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         if before == state {
             return Ok(());
         }
+        self.pending = None;
         self.nodes[n].spec.state = state;
+        let (cap, used) = (self.nodes[n].cap, self.nodes[n].used);
+        let z = &mut self.zones[self.nodes[n].zone];
+        if state.takes_vms() {
+            z.ready += 1;
+            z.ready_cap = z.ready_cap.plus(&cap);
+            z.ready_used = z.ready_used.plus(&used);
+        } else if before.takes_vms() {
+            z.ready -= 1;
+            z.ready_cap = z.ready_cap.minus(&cap);
+            z.ready_used = z.ready_used.minus(&used);
+        }
         self.update_tree(n);
         if self.policy.n_plus_one {
             if state.takes_vms() {
-                self.resim_after_free(n, false);
+                self.resim_after_free(n, None);
             } else if before.takes_vms() {
                 self.resim_after_add(n, None);
             }
@@ -829,28 +990,23 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 wake: None,
             });
         };
-        let group = req.group.as_ref().and_then(|g| self.groups.get(g).copied());
-        let zone_max = self.zones[z].max_cap;
-        let mut cands: Vec<(f64, usize, NodeIx)> = Vec::new();
-        let order: Vec<NodeIx> = match sel {
-            Selection::All => self.zones[z].nodes.clone(),
-            Selection::Sample { seed, .. } => {
-                let mut v = self.zones[z].nodes.clone();
-                shuffle(&mut v, seed);
-                v
-            }
-        };
-        let limit = match sel {
-            Selection::All => usize::MAX,
-            Selection::Sample { limit, .. } => limit.max(1),
-        };
+        // Interned even when new: the N+1 check's simulations must see the group as the
+        // placement will.
+        let group = req.group.as_ref().map(|g| self.intern_group(g));
+        let zone_max = (
+            self.zones[z].max_cap,
+            self.zones[z].ready_cap,
+            self.zones[z].ready_used,
+        );
         let mut tried_n1: Vec<(NodeIx, NodeIx)> = Vec::new();
-        if let Selection::Sample { .. } = sel {
+        if let Selection::Sample { limit, seed } = sel {
             // Nomad's way: feasibility (here every hard rule, N+1 included) in random order
             // until `limit` nodes pass, then the best score among them.
+            let mut order = self.zones[z].nodes.clone();
+            shuffle(&mut order, seed);
             let mut passed = Vec::new();
             for &n in &order {
-                if passed.len() >= limit {
+                if passed.len() >= limit.max(1) {
                     break;
                 }
                 if self.why_not(n, req, group).is_some() {
@@ -876,17 +1032,44 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 return Ok(n);
             }
         } else {
-            for &n in &order {
-                if self.why_not(n, req, group).is_none() {
-                    let s = scorer.score(&self.candidate(n, req, zone_max));
-                    cands.push((s, self.nodes[n].pos, n));
+            // One pass for the best node; the rest are ranked only if N+1 refuses it.
+            let need: [i64; DIMS] =
+                std::array::from_fn(|d| req.demand.0[d].min(i64::MAX as u64) as i64);
+            let mut best: Option<(f64, usize, NodeIx)> = None;
+            let zone = &self.zones[z];
+            for (pos, &n) in zone.nodes.iter().enumerate() {
+                let room = zone.tree.get(pos);
+                if (0..DIMS).any(|d| room[d] < need[d]) {
+                    continue;
+                }
+                if let Some(g) = group {
+                    if self.conflicts(g, req.spread, n) {
+                        continue;
+                    }
+                }
+                let sc = scorer.score(&self.candidate(n, req, zone_max));
+                if best.is_none_or(|b| sc > b.0) {
+                    best = Some((sc, pos, n));
                 }
             }
-            cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-            for &(_, _, n) in &cands {
+            if let Some((_, _, n)) = best {
                 match self.n_plus_one_breaks(key, n, req, group) {
                     None => return Ok(n),
                     Some(f) => tried_n1.push((n, f)),
+                }
+                let mut cands: Vec<(f64, usize, NodeIx)> = Vec::new();
+                for &m in &self.zones[z].nodes {
+                    if m != n && self.why_not(m, req, group).is_none() {
+                        let sc = scorer.score(&self.candidate(m, req, zone_max));
+                        cands.push((sc, self.nodes[m].pos, m));
+                    }
+                }
+                cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                for &(_, _, m) in &cands {
+                    match self.n_plus_one_breaks(key, m, req, group) {
+                        None => return Ok(m),
+                        Some(f) => tried_n1.push((m, f)),
+                    }
                 }
             }
         }
@@ -930,7 +1113,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         }
     }
 
-    fn candidate(&self, n: NodeIx, req: &Request, zone_max: Res) -> Candidate {
+    fn candidate(&self, n: NodeIx, req: &Request, zone: (Res, Res, Res)) -> Candidate {
         let node = &self.nodes[n];
         Candidate {
             node: n,
@@ -939,7 +1122,10 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             used: node.used,
             demand: req.demand,
             vms: node.vms.len(),
-            zone_max,
+            zone_max: zone.0,
+            zone_cap: zone.1,
+            zone_used: zone.2,
+            zone: node.zone,
         }
     }
 
@@ -1006,6 +1192,10 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         };
         let n = &mut self.nodes[node];
         n.used = n.used.plus(&demand);
+        if n.spec.state.takes_vms() {
+            let z = &mut self.zones[n.zone];
+            z.ready_used = z.ready_used.plus(&demand);
+        }
         n.vms.insert((
             Reverse(demand.0[MEM]),
             Reverse(demand.0[CPU]),
@@ -1033,6 +1223,10 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         };
         let n = &mut self.nodes[node];
         n.used = n.used.minus(&demand);
+        if n.spec.state.takes_vms() {
+            let z = &mut self.zones[n.zone];
+            z.ready_used = z.ready_used.minus(&demand);
+        }
         n.vms.remove(&(
             Reverse(demand.0[MEM]),
             Reverse(demand.0[CPU]),
@@ -1170,22 +1364,36 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             }
         }
         self.zones[z].tree.set(fpos, saved_room);
-        let mut targets: Vec<NodeIx> = moved.iter().map(|m| m.1).collect();
-        targets.sort_unstable();
-        targets.dedup();
-        let mut group_racks: Vec<(usize, usize)> = moved
-            .iter()
-            .filter_map(|&(ix, t)| {
-                let g = self.vms[ix].as_ref().and_then(|v| v.group)?;
-                Some((g, self.nodes[t].rack))
-            })
-            .collect();
+        let mut loads: BTreeMap<NodeIx, Res> = BTreeMap::new();
+        let mut host_groups = Vec::new();
+        let mut group_racks = Vec::new();
+        let mut groups = Vec::new();
+        let mut landed = Vec::with_capacity(moved.len());
+        for &(ix, t) in &moved {
+            let v = self.vms[ix].as_ref().expect("placed");
+            let l = loads.entry(t).or_default();
+            *l = l.plus(&v.demand);
+            if let Some(g) = v.group {
+                host_groups.push((t, g));
+                group_racks.push((g, self.nodes[t].rack));
+                groups.push(g);
+            }
+            landed.push((self.nodes[t].pos, v.demand));
+        }
+        host_groups.sort_unstable();
         group_racks.sort_unstable();
         group_racks.dedup();
+        groups.sort_unstable();
+        groups.dedup();
+        let (targets, loads) = loads.into_iter().unzip();
         Sim {
             ok,
             targets,
+            loads,
+            host_groups,
+            groups,
             group_racks,
+            landed,
             reach,
         }
     }
@@ -1224,8 +1432,27 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
     /// The evacuations that less room on t, or one more member of `group` on t, can change:
     /// t's own, the ones that moved something onto t, and the ones that moved a member of
     /// the group into t's rack.
+    ///
+    /// Called once t's room is already the new one. An evacuation whose load on t still
+    /// fits t's new room, with no member of the group among it, is unchanged: each of its
+    /// VMs that went to t still fits there at its turn, and each that passed t by (for lack
+    /// of room or for its group) still does.
     fn affected_by_add(&self, t: NodeIx, group: Option<usize>) -> Vec<NodeIx> {
-        let mut a: BTreeSet<NodeIx> = self.users[t].clone();
+        let room = self.zones[self.nodes[t].zone].tree.get(self.nodes[t].pos);
+        let mut a: BTreeSet<NodeIx> = BTreeSet::new();
+        for &f in &self.users[t] {
+            let sim = &self.sims[f];
+            let Ok(i) = sim.targets.binary_search(&t) else {
+                a.insert(f);
+                continue;
+            };
+            let load = &sim.loads[i];
+            let fits = (0..DIMS).all(|d| room[d] >= load.0[d].min(i64::MAX as u64) as i64);
+            let clash = group.is_some_and(|g| sim.host_groups.binary_search(&(t, g)).is_ok());
+            if !fits || clash {
+                a.insert(f);
+            }
+        }
         if let Some(g) = group {
             if let Some(set) = self.rack_users.get(&(g, self.nodes[t].rack)) {
                 a.extend(set.iter().copied());
@@ -1246,17 +1473,39 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
 
     /// Room on t went up (a VM left, or t takes VMs again): t's own evacuation and the ones
     /// that looked at t, or at any node of t's rack when a member of a group left it.
-    fn resim_after_free(&mut self, t: NodeIx, grouped: bool) {
+    ///
+    /// Called once t's room is already the new one. A successful evacuation changes only if
+    /// one of its VMs that passed t by now fits t's room (its own earlier load on t only
+    /// makes that less likely, so this may simulate one too many, never one too few), or,
+    /// when a member of `group` left, if it moved members of that group past t's rack.
+    fn resim_after_free(&mut self, t: NodeIx, group: Option<usize>) {
         let z = self.nodes[t].zone;
-        let mut pos = self.nodes[t].pos;
-        if grouped {
-            pos = pos.min(self.rack_first[self.nodes[t].rack]);
-        }
+        let pos = self.nodes[t].pos;
+        let room = self.zones[z].tree.get(pos);
+        let rack_pos = self.rack_first[self.nodes[t].rack].min(pos);
         let affected: Vec<NodeIx> = self.zones[z]
             .nodes
             .iter()
             .copied()
-            .filter(|&f| f == t || (!self.nodes[f].vms.is_empty() && self.sims[f].reach >= pos))
+            .filter(|&f| {
+                if f == t {
+                    return true;
+                }
+                if self.nodes[f].vms.is_empty() {
+                    return false;
+                }
+                let sim = &self.sims[f];
+                if !sim.ok {
+                    return true;
+                }
+                if sim.reach < rack_pos {
+                    return false;
+                }
+                let passed_by = sim.landed.iter().any(|(p, d)| {
+                    *p > pos && (0..DIMS).all(|k| room[k] >= d.0[k].min(i64::MAX as u64) as i64)
+                });
+                passed_by || group.is_some_and(|g| sim.groups.binary_search(&g).is_ok())
+            })
             .collect();
         for f in affected {
             let s = self.simulate(f);
@@ -1273,7 +1522,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         req: &Request,
         group: Option<usize>,
     ) -> Option<NodeIx> {
-        if !self.policy.n_plus_one {
+        if !self.policy.n_plus_one || self.zones[self.nodes[n].zone].ready < 2 {
             return None;
         }
         // Apply, simulate the evacuations it changes, undo.
@@ -1287,15 +1536,26 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         }));
         self.attach(ix);
         let mut broke = None;
+        let mut sims = Vec::new();
         for f in self.affected_by_add(n, group) {
             let was_ok = self.sims[f].ok || f == n;
-            if was_ok && !self.simulate(f).ok {
+            let sim = self.simulate(f);
+            if was_ok && !sim.ok {
                 broke = Some(f);
                 break;
             }
+            sims.push((f, sim));
         }
         self.detach(ix);
         self.vms.pop();
+        self.pending = broke.is_none().then(|| Pending {
+            key: key.clone(),
+            node: n,
+            demand: req.demand,
+            group,
+            spread: req.spread,
+            sims,
+        });
         broke
     }
 
@@ -1350,31 +1610,83 @@ fn shuffle<T>(v: &mut [T], seed: u64) {
 }
 
 /// The order in which Zhengyun decides a batch whose members all arrive at once (a static
-/// trace, or a plan): higher priority first, then anti-affinity groups (the hardest to
-/// place), then larger first by the sum of their shares of `unit` (a typical node), then
-/// the given order. Returns indices into `reqs`.
+/// trace, or a plan). Returns indices into `reqs`.
+///
+/// Higher priority first. Within a priority, requests fall into classes by shape (their
+/// CPU to memory ratio against `unit`, a typical node), each class sorted larger first
+/// (by the sum of its shares of `unit`; anti-affinity members first among equals), and the
+/// classes are interleaved so that every prefix of the order holds each class in the
+/// proportion of its whole demand. Big before small, as first-fit decreasing does, but
+/// never all of one shape before another: that is what strands a node's CPU behind full
+/// memory, or the reverse.
 pub fn static_order(reqs: &[Request], unit: &Res) -> Vec<usize> {
-    let share = |r: &Request| -> f64 {
-        (0..DIMS)
-            .map(|d| {
-                if unit.0[d] == 0 {
-                    0.0
-                } else {
-                    r.demand.0[d] as f64 / unit.0[d] as f64
-                }
-            })
-            .sum()
+    const CLASSES: usize = 6;
+    let share = |r: &Request, d: usize| -> f64 {
+        if unit.0[d] == 0 {
+            0.0
+        } else {
+            r.demand.0[d] as f64 / unit.0[d] as f64
+        }
     };
-    let mut idx: Vec<usize> = (0..reqs.len()).collect();
-    idx.sort_by(|&a, &b| {
-        let (ra, rb) = (&reqs[a], &reqs[b]);
-        rb.priority
-            .cmp(&ra.priority)
-            .then(rb.group.is_some().cmp(&ra.group.is_some()))
-            .then(share(rb).total_cmp(&share(ra)))
-            .then(a.cmp(&b))
-    });
-    idx
+    let size = |r: &Request| -> f64 { (0..DIMS).map(|d| share(r, d)).sum() };
+    let class = |r: &Request| -> usize {
+        let (c, m) = (share(r, CPU), share(r, MEM));
+        if c + m == 0.0 {
+            return 0;
+        }
+        // The angle from all-memory (0) to all-CPU (pi/2), in equal slices.
+        let a = c.atan2(m) / std::f64::consts::FRAC_PI_2;
+        ((a * CLASSES as f64) as usize).min(CLASSES - 1)
+    };
+    let mut prios: Vec<i32> = reqs.iter().map(|r| r.priority).collect();
+    prios.sort_unstable_by(|a, b| b.cmp(a));
+    prios.dedup();
+    let mut out = Vec::with_capacity(reqs.len());
+    for p in prios {
+        let mut classes: Vec<Vec<usize>> = vec![Vec::new(); CLASSES];
+        for (i, r) in reqs.iter().enumerate() {
+            if r.priority == p {
+                classes[class(r)].push(i);
+            }
+        }
+        let mut totals = [0.0f64; CLASSES];
+        for (k, cl) in classes.iter_mut().enumerate() {
+            cl.sort_by(|&a, &b| {
+                let (ra, rb) = (&reqs[a], &reqs[b]);
+                size(rb)
+                    .total_cmp(&size(ra))
+                    .then(rb.group.is_some().cmp(&ra.group.is_some()))
+                    .then(a.cmp(&b))
+            });
+            totals[k] = cl.iter().map(|&i| size(&reqs[i])).sum();
+        }
+        let mut next = [0usize; CLASSES];
+        let mut taken = [0.0f64; CLASSES];
+        loop {
+            // The class furthest behind its share of the demand goes next.
+            let pick = (0..CLASSES)
+                .filter(|&k| next[k] < classes[k].len())
+                .min_by(|&a, &b| {
+                    let fa = if totals[a] > 0.0 {
+                        taken[a] / totals[a]
+                    } else {
+                        0.0
+                    };
+                    let fb = if totals[b] > 0.0 {
+                        taken[b] / totals[b]
+                    } else {
+                        0.0
+                    };
+                    fa.total_cmp(&fb).then(a.cmp(&b))
+                });
+            let Some(k) = pick else { break };
+            let i = classes[k][next[k]];
+            next[k] += 1;
+            taken[k] += size(&reqs[i]);
+            out.push(i);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

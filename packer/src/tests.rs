@@ -147,6 +147,17 @@ fn n_plus_one_keeps_room_for_the_biggest_loss_and_says_so() {
 }
 
 #[test]
+fn a_zone_of_one_ready_node_takes_vms_though_it_cannot_be_n_plus_one() {
+    let mut c = cluster(
+        true,
+        &[spec("a", "z", None, 4, 8192), spec("b", "z", None, 4, 8192)],
+    );
+    c.set_state(1, NodeState::Down).unwrap();
+    assert_eq!(c.place(1, &req("z", 1, 1024, None)), Ok(0));
+    assert_eq!(c.n_plus_one_failures(), vec![0]);
+}
+
+#[test]
 fn a_standby_node_that_would_fit_is_named_for_waking() {
     let mut c = cluster(
         false,
@@ -304,7 +315,12 @@ proptest! {
                         spread: if rack { Spread::Rack } else { Spread::Host },
                         priority: 0,
                     };
-                    let safe = c.n_plus_one_failures().is_empty();
+                    let zone_ready = c
+                        .zone_nodes(&r.zone)
+                        .iter()
+                        .filter(|&&n| c.node_spec(n).state == NodeState::Ready)
+                        .count();
+                    let safe = c.n_plus_one_failures().is_empty() && zone_ready >= 2;
                     next += 1;
                     if let Ok(n) = c.place(next, &r) {
                         prop_assert!(c.node_spec(n).state == NodeState::Ready);
@@ -334,4 +350,35 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn a_batch_is_ordered_big_first_but_never_one_shape_before_another() {
+    // 20 CPU-heavy and 20 memory-heavy requests given in two blocks.
+    let mut reqs = Vec::new();
+    for i in 0..20 {
+        reqs.push(req("z", 16, 2048 + i, None));
+    }
+    for i in 0..20 {
+        reqs.push(req("z", 1, 32768 + i, None));
+    }
+    let mut high = req("z", 1, 1024, None);
+    high.priority = 5;
+    reqs.push(high);
+    let order = static_order(&reqs, &Res::new(64_000, 65536, 1000));
+    assert_eq!(order.len(), reqs.len());
+    assert_eq!(order[0], 40, "the higher priority first");
+    let mut seen: Vec<usize> = order.clone();
+    seen.sort();
+    assert_eq!(seen, (0..41).collect::<Vec<_>>(), "every request once");
+    // In every prefix of ten, both shapes.
+    for w in order[1..].chunks(10) {
+        assert!(
+            w.iter().any(|&i| i < 20) && w.iter().any(|&i| (20..40).contains(&i)),
+            "{order:?}"
+        );
+    }
+    // Within a shape, bigger first.
+    let cpu: Vec<usize> = order.iter().copied().filter(|&i| i < 20).collect();
+    assert_eq!(cpu, (0..20).rev().collect::<Vec<_>>());
 }

@@ -21,6 +21,7 @@ pub mod actor;
 pub mod console;
 pub mod limits;
 pub mod manager;
+pub mod migrate;
 pub mod observed;
 pub mod qmp;
 pub mod record;

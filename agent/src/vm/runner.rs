@@ -383,6 +383,20 @@ pub async fn launch(
     consoles: &Consoles,
 ) -> Result<Launched, RunError> {
     let args = spec.qemu_args(paths)?;
+    launch_args(qemu, spec, paths, sup, consoles, args).await
+}
+
+/// Starts QEMU for `spec` with the command line `args` built from it (by
+/// [`VmSpec::qemu_args`], or [`VmSpec::incoming_args`] for a migration's destination) and
+/// waits until QMP answers.
+pub async fn launch_args(
+    qemu: &Path,
+    spec: &VmSpec,
+    paths: &VmPaths,
+    sup: &Supervisor,
+    consoles: &Consoles,
+    args: Vec<String>,
+) -> Result<Launched, RunError> {
     if !qemu.exists() {
         return Err(RunError::QemuMissing(qemu.to_path_buf()));
     }
@@ -503,7 +517,8 @@ async fn until_running(
         Ok(s) => s,
         Err(e) => return Err(gone_within(proc, stderr_path).await.unwrap_or(e.into())),
     };
-    if status != "running" {
+    // `inmigrate`: a migration's destination, waiting paused for its stream.
+    if status != "running" && status != "inmigrate" {
         warn!(%status, "QEMU is not running after start");
     }
     Ok(qmp)

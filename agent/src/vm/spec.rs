@@ -183,6 +183,16 @@ impl VmSpec {
         Ok(())
     }
 
+    /// QEMU's arguments for the destination of a live migration: the same machine, paused
+    /// (`-S`), waiting for `migrate-incoming` (`-incoming defer`) so that the migration's
+    /// address and TLS can be set over QMP first. The destination's disks are the spec's
+    /// (the caller gives the destination its own paths).
+    pub fn incoming_args(&self, paths: &VmPaths) -> Result<Vec<String>, SpecError> {
+        let mut a = self.qemu_args(paths)?;
+        a.extend(["-S", "-incoming", "defer"].map(String::from));
+        Ok(a)
+    }
+
     /// QEMU's arguments (without the program). Validates first.
     pub fn qemu_args(&self, paths: &VmPaths) -> Result<Vec<String>, SpecError> {
         self.validate()?;
@@ -386,6 +396,15 @@ mod tests {
         let mut bad = s;
         bad.disks[0].base.as_mut().unwrap().path = "/img/a,driver=raw".into();
         assert!(matches!(bad.validate(), Err(SpecError::Unsafe { .. })));
+    }
+
+    #[test]
+    fn a_migration_destination_waits_paused_for_its_incoming_stream() {
+        let s = spec();
+        let paths = VmPaths { dir: "/v/x".into() };
+        let mut want = s.qemu_args(&paths).unwrap();
+        want.extend(["-S", "-incoming", "defer"].map(String::from));
+        assert_eq!(s.incoming_args(&paths).unwrap(), want);
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod images;
 pub mod placement;
 pub mod reconcile;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -37,8 +37,8 @@ use crate::fleet::membership::NodeState;
 use crate::ops::{OpRec, OpState};
 use crate::store::{Store, StoreError, VmRec, VmWrite};
 use crate::Coordinator;
-use placement::{Demand, NodeCap};
-use zy_common::resources::{Resources, VmSize};
+use placement::{Demand, NodeCap, Placed};
+use zy_common::resources::VmSize;
 
 /// A zone's network.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -599,6 +599,11 @@ pub async fn create(
         }
     };
     let model = coord.config.resource_model();
+    // The packer applies the CPU overcommit: capacities go to it as the host has them.
+    let host = zy_common::resources::ResourceModel {
+        cpu_overcommit_milli: 1000,
+        ..model
+    };
     let nodes: Vec<NodeCap> = coord
         .fleet
         .snapshot()
@@ -607,15 +612,22 @@ pub async fn create(
             id: n.record.id,
             name: n.record.name.clone(),
             zone: n.record.zone,
-            ready: n.record.state == NodeState::Ready && n.session.is_some(),
+            state: if n.record.state == NodeState::Ready && n.session.is_some() {
+                zy_packer::NodeState::Ready
+            } else if n.record.state == NodeState::Down {
+                zy_packer::NodeState::Down
+            } else {
+                zy_packer::NodeState::Suspect
+            },
             capacity: n
                 .record
                 .inventory
                 .as_ref()
-                .map(|i| model.capacity(i.cpus, i.memory_bytes >> 20, i.disk_free_bytes >> 30))
+                .map(|i| host.capacity(i.cpus, i.memory_bytes >> 20, i.disk_free_bytes >> 30))
                 .unwrap_or_default(),
         })
         .collect();
+    let policy = coord.config.packer_policy();
     let mac: [u8; 3] = rand::random();
     let id = VmId::new_random();
     let now = now_millis();
@@ -634,21 +646,24 @@ pub async fn create(
             ));
         }
         // Tombstones count: a deleted VM may still run on a node that is away.
-        let mut used: HashMap<NodeId, Resources> = HashMap::new();
-        for v in t.vms.values() {
-            if let Some(n) = v.node {
-                let e = used.entry(n).or_default();
-                *e = e.plus(&model.cost(v.size()));
-            }
-        }
+        let placed = t.vms.values().filter_map(|v| {
+            v.node.map(|node| Placed {
+                id: v.id,
+                zone: v.zone,
+                need: model.cost(v.size()),
+                node,
+            })
+        });
         let size = VmSize {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
             disk_gib,
         };
         let node = placement::place(
+            policy,
             &nodes,
-            &used,
+            placed,
+            id,
             Demand {
                 zone: req.zone,
                 need: model.cost(size),

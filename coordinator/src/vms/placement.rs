@@ -1,11 +1,11 @@
-//! Where a new VM goes. For now: the Ready node of the VM's zone with the most free memory
-//! that has room for it in every dimension of [`zy_common::resources`] (the bin-packer issue
-//! replaces the choice, not the model). Pure: no I/O.
-
-use std::collections::HashMap;
+//! Where a new VM goes: the coordinator's nodes and VMs handed to the packer
+//! ([`zy_packer`], which holds every rule and the score). This module only translates: the
+//! resource model's capacities and costs into the packer's vectors, membership into the
+//! packer's node states, and a refusal into the API's message. Pure: no I/O.
 
 use zy_common::resources::Resources;
-use zy_common::{NodeId, Zone};
+use zy_common::{NodeId, VmId, Zone};
+use zy_packer::{Cluster, NodeSpec, NodeState, Policy, Request, Res, Spread};
 
 /// What placement knows of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,8 +13,9 @@ pub struct NodeCap {
     pub id: NodeId,
     pub name: String,
     pub zone: Zone,
-    pub ready: bool,
-    /// What it offers to VMs, by the resource model.
+    pub state: NodeState,
+    /// What it offers to VMs by the resource model, before CPU overcommit (the packer's
+    /// policy applies that).
     pub capacity: Resources,
 }
 
@@ -26,101 +27,107 @@ pub struct Demand {
     pub need: Resources,
 }
 
+/// A VM that holds room on a node (tombstones included: a deleted VM may still run on a
+/// node that is away).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub id: VmId,
+    pub zone: Zone,
+    pub need: Resources,
+    pub node: NodeId,
+}
+
 /// Why a VM has nowhere to go.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlaceError {
     #[error("no node of zone {0} is ready: enroll one, or wait for it to report")]
     NoNode(Zone),
-    #[error("{}", no_room(*zone, need, best))]
-    NoRoom {
-        zone: Zone,
-        need: Resources,
-        /// The most left in each dimension on any one ready node of the zone.
-        best: Resources,
-    },
+    /// The packer's refusal, which names what ran out where.
+    #[error("{0}")]
+    NoRoom(String),
 }
 
-/// Says what ran out: each resource the VM needs more of than any one node has left, or,
-/// when every one would fit somewhere, that no node has all of them at once.
-fn no_room(zone: Zone, need: &Resources, best: &Resources) -> String {
-    let mut short = Vec::new();
-    if need.vcpu_milli > best.vcpu_milli {
-        short.push(format!(
-            "{} vCPU(s) (the most left on one node: {})",
-            fmt_vcpus(need.vcpu_milli),
-            fmt_vcpus(best.vcpu_milli)
-        ));
-    }
-    if need.memory_mib > best.memory_mib {
-        short.push(format!(
-            "{} MiB of memory with QEMU's own (the most left on one node: {} MiB)",
-            need.memory_mib, best.memory_mib
-        ));
-    }
-    if need.disk_gib > best.disk_gib {
-        short.push(format!(
-            "a {} GiB disk (the most disk left on one node: {} GiB)",
-            need.disk_gib, best.disk_gib
-        ));
-    }
-    if short.is_empty() {
-        format!(
-            "no node of zone {zone} has room for {} vCPU(s), {} MiB of memory (with QEMU's own) and {} GiB of disk at once, though each would fit on some node",
-            fmt_vcpus(need.vcpu_milli),
-            need.memory_mib,
-            need.disk_gib
-        )
-    } else {
-        format!(
-            "no node of zone {zone} has room for {}",
-            short.join(", nor for ")
-        )
-    }
+fn res(r: &Resources) -> Res {
+    Res::new(r.vcpu_milli, r.memory_mib, r.disk_gib)
 }
 
-fn fmt_vcpus(milli: u64) -> String {
-    if milli % 1000 == 0 {
-        (milli / 1000).to_string()
-    } else {
-        format!("{:.1}", milli as f64 / 1000.0)
-    }
-}
-
-/// Picks a node. `used` is what VMs already take of each node, by the resource model.
-pub fn place(
+/// The pool as the packer sees it: nodes in name order (the zone's fixed order for N+1)
+/// and every placed VM. Returns the cluster and the node ids by packer index.
+pub fn cluster(
+    policy: Policy,
     nodes: &[NodeCap],
-    used: &HashMap<NodeId, Resources>,
+    placed: impl IntoIterator<Item = Placed>,
+) -> (Cluster<VmId>, Vec<NodeId>) {
+    let mut sorted: Vec<&NodeCap> = nodes.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    let mut c = Cluster::new(policy);
+    let mut ids = Vec::with_capacity(sorted.len());
+    let mut ix = std::collections::HashMap::new();
+    for n in sorted {
+        let spec = NodeSpec {
+            // Names are unique among enrolled nodes; the id keeps the packer's key unique
+            // even if a stale record shared one.
+            name: format!("{}/{}", n.name, n.id),
+            zone: n.zone.as_str().to_string(),
+            rack: None,
+            capacity: res(&n.capacity),
+            state: n.state,
+            overcommit: None,
+        };
+        if let Ok(i) = c.add_node(spec) {
+            ix.insert(n.id, i);
+            ids.push(n.id);
+        }
+    }
+    for p in placed {
+        if let Some(&i) = ix.get(&p.node) {
+            let req = Request {
+                zone: p.zone.as_str().to_string(),
+                demand: res(&p.need),
+                group: None,
+                spread: Spread::Host,
+                priority: 0,
+            };
+            // The store is the truth: a placement is counted even where it breaks a rule.
+            let _ = c.insert(p.id, &req, i);
+        }
+    }
+    (c, ids)
+}
+
+/// Picks a node for VM `id`.
+pub fn place(
+    policy: Policy,
+    nodes: &[NodeCap],
+    placed: impl IntoIterator<Item = Placed>,
+    id: VmId,
     d: Demand,
 ) -> Result<NodeId, PlaceError> {
-    let candidates: Vec<(&NodeCap, Resources)> = nodes
+    if !nodes
         .iter()
-        .filter(|n| n.zone == d.zone && n.ready)
-        .map(|n| {
-            let u = used.get(&n.id).copied().unwrap_or_default();
-            (n, n.capacity.left(&u))
-        })
-        .collect();
-    if candidates.is_empty() {
+        .any(|n| n.zone == d.zone && n.state == NodeState::Ready)
+    {
         return Err(PlaceError::NoNode(d.zone));
     }
-    candidates
-        .iter()
-        .filter(|(_, left)| left.fits(&Resources::default(), &d.need))
-        .max_by(|a, b| {
-            a.1.memory_mib
-                .cmp(&b.1.memory_mib)
-                .then_with(|| b.0.name.cmp(&a.0.name))
-        })
-        .map(|(n, _)| n.id)
-        .ok_or_else(|| PlaceError::NoRoom {
-            zone: d.zone,
-            need: d.need,
-            best: Resources {
-                vcpu_milli: candidates.iter().map(|c| c.1.vcpu_milli).max().unwrap_or(0),
-                memory_mib: candidates.iter().map(|c| c.1.memory_mib).max().unwrap_or(0),
-                disk_gib: candidates.iter().map(|c| c.1.disk_gib).max().unwrap_or(0),
-            },
-        })
+    let (mut c, ids) = cluster(policy, nodes, placed);
+    let req = Request {
+        zone: d.zone.as_str().to_string(),
+        demand: res(&d.need),
+        group: None,
+        spread: Spread::Host,
+        priority: 0,
+    };
+    match c.check(&id, &req) {
+        Ok(i) => Ok(ids[i]),
+        Err(refusal) => {
+            // The packer names nodes by its own key: show the operator's names.
+            let mut text = refusal.to_string();
+            for n in nodes {
+                text = text.replace(&format!("{}/{}", n.name, n.id), &n.name);
+            }
+            Err(PlaceError::NoRoom(text))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -134,7 +141,7 @@ mod tests {
             id: NodeId::new_random(),
             name: name.into(),
             zone,
-            ready: true,
+            state: NodeState::Ready,
             capacity: MODEL.capacity(4, mem, 100),
         }
     }
@@ -150,97 +157,111 @@ mod tests {
         }
     }
 
+    fn policy() -> Policy {
+        Policy {
+            overcommit: zy_packer::Overcommit([1000, 1000, 1000]),
+            n_plus_one: false,
+        }
+    }
+
+    fn used(node: &NodeCap, need: Resources) -> Placed {
+        Placed {
+            id: VmId::new_random(),
+            zone: node.zone,
+            need,
+            node: node.id,
+        }
+    }
+
     #[test]
-    fn fits_within_the_zone_by_free_memory_and_vcpus() {
+    fn fits_within_the_zone_on_a_used_node_first() {
         let a = node("a", Zone::Intranet, 4096);
         let b = node("b", Zone::Intranet, 8192);
         let c = node("c", Zone::Extranet, 65536);
         let nodes = vec![a.clone(), b.clone(), c.clone()];
         let d = demand(1, 1024);
-        assert_eq!(place(&nodes, &HashMap::new(), d), Ok(b.id));
-        let used = HashMap::from([(
-            b.id,
-            Resources {
-                memory_mib: 6000,
-                ..Resources::default()
-            },
-        )]);
-        assert_eq!(place(&nodes, &used, d), Ok(a.id));
-        // b has the memory but no vCPUs left (4 CPUs x 4): a takes it.
-        let used = HashMap::from([(
-            b.id,
+        // Empty pool: the biggest node of the zone is opened.
+        assert_eq!(place(policy(), &nodes, [], VmId::new_random(), d), Ok(b.id));
+        // a is in use and has room: it takes the VM, b stays empty.
+        let on_a = used(
+            &a,
+            MODEL.cost(VmSize {
+                vcpus: 1,
+                memory_mib: 512,
+                disk_gib: 1,
+            }),
+        );
+        assert_eq!(
+            place(policy(), &nodes, [on_a], VmId::new_random(), d),
+            Ok(a.id)
+        );
+        // a has the memory but no vCPUs left (4 CPUs x 4 = 16): b takes it.
+        let full_cpu = used(
+            &a,
             Resources {
                 vcpu_milli: 16_000,
                 ..Resources::default()
             },
-        )]);
-        assert_eq!(place(&nodes, &used, d), Ok(a.id));
-        let err = place(&nodes, &HashMap::new(), demand(1, 10_000)).unwrap_err();
-        assert!(matches!(err, PlaceError::NoRoom { .. }));
-        assert!(
-            err.to_string().contains("10256 MiB") && err.to_string().contains("7680 MiB"),
-            "{err}"
         );
+        assert_eq!(
+            place(policy(), &nodes, [full_cpu], VmId::new_random(), d),
+            Ok(b.id)
+        );
+        let err = place(policy(), &nodes, [], VmId::new_random(), demand(1, 10_000)).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("no node of zone intranet has room"), "{text}");
         assert!(
-            !err.to_string().contains("disk"),
-            "only memory ran out: {err}"
+            text.contains("10256 MiB") && text.contains("7680"),
+            "{text}"
+        );
+        assert!(!text.contains("disk"), "only memory ran out: {text}");
+        assert!(
+            !text.contains('/'),
+            "node names as the operator knows them: {text}"
         );
         let mut down = nodes.clone();
         for n in &mut down {
-            n.ready = n.zone != Zone::Intranet;
+            if n.zone == Zone::Intranet {
+                n.state = NodeState::Down;
+            }
         }
         assert_eq!(
-            place(&down, &HashMap::new(), d),
+            place(policy(), &down, [], VmId::new_random(), d),
             Err(PlaceError::NoNode(Zone::Intranet))
         );
     }
 
     #[test]
-    fn a_refusal_names_the_resource_that_ran_out() {
+    fn n_plus_one_is_on_by_default_and_names_itself() {
         let nodes = vec![
             node("a", Zone::Intranet, 8192),
-            node("b", Zone::Intranet, 4096),
+            node("b", Zone::Intranet, 8192),
         ];
-        let big_disk = Demand {
-            zone: Zone::Intranet,
-            need: MODEL.cost(VmSize {
-                vcpus: 1,
-                memory_mib: 256,
-                disk_gib: 60_000,
-            }),
+        let d = demand(1, 3000);
+        let mut placed = Vec::new();
+        let p = Policy {
+            overcommit: zy_packer::Overcommit([4000, 1000, 1000]),
+            ..Policy::default()
         };
-        let e = place(&nodes, &HashMap::new(), big_disk)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("60000 GiB disk") && !e.contains("memory") && !e.contains("vCPU"),
-            "{e}"
-        );
-        let many_vcpus = demand(40, 256);
-        let e = place(&nodes, &HashMap::new(), many_vcpus)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("40 vCPU(s)") && e.contains("16") && !e.contains("memory"),
-            "{e}"
-        );
-        // Each fits somewhere, but not together: a has the memory, b the vCPUs.
-        let used = HashMap::from([(
-            nodes[0].id,
-            Resources {
-                vcpu_milli: 16_000,
-                ..Resources::default()
-            },
-        )]);
-        let e = place(&nodes, &used, demand(2, 6000))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("at once"), "{e}");
+        for _ in 0..2 {
+            let id = VmId::new_random();
+            let n = place(p, &nodes, placed.clone(), id, d).unwrap();
+            placed.push(Placed {
+                id,
+                zone: Zone::Intranet,
+                need: d.need,
+                node: n,
+            });
+        }
+        // Two of 3 GiB fit beside each other on either node; a third would leave one node's
+        // VMs nowhere to go.
+        let e = place(p, &nodes, placed, VmId::new_random(), d).unwrap_err();
+        assert!(e.to_string().contains("N+1"), "{e}");
     }
 
     proptest! {
         /// Whatever the fleet, a placement is in the right zone, on a ready node, and fits in
-        /// every dimension; a refusal means no such node exists.
+        /// every dimension; a refusal means no such node exists (N+1 off).
         #[test]
         fn placements_respect_zone_readiness_and_room(
             mems in proptest::collection::vec((1024u64..65536, any::<bool>(), any::<bool>(), 0u64..20_000), 1..20),
@@ -251,13 +272,16 @@ mod tests {
                 id: NodeId::new_random(),
                 name: format!("n{i}"),
                 zone: if *z { Zone::Intranet } else { Zone::Extranet },
-                ready: *r,
+                state: if *r { NodeState::Ready } else { NodeState::Suspect },
                 capacity: MODEL.capacity(2, *m, 10),
             }).collect();
-            let used: HashMap<NodeId, Resources> = nodes.iter().zip(&mems).map(|(n, (_, _, _, v))| (n.id, Resources { vcpu_milli: *v, memory_mib: 0, disk_gib: 0 })).collect();
+            let placed: Vec<Placed> = nodes.iter().zip(&mems).map(|(n, (_, _, _, v))| used(n, Resources { vcpu_milli: *v, memory_mib: 0, disk_gib: 0 })).collect();
             let d = demand(vcpus, want);
-            let fits = |n: &NodeCap| n.zone == Zone::Intranet && n.ready && n.capacity.fits(&used[&n.id], &d.need);
-            match place(&nodes, &used, d) {
+            let fits = |n: &NodeCap| {
+                let u = placed.iter().find(|p| p.node == n.id).unwrap().need;
+                n.zone == Zone::Intranet && n.state == NodeState::Ready && n.capacity.fits(&u, &d.need)
+            };
+            match place(policy(), &nodes, placed.clone(), VmId::new_random(), d) {
                 Ok(id) => prop_assert!(fits(nodes.iter().find(|n| n.id == id).unwrap())),
                 Err(_) => prop_assert!(!nodes.iter().any(fits)),
             }
