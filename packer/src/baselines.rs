@@ -194,6 +194,9 @@ mod tests {
             demand,
             vms: 1,
             zone_max: cap,
+            zone_cap: cap,
+            zone_used: used,
+            zone: 0,
         }
     }
 

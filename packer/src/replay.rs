@@ -181,6 +181,17 @@ pub fn replay(
     };
     let mut placed = vec![false; trace.requests.len()];
     let mut decisions = 0u64;
+    // A static batch is known in advance: Zhengyun's score then takes the batch's own mix.
+    let batch = (is_static && packer.order == Order::Zhengyun).then(|| {
+        let reqs: Vec<_> = (0..trace.requests.len())
+            .map(|i| trace.request(i))
+            .collect();
+        cluster.batch_scorer(&reqs)
+    });
+    let scorer: &dyn Scorer = match &batch {
+        Some(b) => b,
+        None => packer.scorer.as_ref(),
+    };
     let mut decide = |i: usize, t: f64, cluster: &mut Cluster<String>, out: &mut Replay| {
         let req = trace.request(i);
         let sel = if packer.sampled {
@@ -196,7 +207,7 @@ pub fn replay(
         let r = cluster.place_with(
             trace.requests[i].id.clone(),
             &req,
-            packer.scorer.as_ref(),
+            scorer,
             sel,
         );
         let t1 = clock();
