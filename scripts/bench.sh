@@ -19,6 +19,11 @@
 #          ZY_BENCH_VMS* variables shorten or select parts, e.g. ZY_BENCH_VMS=5. Also a
 #          4 GiB image fetched onto a throttled disk (report lateness; a few minutes).
 #
+#   packing (packer/benches/packing.rs): the packer against Nomad's and Kubernetes' scoring
+#          on generated traces at 100, 1,000 and 10,000 nodes; pure computation, no root.
+#          ZY_BENCH_PACK_* variables select parts, e.g. ZY_BENCH_PACK_NODES=1000. Runs with
+#          spine. See its doc comment for the time it takes.
+#
 #   systemd (tests/benches/systemd.rs): VM starts as systemd transient units against the
 #          agent's own forks, on one site (a systemd-nspawn node and a plain one); about one
 #          minute. ZY_BENCH_SD_VMS sets the VMs per node (10).
@@ -72,6 +77,7 @@ if [[ "$run_spine" == 1 ]]; then
         cargo bench -p zy-lab --bench storm
         cargo bench -p zy-lab --bench store
         cargo bench -p zy-lab --bench calls
+        cargo bench -p zy-packer --bench packing
     )
 fi
 

@@ -53,6 +53,11 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
+pub mod baselines;
+pub mod gen;
+pub mod metrics;
+pub mod replay;
+pub mod trace;
 mod tree;
 
 use tree::MaxTree;

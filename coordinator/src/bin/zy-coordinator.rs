@@ -1,8 +1,8 @@
 //! `zy-coordinator`: the site coordinator daemon. Thin: parse, load, run the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -68,10 +68,34 @@ enum Cmd {
         #[arg(long)]
         log_json: bool,
     },
+    /// Replay a trace through the packer, with no daemon (docs/operations.md, "Judging the
+    /// packer"): writes where every request went, or that it was rejected.
+    Pack {
+        /// The trace (JSON; the format is in `packer/src/trace.rs`).
+        #[arg(long)]
+        trace: PathBuf,
+        /// Where to write PLACEMENTS.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// The packer: zhengyun, or a baseline (ffd, bfd, nomad, nomad-sampled, k8s-least,
+        /// k8s-most).
+        #[arg(long, default_value = "zhengyun")]
+        packer: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Cmd::Pack { trace, out, packer } = &args.command {
+        // Pure computation: no runtime, no logging.
+        return match pack(trace, out, packer) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("zy-coordinator: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -92,8 +116,31 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `zy-coordinator pack`: the trace through the named packer into PLACEMENTS.json.
+fn pack(trace: &Path, out: &Path, packer: &str) -> anyhow::Result<()> {
+    let p = zy_packer::baselines::by_name(packer).with_context(|| {
+        format!(
+            "no packer `{packer}` (known: {})",
+            zy_packer::baselines::NAMES.join(", ")
+        )
+    })?;
+    let text = std::fs::read_to_string(trace)
+        .with_context(|| format!("cannot read the trace {}", trace.display()))?;
+    let t = zy_packer::trace::Trace::parse(&text)
+        .with_context(|| format!("bad trace {}", trace.display()))?;
+    let t0 = Instant::now();
+    let mut clock = move || t0.elapsed().as_nanos() as u64;
+    let replay = zy_packer::replay::replay(&t, &p, &mut clock)?;
+    let placements = replay.placements(&t);
+    let json = serde_json::to_string_pretty(&placements)?;
+    std::fs::write(out, json + "\n").with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
+        // main runs it before any runtime starts; here for completeness.
+        Cmd::Pack { trace, out, packer } => pack(&trace, &out, &packer),
         Cmd::Init {
             state_dir,
             site,
