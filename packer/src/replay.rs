@@ -204,12 +204,7 @@ pub fn replay(
         };
         decisions += 1;
         let t0 = clock();
-        let r = cluster.place_with(
-            trace.requests[i].id.clone(),
-            &req,
-            scorer,
-            sel,
-        );
+        let r = cluster.place_with(trace.requests[i].id.clone(), &req, scorer, sel);
         let t1 = clock();
         out.decision_ns.push(t1.saturating_sub(t0));
         match r {
