@@ -2,7 +2,8 @@
 # Quick start: a one-machine Zhengyun cloud. Installs what a fresh Debian 12 machine lacks,
 # builds, then starts a coordinator and two nodes, each in its own network namespace joined
 # by a backbone bridge, enrolls both nodes, shows `zy node ls`, and boots two VMs (the small
-# test guest, under KVM or TCG) on the two nodes that ping each other over VXLAN.
+# test guest, under KVM or TCG) that ping each other. The packer puts both on one node and
+# keeps the other empty (so that it could stand by); `zy vm ls` shows where each went.
 #
 #   scripts/quickstart.sh          start (or show, if already up)
 #   scripts/quickstart.sh down     stop everything and remove every namespace, link and file
@@ -112,7 +113,7 @@ up() {
     echo
     zy node ls
     echo
-    echo "booting two VMs, one on each node..."
+    echo "booting two VMs (the packer fills one node before it opens another)..."
     zy image import --kernel images/out/vmlinuz --initrd images/out/initramfs.gz \
         --cmdline "console=ttyS0 quiet no_timer_check" --name guest --zone intranet >/dev/null
     # The same kernel with a command line that makes the guest ping its neighbour.
@@ -124,12 +125,12 @@ up() {
     trap - ERR
     zy vm ls
     echo
-    echo "vm1's console (it pings vm2 on the other node):"
+    echo "vm1's console (it pings vm2):"
     zy vm console vm1 --lines 200 | grep ZY- | tail -3
     cat <<MSG
 
 A one-machine Zhengyun cloud is up: a coordinator and two nodes, each in its own network
-namespace, and two VMs that reach each other across the nodes. Drive it with the zy CLI:
+namespace, and two VMs on the zone's network that reach each other. Drive it with the zy CLI:
 
   export ZY_CONFIG=$QS/coordinator/zy.toml PATH=$BIN:\$PATH
   zy node ls
