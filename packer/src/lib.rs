@@ -1186,62 +1186,55 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
     }
 
     fn attach(&mut self, ix: usize) {
-        let (node, demand, group, spread) = {
-            let v = self.vms[ix].as_ref().expect("attached VM exists");
-            (v.node, v.demand, v.group, v.spread)
-        };
-        let n = &mut self.nodes[node];
-        n.used = n.used.plus(&demand);
-        if n.spec.state.takes_vms() {
-            let z = &mut self.zones[n.zone];
-            z.ready_used = z.ready_used.plus(&demand);
-        }
-        n.vms.insert((
-            Reverse(demand.0[MEM]),
-            Reverse(demand.0[CPU]),
-            Reverse(demand.0[DISK]),
-            ix,
-        ));
-        if let Some(g) = group {
-            add_member(
-                &mut self.on_host,
-                &mut self.on_rack,
-                g,
-                node,
-                self.nodes[node].rack,
-                spread,
-                1,
-            );
-        }
-        self.update_tree(node);
+        self.account(ix, true);
     }
 
     fn detach(&mut self, ix: usize) {
+        self.account(ix, false);
+    }
+
+    /// Counts a VM on its node (`add`) or stops counting it: use, the zone's Ready use,
+    /// the evacuation set, group members, the tree.
+    fn account(&mut self, ix: usize, add: bool) {
         let (node, demand, group, spread) = {
-            let v = self.vms[ix].as_ref().expect("detached VM exists");
+            let v = self.vms[ix].as_ref().expect("a counted VM exists");
             (v.node, v.demand, v.group, v.spread)
         };
         let n = &mut self.nodes[node];
-        n.used = n.used.minus(&demand);
-        if n.spec.state.takes_vms() {
-            let z = &mut self.zones[n.zone];
-            z.ready_used = z.ready_used.minus(&demand);
-        }
-        n.vms.remove(&(
+        let entry = (
             Reverse(demand.0[MEM]),
             Reverse(demand.0[CPU]),
             Reverse(demand.0[DISK]),
             ix,
-        ));
+        );
+        let step = |r: &Res| {
+            if add {
+                r.plus(&demand)
+            } else {
+                r.minus(&demand)
+            }
+        };
+        n.used = step(&n.used);
+        if n.spec.state.takes_vms() {
+            let z = &mut self.zones[n.zone];
+            z.ready_used = step(&z.ready_used);
+        }
+        if add {
+            n.vms.insert(entry);
+        } else {
+            n.vms.remove(&entry);
+        }
         if let Some(g) = group {
+            let rack = self.nodes[node].rack;
+            let delta = if add { 1 } else { -1 };
             add_member(
                 &mut self.on_host,
                 &mut self.on_rack,
                 g,
                 node,
-                self.nodes[node].rack,
+                rack,
                 spread,
-                -1,
+                delta,
             );
         }
         self.update_tree(node);
