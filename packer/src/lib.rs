@@ -277,6 +277,9 @@ pub enum Why {
     NPlusOne { failed: NodeIx },
     /// A sampling scorer did not look at it.
     NotSampled,
+    /// It is in another zone (only for a move to a named node: a decision looks at the
+    /// request's zone alone).
+    Zone(String),
 }
 
 /// A refused request: every node of the zone with its reason.
@@ -950,6 +953,25 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
     /// Decides without placing (`key` is the VM's id-to-be: N+1 orders equal VMs by it).
     pub fn check(&mut self, key: &K, req: &Request) -> Result<NodeIx, Refusal> {
         self.decide(key, req, &Zhengyun::default(), Selection::All)
+    }
+
+    /// Whether node `n` may take the VM, by every hard rule (N+1 included), without
+    /// placing it: for a move to a chosen node. The reason when it may not.
+    pub fn check_on(&mut self, key: &K, req: &Request, n: NodeIx) -> Result<(), Why> {
+        if n >= self.nodes.len() {
+            return Err(Why::State(NodeState::Down));
+        }
+        if self.nodes[n].spec.zone != req.zone {
+            return Err(Why::Zone(self.nodes[n].spec.zone.clone()));
+        }
+        let group = req.group.as_ref().map(|g| self.intern_group(g));
+        if let Some(w) = self.why_not(n, req, group) {
+            return Err(w);
+        }
+        match self.n_plus_one_breaks(key, n, req, group) {
+            None => Ok(()),
+            Some(failed) => Err(Why::NPlusOne { failed }),
+        }
     }
 
     /// Decides by any scorer under the same hard rules, and places the VM.

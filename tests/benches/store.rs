@@ -84,6 +84,9 @@ fn vm(i: usize) -> VmRec {
         rev: 1,
         ssh_keys: Vec::new(),
         user_data: None,
+        anti_affinity: None,
+        migrating_to: None,
+        moved_at_ms: None,
     }
 }
 

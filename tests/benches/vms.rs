@@ -295,6 +295,7 @@ async fn api_create(api: &Client, name: &str, memory_mib: u64) -> Result<VmView>
         start: true,
         ssh_keys: vec![],
         user_data: None,
+        anti_affinity: None,
     })?;
     let a: Accepted = api
         .call(method("POST"), "/v1/vms", Some(body))

@@ -40,6 +40,8 @@ pub enum OpKind {
     Stop,
     Restart,
     Delete,
+    /// A live migration to another node.
+    Migrate,
 }
 
 impl OpKind {
@@ -51,6 +53,7 @@ impl OpKind {
             OpKind::Stop => "stop",
             OpKind::Restart => "restart",
             OpKind::Delete => "delete",
+            OpKind::Migrate => "migrate",
         }
     }
 }

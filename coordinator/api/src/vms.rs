@@ -27,6 +27,10 @@ pub struct CreateVm {
     /// A `#cloud-config` document for the guest's cloud-init, passed on as given.
     #[serde(default)]
     pub user_data: Option<String>,
+    /// An anti-affinity group: no two VMs of the group share a node (so that one server's
+    /// loss takes at most one of a redundant pair).
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }
 
 fn yes() -> bool {
@@ -67,6 +71,12 @@ pub struct VmView {
     /// hold secrets).
     #[serde(default)]
     pub user_data_bytes: Option<u64>,
+    /// Its anti-affinity group.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+    /// The node it is being migrated to, while a migration runs.
+    #[serde(default)]
+    pub migrating_to: Option<String>,
 }
 
 /// What the site wants of a VM. The coordinator's store keeps it too, in its VM records:

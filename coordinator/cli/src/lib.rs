@@ -179,6 +179,10 @@ pub enum VmCmd {
         /// it is; Zhengyun's keys, name and network come with it. Disk images only.
         #[arg(long, value_name = "FILE")]
         user_data: Option<PathBuf>,
+        /// An anti-affinity group (a name as for VMs): no two VMs of the group share a node,
+        /// so one server's loss takes at most one of a redundant pair.
+        #[arg(long, value_name = "GROUP")]
+        anti_affinity: Option<String>,
         #[command(flatten)]
         wait: WaitFlags,
     },
@@ -610,6 +614,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             stopped,
             ssh_keys,
             user_data,
+            anti_affinity,
             wait,
         }) => {
             let keys = read_key_files(&ssh_keys)?;
@@ -619,7 +624,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             };
             let body = serde_json::json!({"name": name, "zone": zone, "vcpus": vcpus,
                 "memory_mib": memory, "disk_gib": disk, "image": image, "start": !stopped,
-                "ssh_keys": keys, "user_data": user_data});
+                "ssh_keys": keys, "user_data": user_data, "anti_affinity": anti_affinity});
             let a = mutate(&c, Method::POST, "/v1/vms".into(), Some(body)).await?;
             if let (false, Some(vm)) = (wait.json, &a.vm) {
                 println!(
@@ -1216,6 +1221,12 @@ fn vm_detail(v: &VmView) -> String {
     }
     if let Some(n) = v.user_data_bytes {
         s.push_str(&format!("user-data: {n} bytes\n"));
+    }
+    if let Some(g) = &v.anti_affinity {
+        s.push_str(&format!("anti-affinity: {g}\n"));
+    }
+    if let Some(to) = &v.migrating_to {
+        s.push_str(&format!("migrating to: {to}\n"));
     }
     s
 }

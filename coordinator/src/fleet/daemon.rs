@@ -224,6 +224,8 @@ async fn enroll(
         cert: zy_common::tls::CertInfo::parse(&cert)
             .ok()
             .map(|i| crate::store::NodeCert::of(&i)),
+        admin: crate::store::Admin::Active,
+        admin_since_ms: now,
     };
     let store = coord.store.clone();
     let secret = token.secret.hash();

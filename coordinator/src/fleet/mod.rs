@@ -512,6 +512,8 @@ mod tests {
             last_seen_ms: 0,
             inventory: None,
             cert: None,
+            admin: crate::store::Admin::Active,
+            admin_since_ms: 0,
         }
     }
 

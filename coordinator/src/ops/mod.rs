@@ -52,8 +52,22 @@ pub fn deadline_ms(kind: OpKind) -> Option<u64> {
         OpKind::Start | OpKind::Stop => Some(10 * 60_000),
         OpKind::Restart => Some(15 * 60_000),
         OpKind::Delete => None,
+        // Bounded by the migration's own limits; the operation's deadline only catches a
+        // coordinator that lost track of it.
+        OpKind::Migrate => Some(6 * 60 * 60_000),
     }
 }
+
+/// A migration's steps. Until "copied" the source runs untouched and an abort resumes
+/// it; from "copied" on, only the destination's answer decides (see [`crate::vms::migrate`]).
+pub const MIGRATE_STEPS: [&str; 6] = [
+    "room held on the destination",
+    "destination listening",
+    "copied",
+    "running on the destination",
+    "record moved",
+    "source cleaned up",
+];
 
 /// The names of an operation's steps, in order.
 pub fn step_names(kind: OpKind, start: bool) -> Vec<&'static str> {
@@ -64,6 +78,7 @@ pub fn step_names(kind: OpKind, start: bool) -> Vec<&'static str> {
         OpKind::Stop => vec!["intent recorded", "stopped"],
         OpKind::Restart => vec!["stop recorded", "stopped", "start recorded", "running"],
         OpKind::Delete => vec!["tombstone recorded", "node has removed it", "forgotten"],
+        OpKind::Migrate => MIGRATE_STEPS.to_vec(),
     }
 }
 
@@ -112,6 +127,44 @@ pub struct OpRec {
     pub updated_at_ms: u64,
     /// Bumped by every write: writes are compare-and-swap on it.
     pub rev: u64,
+    /// A migration's nodes and outcome (`kind` migrate only).
+    pub migration: Option<MigrationRec>,
+}
+
+/// Why a VM moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveCause {
+    /// Asked for by ops (`zy vm migrate`).
+    Asked,
+    /// Its node is draining.
+    Drain,
+    /// A consolidation plan's step.
+    Consolidate,
+}
+
+impl MoveCause {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MoveCause::Asked => "asked",
+            MoveCause::Drain => "drain",
+            MoveCause::Consolidate => "consolidate",
+        }
+    }
+}
+
+/// A live migration's nodes and outcome, kept with its operation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRec {
+    pub from: zy_common::NodeId,
+    pub to: zy_common::NodeId,
+    pub cause: MoveCause,
+    /// The guest's pause at the switch-over, as the source's QEMU measured it.
+    pub downtime_ms: Option<u64>,
+    /// From the first byte to the switch-over.
+    pub total_ms: Option<u64>,
+    /// Why it is being abandoned: set before the first abort command is sent, so that a
+    /// restarted coordinator finishes the abort (the destination first, then the source).
+    pub aborting: Option<String>,
 }
 
 impl OpRec {
@@ -145,6 +198,7 @@ impl OpRec {
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
             rev: 1,
+            migration: None,
         }
     }
 

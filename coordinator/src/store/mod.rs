@@ -28,10 +28,11 @@ use zy_common::wire::{self, FrameError, VersionRange, RECORD_MAGIC};
 use crate::fleet::membership::NodeState;
 
 /// The schema this build writes and reads. Older ones are converted at open: schema 1 (VMs
-/// without generations, deletions in a table of their own) and schema 2 (VMs without SSH
+/// without generations, deletions in a table of their own), schema 2 (VMs without SSH
 /// keys and user-data, nodes without their certificate's dates, API tokens without expiry,
-/// revocation or last use).
-pub const SCHEMA_VERSION: u64 = 3;
+/// revocation or last use) and schema 3 (VMs without anti-affinity groups or migrations,
+/// nodes without an administrative state, operations without a migration's details).
+pub const SCHEMA_VERSION: u64 = 4;
 /// The record body version this build writes and reads.
 const RECORD_VERSION: u16 = 1;
 /// Bound on one record.
@@ -119,6 +120,46 @@ pub struct NodeRecord {
     /// The certificate the node holds, as far as the coordinator knows: the one it last
     /// connected with or the one last issued to it, whichever came last.
     pub cert: Option<NodeCert>,
+    /// What ops asked of the node (drain, maintenance, standby); heartbeats never change it.
+    pub admin: Admin,
+    pub admin_since_ms: u64,
+}
+
+/// What ops asked of a node, beside what its heartbeats say ([`NodeState`]).
+///
+/// ```text
+///            drain                  emptied                undrain
+///  Active ----------> Draining ---------------> Maintenance --------> Active
+///    |  ^   undrain      |                                     
+///    |  +----------------+                                       
+///    | standby (empty)          wake (power on; Active once it reports)
+///    +-----------------> Standby ------------------------------------> Active
+/// ```
+///
+/// Only an Active node takes VMs. A Standby node's silence is expected: it is shown as
+/// standby, not down, and the packer may wake it when it needs room.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Admin {
+    #[default]
+    Active,
+    /// Its VMs are being moved off, one at a time; it takes none.
+    Draining,
+    /// Empty and kept so for service; it takes none until undrained.
+    Maintenance,
+    /// Empty and powered down to save power; woken when room is needed.
+    Standby,
+}
+
+impl Admin {
+    /// The lower-case name used in the CLI and the API.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Admin::Active => "active",
+            Admin::Draining => "draining",
+            Admin::Maintenance => "maintenance",
+            Admin::Standby => "standby",
+        }
+    }
 }
 
 /// A node certificate's serial and dates.
@@ -269,6 +310,14 @@ pub struct VmRec {
     pub ssh_keys: Vec<zy_common::guest::SshKey>,
     /// The owner's `#cloud-config` document, as given.
     pub user_data: Option<String>,
+    /// Its anti-affinity group: no two VMs of one group share a node.
+    pub anti_affinity: Option<String>,
+    /// A live migration under way to this node: the VM holds room on both nodes until it
+    /// ends, and nothing else may change it meanwhile.
+    pub migrating_to: Option<NodeId>,
+    /// When it last arrived on a node by migration (consolidation moves a VM at most once
+    /// an hour).
+    pub moved_at_ms: Option<u64>,
 }
 
 impl VmRec {
@@ -295,6 +344,65 @@ pub enum VmWrite {
         id: zy_common::VmId,
         expect: Option<u64>,
     },
+}
+
+mod v3 {
+    //! Schema 3 records, read once by the conversion to schema 4: VMs (no anti-affinity,
+    //! migration or move time), nodes (no administrative state) and operations (no
+    //! migration details).
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub struct VmRec {
+        pub id: zy_common::VmId,
+        pub name: String,
+        pub zone: Zone,
+        pub vcpus: u32,
+        pub memory_mib: u64,
+        pub disk_gib: u64,
+        pub image: String,
+        pub boot: zy_common::image::ImageKind,
+        pub node: Option<NodeId>,
+        pub desired: VmDesired,
+        pub generation: zy_common::vm::Generation,
+        pub observed: Option<Observed>,
+        pub mac: [u8; 6],
+        pub ip: std::net::Ipv4Addr,
+        pub created_at_ms: u64,
+        pub rev: u64,
+        pub ssh_keys: Vec<zy_common::guest::SshKey>,
+        pub user_data: Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct NodeRecord {
+        pub id: NodeId,
+        pub name: String,
+        pub zone: Zone,
+        pub state: NodeState,
+        pub state_since_ms: u64,
+        pub enrolled_at_ms: u64,
+        pub token: TokenId,
+        pub last_seen_ms: u64,
+        pub inventory: Option<Inventory>,
+        pub cert: Option<NodeCert>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct OpRec {
+        pub id: zy_api::OpId,
+        pub key: Option<String>,
+        pub kind: zy_api::OpKind,
+        pub vm: zy_common::VmId,
+        pub vm_name: String,
+        pub steps: Vec<crate::ops::Step>,
+        pub current: usize,
+        pub state: crate::ops::OpState,
+        pub target: zy_common::vm::Generation,
+        pub created_at_ms: u64,
+        pub updated_at_ms: u64,
+        pub rev: u64,
+    }
 }
 
 mod v2 {
@@ -502,6 +610,11 @@ impl Store {
                 Some(2) => {
                     convert_v2_vms(&txn)?;
                     convert_v2_fleet(&txn)?;
+                    convert_v3_ops(&txn)?;
+                    meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+                Some(3) => {
+                    convert_v3(&txn)?;
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -959,6 +1072,108 @@ impl Store {
     }
 }
 
+/// Converts schema 3 to schema 4: VMs join no anti-affinity group, none is migrating and
+/// none has moved; every node is Active (nothing else existed) since its enrollment; no
+/// operation was a migration.
+fn convert_v3(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut vms = Vec::new();
+    {
+        let table = txn.open_table(VMS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v3::VmRec = decode("vms", k.value(), v.value())?;
+            vms.push(VmRec {
+                id: old.id,
+                name: old.name,
+                zone: old.zone,
+                vcpus: old.vcpus,
+                memory_mib: old.memory_mib,
+                disk_gib: old.disk_gib,
+                image: old.image,
+                boot: old.boot,
+                node: old.node,
+                desired: old.desired,
+                generation: old.generation,
+                observed: old.observed,
+                mac: old.mac,
+                ip: old.ip,
+                created_at_ms: old.created_at_ms,
+                rev: old.rev,
+                ssh_keys: old.ssh_keys,
+                user_data: old.user_data,
+                anti_affinity: None,
+                migrating_to: None,
+                moved_at_ms: None,
+            });
+        }
+    }
+    let mut table = txn.open_table(VMS)?;
+    for rec in &vms {
+        table.insert(rec.id.0.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    drop(table);
+    let mut nodes = Vec::new();
+    {
+        let table = txn.open_table(NODES)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v3::NodeRecord = decode("nodes", k.value(), v.value())?;
+            nodes.push(NodeRecord {
+                id: old.id,
+                name: old.name,
+                zone: old.zone,
+                state: old.state,
+                state_since_ms: old.state_since_ms,
+                enrolled_at_ms: old.enrolled_at_ms,
+                token: old.token,
+                last_seen_ms: old.last_seen_ms,
+                inventory: old.inventory,
+                cert: old.cert,
+                admin: Admin::Active,
+                admin_since_ms: old.enrolled_at_ms,
+            });
+        }
+    }
+    let mut table = txn.open_table(NODES)?;
+    for rec in &nodes {
+        table.insert(rec.id.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    drop(table);
+    convert_v3_ops(txn)
+}
+
+/// Converts schema 3's operations (schemas 1 and 2 had none: the table is empty there).
+fn convert_v3_ops(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
+    let mut ops = Vec::new();
+    {
+        let table = txn.open_table(OPS)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let old: v3::OpRec = decode("operations", k.value(), v.value())?;
+            ops.push(crate::ops::OpRec {
+                id: old.id,
+                key: old.key,
+                kind: old.kind,
+                vm: old.vm,
+                vm_name: old.vm_name,
+                steps: old.steps,
+                current: old.current,
+                state: old.state,
+                target: old.target,
+                created_at_ms: old.created_at_ms,
+                updated_at_ms: old.updated_at_ms,
+                rev: old.rev,
+                migration: None,
+            });
+        }
+    }
+    let mut table = txn.open_table(OPS)?;
+    for rec in &ops {
+        table.insert(rec.id.0.as_bytes().as_slice(), encode(rec)?.as_slice())?;
+    }
+    Ok(())
+}
+
 /// Converts schema 2's VMs to schema 3: every VM keeps everything and was given no SSH keys
 /// and no user-data (it was made before they could be).
 fn convert_v2_vms(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
@@ -987,6 +1202,9 @@ fn convert_v2_vms(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 rev: old.rev,
                 ssh_keys: Vec::new(),
                 user_data: None,
+                anti_affinity: None,
+                migrating_to: None,
+                moved_at_ms: None,
             });
         }
     }
@@ -1018,6 +1236,8 @@ fn convert_v2_fleet(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 last_seen_ms: old.last_seen_ms,
                 inventory: old.inventory,
                 cert: None,
+                admin: Admin::Active,
+                admin_since_ms: old.enrolled_at_ms,
             });
         }
     }
@@ -1111,6 +1331,9 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 rev: 1,
                 ssh_keys: Vec::new(),
                 user_data: None,
+                anti_affinity: None,
+                migrating_to: None,
+                moved_at_ms: None,
             });
         }
     }
@@ -1142,6 +1365,9 @@ fn convert_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError> {
                 rev: 1,
                 ssh_keys: Vec::new(),
                 user_data: None,
+                anti_affinity: None,
+                migrating_to: None,
+                moved_at_ms: None,
             });
         }
     }
@@ -1339,6 +1565,9 @@ pub(crate) fn test_vm(name: &str) -> VmRec {
         rev: 1,
         ssh_keys: Vec::new(),
         user_data: None,
+        anti_affinity: None,
+        migrating_to: None,
+        moved_at_ms: None,
     }
 }
 
@@ -1370,6 +1599,8 @@ mod tests {
             last_seen_ms: 0,
             inventory: None,
             cert: None,
+            admin: Admin::Active,
+            admin_since_ms: 1,
         }
     }
 
@@ -1837,12 +2068,10 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
-    /// The checked-in encoding of a VM record of this schema. A change to it fails here: that
-    /// is a new schema, converted at open, not an edit of this file. Regenerate only for a
-    /// new schema: `ZY_BLESS=1 cargo test -p zy-coordinator golden`.
-    #[test]
-    fn golden_vm_record() {
-        let rec = VmRec {
+    /// Fixed records of every kind schema 4 changed (VMs, nodes, operations) and of API
+    /// tokens (schema 3).
+    fn golden_records() -> Vec<(&'static str, Vec<u8>)> {
+        let vm = VmRec {
             id: zy_common::VmId(uuid::Uuid::from_u128(7)),
             node: Some(NodeId(uuid::Uuid::from_u128(9))),
             observed: Some(Observed {
@@ -1857,28 +2086,11 @@ mod tests {
             )
             .unwrap()],
             user_data: Some("#cloud-config\npackages: [nginx]\n".into()),
+            anti_affinity: Some("portal".into()),
+            migrating_to: Some(NodeId(uuid::Uuid::from_u128(10))),
+            moved_at_ms: Some(1_700_000_100_000),
             ..test_vm("w1")
         };
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/store_schema3.txt"
-        );
-        let got = format!("vm {}\n", zy_common::token::hex(&encode(&rec).unwrap()));
-        if std::env::var_os("ZY_BLESS").is_some() {
-            std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            std::fs::write(path, &got).unwrap();
-        }
-        let want = std::fs::read_to_string(path).expect("golden file is checked in");
-        assert_eq!(
-            got, want,
-            "the VM record of schema {SCHEMA_VERSION} changed"
-        );
-        let back: VmRec = decode("vms", b"k", &encode(&rec).unwrap()).unwrap();
-        assert_eq!(back, rec);
-    }
-
-    /// Fixed records of the kinds schema 3 changed.
-    fn golden_records() -> Vec<(&'static str, Vec<u8>)> {
         let token = ApiTokenRecord {
             id: TokenId([1, 2, 3, 4, 5, 6, 7, 8]),
             secret_hash: SecretHash([9; 32]),
@@ -1906,20 +2118,41 @@ mod tests {
                 not_before_ms: 1_000,
                 not_after_ms: 605_000,
             }),
+            admin: Admin::Draining,
+            admin_since_ms: 7,
         };
+        let mut op = crate::ops::OpRec::new(
+            zy_api::OpKind::Migrate,
+            &vm,
+            zy_common::vm::Generation(1),
+            Some("k1".into()),
+            1_700_000_000_000,
+        );
+        op.id = zy_api::OpId(uuid::Uuid::from_u128(11));
+        op.migration = Some(crate::ops::MigrationRec {
+            from: NodeId(uuid::Uuid::from_u128(9)),
+            to: NodeId(uuid::Uuid::from_u128(10)),
+            cause: crate::ops::MoveCause::Drain,
+            downtime_ms: Some(66),
+            total_ms: Some(1_700),
+            aborting: None,
+        });
         vec![
+            ("vm", encode(&vm).unwrap()),
             ("api_token", encode(&token).unwrap()),
             ("node", encode(&node).unwrap()),
+            ("op", encode(&op).unwrap()),
         ]
     }
 
-    /// The checked-in encodings of the records schema 3 changed: a change to their layout
-    /// fails here, and needs a new schema with a conversion, not an edit of the file.
-    /// Regenerate only then: `ZY_BLESS=1 cargo test -p zy-coordinator golden`.
+    /// The checked-in encodings of this schema's records: a change to their layout fails
+    /// here, and needs a new schema with a conversion, not an edit of the file. Regenerate
+    /// only then: `ZY_BLESS=1 cargo test -p zy-coordinator golden`.
     #[test]
-    fn golden_record_encodings_of_schema_3() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/store_v3.txt");
-        let got: String = golden_records()
+    fn golden_record_encodings_of_schema_4() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/store_v4.txt");
+        let recs = golden_records();
+        let got: String = recs
             .iter()
             .map(|(name, b)| format!("{name} {}\n", zy_common::token::hex(b)))
             .collect();
@@ -1928,7 +2161,97 @@ mod tests {
             std::fs::write(path, &got).unwrap();
         }
         let want = std::fs::read_to_string(path).expect("golden file is checked in");
-        assert_eq!(got, want, "record encoding of schema 3 changed");
+        assert_eq!(
+            got, want,
+            "record encoding of schema {SCHEMA_VERSION} changed"
+        );
+        let back: VmRec = decode("vms", b"k", &recs[0].1).unwrap();
+        assert_eq!(back.anti_affinity.as_deref(), Some("portal"));
+    }
+
+    /// Hex lines `name bytes` of a checked-in golden file.
+    fn golden_file(name: &str) -> Vec<(String, Vec<u8>)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(name);
+        std::fs::read_to_string(path)
+            .expect("golden file is checked in")
+            .lines()
+            .map(|l| {
+                let (k, v) = l.split_once(' ').unwrap();
+                let bytes = (0..v.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&v[i..i + 2], 16).unwrap())
+                    .collect();
+                (k.to_string(), bytes)
+            })
+            .collect()
+    }
+
+    /// A file of schema 3, made of the very bytes schema 3 wrote (its golden files), is
+    /// converted once at open: every VM keeps everything and joins no group, every node is
+    /// Active, and the file says schema 4 from then on.
+    #[test]
+    fn schema_3_records_as_written_are_converted_once_at_open() {
+        let (dir, s) = tmp();
+        let mut recs = golden_file("store_schema3.txt");
+        recs.extend(golden_file("store_v3.txt"));
+        let vm_id = zy_common::VmId(uuid::Uuid::from_u128(7));
+        let node_id = NodeId(uuid::Uuid::from_u128(
+            0x0123_4567_89ab_cdef_0123_4567_89ab_cdef,
+        ));
+        {
+            let txn = s.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 3)
+                .unwrap();
+            for (kind, bytes) in &recs {
+                match kind.as_str() {
+                    "vm" => {
+                        txn.open_table(VMS)
+                            .unwrap()
+                            .insert(vm_id.0.as_bytes().as_slice(), bytes.as_slice())
+                            .unwrap();
+                    }
+                    "node" => {
+                        txn.open_table(NODES)
+                            .unwrap()
+                            .insert(node_id.as_bytes().as_slice(), bytes.as_slice())
+                            .unwrap();
+                    }
+                    _ => {}
+                }
+            }
+            txn.commit().unwrap();
+        }
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.schema_version().unwrap(), SCHEMA_VERSION);
+        let vms = s.vms().unwrap();
+        assert_eq!(vms.len(), 1);
+        let v = &vms[0];
+        assert_eq!(v.id, vm_id);
+        assert_eq!(
+            v.user_data.as_deref(),
+            Some("#cloud-config\npackages: [nginx]\n")
+        );
+        assert_eq!(v.ssh_keys.len(), 1);
+        assert_eq!(
+            (v.anti_affinity.as_ref(), v.migrating_to, v.moved_at_ms),
+            (None, None, None)
+        );
+        let nodes = s.nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "n1");
+        assert_eq!(nodes[0].admin, Admin::Active);
+        assert_eq!(nodes[0].admin_since_ms, nodes[0].enrolled_at_ms);
+        assert!(nodes[0].cert.is_some());
+        drop(s);
+        // Opened again: nothing converted twice.
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.vms().unwrap(), vms);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

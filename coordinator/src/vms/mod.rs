@@ -33,7 +33,6 @@ use zy_common::vm::{Generation, VmState};
 use zy_common::{NodeId, VmId, Zone};
 
 use crate::api::ApiError;
-use crate::fleet::membership::NodeState;
 use crate::ops::{OpRec, OpState};
 use crate::store::{Store, StoreError, VmRec, VmWrite};
 use crate::Coordinator;
@@ -137,6 +136,59 @@ fn shown_state(v: &VmRec) -> (String, Option<String>, u64) {
     }
 }
 
+/// Every node as placement sees it.
+pub(crate) fn node_caps(coord: &Coordinator) -> Vec<NodeCap> {
+    let model = coord.config.resource_model();
+    // The packer applies the CPU overcommit: capacities go to it as the host has them.
+    let host = zy_common::resources::ResourceModel {
+        cpu_overcommit_milli: 1000,
+        ..model
+    };
+    coord
+        .fleet
+        .snapshot()
+        .into_iter()
+        .map(|n| NodeCap {
+            id: n.record.id,
+            name: n.record.name.clone(),
+            zone: n.record.zone,
+            state: placement::packer_state(n.record.admin, n.record.state, n.session.is_some()),
+            capacity: n
+                .record
+                .inventory
+                .as_ref()
+                .map(|i| host.capacity(i.cpus, i.memory_bytes >> 20, i.disk_free_bytes >> 30))
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Every VM's hold on a node, as placement counts it: tombstones too (a deleted VM may
+/// still run on a node that is away), and a migrating VM on both of its nodes.
+pub(crate) fn placed_vms(t: &Table, model: &zy_common::resources::ResourceModel) -> Vec<Placed> {
+    let mut out = Vec::with_capacity(t.vms.len());
+    for v in t.vms.values() {
+        let Some(node) = v.node else { continue };
+        let p = Placed {
+            id: v.id,
+            zone: v.zone,
+            need: model.cost(v.size()),
+            node,
+            group: v.anti_affinity.clone(),
+            arriving: false,
+        };
+        if let Some(to) = v.migrating_to {
+            out.push(Placed {
+                node: to,
+                arriving: true,
+                ..p.clone()
+            });
+        }
+        out.push(p);
+    }
+    out
+}
+
 fn view(coord: &Coordinator, v: &VmRec, op: Option<OpId>) -> VmView {
     let node = v
         .node
@@ -172,6 +224,14 @@ fn view(coord: &Coordinator, v: &VmRec, op: Option<OpId>) -> VmView {
         operation: op,
         ssh_keys: v.ssh_keys.iter().map(|k| k.to_string()).collect(),
         user_data_bytes: v.user_data.as_ref().map(|u| u.len() as u64),
+        anti_affinity: v.anti_affinity.clone(),
+        migrating_to: v.migrating_to.map(|n| {
+            coord
+                .fleet
+                .find(&n.to_string())
+                .map(|n| n.record.name)
+                .unwrap_or_else(|| n.to_string())
+        }),
     }
 }
 
@@ -543,6 +603,10 @@ pub async fn create(
         .map_err(|e| ApiError::bad_request(format!("bad VM request: {e}")))?;
     zy_common::ids::validate_name_of("VM", &req.name)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(g) = &req.anti_affinity {
+        zy_common::ids::validate_name_of("anti-affinity group", g)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
     zy_common::resources::VmSize {
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
@@ -599,34 +663,7 @@ pub async fn create(
         }
     };
     let model = coord.config.resource_model();
-    // The packer applies the CPU overcommit: capacities go to it as the host has them.
-    let host = zy_common::resources::ResourceModel {
-        cpu_overcommit_milli: 1000,
-        ..model
-    };
-    let nodes: Vec<NodeCap> = coord
-        .fleet
-        .snapshot()
-        .into_iter()
-        .map(|n| NodeCap {
-            id: n.record.id,
-            name: n.record.name.clone(),
-            zone: n.record.zone,
-            state: if n.record.state == NodeState::Ready && n.session.is_some() {
-                zy_packer::NodeState::Ready
-            } else if n.record.state == NodeState::Down {
-                zy_packer::NodeState::Down
-            } else {
-                zy_packer::NodeState::Suspect
-            },
-            capacity: n
-                .record
-                .inventory
-                .as_ref()
-                .map(|i| host.capacity(i.cpus, i.memory_bytes >> 20, i.disk_free_bytes >> 30))
-                .unwrap_or_default(),
-        })
-        .collect();
+    let nodes = node_caps(&coord);
     let policy = coord.config.packer_policy();
     let mac: [u8; 3] = rand::random();
     let id = VmId::new_random();
@@ -645,15 +682,7 @@ pub async fn create(
                 format!("a VM named `{}` exists", req.name),
             ));
         }
-        // Tombstones count: a deleted VM may still run on a node that is away.
-        let placed = t.vms.values().filter_map(|v| {
-            v.node.map(|node| Placed {
-                id: v.id,
-                zone: v.zone,
-                need: model.cost(v.size()),
-                node,
-            })
-        });
+        let placed = placed_vms(t, &model);
         let size = VmSize {
             vcpus: req.vcpus,
             memory_mib: req.memory_mib,
@@ -664,9 +693,10 @@ pub async fn create(
             &nodes,
             placed,
             id,
-            Demand {
+            &Demand {
                 zone: req.zone,
                 need: model.cost(size),
+                group: req.anti_affinity.clone(),
             },
         )
         .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
@@ -711,6 +741,9 @@ pub async fn create(
             rev: 1,
             ssh_keys: ssh_keys.clone(),
             user_data: req.user_data.clone(),
+            anti_affinity: req.anti_affinity.clone(),
+            migrating_to: None,
+            moved_at_ms: None,
         };
         let (b, op) = plan_create(t, rec.clone(), key.clone(), now)?;
         let a = Accepted {

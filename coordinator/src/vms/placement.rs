@@ -5,7 +5,10 @@
 
 use zy_common::resources::Resources;
 use zy_common::{NodeId, VmId, Zone};
-use zy_packer::{Cluster, NodeSpec, NodeState, Policy, Request, Res, Spread};
+use zy_packer::{Cluster, NodeSpec, NodeState, Policy, Request, Res, Spread, Why};
+
+use crate::fleet::membership::NodeState as FleetState;
+use crate::store::Admin;
 
 /// What placement knows of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,21 +23,39 @@ pub struct NodeCap {
 }
 
 /// What a VM needs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Demand {
     pub zone: Zone,
     /// Its cost by the resource model.
     pub need: Resources,
+    /// Its anti-affinity group.
+    pub group: Option<String>,
+}
+
+/// The packer's view of a node: what ops asked of it first (a draining, maintained or
+/// standby node takes nothing, whatever its heartbeats say), then its heartbeats.
+pub fn packer_state(admin: Admin, state: FleetState, connected: bool) -> NodeState {
+    match admin {
+        Admin::Draining => NodeState::Draining,
+        Admin::Maintenance => NodeState::Maintenance,
+        Admin::Standby => NodeState::Standby,
+        Admin::Active if state == FleetState::Ready && connected => NodeState::Ready,
+        Admin::Active if state == FleetState::Down => NodeState::Down,
+        Admin::Active => NodeState::Suspect,
+    }
 }
 
 /// A VM that holds room on a node (tombstones included: a deleted VM may still run on a
 /// node that is away).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placed {
     pub id: VmId,
     pub zone: Zone,
     pub need: Resources,
     pub node: NodeId,
+    pub group: Option<String>,
+    /// The room a migration holds on its destination (the VM also holds its own node's).
+    pub arriving: bool,
 }
 
 /// Why a VM has nowhere to go.
@@ -57,7 +78,7 @@ pub fn cluster(
     policy: Policy,
     nodes: &[NodeCap],
     placed: impl IntoIterator<Item = Placed>,
-) -> (Cluster<VmId>, Vec<NodeId>) {
+) -> (Cluster<(VmId, bool)>, Vec<NodeId>) {
     let mut sorted: Vec<&NodeCap> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
     let mut c = Cluster::new(policy);
@@ -81,18 +102,121 @@ pub fn cluster(
     }
     for p in placed {
         if let Some(&i) = ix.get(&p.node) {
-            let req = Request {
-                zone: p.zone.as_str().to_string(),
-                demand: res(&p.need),
-                group: None,
-                spread: Spread::Host,
-                priority: 0,
-            };
+            let req = request(p.zone, &p.need, p.group.clone());
             // The store is the truth: a placement is counted even where it breaks a rule.
-            let _ = c.insert(p.id, &req, i);
+            let _ = c.insert((p.id, p.arriving), &req, i);
         }
     }
     (c, ids)
+}
+
+fn request(zone: Zone, need: &Resources, group: Option<String>) -> Request {
+    Request {
+        zone: zone.as_str().to_string(),
+        demand: res(need),
+        group,
+        spread: Spread::Host,
+        priority: 0,
+    }
+}
+
+/// The packer's refusal in the operator's words: node names as enrolled, not the packer's
+/// keys.
+fn operator_text(text: String, nodes: &[NodeCap]) -> String {
+    let mut text = text;
+    for n in nodes {
+        text = text.replace(&format!("{}/{}", n.name, n.id), &n.name);
+    }
+    text
+}
+
+/// One node's reason, in words.
+fn why_text(w: &Why, node: &str, failed: Option<&str>) -> String {
+    match w {
+        Why::State(s) => format!("node {node} is {} and takes no VMs", s.as_str()),
+        Why::Short(short) => {
+            let parts: Vec<String> = short
+                .iter()
+                .map(|&(d, need, left)| {
+                    if d == zy_packer::CPU {
+                        format!(
+                            "vCPU (needs {}, {} left)",
+                            zy_packer::fmt_milli(need),
+                            zy_packer::fmt_milli(left)
+                        )
+                    } else if d == zy_packer::MEM {
+                        format!("memory (needs {need} MiB, {left} MiB left)")
+                    } else {
+                        format!("disk (needs {need} GiB, {left} GiB left)")
+                    }
+                })
+                .collect();
+            format!("node {node} is short of {}", parts.join(", "))
+        }
+        Why::AntiAffinity { group, .. } => {
+            format!("node {node} already holds a VM of anti-affinity group `{group}`")
+        }
+        Why::NPlusOne { .. } => format!(
+            "moving it to node {node} would leave the VMs of node {} nowhere to go if that              node were lost (N+1)",
+            failed.unwrap_or("?")
+        ),
+        Why::NotSampled => format!("node {node} was not looked at"),
+        Why::Zone(z) => format!("node {node} is in zone {z}, the VM in another"),
+    }
+}
+
+/// Where VM `id` may move, now on `from`: to node `to` if given, else the packer's choice.
+/// Judged as the pool will be once the move is done (the VM off `from`), so that N+1,
+/// room and anti-affinity hold afterwards; the VM keeps its room on `from` meanwhile,
+/// which the caller's table already counts. `from` itself is never chosen.
+pub fn check_move(
+    policy: Policy,
+    nodes: &[NodeCap],
+    placed: impl IntoIterator<Item = Placed>,
+    id: VmId,
+    d: &Demand,
+    from: NodeId,
+    to: Option<NodeId>,
+) -> Result<NodeId, PlaceError> {
+    // The source takes nothing in the judgement, not even its own VM back.
+    let nodes: Vec<NodeCap> = nodes
+        .iter()
+        .map(|n| {
+            let mut n = n.clone();
+            if n.id == from && n.state == NodeState::Ready {
+                n.state = NodeState::Draining;
+            }
+            n
+        })
+        .collect();
+    let (mut c, ids) = cluster(policy, &nodes, placed.into_iter().filter(|p| p.id != id));
+    let key = (id, false);
+    let req = request(d.zone, &d.need, d.group.clone());
+    let name_of = |i: usize| {
+        nodes
+            .iter()
+            .find(|n| n.id == ids[i])
+            .map(|n| n.name.clone())
+            .unwrap_or_default()
+    };
+    match to {
+        Some(to) => {
+            let Some(i) = ids.iter().position(|n| *n == to) else {
+                return Err(PlaceError::NoRoom(format!("node {to} is not enrolled")));
+            };
+            c.check_on(&key, &req, i).map(|()| to).map_err(|w| {
+                let failed = match &w {
+                    Why::NPlusOne { failed } => Some(name_of(*failed)),
+                    _ => None,
+                };
+                PlaceError::NoRoom(why_text(&w, &name_of(i), failed.as_deref()))
+            })
+        }
+        None => c
+            .check(&key, &req)
+            .map(|i| ids[i])
+            .map_err(|r| PlaceError::NoRoom(operator_text(r.to_string(), &nodes))),
+    }
 }
 
 /// Picks a node for VM `id`.
@@ -101,7 +225,7 @@ pub fn place(
     nodes: &[NodeCap],
     placed: impl IntoIterator<Item = Placed>,
     id: VmId,
-    d: Demand,
+    d: &Demand,
 ) -> Result<NodeId, PlaceError> {
     if !nodes
         .iter()
@@ -110,23 +234,13 @@ pub fn place(
         return Err(PlaceError::NoNode(d.zone));
     }
     let (mut c, ids) = cluster(policy, nodes, placed);
-    let req = Request {
-        zone: d.zone.as_str().to_string(),
-        demand: res(&d.need),
-        group: None,
-        spread: Spread::Host,
-        priority: 0,
-    };
-    match c.check(&id, &req) {
+    let req = request(d.zone, &d.need, d.group.clone());
+    match c.check(&(id, false), &req) {
         Ok(i) => Ok(ids[i]),
-        Err(refusal) => {
-            // The packer names nodes by its own key: show the operator's names.
-            let mut text = refusal.to_string();
-            for n in nodes {
-                text = text.replace(&format!("{}/{}", n.name, n.id), &n.name);
-            }
-            Err(PlaceError::NoRoom(text))
-        }
+        Err(refusal) => Err(PlaceError::NoRoom(operator_text(
+            refusal.to_string(),
+            nodes,
+        ))),
     }
 }
 
@@ -154,6 +268,7 @@ mod tests {
                 memory_mib,
                 disk_gib: 1,
             }),
+            group: None,
         }
     }
 
@@ -170,6 +285,8 @@ mod tests {
             zone: node.zone,
             need,
             node: node.id,
+            group: None,
+            arriving: false,
         }
     }
 
@@ -181,7 +298,10 @@ mod tests {
         let nodes = vec![a.clone(), b.clone(), c.clone()];
         let d = demand(1, 1024);
         // Empty pool: the biggest node of the zone is opened.
-        assert_eq!(place(policy(), &nodes, [], VmId::new_random(), d), Ok(b.id));
+        assert_eq!(
+            place(policy(), &nodes, [], VmId::new_random(), &d),
+            Ok(b.id)
+        );
         // a is in use and has room: it takes the VM, b stays empty.
         let on_a = used(
             &a,
@@ -192,7 +312,7 @@ mod tests {
             }),
         );
         assert_eq!(
-            place(policy(), &nodes, [on_a], VmId::new_random(), d),
+            place(policy(), &nodes, [on_a], VmId::new_random(), &d),
             Ok(a.id)
         );
         // a has the memory but no vCPUs left (4 CPUs x 4 = 16): b takes it.
@@ -204,10 +324,10 @@ mod tests {
             },
         );
         assert_eq!(
-            place(policy(), &nodes, [full_cpu], VmId::new_random(), d),
+            place(policy(), &nodes, [full_cpu], VmId::new_random(), &d),
             Ok(b.id)
         );
-        let err = place(policy(), &nodes, [], VmId::new_random(), demand(1, 10_000)).unwrap_err();
+        let err = place(policy(), &nodes, [], VmId::new_random(), &demand(1, 10_000)).unwrap_err();
         let text = err.to_string();
         assert!(text.contains("no node of zone intranet has room"), "{text}");
         assert!(
@@ -226,7 +346,7 @@ mod tests {
             }
         }
         assert_eq!(
-            place(policy(), &down, [], VmId::new_random(), d),
+            place(policy(), &down, [], VmId::new_random(), &d),
             Err(PlaceError::NoNode(Zone::Intranet))
         );
     }
@@ -245,18 +365,114 @@ mod tests {
         };
         for _ in 0..2 {
             let id = VmId::new_random();
-            let n = place(p, &nodes, placed.clone(), id, d).unwrap();
+            let n = place(p, &nodes, placed.clone(), id, &d).unwrap();
             placed.push(Placed {
                 id,
                 zone: Zone::Intranet,
                 need: d.need,
                 node: n,
+                group: None,
+                arriving: false,
             });
         }
         // Two of 3 GiB fit beside each other on either node; a third would leave one node's
         // VMs nowhere to go.
-        let e = place(p, &nodes, placed, VmId::new_random(), d).unwrap_err();
+        let e = place(p, &nodes, placed, VmId::new_random(), &d).unwrap_err();
         assert!(e.to_string().contains("N+1"), "{e}");
+    }
+
+    #[test]
+    fn anti_affinity_and_migrations_hold_room_where_they_should() {
+        let a = node("a", Zone::Intranet, 8192);
+        let b = node("b", Zone::Intranet, 8192);
+        let x = node("x", Zone::Extranet, 8192);
+        let nodes = vec![a.clone(), b.clone(), x.clone()];
+        let d = Demand {
+            group: Some("portal".into()),
+            ..demand(1, 1024)
+        };
+        let first = Placed {
+            group: Some("portal".into()),
+            ..used(&a, d.need)
+        };
+        // The pair's second half never joins the first, though a is used and has room.
+        assert_eq!(
+            place(policy(), &nodes, [first.clone()], VmId::new_random(), &d),
+            Ok(b.id)
+        );
+        // A move goes to the packer's choice, never back to its own node, or to a named
+        // node; another zone and a node holding its group are refused with the reason.
+        let plain = demand(1, 1024);
+        let v = used(&a, plain.need);
+        let m = |to| check_move(policy(), &nodes, [v.clone()], v.id, &plain, a.id, to);
+        assert_eq!(m(None), Ok(b.id));
+        assert_eq!(m(Some(b.id)), Ok(b.id));
+        let e = m(Some(x.id)).unwrap_err().to_string();
+        assert!(e.contains("zone"), "{e}");
+        let e = m(Some(a.id)).unwrap_err().to_string();
+        assert!(e.contains("draining") || e.contains("takes no VMs"), "{e}");
+        let grouped = Placed {
+            group: Some("portal".into()),
+            ..used(&b, d.need)
+        };
+        let e = check_move(
+            policy(),
+            &nodes,
+            [first.clone(), grouped],
+            first.id,
+            &d,
+            a.id,
+            Some(b.id),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("anti-affinity group `portal`"), "{e}");
+        // A migration under way holds its room on the destination too: b, with 7 of 8 GiB
+        // held by an arriving VM, has no room for another 2 GiB.
+        let arriving = Placed {
+            arriving: true,
+            ..used(&b, demand(1, 7000).need)
+        };
+        let home = Placed {
+            id: arriving.id,
+            ..used(&a, demand(1, 7000).need)
+        };
+        let e = place(
+            policy(),
+            &nodes,
+            [home, arriving],
+            VmId::new_random(),
+            &demand(1, 2048),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn what_ops_asked_of_a_node_comes_before_its_heartbeats() {
+        use FleetState as F;
+        assert_eq!(
+            packer_state(Admin::Active, F::Ready, true),
+            NodeState::Ready
+        );
+        assert_eq!(
+            packer_state(Admin::Active, F::Ready, false),
+            NodeState::Suspect
+        );
+        assert_eq!(packer_state(Admin::Active, F::Down, false), NodeState::Down);
+        assert_eq!(
+            packer_state(Admin::Draining, F::Ready, true),
+            NodeState::Draining
+        );
+        assert_eq!(
+            packer_state(Admin::Standby, F::Down, false),
+            NodeState::Standby
+        );
+        assert_eq!(
+            packer_state(Admin::Maintenance, F::Ready, true),
+            NodeState::Maintenance
+        );
     }
 
     proptest! {
@@ -281,7 +497,7 @@ mod tests {
                 let u = placed.iter().find(|p| p.node == n.id).unwrap().need;
                 n.zone == Zone::Intranet && n.state == NodeState::Ready && n.capacity.fits(&u, &d.need)
             };
-            match place(policy(), &nodes, placed.clone(), VmId::new_random(), d) {
+            match place(policy(), &nodes, placed.clone(), VmId::new_random(), &d) {
                 Ok(id) => prop_assert!(fits(nodes.iter().find(|n| n.id == id).unwrap())),
                 Err(_) => prop_assert!(!nodes.iter().any(fits)),
             }
