@@ -188,6 +188,14 @@ impl Node {
             }
             CommandKind::Ping => Ok(ReplyKind::Pong),
             CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),
+            CommandKind::MigrateIn(_)
+            | CommandKind::MigrateOut(_)
+            | CommandKind::MigrateStatus { .. }
+            | CommandKind::MigrateActivate { .. }
+            | CommandKind::MigrateFinish { .. }
+            | CommandKind::MigrateAbort { .. } => {
+                Err(refused("this agent does not migrate VMs yet"))
+            }
         }
     }
 

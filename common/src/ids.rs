@@ -74,6 +74,34 @@ impl FromStr for VmId {
     }
 }
 
+/// The identity of one live migration of a VM from one node to another, minted by the
+/// coordinator when it records the operation. Both nodes key their side of the migration by
+/// it, so that a repeated command finds the migration it started instead of a second one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MigrationId(pub Uuid);
+
+impl MigrationId {
+    /// A fresh random migration id.
+    pub fn new_random() -> Self {
+        Self(Uuid::new_v4())
+    }
+}
+
+impl fmt::Display for MigrationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for MigrationId {
+    type Err = IdError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| IdError::BadMigrationId(truncate_for_error(s)))
+    }
+}
+
 /// The public half of a bootstrap token: names the token in listings and revocations.
 /// The secret half is never stored, only its hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -152,6 +180,8 @@ pub enum IdError {
     BadNodeId(String),
     #[error("`{0}` is not a VM id (expected a UUID)")]
     BadVmId(String),
+    #[error("`{0}` is not a migration id (expected a UUID)")]
+    BadMigrationId(String),
     #[error("`{0}` is not a token id (expected 16 hex digits)")]
     BadTokenId(String),
     #[error("unknown zone `{0}`: the zones are `extranet` and `intranet`")]

@@ -33,7 +33,7 @@ pub mod token;
 pub mod vm;
 pub mod wire;
 
-pub use ids::{NodeId, TokenId, VmId, Zone};
+pub use ids::{MigrationId, NodeId, TokenId, VmId, Zone};
 
 /// The version of this build, reported by agents in their inventory.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

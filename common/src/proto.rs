@@ -1,4 +1,4 @@
-//! The messages of wire protocol version 3.
+//! The messages of wire protocol versions 3 and 4.
 //!
 //! One connection per agent; on it one bidirectional *control stream* that the agent opens.
 //! After the [`crate::wire::Preamble`] exchange:
@@ -44,12 +44,40 @@
 //!    | Input(bytes) ... ------------------> |   keystrokes (writers only)
 //!    | <------------ Ended(TakenOver|Closed)|   then the stream ends
 //! ```
+//!
+//! Version 4 adds live migration of a VM between two nodes: six commands
+//! ([`CommandKind::MigrateIn`] ... [`CommandKind::MigrateAbort`]), two replies
+//! ([`ReplyKind::MigrateListening`], [`ReplyKind::Migration`]) and one event
+//! ([`EventKind::Migration`]), each a new variant at the end of its enum, so every message
+//! of version 3 keeps its layout and a version 4 build speaks both (it sends a version 3
+//! peer nothing of version 4: [`Message::since_version`]). The coordinator drives both
+//! nodes; the nodes' QEMUs talk to each other directly under TLS (the agent's
+//! `vm::migrate` module says why and how):
+//!
+//! ```text
+//!  source agent                coordinator                destination agent
+//!    |                            | MigrateIn {m, vm, g, source} --> |  QEMU -incoming, NBD export
+//!    |                            | <---- MigrateListening(target)   |  (a repeat: the same target)
+//!    | <-- MigrateOut {m, target} |                                  |
+//!    | Done ------------------->  |                                  |
+//!    | Event Migration(...) ----> |   (at least once a second and at every phase change)
+//!    |   mirroring, memory, switchover                               |
+//!    | Event Migration(Completed{downtime, total}) --> |             |  source paused for good
+//!    |                            | MigrateActivate {m} ------------> |  cont, announce-self
+//!    |                            | <----------------- Vm(VmInfo)    |  now an ordinary VM here
+//!    |                            |  (moves the VM's record to the destination)
+//!    | <-- MigrateFinish {m}      |                                  |
+//!    | Done (source QEMU, disks, files gone; the VM forgotten)       |
+//!
+//!  any time before Finish: MigrateAbort {m} to the destination first, then to the source
+//!  (which resumes the guest, even after Completed). MigrateStatus {m} to either side.
+//! ```
 
 use serde::{Deserialize, Serialize};
 
 use crate::blob::BlobHash;
 use crate::guest::SshKey;
-use crate::ids::{validate_name, NodeId, VmId, Zone};
+use crate::ids::{validate_name, MigrationId, NodeId, VmId, Zone};
 use crate::image::ImageKind;
 use crate::vm::{Desired, Generation, VmState};
 use crate::wire::FrameError;
@@ -63,8 +91,11 @@ pub const MAX_DER: usize = 16 * 1024;
 pub const RENEWAL_SINCE: u16 = 3;
 /// The first protocol version with [`Message::ConsoleAttach`] and its [`ConsoleFrame`]s.
 pub const CONSOLE_SINCE: u16 = 3;
+/// The first protocol version with live migration: the `Migrate*` commands,
+/// [`ReplyKind::MigrateListening`], [`ReplyKind::Migration`] and [`EventKind::Migration`].
+pub const MIGRATION_SINCE: u16 = 4;
 
-/// Every message of protocol version 3 (see [`Message::since_version`]). New variants go at
+/// Every message of protocol versions 3 and 4 (see [`Message::since_version`]). New variants go at
 /// the end: postcard numbers variants by position, so the encodings of the older ones never
 /// change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -207,6 +238,9 @@ impl Message {
         match self {
             Message::RenewCert { .. } | Message::CertRenewed(_) => RENEWAL_SINCE,
             Message::ConsoleAttach { .. } => CONSOLE_SINCE,
+            Message::Command(c) => c.kind.since_version(),
+            Message::Reply(Reply { result: Ok(k), .. }) => k.since_version(),
+            Message::Event(e) => e.kind.since_version(),
             _ => 3,
         }
     }
@@ -254,15 +288,24 @@ impl Message {
                 CommandKind::SyncPeers { .. } => {
                     invalid("a network with an impossible VNI or peer list".into())
                 }
+                CommandKind::MigrateIn(m) => m.vm.validate(),
+                CommandKind::MigrateOut(m) => m.validate(),
+                CommandKind::MigrateStatus { .. }
+                | CommandKind::MigrateActivate { .. }
+                | CommandKind::MigrateFinish { .. }
+                | CommandKind::MigrateAbort { .. } => Ok(()),
             },
             Message::Reply(r) => match &r.result {
                 Ok(ReplyKind::Vm(info)) => info.validate(),
+                Ok(ReplyKind::MigrateListening(t)) => t.validate(),
+                Ok(ReplyKind::Migration(s)) => s.validate(),
                 Ok(_) => Ok(()),
                 Err(e) => text("reply error", &e.message, MAX_TEXT),
             },
             Message::Event(e) => match &e.kind {
                 EventKind::Notice { message } => text("notice", message, MAX_TEXT),
                 EventKind::Vm(info) => info.validate(),
+                EventKind::Migration(m) => m.status.validate(),
             },
             Message::Refused(r) => text("refusal", &r.message, MAX_TEXT),
             Message::FetchBlob(_) | Message::BlobHeader { .. } => Ok(()),
@@ -549,6 +592,371 @@ pub enum CommandKind {
         vni: u32,
         peers: Vec<std::net::Ipv4Addr>,
     },
+    /// Version 4, to the destination of a migration: get ready to receive this VM from
+    /// `source` (a paused QEMU waiting for the memory stream, empty target disks exported
+    /// over NBD) and answer where ([`ReplyKind::MigrateListening`]). A repeat of a migration
+    /// id this node is receiving answers the same target.
+    MigrateIn(Box<MigrateIn>),
+    /// Version 4, to the source: migrate this running VM to the target the destination
+    /// answered. [`ReplyKind::Done`] once started (also for a repeat of one under way or
+    /// ended); `Refused` when the VM does not run here or an endpoint's certificate cannot
+    /// serve TLS, `Busy` while another migration of it runs. Progress follows as
+    /// [`EventKind::Migration`].
+    MigrateOut(Box<MigrateOut>),
+    /// Version 4, to either side: where this migration stands ([`ReplyKind::Migration`]);
+    /// `NotFound` when this node knows nothing of it (never started, or its agent restarted
+    /// before the end).
+    MigrateStatus { migration: MigrationId, vm: VmId },
+    /// Version 4, to the destination once the source reported
+    /// [`MigrationPhase::Completed`]: resume the guest here and make it an ordinary VM of
+    /// this node, desired running at [`MigrateIn::generation`]. Answers [`ReplyKind::Vm`];
+    /// a repeat answers the same. `NotFound` if the node knows nothing of it.
+    MigrateActivate { migration: MigrationId, vm: VmId },
+    /// Version 4, to the source once the VM's record has moved to the destination: remove
+    /// the paused source VM and everything of it, and forget it (later intents for it are
+    /// refused as for a deleted VM). `Done`, also when nothing is left.
+    MigrateFinish { migration: MigrationId, vm: VmId },
+    /// Version 4, to either side: the destination kills its QEMU and removes what it made;
+    /// the source cancels what is under way and makes sure the guest runs as before (even
+    /// after `Completed`: the coordinator sends this to the source only once the
+    /// destination confirmed its own abort). `Done`, also when nothing is known of it.
+    MigrateAbort { migration: MigrationId, vm: VmId },
+}
+
+impl CommandKind {
+    /// The first protocol version that has this command.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            CommandKind::MigrateIn(_)
+            | CommandKind::MigrateOut(_)
+            | CommandKind::MigrateStatus { .. }
+            | CommandKind::MigrateActivate { .. }
+            | CommandKind::MigrateFinish { .. }
+            | CommandKind::MigrateAbort { .. } => MIGRATION_SINCE,
+            _ => 3,
+        }
+    }
+}
+
+/// Version 4: what the destination of a migration is told ([`CommandKind::MigrateIn`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateIn {
+    pub migration: MigrationId,
+    /// The VM as the destination is to run it: its NICs' `local` is the destination's
+    /// underlay address.
+    pub vm: WireVm,
+    /// The VM's desired generation: once activated, the destination records the VM as
+    /// desired running at it.
+    pub generation: Generation,
+    /// The node the VM comes from: the only client certificate the destination's NBD
+    /// export and migration stream accept.
+    pub source: NodeId,
+}
+
+/// Version 4: what the source of a migration is told ([`CommandKind::MigrateOut`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrateOut {
+    pub migration: MigrationId,
+    pub vm: VmId,
+    /// The destination node: its certificate must name it.
+    pub dest: NodeId,
+    /// The destination's answer to [`CommandKind::MigrateIn`], relayed as it came.
+    pub target: MigrateTarget,
+    /// The cap on the memory stream, and on the disk mirrors together (MiB/s).
+    pub max_bandwidth_mib_s: u32,
+    /// The longest pause of the guest at switchover the source may accept (ms).
+    pub max_downtime_ms: u32,
+}
+
+/// Most disks a migration carries.
+pub const MAX_MIGRATION_DISKS: usize = 16;
+/// The longest bandwidth cap a migration may be given (MiB/s): 1 TiB/s.
+pub const MAX_MIGRATION_MIB_S: u32 = 1 << 20;
+/// The longest downtime a migration may be allowed (ms).
+pub const MAX_MIGRATION_DOWNTIME_MS: u32 = 60_000;
+/// Largest virtual size of one migrated disk: 64 TiB.
+pub const MAX_MIGRATION_DISK_BYTES: u64 = 64 << 40;
+/// Longest time a migration figure may name (ms): a week.
+pub const MAX_MIGRATION_MS: u64 = 7 * 24 * 3600 * 1000;
+/// Highest rate a migration figure may name (bytes/s): 1 TiB/s.
+pub const MAX_MIGRATION_RATE: u64 = 1 << 40;
+/// Largest byte count a migration figure may name: 1 PiB.
+pub const MAX_MIGRATION_BYTES: u64 = 1 << 50;
+
+impl MigrateOut {
+    fn validate(&self) -> Result<(), FrameError> {
+        if !(1..=MAX_MIGRATION_MIB_S).contains(&self.max_bandwidth_mib_s) {
+            return invalid(format!(
+                "a migration bandwidth of {} MiB/s is outside 1..={MAX_MIGRATION_MIB_S}",
+                self.max_bandwidth_mib_s
+            ));
+        }
+        if !(1..=MAX_MIGRATION_DOWNTIME_MS).contains(&self.max_downtime_ms) {
+            return invalid(format!(
+                "a migration downtime of {} ms is outside 1..={MAX_MIGRATION_DOWNTIME_MS}",
+                self.max_downtime_ms
+            ));
+        }
+        self.target.validate()
+    }
+}
+
+/// Version 4: where and how the source sends a VM, as the destination decided it. The
+/// coordinator relays it from [`ReplyKind::MigrateListening`] to [`MigrateOut::target`]
+/// without looking inside.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateTarget {
+    /// The destination QEMU's NBD server (TLS), serving one export per disk.
+    pub nbd: std::net::SocketAddr,
+    /// The destination QEMU's incoming migration stream (TLS).
+    pub stream: std::net::SocketAddr,
+    /// One per disk of the VM, in the VM's order.
+    pub disks: Vec<MigrateDisk>,
+}
+
+/// Version 4: one disk's target on the destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateDisk {
+    /// The NBD export's name.
+    pub export: String,
+    /// The target's virtual size in bytes: the source refuses to mirror a disk of another.
+    pub virtual_size: u64,
+    /// What the source mirrors, as the target was made.
+    pub sync: MirrorSync,
+}
+
+/// Version 4: how a disk is mirrored, decided by what the destination's target holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MirrorSync {
+    /// The target is an overlay on the same base image: only the source's overlay goes.
+    Top,
+    /// The target is standalone: every byte the guest sees goes.
+    Full,
+}
+
+fn endpoint(what: &str, a: &std::net::SocketAddr) -> Result<(), FrameError> {
+    let ip = a.ip();
+    if a.port() == 0 || ip.is_unspecified() || ip.is_multicast() {
+        return invalid(format!("{what} {a} is not an address one can connect to"));
+    }
+    if let std::net::IpAddr::V4(v4) = ip {
+        if v4.is_broadcast() {
+            return invalid(format!("{what} {a} is a broadcast address"));
+        }
+    }
+    Ok(())
+}
+
+impl MigrateTarget {
+    fn validate(&self) -> Result<(), FrameError> {
+        endpoint("the NBD server", &self.nbd)?;
+        endpoint("the migration stream", &self.stream)?;
+        if self.nbd == self.stream {
+            return invalid("the NBD server and the migration stream share one port".into());
+        }
+        if self.disks.len() > MAX_MIGRATION_DISKS {
+            return invalid(format!(
+                "{} disks to migrate, over {MAX_MIGRATION_DISKS}",
+                self.disks.len()
+            ));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            let ok = !d.export.is_empty()
+                && d.export.len() <= 32
+                && d.export
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return invalid(format!(
+                    "disk {i}'s export name is not 1 to 32 of a-z, 0-9 and `-`"
+                ));
+            }
+            if self.disks[..i].iter().any(|o| o.export == d.export) {
+                return invalid(format!("disk {i}'s export name is used twice"));
+            }
+            if !(1..=MAX_MIGRATION_DISK_BYTES).contains(&d.virtual_size) {
+                return invalid(format!(
+                    "disk {i}'s size {} is outside 1..={MAX_MIGRATION_DISK_BYTES}",
+                    d.virtual_size
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Version 4: a migration's progress, as the source reports it ([`EventKind::Migration`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationEvent {
+    pub migration: MigrationId,
+    pub vm: VmId,
+    pub status: MigrationStatus,
+}
+
+/// Version 4: where a migration stands, with its figures so far (zero where not known yet
+/// or not known on this side: the destination knows only its phase).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    pub phase: MigrationPhase,
+    /// Bytes of the disks mirrored so far, and in all (every disk).
+    pub disk_done: u64,
+    pub disk_total: u64,
+    /// The memory stream: bytes sent (pages sent again count again), left to send, and the
+    /// guest's memory.
+    pub memory_transferred: u64,
+    pub memory_remaining: u64,
+    pub memory_total: u64,
+    /// Bytes per second the guest dirties.
+    pub dirty_rate: u64,
+    /// The pause QEMU expects at switchover at the current rate (ms).
+    pub expected_downtime_ms: u64,
+    /// How much auto-converge throttles the guest's vCPUs (percent).
+    pub cpu_throttle_percent: u8,
+}
+
+/// Version 4: a migration's phases.
+///
+/// ```text
+///  source:      Preparing -> Mirroring -> Memory -> Switchover -> Completed -> Finished
+///  destination: Preparing (listening) -> Memory -> Completed (arrived, paused) -> Active
+///  either, before Finished / Active:  -> Failed(reason) | Cancelled (after MigrateAbort)
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MigrationPhase {
+    /// Source: attaching to the destination's disks. Destination: listening.
+    Preparing,
+    /// Source: the disks are being mirrored.
+    Mirroring,
+    /// The memory stream runs (the disks are in sync and kept so).
+    Memory,
+    /// Source: the guest is paused, the mirrors are completing, the device state goes.
+    Switchover,
+    /// The whole VM is on the destination, paused on both sides. The figures are the
+    /// source's (zero on the destination): the guest's pause and the whole migration (ms).
+    Completed { downtime_ms: u64, total_ms: u64 },
+    /// It failed: the source runs as before, the destination has cleaned up.
+    Failed { reason: String },
+    /// Ended by [`CommandKind::MigrateAbort`] (or by the agent's restart, on the source).
+    Cancelled,
+    /// Destination: activated; the VM runs here.
+    Active,
+    /// Source: finished; the VM is gone from this node.
+    Finished,
+}
+
+impl MigrationPhase {
+    /// True once nothing more happens to the migration on this side without a command.
+    pub fn is_end(&self) -> bool {
+        !matches!(
+            self,
+            MigrationPhase::Preparing
+                | MigrationPhase::Mirroring
+                | MigrationPhase::Memory
+                | MigrationPhase::Switchover
+        )
+    }
+
+    /// A short name for logs and listings.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            MigrationPhase::Preparing => "preparing",
+            MigrationPhase::Mirroring => "mirroring",
+            MigrationPhase::Memory => "memory",
+            MigrationPhase::Switchover => "switchover",
+            MigrationPhase::Completed { .. } => "completed",
+            MigrationPhase::Failed { .. } => "failed",
+            MigrationPhase::Cancelled => "cancelled",
+            MigrationPhase::Active => "active",
+            MigrationPhase::Finished => "finished",
+        }
+    }
+}
+
+impl MigrationStatus {
+    /// A status in `phase` with every figure zero.
+    pub fn new(phase: MigrationPhase) -> Self {
+        Self {
+            phase,
+            disk_done: 0,
+            disk_total: 0,
+            memory_transferred: 0,
+            memory_remaining: 0,
+            memory_total: 0,
+            dirty_rate: 0,
+            expected_downtime_ms: 0,
+            cpu_throttle_percent: 0,
+        }
+    }
+
+    /// This status with every figure brought within what [`Message::validate`] accepts
+    /// (QEMU's own figures can be momentarily odd: an offset past a length that grew).
+    pub fn clamped(mut self) -> Self {
+        self.disk_total = self.disk_total.min(MAX_MIGRATION_BYTES);
+        self.disk_done = self.disk_done.min(self.disk_total);
+        self.memory_total = self.memory_total.min(MAX_MIGRATION_BYTES);
+        self.memory_remaining = self.memory_remaining.min(self.memory_total);
+        self.memory_transferred = self.memory_transferred.min(MAX_MIGRATION_BYTES);
+        self.dirty_rate = self.dirty_rate.min(MAX_MIGRATION_RATE);
+        self.expected_downtime_ms = self.expected_downtime_ms.min(MAX_MIGRATION_MS);
+        self.cpu_throttle_percent = self.cpu_throttle_percent.min(100);
+        if let MigrationPhase::Completed {
+            downtime_ms,
+            total_ms,
+        } = &mut self.phase
+        {
+            *downtime_ms = (*downtime_ms).min(MAX_MIGRATION_MS);
+            *total_ms = (*total_ms).min(MAX_MIGRATION_MS);
+        }
+        if let MigrationPhase::Failed { reason } = &mut self.phase {
+            *reason = fit_text(reason, MAX_TEXT);
+        }
+        self
+    }
+
+    fn validate(&self) -> Result<(), FrameError> {
+        let bytes = [
+            ("disk total", self.disk_total),
+            ("memory total", self.memory_total),
+            ("memory transferred", self.memory_transferred),
+        ];
+        for (what, v) in bytes {
+            if v > MAX_MIGRATION_BYTES {
+                return invalid(format!(
+                    "migration {what} {v} is over {MAX_MIGRATION_BYTES}"
+                ));
+            }
+        }
+        if self.disk_done > self.disk_total {
+            return invalid("more disk mirrored than there is".into());
+        }
+        if self.memory_remaining > self.memory_total {
+            return invalid("more memory left to send than the guest has".into());
+        }
+        if self.dirty_rate > MAX_MIGRATION_RATE {
+            return invalid(format!("a dirty rate of {} B/s", self.dirty_rate));
+        }
+        if self.cpu_throttle_percent > 100 {
+            return invalid(format!("a throttle of {} %", self.cpu_throttle_percent));
+        }
+        let mut times = vec![("expected downtime", self.expected_downtime_ms)];
+        match &self.phase {
+            MigrationPhase::Completed {
+                downtime_ms,
+                total_ms,
+            } => {
+                times.push(("downtime", *downtime_ms));
+                times.push(("total time", *total_ms));
+            }
+            MigrationPhase::Failed { reason } => text("migration failure", reason, MAX_TEXT)?,
+            _ => {}
+        }
+        for (what, v) in times {
+            if v > MAX_MIGRATION_MS {
+                return invalid(format!("a migration {what} of {v} ms"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A VM and what the coordinator wants of it, as of one desired generation.
@@ -633,6 +1041,20 @@ pub enum ReplyKind {
     Done,
     /// The VM as the node now has it (the answer to an intent).
     Vm(VmInfo),
+    /// Version 4: the destination's answer to [`CommandKind::MigrateIn`].
+    MigrateListening(MigrateTarget),
+    /// Version 4: the answer to [`CommandKind::MigrateStatus`].
+    Migration(MigrationStatus),
+}
+
+impl ReplyKind {
+    /// The first protocol version that has this reply.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            ReplyKind::MigrateListening(_) | ReplyKind::Migration(_) => MIGRATION_SINCE,
+            _ => 3,
+        }
+    }
 }
 
 /// Why a node did not do what a command asked, typed so that the coordinator can tell
@@ -682,6 +1104,18 @@ pub enum EventKind {
     Notice { message: String },
     /// A VM changed state.
     Vm(VmInfo),
+    /// Version 4: a migration's progress, from its source.
+    Migration(MigrationEvent),
+}
+
+impl EventKind {
+    /// The first protocol version that has this event.
+    pub fn since_version(&self) -> u16 {
+        match self {
+            EventKind::Migration(_) => MIGRATION_SINCE,
+            _ => 3,
+        }
+    }
 }
 
 /// A refusal, sent just before the sender closes the connection.
@@ -952,6 +1386,178 @@ mod tests {
         ]
     }
 
+    fn target() -> MigrateTarget {
+        MigrateTarget {
+            nbd: "10.77.0.12:49152".parse().unwrap(),
+            stream: "10.77.0.12:49153".parse().unwrap(),
+            disks: vec![
+                MigrateDisk {
+                    export: "disk0".into(),
+                    virtual_size: 10 << 30,
+                    sync: MirrorSync::Top,
+                },
+                MigrateDisk {
+                    export: "disk1".into(),
+                    virtual_size: 1 << 20,
+                    sync: MirrorSync::Full,
+                },
+            ],
+        }
+    }
+
+    fn mig() -> MigrationId {
+        MigrationId(Uuid::from_u128(0x4d16))
+    }
+
+    fn ensured_vm() -> WireVm {
+        match samples()
+            .into_iter()
+            .find(|(n, _)| *n == "command_ensure_vm")
+            .unwrap()
+            .1
+        {
+            Message::Command(Command {
+                kind: CommandKind::EnsureVm(i),
+                ..
+            }) => i.vm,
+            _ => unreachable!(),
+        }
+    }
+
+    fn progress() -> MigrationStatus {
+        MigrationStatus {
+            phase: MigrationPhase::Memory,
+            disk_done: 10 << 30,
+            disk_total: 10 << 30,
+            memory_transferred: 300 << 20,
+            memory_remaining: 12 << 20,
+            memory_total: 512 << 20,
+            dirty_rate: 3 << 20,
+            expected_downtime_ms: 40,
+            cpu_throttle_percent: 20,
+        }
+    }
+
+    /// The migration messages of version 4, with fixed contents.
+    fn samples_v4() -> Vec<(&'static str, Message)> {
+        let vm = VmId(Uuid::from_u128(7));
+        let cmd = |id, kind| Message::Command(Command { id, kind });
+        let reply = |id, r| Message::Reply(Reply { id, result: Ok(r) });
+        vec![
+            (
+                "migrate_in",
+                cmd(
+                    10,
+                    CommandKind::MigrateIn(Box::new(MigrateIn {
+                        migration: mig(),
+                        vm: ensured_vm(),
+                        generation: Generation(5),
+                        source: node(),
+                    })),
+                ),
+            ),
+            (
+                "migrate_listening",
+                reply(10, ReplyKind::MigrateListening(target())),
+            ),
+            (
+                "migrate_out",
+                cmd(
+                    11,
+                    CommandKind::MigrateOut(Box::new(MigrateOut {
+                        migration: mig(),
+                        vm,
+                        dest: NodeId(Uuid::from_u128(0xde57)),
+                        target: target(),
+                        max_bandwidth_mib_s: 1024,
+                        max_downtime_ms: 2000,
+                    })),
+                ),
+            ),
+            (
+                "migrate_status",
+                cmd(
+                    12,
+                    CommandKind::MigrateStatus {
+                        migration: mig(),
+                        vm,
+                    },
+                ),
+            ),
+            (
+                "migrate_activate",
+                cmd(
+                    13,
+                    CommandKind::MigrateActivate {
+                        migration: mig(),
+                        vm,
+                    },
+                ),
+            ),
+            (
+                "migrate_finish",
+                cmd(
+                    14,
+                    CommandKind::MigrateFinish {
+                        migration: mig(),
+                        vm,
+                    },
+                ),
+            ),
+            (
+                "migrate_abort",
+                cmd(
+                    15,
+                    CommandKind::MigrateAbort {
+                        migration: mig(),
+                        vm,
+                    },
+                ),
+            ),
+            (
+                "migration_status",
+                reply(12, ReplyKind::Migration(progress())),
+            ),
+            (
+                "migration_event",
+                Message::Event(Event {
+                    at_ms: 1_700_000_000_000,
+                    kind: EventKind::Migration(MigrationEvent {
+                        migration: mig(),
+                        vm,
+                        status: progress(),
+                    }),
+                }),
+            ),
+            (
+                "migration_completed",
+                Message::Event(Event {
+                    at_ms: 1_700_000_000_001,
+                    kind: EventKind::Migration(MigrationEvent {
+                        migration: mig(),
+                        vm,
+                        status: MigrationStatus {
+                            phase: MigrationPhase::Completed {
+                                downtime_ms: 180,
+                                total_ms: 42_000,
+                            },
+                            ..progress()
+                        },
+                    }),
+                }),
+            ),
+            (
+                "migration_failed",
+                reply(
+                    16,
+                    ReplyKind::Migration(MigrationStatus::new(MigrationPhase::Failed {
+                        reason: "the destination QEMU is gone".into(),
+                    })),
+                ),
+            ),
+        ]
+    }
+
     /// One of each console frame, with fixed contents.
     fn console_frames() -> Vec<(&'static str, ConsoleFrame)> {
         vec![
@@ -1010,6 +1616,233 @@ mod tests {
         for (_, m) in samples().into_iter().chain(samples_v3()) {
             assert!(m.since_version() <= 3, "{} is of a later version", m.kind());
         }
+    }
+
+    /// Version 4's checked-in encodings: the migration messages. The version 3 file above
+    /// is untouched by version 4: every older message keeps its layout.
+    /// Regenerate only for a new version: `ZY_BLESS=1 cargo test -p zy-common golden`.
+    #[test]
+    fn golden_encodings_v4() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/proto_v4.txt");
+        let got: Vec<(&str, Vec<u8>)> = samples_v4()
+            .into_iter()
+            .map(|(name, m)| {
+                m.validate().unwrap();
+                assert_eq!(m.since_version(), MIGRATION_SINCE, "{name}");
+                (name, encode(WIRE_MAGIC, 4, &m, MAX_BODY).unwrap())
+            })
+            .collect();
+        golden(path, 4, &got);
+        // What version 3 has stays version 3 on a version 4 session.
+        for (_, m) in samples().into_iter().chain(samples_v3()) {
+            let bytes = encode(WIRE_MAGIC, 4, &m, MAX_BODY).unwrap();
+            let (v, back): (u16, Message) = decode(&bytes, WIRE_MAGIC, MAX_BODY).unwrap();
+            assert_eq!((v, back), (4, m));
+        }
+        assert_eq!(crate::wire::PROTOCOL_VERSIONS.min, 3);
+        assert_eq!(crate::wire::PROTOCOL_VERSIONS.max, MIGRATION_SINCE);
+    }
+
+    /// A version 3 reader (the v3 layouts) sees a version 4 message as an unknown variant:
+    /// an error, never a wrong message.
+    #[test]
+    fn migration_messages_are_unknown_variants_to_version_3() {
+        for (name, m) in samples_v4() {
+            let bytes = encode(WIRE_MAGIC, 4, &m, MAX_BODY).unwrap();
+            let body = &bytes[HEADER_LEN..];
+            // The outer variant is a v3 one (Command, Reply or Event); what follows its id
+            // (Command's, Reply's) or time (Event's) starts with a variant index of v4.
+            let outer = body[0];
+            assert!([5, 6, 7].contains(&outer), "{name}");
+            // Version 3 had 5 commands, 3 replies and 2 events: a new one numbers past them.
+            let (inner, v3_count) = match m {
+                Message::Command(c) => (command_index(&c.kind), 5),
+                Message::Reply(Reply { result: Ok(k), .. }) => (reply_index(&k), 3),
+                Message::Event(e) => (event_index(&e.kind), 2),
+                _ => unreachable!(),
+            };
+            assert!(inner >= v3_count, "{name}: variant {inner}");
+        }
+    }
+
+    fn command_index(k: &CommandKind) -> u32 {
+        match k {
+            CommandKind::Ping => 0,
+            CommandKind::SetReportInterval { .. } => 1,
+            CommandKind::EnsureVm(_) => 2,
+            CommandKind::DeleteVm { .. } => 3,
+            CommandKind::SyncPeers { .. } => 4,
+            CommandKind::MigrateIn(_) => 5,
+            CommandKind::MigrateOut(_) => 6,
+            CommandKind::MigrateStatus { .. } => 7,
+            CommandKind::MigrateActivate { .. } => 8,
+            CommandKind::MigrateFinish { .. } => 9,
+            CommandKind::MigrateAbort { .. } => 10,
+        }
+    }
+
+    fn reply_index(k: &ReplyKind) -> u32 {
+        match k {
+            ReplyKind::Pong => 0,
+            ReplyKind::Done => 1,
+            ReplyKind::Vm(_) => 2,
+            ReplyKind::MigrateListening(_) => 3,
+            ReplyKind::Migration(_) => 4,
+        }
+    }
+
+    fn event_index(k: &EventKind) -> u32 {
+        match k {
+            EventKind::Notice { .. } => 0,
+            EventKind::Vm(_) => 1,
+            EventKind::Migration(_) => 2,
+        }
+    }
+
+    #[test]
+    fn migration_validation_rejects_nonsense() {
+        let out = |f: &dyn Fn(&mut MigrateOut)| {
+            let mut o = MigrateOut {
+                migration: mig(),
+                vm: VmId(Uuid::from_u128(7)),
+                dest: node(),
+                target: target(),
+                max_bandwidth_mib_s: 100,
+                max_downtime_ms: 300,
+            };
+            f(&mut o);
+            Message::Command(Command {
+                id: 1,
+                kind: CommandKind::MigrateOut(Box::new(o)),
+            })
+            .validate()
+        };
+        assert!(out(&|_| {}).is_ok());
+        assert!(out(&|o| o.max_bandwidth_mib_s = 0).is_err());
+        assert!(out(&|o| o.max_bandwidth_mib_s = MAX_MIGRATION_MIB_S + 1).is_err());
+        assert!(out(&|o| o.max_downtime_ms = 0).is_err());
+        assert!(out(&|o| o.max_downtime_ms = MAX_MIGRATION_DOWNTIME_MS + 1).is_err());
+        assert!(out(&|o| o.target.nbd = "0.0.0.0:10809".parse().unwrap()).is_err());
+        assert!(out(&|o| o.target.stream = "10.0.0.1:0".parse().unwrap()).is_err());
+        assert!(out(&|o| o.target.stream = "224.0.0.1:4444".parse().unwrap()).is_err());
+        assert!(out(&|o| o.target.stream = "255.255.255.255:4444".parse().unwrap()).is_err());
+        assert!(out(&|o| o.target.stream = o.target.nbd).is_err());
+        assert!(out(&|o| o.target.stream = "[fd00::2]:4444".parse().unwrap()).is_ok());
+        assert!(out(&|o| o.target.disks[1].export = "disk0".into()).is_err());
+        assert!(out(&|o| o.target.disks[0].export = "Disk,0".into()).is_err());
+        assert!(out(&|o| o.target.disks[0].export = String::new()).is_err());
+        assert!(out(&|o| o.target.disks[0].export = "d".repeat(33)).is_err());
+        assert!(out(&|o| o.target.disks[0].virtual_size = 0).is_err());
+        assert!(out(&|o| o.target.disks[0].virtual_size = MAX_MIGRATION_DISK_BYTES + 1).is_err());
+        assert!(out(&|o| {
+            let d = o.target.disks[0].clone();
+            o.target.disks = (0..=MAX_MIGRATION_DISKS)
+                .map(|i| MigrateDisk {
+                    export: format!("disk{i}"),
+                    ..d.clone()
+                })
+                .collect();
+        })
+        .is_err());
+        assert!(out(&|o| o.target.disks.clear()).is_ok());
+
+        // The VM handed to the destination is checked as an intent's is.
+        let mut vm = ensured_vm();
+        vm.user_data = Some("#!/bin/sh\n".into());
+        let m = Message::Command(Command {
+            id: 1,
+            kind: CommandKind::MigrateIn(Box::new(MigrateIn {
+                migration: mig(),
+                vm,
+                generation: Generation(1),
+                source: node(),
+            })),
+        });
+        assert!(m.validate().is_err());
+
+        let status = |f: &dyn Fn(&mut MigrationStatus)| {
+            let mut s = progress();
+            f(&mut s);
+            let event = Message::Event(Event {
+                at_ms: 0,
+                kind: EventKind::Migration(MigrationEvent {
+                    migration: mig(),
+                    vm: VmId(Uuid::from_u128(7)),
+                    status: s.clone(),
+                }),
+            })
+            .validate();
+            let reply = Message::Reply(Reply {
+                id: 0,
+                result: Ok(ReplyKind::Migration(s.clone())),
+            })
+            .validate();
+            assert_eq!(event.is_ok(), reply.is_ok());
+            // Whatever it was, its clamped form passes.
+            Message::Reply(Reply {
+                id: 0,
+                result: Ok(ReplyKind::Migration(s.clamped())),
+            })
+            .validate()
+            .unwrap();
+            event
+        };
+        assert!(status(&|_| {}).is_ok());
+        assert!(status(&|s| s.disk_done = s.disk_total + 1).is_err());
+        assert!(status(&|s| s.memory_remaining = s.memory_total + 1).is_err());
+        assert!(status(&|s| s.memory_total = u64::MAX).is_err());
+        assert!(status(&|s| s.memory_transferred = MAX_MIGRATION_BYTES + 1).is_err());
+        assert!(status(&|s| s.dirty_rate = u64::MAX).is_err());
+        assert!(status(&|s| s.cpu_throttle_percent = 101).is_err());
+        assert!(status(&|s| s.expected_downtime_ms = u64::MAX).is_err());
+        assert!(status(&|s| s.phase = MigrationPhase::Completed {
+            downtime_ms: u64::MAX,
+            total_ms: 1
+        })
+        .is_err());
+        assert!(status(&|s| s.phase = MigrationPhase::Completed {
+            downtime_ms: 1,
+            total_ms: MAX_MIGRATION_MS + 1
+        })
+        .is_err());
+        assert!(status(&|s| s.phase = MigrationPhase::Failed {
+            reason: "x".repeat(MAX_TEXT + 1)
+        })
+        .is_err());
+        assert!(status(&|s| s.phase = MigrationPhase::Failed {
+            reason: "bad\u{1b}[1m".into()
+        })
+        .is_err());
+        assert!(status(&|s| s.phase = MigrationPhase::Failed {
+            reason: "the mirror of zymig-disk0 failed: Input/output error".into()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn migration_ids_print_and_parse_as_uuids() {
+        let m = MigrationId::new_random();
+        assert_eq!(m.to_string().parse::<MigrationId>(), Ok(m));
+        assert!("not-a-uuid".parse::<MigrationId>().is_err());
+    }
+
+    #[test]
+    fn only_migration_messages_need_version_4() {
+        for (name, m) in samples().into_iter().chain(samples_v3()) {
+            assert!(m.since_version() <= 3, "{name}");
+        }
+        for (name, m) in samples_v4() {
+            assert_eq!(m.since_version(), 4, "{name}");
+        }
+        // An error reply is as old as replies.
+        let e = Message::Reply(Reply {
+            id: 1,
+            result: Err(ReplyError::new(
+                ReplyErrorKind::NotFound,
+                "no such migration",
+            )),
+        });
+        assert_eq!(e.since_version(), 3);
     }
 
     #[test]
@@ -1138,7 +1971,86 @@ mod tests {
                 kind: CommandKind::SetReportInterval { ms },
             })
         });
-        prop_oneof![load, event, join, cmd]
+        let sync = prop_oneof![Just(MirrorSync::Top), Just(MirrorSync::Full)];
+        let disk = ("[a-z0-9-]{1,32}", 1u64..=MAX_MIGRATION_DISK_BYTES, sync).prop_map(
+            |(export, virtual_size, sync)| MigrateDisk {
+                export,
+                virtual_size,
+                sync,
+            },
+        );
+        let target = (
+            any::<[u8; 4]>(),
+            1u16..,
+            1u16..,
+            proptest::collection::vec(disk, 0..=MAX_MIGRATION_DISKS),
+        )
+            .prop_filter_map("a valid target", |(ip, p1, p2, disks)| {
+                let ip = std::net::Ipv4Addr::from(ip);
+                let t = MigrateTarget {
+                    nbd: (ip, p1).into(),
+                    stream: (ip, p2).into(),
+                    disks,
+                };
+                t.validate().is_ok().then_some(t)
+            });
+        let out = (
+            any::<u128>(),
+            target,
+            1u32..=MAX_MIGRATION_MIB_S,
+            1u32..=MAX_MIGRATION_DOWNTIME_MS,
+        )
+            .prop_map(|(u, target, bw, dt)| {
+                Message::Command(Command {
+                    id: 9,
+                    kind: CommandKind::MigrateOut(Box::new(MigrateOut {
+                        migration: MigrationId(Uuid::from_u128(u)),
+                        vm: VmId(Uuid::from_u128(u ^ 1)),
+                        dest: NodeId(Uuid::from_u128(u ^ 2)),
+                        target,
+                        max_bandwidth_mib_s: bw,
+                        max_downtime_ms: dt,
+                    })),
+                })
+            });
+        let phase = prop_oneof![
+            Just(MigrationPhase::Preparing),
+            Just(MigrationPhase::Mirroring),
+            Just(MigrationPhase::Memory),
+            Just(MigrationPhase::Switchover),
+            (0..=MAX_MIGRATION_MS, 0..=MAX_MIGRATION_MS).prop_map(|(d, t)| {
+                MigrationPhase::Completed {
+                    downtime_ms: d,
+                    total_ms: t,
+                }
+            }),
+            "[a-z :]{0,300}".prop_map(|reason| MigrationPhase::Failed { reason }),
+            Just(MigrationPhase::Cancelled),
+            Just(MigrationPhase::Active),
+            Just(MigrationPhase::Finished),
+        ];
+        let status = (phase, any::<[u64; 7]>(), any::<u8>()).prop_map(|(phase, n, t)| {
+            Message::Event(Event {
+                at_ms: n[0],
+                kind: EventKind::Migration(MigrationEvent {
+                    migration: MigrationId(Uuid::from_u128(n[1].into())),
+                    vm: VmId(Uuid::from_u128(n[2].into())),
+                    status: MigrationStatus {
+                        phase,
+                        disk_done: n[3],
+                        disk_total: n[4],
+                        memory_transferred: n[5],
+                        memory_remaining: n[6],
+                        memory_total: n[1],
+                        dirty_rate: n[2],
+                        expected_downtime_ms: n[0],
+                        cpu_throttle_percent: t,
+                    }
+                    .clamped(),
+                }),
+            })
+        });
+        prop_oneof![load, event, join, cmd, out, status]
     }
 
     proptest! {
@@ -1146,7 +2058,7 @@ mod tests {
         fn messages_round_trip(m in arb_message()) {
             let bytes = encode(WIRE_MAGIC, 1, &m, MAX_BODY).unwrap();
             let (_, back): (u16, Message) = decode(&bytes, WIRE_MAGIC, MAX_BODY).unwrap();
-            prop_assert!(back.validate().is_ok());
+            prop_assert!(back.validate().is_ok(), "{:?}", back.validate());
             prop_assert_eq!(back, m);
         }
 
@@ -1171,7 +2083,7 @@ mod tests {
 
         #[test]
         fn mutated_frames_never_panic(idx in any::<prop::sample::Index>(), byte in any::<u8>(), cut in any::<prop::sample::Index>()) {
-            for (_, m) in samples() {
+            for (_, m) in samples().into_iter().chain(samples_v4()) {
                 let mut bytes = encode(WIRE_MAGIC, 1, &m, MAX_BODY).unwrap();
                 let i = idx.index(bytes.len());
                 bytes[i] = byte;

@@ -36,8 +36,10 @@ pub const MAX_BODY: u32 = 256 * 1024;
 /// The wire protocol versions this build speaks. Version 3 (this release: no build ever
 /// spoke 2 to a peer that mattered) gave VMs their SSH keys and user-data and NICs their
 /// name servers, which changed existing messages, and added certificate renewal and the
-/// interactive console.
-pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 3, max: 3 };
+/// interactive console. Version 4 adds live migration (new variants at the ends of
+/// the command, reply and event enums: every version 3 message keeps its layout, and a
+/// version 4 build sends a version 3 peer nothing of version 4).
+pub const PROTOCOL_VERSIONS: VersionRange = VersionRange { min: 3, max: 4 };
 
 /// Why a frame could not be encoded or decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -582,6 +582,12 @@ fn on_message(
                         .try_send(VmUpdate::Event(vm))
                         .map_err(|_| "too many VM updates at once".to_string());
                 }
+
+                // Version 4: a migration's progress. Logged until the migration operation
+                // (the lead's) takes it.
+                EventKind::Migration(m) => {
+                    info!(migration = %m.migration, vm = %m.vm, phase = m.status.phase.as_str(), "migration progress")
+                }
             }
             Ok(())
         }
