@@ -43,6 +43,61 @@ pub struct CoordinatorConfig {
     /// Certificate lifetimes.
     #[serde(default)]
     pub certs: CertConfig,
+    /// How live migrations go.
+    #[serde(default)]
+    pub migration: MigrationConfig,
+}
+
+/// How live migrations go (`[migration]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationConfig {
+    /// The cap on one migration's traffic, memory and disks together (MiB/s, 1 to
+    /// 1048576): leave the backbone room for the guests' own traffic.
+    #[serde(default = "default_migration_bandwidth")]
+    pub max_bandwidth_mib_s: u32,
+    /// The longest pause of a guest at the switch-over (ms, 1 to 60000; QEMU's own default
+    /// is 300). The source escalates towards it while the guest dirties memory faster than
+    /// it is sent, and gives up (the guest keeps running where it was) if it never fits.
+    #[serde(default = "default_migration_downtime")]
+    pub max_downtime_ms: u32,
+}
+
+fn default_migration_bandwidth() -> u32 {
+    512
+}
+
+fn default_migration_downtime() -> u32 {
+    300
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            max_bandwidth_mib_s: default_migration_bandwidth(),
+            max_downtime_ms: default_migration_downtime(),
+        }
+    }
+}
+
+impl MigrationConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=zy_common::proto::MAX_MIGRATION_MIB_S).contains(&self.max_bandwidth_mib_s) {
+            return Err(format!(
+                "key `max_bandwidth_mib_s` is {}, not within 1..={}",
+                self.max_bandwidth_mib_s,
+                zy_common::proto::MAX_MIGRATION_MIB_S
+            ));
+        }
+        if !(1..=zy_common::proto::MAX_MIGRATION_DOWNTIME_MS).contains(&self.max_downtime_ms) {
+            return Err(format!(
+                "key `max_downtime_ms` is {}, not within 1..={}",
+                self.max_downtime_ms,
+                zy_common::proto::MAX_MIGRATION_DOWNTIME_MS
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// How long the certificates the coordinator issues last. Each is renewed when a third of
@@ -263,6 +318,7 @@ impl Default for CoordinatorConfig {
             n_plus_one: true,
             zones: Zones::default(),
             certs: CertConfig::default(),
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -318,6 +374,9 @@ impl CoordinatorConfig {
         self.certs
             .validate()
             .map_err(|e| format!("table `certs`: {e}"))?;
+        self.migration
+            .validate()
+            .map_err(|e| format!("table `migration`: {e}"))?;
         if !(1.0..=16.0).contains(&self.cpu_overcommit) {
             return Err(format!(
                 "key `cpu_overcommit` is {}, not within 1.0..=16.0 vCPUs per host CPU",

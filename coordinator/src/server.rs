@@ -53,6 +53,8 @@ pub struct Coordinator {
     pub events: crate::api::events::Events,
     /// What the VM reconciler keeps between its ticks.
     pub reconciler: Arc<std::sync::Mutex<crate::vms::reconcile::State>>,
+    /// The live migrations under way: their drivers and latest progress.
+    pub migrations: crate::vms::migrate::Migrations,
 }
 
 /// Why the coordinator could not start.
@@ -133,6 +135,7 @@ impl Coordinator {
             .map_err(StartError::Committer)?;
         Ok(Self {
             reconciler: Arc::default(),
+            migrations: Default::default(),
             events: crate::api::events::Events::default(),
             vms,
             blobs,

@@ -73,6 +73,51 @@ pub struct OpView {
     pub current_step: usize,
     pub created_at: String,
     pub updated_at: String,
+    /// A migration's nodes, figures and progress (migrate operations only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationView>,
+}
+
+/// A live migration as the API shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationView {
+    /// The nodes it goes from and to (names).
+    pub from: String,
+    pub to: String,
+    /// Why it moves: asked, drain or consolidate.
+    pub cause: String,
+    /// The guest's pause at the switch-over and the whole copy, once measured (ms).
+    pub downtime_ms: Option<u64>,
+    pub total_ms: Option<u64>,
+    /// Set while it is being abandoned (the source keeps the VM).
+    pub aborting: Option<String>,
+    /// The latest progress the source reported, while it runs.
+    pub progress: Option<MigrationProgress>,
+}
+
+/// A migration's progress, as its source last reported it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MigrationProgress {
+    /// preparing, mirroring, memory, switchover, completed, failed, cancelled.
+    pub phase: String,
+    pub disk_done: u64,
+    pub disk_total: u64,
+    pub memory_transferred: u64,
+    pub memory_remaining: u64,
+    pub memory_total: u64,
+    /// Bytes per second the guest dirties.
+    pub dirty_rate: u64,
+    pub expected_downtime_ms: u64,
+    pub cpu_throttle_percent: u8,
+}
+
+/// `POST /v1/vms/{vm}/migrate`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// The node to move to (name or id); absent: the packer's choice.
+    #[serde(default)]
+    pub to: Option<String>,
 }
 
 /// One step of an operation.

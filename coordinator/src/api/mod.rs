@@ -202,6 +202,7 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
         .route("/v1/vms/{vm}/start", post(crate::vms::start))
         .route("/v1/vms/{vm}/stop", post(crate::vms::stop))
         .route("/v1/vms/{vm}/restart", post(crate::vms::restart))
+        .route("/v1/vms/{vm}/migrate", post(crate::vms::migrate::migrate))
         .route("/v1/vms/{vm}/console", get(crate::vms::console::console))
         .route("/v1/ops", get(crate::vms::list_ops))
         .route("/v1/ops/{id}", get(crate::vms::show_op))

@@ -583,10 +583,10 @@ fn on_message(
                         .map_err(|_| "too many VM updates at once".to_string());
                 }
 
-                // Version 4: a migration's progress. Logged until the migration operation
-                // (the lead's) takes it.
+                // Version 4: a migration's progress, for `zy vm migrate` to show.
                 EventKind::Migration(m) => {
-                    info!(migration = %m.migration, vm = %m.vm, phase = m.status.phase.as_str(), "migration progress")
+                    tracing::debug!(migration = %m.migration, vm = %m.vm, phase = m.status.phase.as_str(), "migration progress");
+                    coord.migrations.on_event(&m);
                 }
             }
             Ok(())

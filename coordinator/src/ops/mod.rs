@@ -227,6 +227,9 @@ impl OpRec {
 
 /// What [`advance`] decided.
 #[derive(Clone, Debug, PartialEq)]
+// Made once per operation per tick and consumed at once: boxing would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum Advance {
     /// Nothing to do yet.
     Wait,
@@ -254,8 +257,9 @@ pub fn advance(op: &OpRec, vm: Option<&VmRec>, node_enrolled: bool, now_ms: u64)
         }
         return Advance::Write(next, None);
     };
-    if op.kind == OpKind::Delete {
-        // Finished by the reconciler when the node confirms; nothing to decide here.
+    if matches!(op.kind, OpKind::Delete | OpKind::Migrate) {
+        // A delete is finished by the reconciler when the node confirms; a migration by
+        // its own driver (`vms::migrate`), which alone may undo what it began.
         return Advance::Wait;
     }
     if !node_enrolled {

@@ -14,6 +14,7 @@ pub mod commit;
 pub mod console;
 pub mod guest;
 pub mod images;
+pub mod migrate;
 pub mod placement;
 pub mod reconcile;
 
@@ -93,7 +94,14 @@ pub fn gateway_conflicts(config: &crate::config::CoordinatorConfig, vms: &[VmRec
 }
 
 /// The operation's view.
-pub fn op_view(op: &OpRec) -> OpView {
+pub fn op_view(coord: &Coordinator, op: &OpRec) -> OpView {
+    let name = |n: NodeId| {
+        coord
+            .fleet
+            .find(&n.to_string())
+            .map(|l| l.record.name)
+            .unwrap_or_else(|| n.to_string())
+    };
     OpView {
         id: op.id,
         kind: op.kind,
@@ -115,6 +123,18 @@ pub fn op_view(op: &OpRec) -> OpView {
         current_step: op.current,
         created_at: rfc3339(op.created_at_ms),
         updated_at: rfc3339(op.updated_at_ms),
+        migration: op.migration.as_ref().map(|m| zy_api::MigrationView {
+            from: name(m.from),
+            to: name(m.to),
+            cause: m.cause.as_str().into(),
+            downtime_ms: m.downtime_ms,
+            total_ms: m.total_ms,
+            aborting: m.aborting.clone(),
+            progress: op
+                .is_running()
+                .then(|| coord.migrations.progress(op.id))
+                .flatten(),
+        }),
     }
 }
 
@@ -490,7 +510,11 @@ pub fn session_ip(s: &crate::fleet::Session) -> Option<Ipv4Addr> {
 /// The nodes that host VMs (tombstones included: theirs may still run): only they take part
 /// in their zone's network.
 pub fn hosting(t: &Table) -> std::collections::HashSet<NodeId> {
-    t.vms.values().filter_map(|v| v.node).collect()
+    t.vms
+        .values()
+        .flat_map(|v| [v.node, v.migrating_to])
+        .flatten()
+        .collect()
 }
 
 /// The VM as its node is to be given it, with its network's peers: the other connected
@@ -552,7 +576,7 @@ fn replay(coord: &Coordinator, t: &Table, key: &Option<String>) -> Option<Accept
     let key = key.as_ref()?;
     let op = t.ops.values().find(|o| o.key.as_ref() == Some(key))?;
     Some(Accepted {
-        operation: op_view(op),
+        operation: op_view(coord, op),
         vm: t.vms.get(&op.vm).map(|v| view(coord, v, Some(op.id))),
     })
 }
@@ -569,6 +593,13 @@ fn busy_with(op: &OpRec) -> ApiError {
             op.id
         ),
     )
+}
+
+/// Publishes an operation as the table holds it now.
+fn publish_op_of(coord: &Coordinator, id: OpId) {
+    if let Some(op) = coord.vms.with(|t| t.ops.get(&id).cloned()) {
+        publish_op(coord, &op);
+    }
 }
 
 fn publish_op(coord: &Coordinator, op: &OpRec) {
@@ -747,7 +778,7 @@ pub async fn create(
         };
         let (b, op) = plan_create(t, rec.clone(), key.clone(), now)?;
         let a = Accepted {
-            operation: op_view(&op),
+            operation: op_view(&coord, &op),
             vm: Some(view(&coord, &rec, Some(op.id))),
         };
         Ok((b, a))
@@ -843,8 +874,22 @@ pub fn plan_delete(
     }
     if let Some(op) = t.running_op(v.id) {
         let mut o = op.clone();
-        o.fail("superseded by a delete of the VM", now);
-        b.op(Some(op), o);
+        match o.migration.as_mut() {
+            // A migration cannot just stop: its driver aborts it (the destination's copy
+            // goes, the source's guest runs on), then the delete proceeds on the source,
+            // whose agent answers "busy" until then.
+            Some(m) if o.kind == OpKind::Migrate => {
+                if m.aborting.is_none() {
+                    m.aborting = Some("superseded by a delete of the VM".into());
+                    o.updated_at_ms = now;
+                    b.op(Some(op), o);
+                }
+            }
+            _ => {
+                o.fail("superseded by a delete of the VM", now);
+                b.op(Some(op), o);
+            }
+        }
     }
     let mut n = v.clone();
     n.desired = VmDesired::Deleted;
@@ -895,7 +940,7 @@ async fn intend(
         }
         let (b, n, op) = plan_intend(t, key_path, kind, key.clone(), now)?;
         let a = Accepted {
-            operation: op_view(&op),
+            operation: op_view(&coord, &op),
             vm: Some(view(&coord, &n, Some(op.id))),
         };
         Ok((b, a))
@@ -951,7 +996,7 @@ pub async fn delete(
         }
         let (b, n, op) = plan_delete(t, &key_path, key.clone(), now)?;
         let a = Accepted {
-            operation: op_view(&op),
+            operation: op_view(&coord, &op),
             vm: Some(view(&coord, &n, Some(op.id))),
         };
         Ok((b, a))
@@ -965,7 +1010,7 @@ pub async fn delete(
 pub async fn list_ops(State(coord): State<Arc<Coordinator>>) -> Json<Vec<OpView>> {
     let mut ops: Vec<OpRec> = coord.vms.with(|t| t.ops.values().cloned().collect());
     ops.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(b.id.cmp(&a.id)));
-    Json(ops.iter().map(op_view).collect())
+    Json(ops.iter().map(|o| op_view(&coord, o)).collect())
 }
 
 /// `GET /v1/ops/{id}`.
@@ -981,7 +1026,7 @@ pub async fn show_op(
     })?;
     coord
         .vms
-        .with(|t| t.ops.get(&id).map(op_view))
+        .with(|t| t.ops.get(&id).map(|o| op_view(&coord, o)))
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no operation {id}; `zy op ls` lists them")))
 }

@@ -130,6 +130,7 @@ pub async fn tick(coord: &Arc<Coordinator>, state: &Arc<Mutex<State>>) {
     let in_play = coord.vms.with(nodes_in_play);
     let enrolled = coord.fleet.enrolled_among(in_play);
     advance_ops(coord, &enrolled).await;
+    super::migrate::drive_all(coord);
     let pending = coord.vms.with(pending_intents);
     let now = Instant::now();
     let mut forget = Vec::new();
@@ -292,7 +293,10 @@ async fn fail_op(coord: &Arc<Coordinator>, vm: VmId, reason: &str) {
     let r = write(coord, |t| {
         let mut b = Batch::default();
         let mut out = None;
-        if let Some(op) = t.running_op(vm).filter(|o| o.kind != OpKind::Delete) {
+        if let Some(op) = t
+            .running_op(vm)
+            .filter(|o| !matches!(o.kind, OpKind::Delete | OpKind::Migrate))
+        {
             let mut n = op.clone();
             n.fail(reason, now);
             b.op(Some(op), n.clone());
