@@ -466,18 +466,62 @@ pub fn plan_consolidate<K: Ord + Clone + fmt::Debug>(
 struct Planner<'a, K: Ord + Clone + fmt::Debug> {
     w: Cluster<K>,
     input: &'a ConsolidateInput<K>,
+    lim: Limits<K>,
+    moved: BTreeSet<K>,
+    left: usize,
+    steps: Vec<Step<K>>,
+    considered: Vec<Considered<K>>,
+}
+
+/// What the plan itself asks of a destination, besides the hard rules.
+struct Limits<K> {
     /// Per node: its raw vCPUs (milli) and, when reported, its busy milli-vCPUs and mark.
     raw: Vec<f64>,
     busy: Vec<Option<f64>>,
     mark: Vec<f64>,
     /// Per VM on a reported node: the busy milli-vCPUs it carries.
     carries: BTreeMap<K, f64>,
-    moved: BTreeSet<K>,
     /// Nodes emptied by the plan: they take nothing.
     emptied: BTreeSet<NodeIx>,
-    left: usize,
-    steps: Vec<Step<K>>,
-    considered: Vec<Considered<K>>,
+}
+
+impl<K: Ord + Clone + fmt::Debug> Limits<K> {
+    fn load(&self, n: NodeIx) -> Option<f64> {
+        self.busy[n].map(|b| {
+            if self.raw[n] > 0.0 {
+                b / self.raw[n]
+            } else {
+                0.0
+            }
+        })
+    }
+
+    fn hot(&self, n: NodeIx) -> bool {
+        self.load(n).is_some_and(|l| l > self.mark[n])
+    }
+
+    /// Whether `to` may take `vm`: not emptied by the plan, in use unless `into_empty`,
+    /// reported, and at or below its mark with `vm`'s load.
+    fn may_take(&self, c: &Cluster<K>, vm: &K, to: NodeIx, into_empty: bool) -> bool {
+        if self.emptied.contains(&to) || (!into_empty && c.vm_count(to) == 0) {
+            return false;
+        }
+        let (Some(b), Some(carry)) = (self.busy[to], self.carries.get(vm)) else {
+            return false;
+        };
+        self.raw[to] > 0.0 && (b + carry) / self.raw[to] <= self.mark[to]
+    }
+
+    /// A VM's load moves with it.
+    fn shift(&mut self, vm: &K, from: NodeIx, to: NodeIx) {
+        let carry = self.carries.get(vm).copied().unwrap_or(0.0);
+        if let Some(b) = &mut self.busy[from] {
+            *b -= carry;
+        }
+        if let Some(b) = &mut self.busy[to] {
+            *b += carry;
+        }
+    }
 }
 
 /// A goal's moves so far, to undo if it is not kept.
@@ -511,30 +555,18 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
         Planner {
             w,
             input,
-            raw,
-            busy,
-            mark,
-            carries,
+            lim: Limits {
+                raw,
+                busy,
+                mark,
+                carries,
+                emptied: BTreeSet::new(),
+            },
             moved: BTreeSet::new(),
-            emptied: BTreeSet::new(),
             left: input.max_moves,
             steps: Vec::new(),
             considered: Vec::new(),
         }
-    }
-
-    fn load(&self, n: NodeIx) -> Option<f64> {
-        self.busy[n].map(|b| {
-            if self.raw[n] > 0.0 {
-                b / self.raw[n]
-            } else {
-                0.0
-            }
-        })
-    }
-
-    fn hot(&self, n: NodeIx) -> bool {
-        self.load(n).is_some_and(|l| l > self.mark[n])
     }
 
     fn note(&mut self, node: NodeIx, goal: Goal, outcome: Outcome<K>) {
@@ -555,39 +587,15 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
         (ago < MIN_MOVE_INTERVAL_MS).then_some(Some(ago))
     }
 
-    /// Whether `to` may take `vm` under the plan's own limits (the hard rules aside).
-    fn may_take(&self, c: &Cluster<K>, vm: &K, to: NodeIx, into_empty: bool) -> bool {
-        if self.emptied.contains(&to) || (!into_empty && c.vm_count(to) == 0) {
-            return false;
-        }
-        let (Some(b), Some(carry)) = (self.busy[to], self.carries.get(vm)) else {
-            return false;
-        };
-        self.raw[to] > 0.0 && (b + carry) / self.raw[to] <= self.mark[to]
-    }
-
     /// Moves `vm` in the working copy to the best node the plan allows.
     fn try_move(&mut self, vm: &K, into_empty: bool) -> Result<(NodeIx, NodeIx), Blocked> {
         let from = self.w.node_of(vm).expect("a planned VM is placed");
-        let policy = self.w.policy;
-        let mut w = std::mem::replace(&mut self.w, Cluster::new(policy));
-        let r = move_vm(&mut w, vm, &|c: &Cluster<K>, to: NodeIx| {
-            self.may_take(c, vm, to, into_empty)
-        });
-        self.w = w;
-        let to = r?;
-        let carry = self.carries.get(vm).copied().unwrap_or(0.0);
-        self.shift(from, to, carry);
+        let lim = &self.lim;
+        let to = move_vm(&mut self.w, vm, &|c: &Cluster<K>, to: NodeIx| {
+            lim.may_take(c, vm, to, into_empty)
+        })?;
+        self.lim.shift(vm, from, to);
         Ok((from, to))
-    }
-
-    fn shift(&mut self, from: NodeIx, to: NodeIx, carry: f64) {
-        if let Some(b) = &mut self.busy[from] {
-            *b -= carry;
-        }
-        if let Some(b) = &mut self.busy[to] {
-            *b += carry;
-        }
     }
 
     fn begin(&self) -> Txn<K> {
@@ -614,8 +622,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
             let (req, _, _) = request_of(&self.w, &vm).expect("moved VM is placed");
             let _ = self.w.remove(&vm);
             reinsert(&mut self.w, &vm, &req, from);
-            let carry = self.carries.get(&vm).copied().unwrap_or(0.0);
-            self.shift(to, from, carry);
+            self.lim.shift(&vm, to, from);
             self.moved.remove(&vm);
             self.left += 1;
         }
@@ -625,8 +632,8 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
     /// Phase 1: hot nodes, hottest first.
     fn relieve(&mut self) {
         let mut hot: Vec<(f64, NodeIx)> = (0..self.w.node_count())
-            .filter(|&n| self.w.nodes[n].spec.state.takes_vms() && self.hot(n))
-            .filter_map(|n| self.load(n).map(|l| (l, n)))
+            .filter(|&n| self.w.nodes[n].spec.state.takes_vms() && self.lim.hot(n))
+            .filter_map(|n| self.lim.load(n).map(|l| (l, n)))
             .collect();
         hot.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         for (_, h) in hot {
@@ -639,13 +646,13 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
             .w
             .vms_on(h)
             .into_iter()
-            .map(|k| (self.carries.get(k).copied().unwrap_or(0.0), k.clone()))
+            .map(|k| (self.lim.carries.get(k).copied().unwrap_or(0.0), k.clone()))
             .collect();
         vms.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
         let mut t = self.begin();
         let (mut recent, mut small, mut stuck) = (0, 0, 0);
         for (carry, vm) in vms {
-            if !self.hot(h) || self.left == 0 {
+            if !self.lim.hot(h) || self.left == 0 {
                 break;
             }
             if self.recent(&vm).is_some() {
@@ -653,14 +660,14 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
                 continue;
             }
             // Busiest first: the rest gain no more.
-            if self.raw[h] <= 0.0 || carry / self.raw[h] < self.input.min_gain {
+            if self.lim.raw[h] <= 0.0 || carry / self.lim.raw[h] < self.input.min_gain {
                 small += 1;
                 continue;
             }
-            let before = self.load(h).unwrap_or(0.0);
+            let before = self.lim.load(h).unwrap_or(0.0);
             match self.try_move(&vm, true) {
                 Ok((from, to)) => {
-                    let after = self.load(h).unwrap_or(0.0);
+                    let after = self.lim.load(h).unwrap_or(0.0);
                     let reason = MoveReason::Relieve {
                         node: h,
                         load_before: before,
@@ -671,8 +678,8 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
                 Err(_) => stuck += 1,
             }
         }
-        if self.hot(h) {
-            let load_after = self.load(h).unwrap_or(0.0);
+        if self.lim.hot(h) {
+            let load_after = self.lim.load(h).unwrap_or(0.0);
             let budget_left = self.left + t.moves.len();
             self.undo(t);
             self.note(
@@ -718,7 +725,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
     fn empty(&mut self) {
         let mut cands: Vec<(f64, usize, NodeIx)> = (0..self.w.node_count())
             .filter(|&n| {
-                self.w.nodes[n].spec.state.takes_vms() && self.w.vm_count(n) > 0 && !self.hot(n)
+                self.w.nodes[n].spec.state.takes_vms() && self.w.vm_count(n) > 0 && !self.lim.hot(n)
             })
             .map(|n| (self.use_share(n), self.w.vm_count(n), n))
             .collect();
@@ -730,7 +737,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
     }
 
     fn empty_one(&mut self, n: NodeIx) -> Outcome<K> {
-        if self.busy[n].is_none() {
+        if self.lim.busy[n].is_none() {
             return Outcome::Skipped(Skip::NoLoadReport);
         }
         let k = self.w.vm_count(n);
@@ -762,14 +769,14 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
             }
         }
         // Nothing moves onto the node while it is emptied.
-        self.emptied.insert(n);
+        self.lim.emptied.insert(n);
         let mut t = self.begin();
         for vm in order_for_evacuation(&self.w, vms) {
             match self.try_move(&vm, false) {
                 Ok((from, to)) => self.record(&mut t, vm, from, to, MoveReason::Empty { node: n }),
                 Err((refusal, set_aside)) => {
                     self.undo(t);
-                    self.emptied.remove(&n);
+                    self.lim.emptied.remove(&n);
                     return Outcome::Skipped(Skip::Stuck {
                         vm,
                         refusal,
@@ -797,7 +804,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
             Err(_) => {
                 let failed = self.standby_blocker(n);
                 self.undo(t);
-                self.emptied.remove(&n);
+                self.lim.emptied.remove(&n);
                 Outcome::Skipped(Skip::StandbyBreaksNPlusOne { failed })
             }
         }
@@ -830,7 +837,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
         for z in 0..self.w.zones.len() {
             let nodes: Vec<NodeIx> = self.w.zones[z].nodes.iter().rev().copied().collect();
             for n in nodes {
-                if self.emptied.contains(&n)
+                if self.lim.emptied.contains(&n)
                     || !self.w.nodes[n].spec.state.takes_vms()
                     || self.w.vm_count(n) > 0
                 {
@@ -843,7 +850,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
                 let outcome = match standby(&mut self.w, n) {
                     Ok(()) => {
                         self.steps.push(Step::Standby { node: n });
-                        self.emptied.insert(n);
+                        self.lim.emptied.insert(n);
                         Outcome::Planned {
                             moves: 0,
                             standby: true,
