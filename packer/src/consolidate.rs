@@ -292,6 +292,121 @@ impl<K> ConsolidatePlan<K> {
     }
 }
 
+impl<K: Ord + Clone + fmt::Debug> ConsolidatePlan<K> {
+    /// The plan in words, with node names (what `zy plan consolidate` shows): the
+    /// numbered steps, then every goal considered and what became of it.
+    pub fn render(&self, c: &Cluster<K>) -> String {
+        let mut out = String::new();
+        if self.steps.is_empty() {
+            out.push_str("nothing to do\n");
+        }
+        for (i, s) in self.steps.iter().enumerate() {
+            out.push_str(&format!("{:>3}. {}\n", i + 1, render_step(c, s)));
+        }
+        if !self.considered.is_empty() {
+            out.push_str("considered:\n");
+        }
+        for k in &self.considered {
+            let goal = match k.goal {
+                Goal::Relieve => "relieve",
+                Goal::Empty => "empty",
+                Goal::Idle => "stand by",
+            };
+            let what = match &k.outcome {
+                Outcome::Planned { moves, standby } => format!(
+                    "planned: {moves} move(s){}",
+                    if *standby {
+                        ", then standby"
+                    } else if k.goal == Goal::Empty {
+                        ", stays awake as a spare"
+                    } else {
+                        ""
+                    }
+                ),
+                Outcome::Skipped(s) => format!("skipped: {}", render_skip(c, s)),
+            };
+            out.push_str(&format!("  {} ({goal}): {what}\n", c.node_name(k.node)));
+        }
+        out
+    }
+}
+
+/// One step in words, with node names.
+pub fn render_step<K: Ord + Clone + fmt::Debug>(c: &Cluster<K>, s: &Step<K>) -> String {
+    match s {
+        Step::Move {
+            vm,
+            from,
+            to,
+            reason,
+        } => {
+            let why = match reason {
+                MoveReason::Drain => "drains it".to_string(),
+                MoveReason::Empty { node } => format!("empties {}", c.node_name(*node)),
+                MoveReason::Relieve {
+                    node,
+                    load_before,
+                    load_after,
+                } => format!(
+                    "relieves {} (load {:.0} % to {:.0} %)",
+                    c.node_name(*node),
+                    load_before * 100.0,
+                    load_after * 100.0
+                ),
+            };
+            format!(
+                "move VM {vm:?} from {} to {}: {why}",
+                c.node_name(*from),
+                c.node_name(*to)
+            )
+        }
+        Step::Standby { node } => format!("standby {}", c.node_name(*node)),
+    }
+}
+
+fn render_skip<K: Ord + Clone + fmt::Debug>(c: &Cluster<K>, s: &Skip<K>) -> String {
+    match s {
+        Skip::NoLoadReport => "no load report".into(),
+        Skip::Budget { needs, left } => format!("needs {needs} move(s), {left} left"),
+        Skip::LowGain { gain, min } => {
+            format!("each move would gain {gain:.2} of a node, less than {min:.2}")
+        }
+        Skip::RecentlyMoved { vm, ago_ms: None } => format!("VM {vm:?} moves in this plan"),
+        Skip::RecentlyMoved {
+            vm,
+            ago_ms: Some(ago),
+        } => format!("VM {vm:?} moved {} min ago", ago / 60_000),
+        Skip::Stuck {
+            vm,
+            refusal,
+            set_aside,
+        } => {
+            let mut t = format!("VM {vm:?} fits nowhere: {refusal}");
+            if !set_aside.is_empty() {
+                let names: Vec<&str> = set_aside.iter().map(|&n| c.node_name(n)).collect();
+                t.push_str(&format!(" (kept free by the plan: {})", names.join(", ")));
+            }
+            t
+        }
+        Skip::StandbyBreaksNPlusOne { failed } => format!(
+            "its standby would leave node {}'s VMs nowhere to go (N+1)",
+            c.node_name(*failed)
+        ),
+        Skip::CannotRelieve {
+            load_after,
+            recent,
+            small,
+            stuck,
+            budget_left,
+        } => format!(
+            "cannot come down to its mark (at best {:.0} %; VMs moved recently {recent}, \
+             too small {small}, fitting nowhere {stuck}; {budget_left} move(s) left)",
+            load_after * 100.0
+        ),
+        Skip::Spare => "kept awake as a spare".into(),
+    }
+}
+
 /// Where a request goes, or which standby node to wake for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Wake {

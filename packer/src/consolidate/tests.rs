@@ -767,3 +767,77 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_drain_that_would_break_n_plus_one_is_refused_with_the_reason() {
+    // Three nodes of 8 GiB, 4 GiB used on each. Draining n0 leaves two: whichever takes
+    // its VMs could no longer be evacuated onto the other.
+    let mut c = cluster(&[
+        spec("n0", "z", None, 16, 8),
+        spec("n1", "z", None, 16, 8),
+        spec("n2", "z", None, 16, 8),
+        spec("s", "z", None, 16, 8),
+    ]);
+    c.set_state(3, NodeState::Standby).unwrap();
+    for i in 0..6u32 {
+        c.insert(i, &req("z", 1, 2, None), (i / 2) as NodeIx)
+            .unwrap();
+    }
+    assert!(c.full_n_plus_one().is_empty());
+    let Err(DrainError::Stuck { planned, stuck, .. }) = plan_drain(&c, 0) else {
+        panic!("nowhere to go without breaking N+1")
+    };
+    assert!(planned.is_empty());
+    assert_eq!(stuck.len(), 2);
+    let r = &stuck[0].1;
+    assert!(matches!(r.nodes[1].2, Why::NPlusOne { failed: 1 }), "{r:?}");
+    // On n2, n1's evacuation fails too (n1 is the first to fail).
+    assert!(matches!(r.nodes[2].2, Why::NPlusOne { failed: 1 }), "{r:?}");
+    assert_eq!(r.wake, Some(3));
+    assert!(r.to_string().contains("N+1"), "{r}");
+    // Woken, s gives the room.
+    c.set_state(3, NodeState::Ready).unwrap();
+    let plan = plan_drain(&c, 0).unwrap();
+    c.set_state(0, NodeState::Draining).unwrap();
+    apply_all(&mut c, &plan.steps);
+}
+
+#[test]
+fn a_drain_names_the_margin_it_costs() {
+    // n1 and n2 can each be evacuated only into the empty n0: draining n0 costs both.
+    let c = {
+        let mut c = cluster(&[
+            spec("n0", "z", None, 16, 8),
+            spec("n1", "z", None, 16, 8),
+            spec("n2", "z", None, 16, 8),
+        ]);
+        c.insert(1, &req("z", 1, 6, None), 1).unwrap();
+        c.insert(2, &req("z", 1, 6, None), 2).unwrap();
+        c
+    };
+    let plan = plan_drain(&c, 0).unwrap();
+    assert!(plan.steps.is_empty());
+    assert_eq!(plan.margin_lost, vec![1, 2]);
+}
+
+#[test]
+fn a_plan_reads_as_steps_then_what_was_considered() {
+    let mut c = light_four();
+    let mut inp = input(&[(0, 0.1), (1, 0.1), (2, 0.1), (3, 0.1)]);
+    inp.last_moved.insert(1, inp.now_ms - 10 * MIN);
+    let plan = plan_consolidate(&c, &inp);
+    let text = plan.render(&c);
+    assert!(text.contains("  1. move VM "), "{text}");
+    assert!(text.contains("standby n1"), "{text}");
+    assert!(
+        text.contains("n0 (empty): skipped: VM 1 moved 10 min ago"),
+        "{text}"
+    );
+    assert!(
+        text.contains("n1 (empty): planned: 2 move(s), then standby"),
+        "{text}"
+    );
+    c.set_state(0, NodeState::Draining).unwrap();
+    let plan = plan_drain(&c, 0).unwrap();
+    assert!(render_step(&c, &plan.steps[0]).ends_with(": drains it"));
+}
