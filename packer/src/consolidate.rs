@@ -41,8 +41,9 @@
 //! goal is reported as skipped, with the reason. So no plan holds part of an evacuation.
 //!
 //! 1. **Relieve** each hot node (measured CPU load above its high-water mark), hottest
-//!    first: its VMs, busiest first, move to nodes that stay at or below their own mark,
-//!    until its load is at or below its mark.
+//!    first: its VMs, busiest first, move to nodes that stay at or below their own mark
+//!    (an empty node only if its zone keeps its spares without it), until its load is at
+//!    or below its mark.
 //! 2. **Empty** the least used nodes (the larger of their CPU and memory shares, then
 //!    fewest VMs, then index): all of a node's VMs move to nodes already in use (never to
 //!    an empty node, which would gain nothing, never to a node that was emptied, never past
@@ -598,6 +599,8 @@ struct Limits<K> {
     carries: BTreeMap<K, f64>,
     /// Nodes emptied by the plan: they take nothing.
     emptied: BTreeSet<NodeIx>,
+    /// Spare nodes to keep per zone.
+    spares: usize,
 }
 
 impl<K: Ord + Clone + fmt::Debug> Limits<K> {
@@ -615,10 +618,14 @@ impl<K: Ord + Clone + fmt::Debug> Limits<K> {
         self.load(n).is_some_and(|l| l > self.mark[n])
     }
 
-    /// Whether `to` may take `vm`: not emptied by the plan, in use unless `into_empty`,
-    /// reported, and at or below its mark with `vm`'s load.
+    /// Whether `to` may take `vm`: not emptied by the plan; in use, unless `into_empty`
+    /// and its zone keeps its spares without it; reported, and at or below its mark with
+    /// `vm`'s load.
     fn may_take(&self, c: &Cluster<K>, vm: &K, to: NodeIx, into_empty: bool) -> bool {
-        if self.emptied.contains(&to) || (!into_empty && c.vm_count(to) == 0) {
+        if self.emptied.contains(&to) {
+            return false;
+        }
+        if c.vm_count(to) == 0 && !(into_empty && spares_without(c, to) >= self.spares) {
             return false;
         }
         let (Some(b), Some(carry)) = (self.busy[to], self.carries.get(vm)) else {
@@ -676,6 +683,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
                 mark,
                 carries,
                 emptied: BTreeSet::new(),
+                spares: input.spares_per_zone,
             },
             moved: BTreeSet::new(),
             left: input.max_moves,
@@ -937,14 +945,7 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
 
     /// The zone's Ready, empty nodes other than `n`.
     fn spares_without(&self, n: NodeIx) -> usize {
-        let z = self.w.nodes[n].zone;
-        self.w.zones[z]
-            .nodes
-            .iter()
-            .filter(|&&m| {
-                m != n && self.w.nodes[m].spec.state.takes_vms() && self.w.vm_count(m) == 0
-            })
-            .count()
+        spares_without(&self.w, n)
     }
 
     /// Phase 3: empty nodes beyond the spares, the last of each zone's order first.
@@ -982,6 +983,15 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
 }
 
 // ---- shared by the planners and `apply` ----
+
+/// The Ready, empty nodes of `n`'s zone other than `n`.
+fn spares_without<K: Ord + Clone + fmt::Debug>(c: &Cluster<K>, n: NodeIx) -> usize {
+    c.zones[c.nodes[n].zone]
+        .nodes
+        .iter()
+        .filter(|&&m| m != n && c.nodes[m].spec.state.takes_vms() && c.vm_count(m) == 0)
+        .count()
+}
 
 /// A VM that fits nowhere: the packer's refusal, and the nodes the planner set aside.
 type Blocked = (Refusal, Vec<NodeIx>);

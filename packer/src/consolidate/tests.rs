@@ -542,6 +542,14 @@ fn build(
     (c, placed)
 }
 
+fn spares_in_zone(c: &Cluster<u32>, n: NodeIx) -> usize {
+    let zone = c.node_spec(n).zone.clone();
+    c.zone_nodes(&zone)
+        .iter()
+        .filter(|&&m| c.node_spec(m).state == NodeState::Ready && c.vm_count(m) == 0)
+        .count()
+}
+
 fn ready_in_zone(c: &Cluster<u32>, n: NodeIx) -> usize {
     let zone = c.node_spec(n).zone.clone();
     c.zone_nodes(&zone)
@@ -746,7 +754,18 @@ proptest! {
                     MoveReason::Drain => return Err(TestCaseError::fail("a drain move")),
                 }
             }
+            // Spares: a step never takes the zone below its count (nor further below).
+            let node = match s {
+                Step::Move { to, .. } => *to,
+                Step::Standby { node } => *node,
+            };
+            let spares_before = spares_in_zone(&w, node);
             step_and_check(&mut w, &placed, s)?;
+            let spares_after = spares_in_zone(&w, node);
+            prop_assert!(
+                spares_after >= spares_before.min(spares),
+                "{:?}: {} spares, {} before", s, spares_after, spares_before
+            );
             if let Step::Standby { node } = s {
                 let zone = w.node_spec(*node).zone.clone();
                 let spare = w
@@ -840,4 +859,48 @@ fn a_plan_reads_as_steps_then_what_was_considered() {
     c.set_state(0, NodeState::Draining).unwrap();
     let plan = plan_drain(&c, 0).unwrap();
     assert!(render_step(&c, &plan.steps[0]).ends_with(": drains it"));
+}
+
+#[test]
+fn relief_takes_an_empty_node_only_beyond_the_spares() {
+    let mut c = cluster(&[
+        spec("n0", "z", None, 16, 64),
+        spec("n1", "z", None, 16, 64),
+        spec("n2", "z", None, 16, 64),
+    ]);
+    for i in 0..4u32 {
+        c.insert(i, &req("z", 4, 8, None), 0).unwrap();
+    }
+    c.insert(10, &req("z", 4, 8, None), 1).unwrap();
+    // n1 is too busy to take any of n0's load; n2 is the zone's only empty node.
+    let mut inp = input(&[(0, 0.95), (1, 0.8), (2, 0.0)]);
+    inp.min_gain = 0.1;
+    inp.spares_per_zone = 1;
+    let plan = plan_consolidate(&c, &inp);
+    assert!(
+        !plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Move { to: 2, .. })),
+        "{plan:#?}"
+    );
+    assert!(matches!(
+        plan.considered[0].outcome,
+        Outcome::Skipped(Skip::CannotRelieve { .. })
+    ));
+    inp.spares_per_zone = 0;
+    let plan = plan_consolidate(&c, &inp);
+    assert!(
+        matches!(
+            plan.steps.first(),
+            Some(Step::Move {
+                from: 0,
+                to: 2,
+                reason: MoveReason::Relieve { node: 0, .. },
+                ..
+            })
+        ),
+        "{plan:#?}"
+    );
+    apply_all(&mut c, &plan.steps);
 }
