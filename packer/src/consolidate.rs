@@ -36,9 +36,10 @@
 //!
 //! # Consolidation ([`plan_consolidate`])
 //! Three phases over the planner's copy, each made of *goals*. A goal is planned move by
-//! move on the copy and kept only whole: when one of its moves finds no destination, or
-//! the goal would overrun the budget or break N+1, every move of it is undone and the
-//! goal is reported as skipped, with the reason. So no plan holds part of an evacuation.
+//! move on the copy and kept only whole: an emptying one of whose VMs finds no
+//! destination, a relief that cannot bring its node down to its mark, a goal that would
+//! overrun the budget, or one whose standby would break N+1 is undone entirely and
+//! reported as skipped, with the reason. So no plan holds part of an evacuation.
 //!
 //! 1. **Relieve** each hot node (measured CPU load above its high-water mark), hottest
 //!    first: its VMs, busiest first, move to nodes that stay at or below their own mark
@@ -53,13 +54,20 @@
 //!    zone's order first.
 //!
 //! ```text
-//!   before                     relieve        empty n3              after
-//!   n1 [█████████▓] hot   ─▶  n1 [███████ ]   n1 [███████ ]         n1 [███████ ]
-//!   n2 [████      ]           n2 [█████▓  ]   n2 [█████▓▒ ]         n2 [█████▓▒ ]
-//!   n3 [▒         ]           n3 [▒       ]   n3 [        ] ─▶      n3 standby
-//!   n4 [          ] spare     n4 [        ]   n4 [        ]         n4 [        ] spare
-//!   steps: Move(▓ n1→n2, Relieve n1), Move(▒ n3→n2, Empty n3), Standby(n3)
+//!   before              relieve n1          empty n3            then
+//!   n1 [██████▓▓] hot   n1 [██████  ]       n1 [██████  ]       n1 [██████  ]
+//!   n2 [███     ]       n2 [███▓▓   ]       n2 [███▓▓▒  ]       n2 [███▓▓▒  ]
+//!   n3 [▒       ]       n3 [▒       ]       n3 [        ]       n3  standby
+//!   n4 [        ] spare n4 [        ]       n4 [        ]       n4 [        ] spare
+//!   steps: 1. Move ▓▓ n1→n2 (relieve n1)  2. Move ▒ n3→n2 (empty n3)  3. Standby n3
 //! ```
+//!
+//! # Waking ([`wake_for`])
+//! For a request that fits on no awake node, each standby node of its zone is woken in
+//! turn, in zone order, and put back; the first whose room lets the packer place the
+//! request under every rule is named. That is more than [`Refusal::wake`], which names the
+//! first standby node with room for the VM alone: with N+1 on, a woken node must also
+//! leave room to evacuate whichever node takes the VM.
 //!
 //! # Gain
 //! A move's gain is the share of a node it wins back:
