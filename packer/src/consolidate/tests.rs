@@ -108,6 +108,12 @@ fn a_lightly_loaded_four_node_zone_empties_a_node_and_a_request_that_needs_it_wa
         assert_eq!(c.node_spec(n).state, NodeState::Standby);
         assert_eq!(c.vm_count(n), 0);
     }
+    // The packer's hint names n0 for a VM of 60 GiB (n0 has the room), but n0 awake could
+    // not be evacuated (n1 and n3 have 16 and 48 GiB free): waking it does not do.
+    let huge = req("z", 4, 60, None);
+    let hint = c.check(&99, &huge).unwrap_err().wake;
+    assert_eq!(hint, Some(0));
+    assert!(matches!(wake_for(&mut c, &99, &huge), Wake::Nowhere(_)));
     // A VM of 40 GiB fits on no node in use (on n3, n3's loss would strand it): waking
     // the first standby node makes room.
     let big = req("z", 4, 40, None);
