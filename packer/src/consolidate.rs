@@ -25,8 +25,9 @@
 //! rule. Marking the node Draining takes its room away, which may cost the zone its N+1
 //! margin: the plan names the nodes whose evacuation that breaks ([`DrainPlan::margin_lost`])
 //! rather than refuse a drain that an operator asked for. A VM that fits nowhere is
-//! reported with the packer's [`Refusal`] (every node and why, and a standby node that
-//! would take it if woken) and the drain fails as a whole ([`DrainError::Stuck`]).
+//! reported with the packer's [`Refusal`] (every node and why, and, in its `wake`, the
+//! first standby node whose waking lets the VM move under every rule, N+1 included) and
+//! the drain fails as a whole ([`DrainError::Stuck`]).
 //!
 //! ```text
 //!   Ready ──mark──▶ Draining ──move 1──▶ … ──move k──▶ Draining, empty ──▶ Maintenance
@@ -153,7 +154,8 @@ pub enum DrainError<K: fmt::Debug> {
         node: String,
         /// The moves of the VMs that do fit, as planned with the stuck ones left in place.
         planned: Vec<Step<K>>,
-        /// Every VM that fits nowhere, with every node of the zone and why.
+        /// Every VM that fits nowhere, with every node of the zone and why; the refusal's
+        /// `wake` is a standby node whose waking lets it move under every rule.
         stuck: Vec<(K, Refusal)>,
     },
 }
@@ -492,7 +494,10 @@ pub fn plan_drain<K: Ord + Clone + fmt::Debug>(
                 to,
                 reason: MoveReason::Drain,
             }),
-            Err((refusal, _)) => stuck.push((vm, refusal)),
+            Err((mut refusal, _)) => {
+                refusal.wake = wake_to_move(&mut w, &vm);
+                stuck.push((vm, refusal));
+            }
         }
     }
     if stuck.is_empty() {
@@ -508,6 +513,31 @@ pub fn plan_drain<K: Ord + Clone + fmt::Debug>(
             stuck,
         })
     }
+}
+
+/// The first standby node of the VM's zone whose waking lets the VM move under every
+/// rule, N+1 included; `c` is left as it was.
+fn wake_to_move<K: Ord + Clone + fmt::Debug>(c: &mut Cluster<K>, vm: &K) -> Option<NodeIx> {
+    let (req, _, from) = request_of(c, vm)?;
+    let standby: Vec<NodeIx> = c
+        .zone_nodes(&req.zone)
+        .iter()
+        .copied()
+        .filter(|&n| c.nodes[n].spec.state == NodeState::Standby)
+        .collect();
+    for n in standby {
+        let _ = c.set_state(n, NodeState::Ready);
+        let moved = move_vm(c, vm, &|_: &Cluster<K>, _: NodeIx| true).is_ok();
+        if moved {
+            let _ = c.remove(vm);
+            reinsert(c, vm, &req, from);
+        }
+        let _ = c.set_state(n, NodeState::Standby);
+        if moved {
+            return Some(n);
+        }
+    }
+    None
 }
 
 /// Carries out one step on `c` if it keeps every rule (see the module's documentation);

@@ -349,7 +349,7 @@ fn a_drain_of_one_node_of_three() {
 }
 
 #[test]
-fn a_vm_that_fits_nowhere_stops_the_drain_and_names_a_node_to_wake() {
+fn a_vm_that_fits_nowhere_stops_the_drain_with_the_reasons() {
     let mut c = cluster(&[
         spec("n0", "z", None, 16, 64),
         spec("n1", "z", None, 16, 64),
@@ -368,10 +368,17 @@ fn a_vm_that_fits_nowhere_stops_the_drain_and_names_a_node_to_wake() {
     assert_eq!(stuck.len(), 1);
     let (vm, refusal) = &stuck[0];
     assert_eq!(*vm, 1);
-    assert_eq!(refusal.wake, Some(3));
     assert!(matches!(refusal.nodes[1].2, Why::AntiAffinity { .. }));
+    assert!(matches!(refusal.nodes[2].2, Why::AntiAffinity { .. }));
+    // s has room for it, but a member of db on s could not be evacuated (n1 and n2 hold
+    // the others): waking s would not let it move under N+1.
+    assert_eq!(refusal.wake, None);
     let msg = plan_drain(&c, 0).unwrap_err().to_string();
-    assert!(msg.contains("waking standby node s"), "{msg}");
+    assert!(
+        msg.starts_with("1 VM(s) of node n0 fit on no other node; the first, 1:")
+            && msg.contains("2 hold a member of its anti-affinity group"),
+        "{msg}"
+    );
     // Bad input.
     assert_eq!(plan_drain(&c, 9), Err(DrainError::UnknownNode(9)));
     assert!(matches!(
@@ -820,6 +827,11 @@ fn a_drain_that_would_break_n_plus_one_is_refused_with_the_reason() {
     assert!(matches!(r.nodes[2].2, Why::NPlusOne { failed: 1 }), "{r:?}");
     assert_eq!(r.wake, Some(3));
     assert!(r.to_string().contains("N+1"), "{r}");
+    let msg = plan_drain(&c, 0).unwrap_err().to_string();
+    assert!(
+        msg.contains("waking standby node s would make room"),
+        "{msg}"
+    );
     // Woken, s gives the room.
     c.set_state(3, NodeState::Ready).unwrap();
     let plan = plan_drain(&c, 0).unwrap();
