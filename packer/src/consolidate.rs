@@ -820,7 +820,8 @@ impl<'a, K: Ord + Clone + fmt::Debug> Planner<'a, K> {
                 recent += 1;
                 continue;
             }
-            // Busiest first: the rest gain no more.
+            // Too little to count (busiest first, so the rest are too; counted for the
+            // report).
             if self.lim.raw[h] <= 0.0 || carry / self.lim.raw[h] < self.input.min_gain {
                 small += 1;
                 continue;

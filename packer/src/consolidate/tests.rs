@@ -922,3 +922,62 @@ fn relief_takes_an_empty_node_only_beyond_the_spares() {
     );
     apply_all(&mut c, &plan.steps);
 }
+
+proptest! {
+    // One case in sixteen or so names a node to wake: enough cases to see a few dozen.
+    #![proptest_config(ProptestConfig::with_cases(600))]
+
+    #[test]
+    fn a_node_named_for_waking_makes_room_and_the_pool_is_left_as_it_was(
+        (nodes, vms, states, spread_out) in pool(),
+        (zone, cpu, mem, group) in (0u8..2, 1u8..9, 1u8..25, proptest::option::weighted(0.4, 0u8..4)),
+        sleep in proptest::collection::vec(any::<u8>(), 0..8),
+        keep in 0usize..25,
+    ) {
+        // Fewer VMs than the other properties place: room left awake and asleep.
+        let (mut c, _) = build(&nodes, &vms[..keep.min(vms.len())], &states, spread_out);
+        for s in sleep {
+            let n = usize::from(s) % c.node_count();
+            if c.vm_count(n) == 0 {
+                c.set_state(n, NodeState::Standby).unwrap();
+            }
+        }
+        let r = Request {
+            zone: if zone == 0 { "a".into() } else { "b".into() },
+            demand: Res::new(u64::from(cpu) * 1000, u64::from(mem) * GIB, 5),
+            group: group.map(|g| format!("g{g}")),
+            spread: Spread::Host,
+            priority: 0,
+        };
+        let states_before: Vec<NodeState> = (0..c.node_count()).map(|n| c.node_spec(n).state).collect();
+        let failing_before = c.n_plus_one_failures();
+        let w = wake_for(&mut c, &1000, &r);
+        prop_assert_eq!(&w, &wake_for(&mut c, &1000, &r), "deterministic");
+        let states_after: Vec<NodeState> = (0..c.node_count()).map(|n| c.node_spec(n).state).collect();
+        prop_assert_eq!(states_before, states_after);
+        prop_assert_eq!(&failing_before, &c.n_plus_one_failures());
+        match w {
+            Wake::Fits(n) => prop_assert_eq!(c.place(1000, &r), Ok(n)),
+            Wake::Node(s) => {
+                prop_assert_eq!(c.node_spec(s).state, NodeState::Standby);
+                prop_assert!(c.check(&1000, &r).is_err());
+                c.set_state(s, NodeState::Ready).unwrap();
+                prop_assert!(c.place(1000, &r).is_ok());
+            }
+            Wake::Nowhere(_) => {
+                prop_assert!(c.check(&1000, &r).is_err());
+                let standby: Vec<NodeIx> = c
+                    .zone_nodes(&r.zone)
+                    .iter()
+                    .copied()
+                    .filter(|&n| c.node_spec(n).state == NodeState::Standby)
+                    .collect();
+                for s in standby {
+                    let mut w = c.clone();
+                    w.set_state(s, NodeState::Ready).unwrap();
+                    prop_assert!(w.check(&1000, &r).is_err(), "waking {} would do", s);
+                }
+            }
+        }
+    }
+}
