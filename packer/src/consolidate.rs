@@ -1219,7 +1219,8 @@ fn describe<K: Ord + Clone + fmt::Debug>(c: &Cluster<K>, why: &Why) -> String {
             "node {}'s VMs would have nowhere to go if it were lost (N+1)",
             c.node_name(*failed)
         ),
-        Why::NotSampled => "not looked at".into(),
+        // Whatever else a newer packer may say.
+        other => format!("{other:?}"),
     }
 }
 
