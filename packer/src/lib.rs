@@ -54,6 +54,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 pub mod baselines;
+pub mod consolidate;
 pub mod gen;
 pub mod metrics;
 pub mod replay;
