@@ -209,6 +209,19 @@ pub enum VmCmd {
         #[command(flatten)]
         wait: WaitFlags,
     },
+    /// Move a running VM to another node while it runs (live migration: its disks and
+    /// memory are copied under TLS, then it pauses briefly and resumes there). Shows the
+    /// progress, and at the end the measured pause.
+    Migrate {
+        /// VM name or id.
+        vm: String,
+        /// The node to move it to (name or id); without it the packer chooses, by the same
+        /// rules as for a new VM (zone, room, anti-affinity, N+1).
+        #[arg(long, value_name = "NODE")]
+        to: Option<String>,
+        #[command(flatten)]
+        wait: WaitFlags,
+    },
     /// Stop and start a VM.
     Restart {
         /// VM name or id.
@@ -637,6 +650,23 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             }
             follow(&c, a, &wait).await
         }
+        Command::Vm(VmCmd::Migrate { vm, to, wait }) => {
+            let body = serde_json::json!({ "to": to });
+            let a = mutate(
+                &c,
+                Method::POST,
+                format!("/v1/vms/{}/migrate", path_segment(&vm)?),
+                Some(body),
+            )
+            .await?;
+            if let (false, Some(m)) = (wait.json, &a.operation.migration) {
+                println!(
+                    "migrating VM {} from {} to {}",
+                    a.operation.vm_name, m.from, m.to
+                );
+            }
+            follow(&c, a, &wait).await
+        }
         Command::Vm(VmCmd::Ls(j)) => {
             let vms: Vec<VmView> = c.call(Method::GET, "/v1/vms", None).await?;
             print(j.json, &vms, || vm_table(&vms))
@@ -992,6 +1022,32 @@ async fn mutate(
 /// Follows an operation to its end, printing each step as it is done, unless --no-wait.
 /// The work goes on at the coordinator whatever happens here (an interrupted `zy` changes
 /// nothing): this only watches.
+/// One line of a migration's progress.
+fn progress_line(p: &zy_api::MigrationProgress) -> String {
+    let mut s = format!("{}:", p.phase);
+    if p.disk_total > 0 {
+        s.push_str(&format!(
+            " disks {}/{}",
+            human_bytes(p.disk_done),
+            human_bytes(p.disk_total)
+        ));
+    }
+    if p.memory_total > 0 {
+        s.push_str(&format!(
+            ", memory sent {} ({} left of {}), dirtied {}/s, expected pause {} ms",
+            human_bytes(p.memory_transferred),
+            human_bytes(p.memory_remaining),
+            human_bytes(p.memory_total),
+            human_bytes(p.dirty_rate),
+            p.expected_downtime_ms
+        ));
+        if p.cpu_throttle_percent > 0 {
+            s.push_str(&format!(", guest slowed {}%", p.cpu_throttle_percent));
+        }
+    }
+    s
+}
+
 async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliError> {
     let mut op = a.operation;
     if wait.no_wait {
@@ -1007,6 +1063,7 @@ async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliErro
     }
     let mut shown = 0;
     let mut errors = 0;
+    let mut last_progress = None;
     loop {
         if !wait.json {
             for s in op
@@ -1017,6 +1074,13 @@ async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliErro
             {
                 println!("  done: {}", s.name);
                 shown += 1;
+            }
+            if let Some(p) = op.migration.as_ref().and_then(|m| m.progress.as_ref()) {
+                let line = progress_line(p);
+                if last_progress.as_ref() != Some(&line) {
+                    println!("  {line}");
+                    last_progress = Some(line);
+                }
             }
         }
         if op.state != "running" {
@@ -1043,6 +1107,14 @@ async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliErro
         "succeeded" => {
             if !wait.json {
                 println!("{} of VM {} succeeded", op.kind.as_str(), op.vm_name);
+                if let Some(m) = &op.migration {
+                    println!(
+                        "  now on {}; the guest was paused {} ms (whole migration {} ms)",
+                        m.to,
+                        m.downtime_ms.map(|d| d.to_string()).unwrap_or("?".into()),
+                        m.total_ms.map(|d| d.to_string()).unwrap_or("?".into())
+                    );
+                }
             }
             Ok(())
         }

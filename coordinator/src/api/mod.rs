@@ -58,6 +58,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/vms/{vm}"),
     ("delete", "/v1/vms/{vm}"),
     ("post", "/v1/vms/{vm}/start"),
+    ("post", "/v1/vms/{vm}/migrate"),
     ("post", "/v1/vms/{vm}/stop"),
     ("post", "/v1/vms/{vm}/restart"),
     ("get", "/v1/vms/{vm}/console"),
