@@ -73,6 +73,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a source may stay silent (disconnected, or not answering) mid-copy before the
 /// migration is abandoned (its guest keeps running there).
 const SOURCE_SILENCE: Duration = Duration::from_secs(120);
+/// How many times a destination may fail to get ready before the migration is abandoned.
+const PREPARE_TRIES: u32 = 3;
 /// How long a destination that went away before activation is waited for.
 const ACTIVATE_WAIT: Duration = Duration::from_secs(30);
 /// How long a destination may take to answer MigrateIn before the migration is abandoned.
@@ -453,6 +455,7 @@ async fn prepare(
     m: &MigrationRec,
 ) -> Result<MigrateTarget, Next> {
     let started = tokio::time::Instant::now();
+    let mut failures = 0;
     loop {
         let wire = match super::wire(coord, vm, m.to) {
             Ok(w) => w,
@@ -484,6 +487,17 @@ async fn prepare(
                     "the destination refused: {}",
                     e.message
                 )))
+            }
+            // A host error may pass (a full disk freed); not three times in a row.
+            Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Failed => {
+                failures += 1;
+                if failures >= PREPARE_TRIES {
+                    return Err(Next::Abort(format!(
+                        "the destination could not get ready: {}",
+                        e.message
+                    )));
+                }
+                tokio::time::sleep(RETRY).await;
             }
             Err(e) => {
                 if started.elapsed() > PREPARE_GIVE_UP {
