@@ -673,10 +673,12 @@ mod node_level {
         node: Arc<Node>,
         id: NodeId,
         dir: PathBuf,
+        blobs: Arc<LocalBlobs>,
     }
 
     impl Agent {
         async fn new(dir: PathBuf, ca: &SiteCa, blobs: Arc<LocalBlobs>) -> Self {
+            let blobs_kept = blobs.clone();
             let id = NodeId::new_random();
             let (key, csr) = node_request("n").unwrap();
             let cert = ca
@@ -708,7 +710,52 @@ mod node_level {
             };
             let (node, _events) = Node::with_host(host, &dir, Accel::Tcg).await.unwrap();
             node.set_underlay("127.0.0.1".parse().unwrap());
-            Self { node, id, dir }
+            Self {
+                node,
+                id,
+                dir,
+                blobs: blobs_kept,
+            }
+        }
+
+        /// The agent stops (its QEMUs run on) and starts again on the same data directory.
+        async fn restart(self) -> Self {
+            let statuses: Vec<_> = self
+                .node
+                .vms
+                .list()
+                .iter()
+                .map(|h| h.status.clone())
+                .collect();
+            let blobs = self.blobs.clone();
+            let Agent { node, id, dir, .. } = self;
+            drop(node);
+            // Until every actor has ended and let go of its QEMU's QMP socket.
+            for mut s in statuses {
+                let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                    while s.changed().await.is_ok() {}
+                })
+                .await;
+            }
+            let consoles = Consoles::default();
+            let host = Host {
+                runner: Arc::new(QemuRunner {
+                    qemu: qemu(),
+                    supervisor: sup(),
+                    consoles: consoles.clone(),
+                }),
+                networks: None,
+                blobs: blobs.clone(),
+                consoles,
+            };
+            let (node, _events) = Node::with_host(host, &dir, Accel::Tcg).await.unwrap();
+            node.set_underlay("127.0.0.1".parse().unwrap());
+            Self {
+                node,
+                id,
+                dir,
+                blobs,
+            }
         }
 
         fn vm_dir(&self, vm: VmId) -> PathBuf {
@@ -961,6 +1008,70 @@ mod node_level {
         drop(lab.tmp);
     }
 
+    /// The source's agent restarts: mid-migration, the next one finds its QEMU migrating
+    /// and undoes it (the guest runs on, nothing of the attempt left in QEMU); after
+    /// `Completed`, the guest stays paused and the migration `Completed` until an abort
+    /// resumes it.
+    #[tokio::test]
+    async fn a_restarted_source_undoes_a_migration_under_way_and_keeps_a_completed_one() {
+        let mut lab = Lab::new("node-restart").await;
+        let id = lab.vm.id;
+        lab.start().await;
+        let src_pid = lab.src.pid(id).unwrap();
+        let m = MigrationId::new_random();
+        lab.migrate(m, 8).await;
+        lab.src
+            .until(m, id, Duration::from_secs(120), |p| {
+                *p != MigrationPhase::Preparing
+            })
+            .await;
+        lab.src = lab.src.restart().await;
+        assert!(
+            lab.src
+                .node
+                .handle(CommandKind::MigrateStatus {
+                    migration: m,
+                    vm: id
+                })
+                .await
+                .is_err(),
+            "the migration is unknown after the restart"
+        );
+        assert_eq!(lab.src.pid(id), Some(src_pid), "the same QEMU");
+        assert!(guest_runs(src_pid).await, "the guest runs on");
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(lab.dst.cmd(abort).await, ReplyKind::Done);
+
+        // Again, to completion, then a restart.
+        let m = MigrationId::new_random();
+        lab.migrate(m, 1024).await;
+        lab.completed(m).await;
+        lab.src = lab.src.restart().await;
+        let s = lab.src.status(m, id).await;
+        assert!(matches!(s.phase, MigrationPhase::Completed { .. }), "{s:?}");
+        assert!(!guest_runs(src_pid).await, "still paused");
+        let busy = lab
+            .src
+            .node
+            .handle(CommandKind::DeleteVm {
+                id,
+                generation: Generation(9),
+            })
+            .await;
+        assert!(busy.is_err(), "{busy:?}");
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(lab.dst.cmd(abort.clone()).await, ReplyKind::Done);
+        assert_eq!(lab.src.cmd(abort).await, ReplyKind::Done);
+        assert!(guest_runs(src_pid).await, "resumed");
+        drop(lab.tmp);
+    }
+
     #[tokio::test]
     async fn a_killed_destination_leaves_the_source_running() {
         let lab = Lab::new("node-kill").await;
@@ -1004,47 +1115,5 @@ mod node_level {
     }
 }
 
-/// A small benchmark, not part of the suite (`cargo test -p zy-agent --test migrate --
-/// --ignored --nocapture`): downtime and total time of a migration of an idle guest and of
-/// one writing its disk, over `ZY_BENCH_MIG_RUNS` runs each (3), on this machine (TCG,
-/// 127.0.0.1, 256 MiB of memory, a 32 MiB overlay and a 64 MiB data disk, 16 MiB of it
-/// written). Prints the figures.
-#[tokio::test]
-#[ignore]
-async fn bench_migration_downtime() {
-    let runs: usize = std::env::var("ZY_BENCH_MIG_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    for busy in [false, true] {
-        let (mut down, mut total) = (Vec::new(), Vec::new());
-        for run in 0..runs {
-            let w = World::with_guest(&format!("bench{run}"), "write -P 0x33 0 16M", busy);
-            let mut src = w.start_source().await;
-            let sizes = migrate::source_disks(&mut src.qmp, &w.spec).await.unwrap();
-            let inc = w.incoming_plan(1, &sizes, Limits::default());
-            let mut dst = Incoming::prepare(&qemu(), &sup(), &Consoles::default(), inc.clone())
-                .await
-                .unwrap();
-            let out = w.outgoing_plan(&inc, Limits::default());
-            let o = migrate_once(&w, &mut src, &mut dst, &out, &mut |_| {})
-                .await
-                .unwrap();
-            let mut running = dst.activate().await.unwrap();
-            down.push(o.downtime_ms);
-            total.push(o.total_ms);
-            let _ = running.qmp.execute("quit", None).await;
-            let _ = src.qmp.execute("quit", None).await;
-        }
-        down.sort_unstable();
-        total.sort_unstable();
-        println!(
-            "migration bench, {} guest, {runs} runs: downtime p50 {} ms max {} ms; total (mirror + memory) p50 {} ms max {} ms",
-            if busy { "disk-writing" } else { "idle" },
-            down[down.len() / 2],
-            down[down.len() - 1],
-            total[total.len() / 2],
-            total[total.len() - 1],
-        );
-    }
-}
+// The downtime figures: `tests/benches/migration.rs` (a benchmark through the node's
+// command handler, which writes its section of docs/PERFORMANCE.md).
