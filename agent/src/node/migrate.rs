@@ -147,6 +147,12 @@ impl Node {
         if m.source == tls.node {
             return Err(refused("a VM cannot migrate from a node to itself"));
         }
+        if m.vm.zone != tls.zone {
+            return Err(refused(format!(
+                "VM {id} is of the {} zone and this node of the {}: zones never mix",
+                m.vm.zone, tls.zone
+            )));
+        }
         let ip = self.endpoint_ip(&m.vm)?;
         let ports = migs
             .pick_ports(ip, 2)
@@ -1272,6 +1278,17 @@ mod tests {
             .await,
             Ok(ReplyKind::Done)
         );
+        // A VM of another zone.
+        let w = World::new();
+        let (dst, _dev) = w.dst.node(&w.blobs).await;
+        let mut other = w.migrate_in(m);
+        if let CommandKind::MigrateIn(i) = &mut other {
+            i.vm.zone = zy_common::Zone::Extranet;
+        }
+        let e = dst.handle(other).await.unwrap_err();
+        assert_eq!(e.kind, ReplyErrorKind::Refused);
+        assert!(e.message.contains("zones never mix"), "{}", e.message);
+        drop(dst);
         // A VM the destination has already.
         let w = World::new();
         let (dst, mut ev) = w.dst.node(&w.blobs).await;
