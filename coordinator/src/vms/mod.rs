@@ -889,7 +889,9 @@ pub fn plan_delete(
             // goes, the source's guest runs on), then the delete proceeds on the source,
             // whose agent answers "busy" until then.
             Some(m) if o.kind == OpKind::Migrate => {
-                if m.aborting.is_none() {
+                // Once activation may have been sent (or the record moved), the move ends
+                // first and the delete then goes to the VM's new node.
+                if m.aborting.is_none() && m.activation_sent_ms.is_none() && o.current < 5 {
                     m.aborting = Some("superseded by a delete of the VM".into());
                     o.updated_at_ms = now;
                     b.op(Some(op), o);
