@@ -75,8 +75,6 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 const SOURCE_SILENCE: Duration = Duration::from_secs(120);
 /// How many times a source may fail to resume its guest before the abort is told.
 const RESUME_TRIES: u32 = 30;
-/// How many times a destination may fail to get ready before the migration is abandoned.
-const PREPARE_TRIES: u32 = 3;
 /// How long a destination that went away before activation is waited for.
 const ACTIVATE_WAIT: Duration = Duration::from_secs(30);
 /// How long a destination may take to answer MigrateIn before the migration is abandoned.
@@ -482,7 +480,6 @@ async fn prepare(
     m: &MigrationRec,
 ) -> Result<MigrateTarget, Next> {
     let started = tokio::time::Instant::now();
-    let mut failures = 0;
     loop {
         let wire = match super::wire(coord, vm, m.to) {
             Ok(w) => w,
@@ -507,24 +504,13 @@ async fn prepare(
                     "the destination answered {other:?} to MigrateIn"
                 )))
             }
-            Err(CommandError::Rejected(e))
-                if !matches!(e.kind, ReplyErrorKind::Busy | ReplyErrorKind::Failed) =>
-            {
+            // A refusal, or a failure (a migration id's answer is kept: a repeat would
+            // answer the same), ends it; a new migration may be asked for.
+            Err(CommandError::Rejected(e)) if e.kind != ReplyErrorKind::Busy => {
                 return Err(Next::Abort(format!(
-                    "the destination refused: {}",
+                    "the destination could not get ready: {}",
                     e.message
                 )))
-            }
-            // A host error may pass (a full disk freed); not three times in a row.
-            Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Failed => {
-                failures += 1;
-                if failures >= PREPARE_TRIES {
-                    return Err(Next::Abort(format!(
-                        "the destination could not get ready: {}",
-                        e.message
-                    )));
-                }
-                tokio::time::sleep(RETRY).await;
             }
             Err(e) => {
                 if started.elapsed() > PREPARE_GIVE_UP {
