@@ -651,21 +651,16 @@ async fn activate(coord: &Arc<Coordinator>, op: &OpRec, vm: &VmRec, m: &Migratio
             tokio::time::sleep(RETRY).await;
         }
         let now = now_millis();
-        let r = write(coord, |t| {
-            let mut b = Batch::default();
-            if let Some(o) = t
-                .ops
-                .get(&op.id)
-                .filter(|o| o.is_running() && o.current == op.current)
-            {
-                let mut n = o.clone();
-                if let Some(mm) = n.migration.as_mut().filter(|mm| mm.aborting.is_none()) {
+        let at = op.current;
+        let r = edit_op(coord, op.id, |n| {
+            match n.migration.as_mut().filter(|mm| mm.aborting.is_none()) {
+                Some(mm) if n.current == at => {
                     mm.activation_sent_ms = Some(now);
                     n.updated_at_ms = now;
-                    b.op(Some(o), n);
+                    true
                 }
+                _ => false,
             }
-            Ok((b, ()))
         })
         .await;
         if let Err(e) = r {
@@ -919,18 +914,36 @@ async fn abort(
     coord.vms.wake.notify_one();
 }
 
-/// The destination runs the guest after all: the abort is taken back and the move goes on.
-async fn clear_aborting(coord: &Arc<Coordinator>, id: OpId) {
-    let _ = write(coord, |t| {
+/// Writes a change to a running operation, if `edit` makes one (it returns false to leave
+/// the operation as it is). True once written; a conflicting write is the caller's to retry
+/// from the operation as the table then holds it.
+async fn edit_op(
+    coord: &Arc<Coordinator>,
+    id: OpId,
+    edit: impl Fn(&mut OpRec) -> bool,
+) -> Result<bool, ApiError> {
+    write(coord, |t| {
         let mut b = Batch::default();
+        let mut done = false;
         if let Some(o) = t.ops.get(&id).filter(|o| o.is_running()) {
             let mut n = o.clone();
-            if let Some(m) = n.migration.as_mut().filter(|m| m.aborting.is_some()) {
-                m.aborting = None;
+            if edit(&mut n) {
                 b.op(Some(o), n);
+                done = true;
             }
         }
-        Ok((b, ()))
+        Ok((b, done))
+    })
+    .await
+}
+
+/// The destination runs the guest after all: the abort is taken back and the move goes on.
+async fn clear_aborting(coord: &Arc<Coordinator>, id: OpId) {
+    let _ = edit_op(coord, id, |n| {
+        n.migration
+            .as_mut()
+            .and_then(|m| m.aborting.take())
+            .is_some()
     })
     .await;
     tokio::time::sleep(RETRY).await;
@@ -940,17 +953,15 @@ async fn clear_aborting(coord: &Arc<Coordinator>, id: OpId) {
 /// restarted coordinator finishes the abort.
 async fn mark_aborting(coord: &Arc<Coordinator>, id: OpId, reason: &str) {
     let now = now_millis();
-    let r = write(coord, |t| {
-        let mut b = Batch::default();
-        if let Some(o) = t.ops.get(&id).filter(|o| o.is_running()) {
-            let mut n = o.clone();
-            if let Some(m) = n.migration.as_mut().filter(|m| m.aborting.is_none()) {
+    let r = edit_op(coord, id, |n| {
+        match n.migration.as_mut().filter(|m| m.aborting.is_none()) {
+            Some(m) => {
                 m.aborting = Some(reason.to_string());
                 n.updated_at_ms = now;
-                b.op(Some(o), n);
+                true
             }
+            None => false,
         }
-        Ok((b, ()))
     })
     .await;
     if let Err(e) = r {
@@ -962,18 +973,16 @@ async fn mark_aborting(coord: &Arc<Coordinator>, id: OpId, reason: &str) {
 /// The source's figures, and step 2 done.
 async fn record_copied(coord: &Arc<Coordinator>, id: OpId, downtime_ms: u64, total_ms: u64) {
     let now = now_millis();
-    let _ = write(coord, |t| {
-        let mut b = Batch::default();
-        if let Some(o) = t.ops.get(&id).filter(|o| o.is_running() && o.current == 2) {
-            let mut n = o.clone();
-            if let Some(m) = n.migration.as_mut() {
-                m.downtime_ms = Some(downtime_ms);
-                m.total_ms = Some(total_ms);
-            }
-            n.step_done(now);
-            b.op(Some(o), n);
+    let _ = edit_op(coord, id, |n| {
+        if n.current != 2 {
+            return false;
         }
-        Ok((b, ()))
+        if let Some(m) = n.migration.as_mut() {
+            m.downtime_ms = Some(downtime_ms);
+            m.total_ms = Some(total_ms);
+        }
+        n.step_done(now);
+        true
     })
     .await;
     super::publish_op_of(coord, id);
@@ -982,14 +991,12 @@ async fn record_copied(coord: &Arc<Coordinator>, id: OpId, downtime_ms: u64, tot
 /// Marks step `at` of the operation done, if it is still there.
 async fn step_done(coord: &Arc<Coordinator>, id: OpId, at: usize) {
     let now = now_millis();
-    let _ = write(coord, |t| {
-        let mut b = Batch::default();
-        if let Some(o) = t.ops.get(&id).filter(|o| o.is_running() && o.current == at) {
-            let mut n = o.clone();
-            n.step_done(now);
-            b.op(Some(o), n);
+    let _ = edit_op(coord, id, |n| {
+        if n.current != at {
+            return false;
         }
-        Ok((b, ()))
+        n.step_done(now);
+        true
     })
     .await;
     super::publish_op_of(coord, id);
@@ -997,14 +1004,9 @@ async fn step_done(coord: &Arc<Coordinator>, id: OpId, at: usize) {
 
 /// Ends the operation failed (with nothing to undo).
 async fn fail(coord: &Arc<Coordinator>, id: OpId, reason: &str, now: u64) {
-    let _ = write(coord, |t| {
-        let mut b = Batch::default();
-        if let Some(o) = t.ops.get(&id).filter(|o| o.is_running()) {
-            let mut n = o.clone();
-            n.fail(reason, now);
-            b.op(Some(o), n);
-        }
-        Ok((b, ()))
+    let _ = edit_op(coord, id, |n| {
+        n.fail(reason, now);
+        true
     })
     .await;
     super::publish_op_of(coord, id);
