@@ -306,4 +306,30 @@ impl Site {
             })
         })
     }
+
+    /// One VM as `zy vm show` gives it.
+    pub fn vm(&self, name: &str) -> Result<zy_api::VmView> {
+        self.zy_json(&["vm", "show", name])
+    }
+
+    /// Waits until VM `name` is in `state`; a VM that fails on the way fails the wait.
+    pub fn wait_vm(&self, name: &str, state: &str, timeout: Duration) -> Result<zy_api::VmView> {
+        wait_for(&format!("{name} to be {state}"), timeout, || {
+            let v = self.vm(name).ok()?;
+            if v.state == "failed" && state != "failed" {
+                panic!("{name} failed: {:?}", v.reason);
+            }
+            (v.state == state).then_some(v)
+        })
+    }
+
+    /// What VM `id` printed on its serial console on node `i` (empty if nothing yet).
+    pub fn console_log(&self, i: usize, id: zy_common::VmId) -> String {
+        let log = self
+            .agent_dir(i)
+            .join("vms")
+            .join(id.to_string())
+            .join("console.log");
+        std::fs::read_to_string(log).unwrap_or_default()
+    }
 }

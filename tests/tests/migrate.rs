@@ -15,18 +15,11 @@ const BOOT: Duration = Duration::from_secs(120);
 const MOVE: Duration = Duration::from_secs(240);
 
 fn vm(site: &Site, name: &str) -> VmView {
-    site.zy_json(&["vm", "show", name]).unwrap()
+    site.vm(name).unwrap()
 }
 
 fn wait_vm(site: &Site, name: &str, state: &str) -> VmView {
-    wait_for(&format!("{name} to be {state}"), BOOT, || {
-        let v = vm(site, name);
-        if v.state == "failed" && state != "failed" {
-            panic!("{name} failed: {:?}", v.reason);
-        }
-        (v.state == state).then_some(v)
-    })
-    .unwrap()
+    site.wait_vm(name, state, BOOT).unwrap()
 }
 
 fn node_no(v: &VmView) -> usize {
@@ -34,12 +27,7 @@ fn node_no(v: &VmView) -> usize {
 }
 
 fn console(site: &Site, node: usize, v: &VmView) -> String {
-    let log = site
-        .agent_dir(node)
-        .join("vms")
-        .join(v.id.to_string())
-        .join("console.log");
-    std::fs::read_to_string(log).unwrap_or_default()
+    site.console_log(node, v.id)
 }
 
 /// The numbers `ZY-COUNT <n>` printed, in order.

@@ -12,18 +12,11 @@ use zy_lab::wait_for;
 const BOOT: Duration = Duration::from_secs(120);
 
 fn vm(site: &Site, name: &str) -> VmView {
-    site.zy_json(&["vm", "show", name]).unwrap()
+    site.vm(name).unwrap()
 }
 
 fn wait_vm(site: &Site, name: &str, state: &str) -> VmView {
-    wait_for(&format!("{name} to be {state}"), BOOT, || {
-        let v = vm(site, name);
-        if v.state == "failed" && state != "failed" {
-            panic!("{name} failed: {:?}", v.reason);
-        }
-        (v.state == state).then_some(v)
-    })
-    .unwrap()
+    site.wait_vm(name, state, BOOT).unwrap()
 }
 
 /// Node `node` has no bridge, VXLAN device or tap of ours left.
@@ -40,12 +33,7 @@ fn assert_no_vm_links(site: &Site, node: usize) {
 }
 
 fn console(site: &Site, node: usize, v: &VmView) -> String {
-    let log = site
-        .agent_dir(node)
-        .join("vms")
-        .join(v.id.to_string())
-        .join("console.log");
-    std::fs::read_to_string(log).unwrap_or_default()
+    site.console_log(node, v.id)
 }
 
 #[test]
