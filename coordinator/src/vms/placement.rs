@@ -219,6 +219,23 @@ pub fn check_move(
     }
 }
 
+/// The standby node whose waking would let VM `id` be placed under every rule (N+1
+/// included), if it fits on no awake node.
+pub fn wake_candidate(
+    policy: Policy,
+    nodes: &[NodeCap],
+    placed: impl IntoIterator<Item = Placed>,
+    id: VmId,
+    d: &Demand,
+) -> Option<NodeId> {
+    let (mut c, ids) = cluster(policy, nodes, placed);
+    let req = request(d.zone, &d.need, d.group.clone());
+    match zy_packer::consolidate::wake_for(&mut c, &(id, false), &req) {
+        zy_packer::consolidate::Wake::Node(i) => Some(ids[i]),
+        _ => None,
+    }
+}
+
 /// Picks a node for VM `id`.
 pub fn place(
     policy: Policy,
