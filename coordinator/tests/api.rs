@@ -16,11 +16,17 @@ impl Drop for TempDir {
 }
 
 async fn start() -> (TempDir, zy_coordinator::server::Running, Client, String) {
+    start_with(CoordinatorConfig::default()).await
+}
+
+async fn start_with(
+    config: CoordinatorConfig,
+) -> (TempDir, zy_coordinator::server::Running, Client, String) {
     let dir = TempDir(std::env::temp_dir().join(format!("zy-api-test-{}", rand::random::<u64>())));
     let config = CoordinatorConfig {
         daemon_listen: "127.0.0.1:0".parse().unwrap(),
         api_listen: "127.0.0.1:0".parse().unwrap(),
-        ..CoordinatorConfig::default()
+        ..config
     };
     let sd = StateDir::new(&dir.0);
     let out = sd.init(&config, &[], "unused").unwrap();
@@ -548,5 +554,220 @@ async fn api_tokens_are_named_listed_without_secrets_and_revoked_for_good() {
         (StatusCode::UNAUTHORIZED, "token_expired"),
         "{m}"
     );
+    running.shutdown().await;
+}
+
+/// Enrolls a node straight into the store and the fleet (no agent: it never connects).
+fn enroll(coord: &zy_coordinator::Coordinator, name: &str) -> zy_common::NodeId {
+    use zy_common::ids::TokenId;
+    use zy_coordinator::store::{Admin, NodeRecord, TokenRecord};
+    let now = zy_common::time::now_millis();
+    let token = TokenId::new_random();
+    let secret = zy_common::token::SecretHash([7; 32]);
+    coord
+        .store
+        .insert_token(&TokenRecord {
+            id: token,
+            secret_hash: secret,
+            zone: zy_common::Zone::Intranet,
+            created_at_ms: now,
+            expires_at_ms: now + 3_600_000,
+            revoked_at_ms: None,
+            used: None,
+            created_by: token,
+        })
+        .unwrap();
+    let rec = NodeRecord {
+        id: zy_common::NodeId::new_random(),
+        name: name.into(),
+        zone: zy_common::Zone::Intranet,
+        state: zy_coordinator::fleet::membership::NodeState::Enrolled,
+        state_since_ms: now,
+        enrolled_at_ms: now,
+        token,
+        last_seen_ms: 0,
+        inventory: None,
+        cert: None,
+        admin: Admin::Active,
+        admin_since_ms: 0,
+    };
+    let rec = coord.store.enroll(token, secret, rec, now).unwrap();
+    let id = rec.id;
+    coord.fleet.insert_enrolled(rec, std::time::Instant::now());
+    id
+}
+
+async fn node(c: &Client, name: &str) -> zy_api::NodeView {
+    c.call(Method::GET, &format!("/v1/nodes/{name}"), None)
+        .await
+        .unwrap()
+}
+
+/// Drain, undrain, standby and wake of unknown nodes, of nodes in the wrong state, without a
+/// power driver; consolidations asked with absurd bounds: each a clear error, nothing changed.
+/// A drain of an empty node ends in maintenance, recorded in the node's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_administration_refuses_what_does_not_apply_and_records_what_does() {
+    let (_dir, running, c, _token) = start().await;
+    enroll(&running.coord, "n1");
+    for action in ["drain", "undrain", "standby", "wake"] {
+        let e = c
+            .call::<serde_json::Value>(Method::POST, &format!("/v1/nodes/nope/{action}"), None)
+            .await
+            .unwrap_err();
+        let (status, _, msg) = api_err(e);
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
+        assert!(msg.contains("no node"), "{action}: {msg}");
+    }
+    // No [power]: standby is refused with how to configure it; the node stays active.
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/n1/standby", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "power_not_configured")
+    );
+    assert!(msg.contains("[power]") && msg.contains("ipmitool"), "{msg}");
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/n1/wake", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("not on standby"), "{msg}");
+    assert_eq!(node(&c, "n1").await.admin, "active");
+
+    // An empty node drains at once into maintenance.
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/n1/drain", None)
+        .await
+        .unwrap();
+    assert!(
+        ["draining", "maintenance"].contains(&v.admin.as_str()),
+        "{}",
+        v.admin
+    );
+    let mut admin = v.admin;
+    for _ in 0..50 {
+        if admin == "maintenance" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        admin = node(&c, "n1").await.admin;
+    }
+    assert_eq!(admin, "maintenance");
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/n1/undrain", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "active");
+    let d: zy_api::NodeDetail = c.call(Method::GET, "/v1/nodes/n1", None).await.unwrap();
+    let changes: Vec<String> = d
+        .admin_transitions
+        .iter()
+        .map(|t| format!("{}>{}", t.from, t.to))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "active>draining",
+            "draining>maintenance",
+            "maintenance>active"
+        ]
+    );
+
+    // Consolidation: absurd bounds refused, a plan shown otherwise.
+    for q in [
+        "max_moves=0",
+        "max_moves=1000000",
+        "min_gain=5",
+        "min_gain=-1",
+    ] {
+        let e = c
+            .call::<serde_json::Value>(Method::GET, &format!("/v1/plan/consolidate?{q}"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(api_err(e).0, StatusCode::BAD_REQUEST, "{q}");
+    }
+    let e = c
+        .call::<serde_json::Value>(
+            Method::POST,
+            "/v1/plan/consolidate",
+            Some(serde_json::json!({"max_moves": 0})),
+        )
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("max_moves is 0"), "{msg}");
+    let p: zy_api::ConsolidationView = c
+        .call(Method::GET, "/v1/plan/consolidate?max_moves=3", None)
+        .await
+        .unwrap();
+    assert!(p.steps.is_empty() && p.run.is_none(), "{p:?}");
+    running.shutdown().await;
+}
+
+/// The power driver: a command that fails or hangs past its limit is a clear error and
+/// changes nothing; one that succeeds marks the node, and a standby node's silence raises
+/// nothing; wake brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_commands_that_fail_or_hang_change_nothing() {
+    let script = "case {name} in fail) echo BMC unreachable >&2; exit 4;; hang) sleep 60;; esac";
+    let config = CoordinatorConfig {
+        power: Some(zy_coordinator::config::PowerConfig {
+            standby: vec!["sh".into(), "-c".into(), script.into()],
+            wake: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: std::time::Duration::from_secs(1),
+        }),
+        ..CoordinatorConfig::default()
+    };
+    let (_dir, running, c, _token) = start_with(config).await;
+    for n in ["fail", "hang", "ok"] {
+        enroll(&running.coord, n);
+    }
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/fail/standby", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_GATEWAY, "power_failed")
+    );
+    assert!(
+        msg.contains("BMC unreachable") && msg.contains("stays active"),
+        "{msg}"
+    );
+    assert_eq!(node(&c, "fail").await.admin, "active");
+    let t0 = std::time::Instant::now();
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/hang/standby", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(msg.contains("did not finish within 1s"), "{msg}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(node(&c, "hang").await.admin, "active");
+
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/ok/standby", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "standby");
+    // Drain and undrain do not apply to a standby node; wake does.
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/ok/drain", None)
+        .await
+        .unwrap_err();
+    assert!(api_err(e).2.contains("wake it first"));
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/ok/wake", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "active");
     running.shutdown().await;
 }
