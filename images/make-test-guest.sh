@@ -9,8 +9,8 @@
 #
 # The guest reads `zy.name=`, `zy.ip=<addr>/<len>`, `zy.gw=`, `zy.mtu=` (and, for tests,
 # `zy.poweroff_after=<seconds>`, `zy.panic_after=<seconds>`, `zy.probe=<ip>,<ip>`,
-# `zy.bigping=<ip>`, `zy.tcpsink=<port>`, `zy.tcpsend=<ip>:<port>`, `zy.diskwrite=<vdX>`) from
-# /proc/cmdline. Without `zy.ip`
+# `zy.bigping=<ip>`, `zy.tcpsink=<port>`, `zy.tcpsend=<ip>:<port>`, `zy.diskwrite=<vdX>`,
+# `zy.diskwrite_for=<seconds>`, `zy.counter=1`, `zy.pingloop=<ip>`) from /proc/cmdline. Without `zy.ip`
 # it looks for a cloud-init NoCloud seed (a FAT disk holding meta-data and network-config)
 # and takes its name, address, gateway and MTU from there, printing `ZY-SEED <instance-id>`.
 # Booted from the disk image, it prints `ZY-DISK base=<text>` (a file of the image) and
@@ -131,6 +131,9 @@ for arg in $(cat /proc/cmdline); do
         zy.sshkey=*) ZY_sshkey="${arg#zy.sshkey=}" ;;
         zy.sshto=*) ZY_sshto="${arg#zy.sshto=}" ;;
         zy.diskwrite=*) ZY_diskwrite="${arg#zy.diskwrite=}" ;;
+        zy.diskwrite_for=*) ZY_diskwrite_for="${arg#zy.diskwrite_for=}" ;;
+        zy.counter=*) ZY_counter="${arg#zy.counter=}" ;;
+        zy.pingloop=*) ZY_pingloop="${arg#zy.pingloop=}" ;;
     esac
 done
 # Without an address on the command line, a cloud-init NoCloud seed must provide one.
@@ -251,12 +254,48 @@ if [ -n "$ZY_sshto" ]; then
 fi
 # Tests of live migration: the guest keeps writing random 64 KiB blocks over the first
 # 32 MiB of a disk (`zy.diskwrite=vdb`), each synced, so that the disk changes while it moves.
+# With `zy.diskwrite_for=<s>` it stops after that long, drops its caches and prints the MD5
+# of those 32 MiB as read back from the disk (`ZY-DISKSUM <md5> <blocks written>`), for a
+# test to compare with the disk image on the host.
 if [ -n "$ZY_diskwrite" ]; then
     (echo "ZY-DISKWRITE $ZY_diskwrite"
     n=0
+    start=$(cut -d. -f1 /proc/uptime)
     while true; do
         dd if=/dev/urandom of="/dev/$ZY_diskwrite" bs=65536 count=1 seek=$((n % 512)) conv=fsync 2>/dev/null
         n=$((n + 7))
+        if [ -n "$ZY_diskwrite_for" ] && [ $(( $(cut -d. -f1 /proc/uptime) - start )) -ge "$ZY_diskwrite_for" ]; then
+            break
+        fi
+    done
+    sync
+    echo 3 > /proc/sys/vm/drop_caches
+    sum=$(dd if="/dev/$ZY_diskwrite" bs=65536 count=512 2>/dev/null | md5sum | cut -d' ' -f1)
+    while true; do
+        echo "ZY-DISKSUM $sum $((n / 7))"
+        sleep 5
+    done) &
+fi
+# Tests of live migration: a counter kept in the guest's memory, printed every second
+# (`ZY-COUNT <n>`): a guest that moved live goes on counting where it was.
+if [ -n "$ZY_counter" ]; then
+    (n=0
+    while true; do
+        n=$((n + 1))
+        echo "ZY-COUNT $n"
+        sleep 1
+    done) &
+fi
+# Tests of live migration: ping a peer five times a second and print the running totals
+# every 25 pings (`ZY-PINGS <ip> sent=<n> lost=<m>`).
+if [ -n "$ZY_pingloop" ]; then
+    (sent=0
+    lost=0
+    while true; do
+        ping -c 1 -W 1 "$ZY_pingloop" >/dev/null 2>&1 || lost=$((lost + 1))
+        sent=$((sent + 1))
+        [ $((sent % 25)) -eq 0 ] && echo "ZY-PINGS $ZY_pingloop sent=$sent lost=$lost"
+        usleep 200000
     done) &
 fi
 # Tests of guest health ask for a kernel panic (which pvpanic reports to QEMU).

@@ -17,7 +17,8 @@ use zy_common::{VmId, Zone};
 
 use crate::netdev::{NetdevError, Networks, Segment};
 use crate::uplink::{BlobSource, FetchError};
-use crate::vm::runner::{Exit, RunError, RunningVm, StopHow, VmRunner};
+use crate::vm::migrate::{IncomingPlan, MigrateError, Outcome, OutgoingPlan, Progress};
+use crate::vm::runner::{Exit, IncomingVm, Recovered, RunError, RunningVm, StopHow, VmRunner};
 use crate::vm::spec::{VmPaths, VmSpec};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -42,6 +43,20 @@ struct RunnerState {
     /// Every stop asked for, with its grace.
     stops: Vec<(VmId, Duration)>,
     cleanups: Vec<VmId>,
+    /// Guests paused by a completed migration.
+    paused: BTreeSet<VmId>,
+    /// Migrations out under way (a restarted agent finds them so).
+    migrating: BTreeSet<VmId>,
+    /// The next migration out of the VM fails with this.
+    fail_out: HashMap<VmId, String>,
+    /// Migrations out wait here before their switchover while it is false.
+    switchover: Option<watch::Sender<bool>>,
+    /// Destinations: how the stream will end (`None`: not yet).
+    arrivals: HashMap<VmId, watch::Sender<Option<Result<(), String>>>>,
+    /// Destinations whose QEMU runs (paused, receiving), with their files.
+    incoming: HashMap<VmId, Vec<PathBuf>>,
+    announced: Vec<VmId>,
+    resumed: Vec<VmId>,
 }
 
 /// One fake QEMU process.
@@ -107,6 +122,57 @@ impl FakeRunner {
             .send_replace(Some((status.map(str::to_string), ending)));
     }
 
+    /// Whether `id`'s guest is paused by a completed migration.
+    pub fn paused(&self, id: VmId) -> bool {
+        lock(&self.state).paused.contains(&id)
+    }
+
+    /// How many times `id`'s guest was resumed after a completed migration.
+    pub fn resumes(&self, id: VmId) -> usize {
+        lock(&self.state)
+            .resumed
+            .iter()
+            .filter(|v| **v == id)
+            .count()
+    }
+
+    /// Whether `id` was announced on its networks after an activation.
+    pub fn announced(&self, id: VmId) -> bool {
+        lock(&self.state).announced.contains(&id)
+    }
+
+    /// Whether a destination QEMU of `id` runs here (receiving, not activated).
+    pub fn receiving(&self, id: VmId) -> bool {
+        lock(&self.state).incoming.contains_key(&id)
+    }
+
+    /// The next migration of `id` out fails, saying `why`.
+    pub fn fail_migration(&self, id: VmId, why: &str) {
+        lock(&self.state).fail_out.insert(id, why.to_string());
+    }
+
+    /// Migrations out stop before their switchover until [`FakeRunner::release_switchover`].
+    pub fn hold_switchover(&self) {
+        lock(&self.state).switchover = Some(watch::channel(false).0);
+    }
+
+    /// Lets held migrations switch over.
+    pub fn release_switchover(&self) {
+        if let Some(s) = &lock(&self.state).switchover {
+            s.send_replace(true);
+        }
+    }
+
+    /// The stream to the destination `id` ends: the whole VM arrived (`Ok`) or not.
+    pub fn arrive(&self, id: VmId, how: Result<(), &str>) {
+        let tx = lock(&self.state)
+            .arrivals
+            .entry(id)
+            .or_insert_with(|| watch::channel(None).0)
+            .clone();
+        tx.send_replace(Some(how.map_err(str::to_string)));
+    }
+
     fn handle(&self, id: VmId, p: &Proc) -> Box<dyn RunningVm> {
         Box::new(FakeRunning {
             id,
@@ -163,6 +229,104 @@ impl VmRunner for FakeRunner {
         lock(&self.state).cleanups.push(id);
         Box::pin(async {})
     }
+
+    fn incoming(
+        &self,
+        plan: IncomingPlan,
+    ) -> BoxFuture<'_, Result<Box<dyn IncomingVm>, MigrateError>> {
+        Box::pin(async move {
+            let id = plan.spec.id;
+            let mut files = Vec::new();
+            for d in &plan.disks {
+                std::fs::write(&d.path, b"").map_err(|e| MigrateError::TargetDisk {
+                    path: d.path.clone(),
+                    why: e.to_string(),
+                })?;
+                files.push(d.path.clone());
+            }
+            let mut s = lock(&self.state);
+            assert!(!s.incoming.contains_key(&id), "two destinations of {id}");
+            s.incoming.insert(id, files);
+            s.last_pid += 1;
+            let pid = 1000 + s.last_pid;
+            let rx = s
+                .arrivals
+                .entry(id)
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe();
+            Ok(Box::new(FakeIncoming {
+                id,
+                pid,
+                arrival: rx,
+                runner: self.clone(),
+            }) as Box<dyn IncomingVm>)
+        })
+    }
+
+    fn kill_incoming<'a>(&'a self, id: VmId, _paths: &'a VmPaths) -> BoxFuture<'a, ()> {
+        lock(&self.state).incoming.remove(&id);
+        Box::pin(async {})
+    }
+}
+
+/// A fake destination QEMU.
+#[derive(Debug)]
+struct FakeIncoming {
+    id: VmId,
+    pid: i32,
+    arrival: watch::Receiver<Option<Result<(), String>>>,
+    runner: FakeRunner,
+}
+
+impl IncomingVm for FakeIncoming {
+    fn pid(&self) -> Option<i32> {
+        Some(self.pid)
+    }
+
+    fn wait_complete<'a>(
+        &'a mut self,
+        cancel: &'a std::sync::atomic::AtomicBool,
+    ) -> BoxFuture<'a, Result<(), MigrateError>> {
+        Box::pin(async move {
+            loop {
+                if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(MigrateError::Cancelled);
+                }
+                if let Some(how) = self.arrival.borrow().clone() {
+                    return how.map_err(|why| MigrateError::Failed {
+                        status: "failed".into(),
+                        why,
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    }
+
+    fn activate(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn RunningVm>, MigrateError>> {
+        Box::pin(async move {
+            let mut s = lock(&self.runner.state);
+            s.incoming.remove(&self.id);
+            s.announced.push(self.id);
+            *s.starts.entry(self.id).or_default() += 1;
+            let p = Proc {
+                pid: self.pid,
+                gone: watch::channel(None).0,
+            };
+            s.running.insert(self.id, p.clone());
+            drop(s);
+            Ok(self.runner.handle(self.id, &p))
+        })
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let files = lock(&self.runner.state).incoming.remove(&self.id);
+            for f in files.into_iter().flatten() {
+                let _ = std::fs::remove_file(f);
+            }
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -218,7 +382,110 @@ impl RunningVm for FakeRunning {
             if let Some(p) = s.running.remove(&self.id) {
                 p.gone.send_replace(Some((None, Ending::Poweroff)));
             }
+            s.paused.remove(&self.id);
             StopHow::Graceful
+        })
+    }
+
+    fn migrate_out<'a>(
+        &'a mut self,
+        spec: &'a VmSpec,
+        plan: &'a OutgoingPlan,
+        sizes: &'a [u64],
+        cancel: &'a std::sync::atomic::AtomicBool,
+        progress: &'a mut (dyn FnMut(Progress) + Send),
+    ) -> BoxFuture<'a, Result<Outcome, MigrateError>> {
+        Box::pin(async move {
+            use std::sync::atomic::Ordering;
+            if sizes.len() != spec.disks.len() || plan.syncs.len() != spec.disks.len() {
+                return Err(MigrateError::PlanDisks {
+                    plan: sizes.len(),
+                    vm: spec.disks.len(),
+                });
+            }
+            let (fail, gate) = {
+                let mut s = lock(&self.runner.state);
+                s.migrating.insert(self.id);
+                (
+                    s.fail_out.remove(&self.id),
+                    s.switchover.as_ref().map(|g| g.subscribe()),
+                )
+            };
+            let undo = |runner: &FakeRunner, id| {
+                lock(&runner.state).migrating.remove(&id);
+            };
+            progress(Progress::MirrorsStarted { disks: sizes.len() });
+            progress(Progress::Mirror {
+                done: 0,
+                total: sizes.iter().sum(),
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            progress(Progress::DisksSynced);
+            progress(Progress::Memory {
+                transferred: 1 << 20,
+                remaining: 1 << 20,
+                total: 2 << 20,
+                dirty_rate: 4096,
+                expected_downtime_ms: 20,
+                downtime_limit_ms: 100,
+                cpu_throttle_percent: 0,
+            });
+            if let Some(mut g) = gate {
+                loop {
+                    if cancel.load(Ordering::Relaxed) {
+                        undo(&self.runner, self.id);
+                        return Err(MigrateError::Cancelled);
+                    }
+                    if *g.borrow_and_update() {
+                        break;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(100), g.changed()).await;
+                }
+            }
+            if cancel.load(Ordering::Relaxed) {
+                undo(&self.runner, self.id);
+                return Err(MigrateError::Cancelled);
+            }
+            if let Some(why) = fail {
+                undo(&self.runner, self.id);
+                return Err(MigrateError::Failed {
+                    status: "failed".into(),
+                    why,
+                });
+            }
+            progress(Progress::Switchover);
+            let mut s = lock(&self.runner.state);
+            s.migrating.remove(&self.id);
+            s.paused.insert(self.id);
+            Ok(Outcome {
+                downtime_ms: 42,
+                memory_ms: 500,
+                total_ms: 800,
+                ram_transferred: 1 << 20,
+                downtime_limit_ms: 100,
+            })
+        })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), MigrateError>> {
+        Box::pin(async move {
+            let mut s = lock(&self.runner.state);
+            s.paused.remove(&self.id);
+            s.resumed.push(self.id);
+            Ok(())
+        })
+    }
+
+    fn recover_migration<'a>(&'a mut self, _spec: &'a VmSpec) -> BoxFuture<'a, Recovered> {
+        Box::pin(async move {
+            let mut s = lock(&self.runner.state);
+            if s.migrating.remove(&self.id) {
+                Recovered::Undone
+            } else if s.paused.contains(&self.id) {
+                Recovered::Completed
+            } else {
+                Recovered::Nothing
+            }
         })
     }
 }
@@ -447,6 +714,7 @@ pub fn ctx(
         networks: networks.map(|n| n as Arc<dyn Networks>),
         runner: Arc::new(runner.clone()),
         clock: Arc::new(clock.unwrap()),
+        migrations: Arc::new(crate::vm::migration::Migrations::new().0),
     };
     (ctx, rx)
 }
@@ -489,4 +757,36 @@ pub async fn ended(mut status: watch::Receiver<crate::vm::actor::VmStatus>) {
     tokio::time::timeout(Duration::from_secs(3600), gone)
         .await
         .expect("the actor never ended");
+}
+
+/// Enrolls a node in `data_dir` as `zy-agent join` does: an identity for `node` of `ca`,
+/// with the certificate kind a migration endpoint needs (`peer`) or the client-only kind
+/// of enrollments before protocol version 4.
+pub fn enroll(
+    data_dir: &std::path::Path,
+    ca: &zy_common::tls::SiteCa,
+    node: zy_common::NodeId,
+    peer: bool,
+) {
+    let (key, csr) = zy_common::tls::node_request("n").unwrap();
+    let v = Duration::from_secs(3600);
+    let cert = if peer {
+        ca.issue_node_peer(&csr, node, Zone::Intranet, v)
+    } else {
+        ca.issue_node(&csr, node, Zone::Intranet, v)
+    }
+    .unwrap();
+    crate::identity::IdentityDir::new(data_dir)
+        .store(
+            &crate::identity::NodeFile {
+                node_id: node,
+                name: "n".into(),
+                zone: Zone::Intranet,
+                coordinator: "127.0.0.1:1".into(),
+            },
+            &key.serialize_pem(),
+            &cert,
+            ca.cert_der(),
+        )
+        .unwrap();
 }

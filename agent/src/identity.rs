@@ -145,13 +145,13 @@ impl IdentityDir {
             dir: data_dir.join("identity"),
         }
     }
-    fn key(&self) -> PathBuf {
+    pub fn key(&self) -> PathBuf {
         self.dir.join("node.key")
     }
-    fn cert(&self) -> PathBuf {
+    pub fn cert(&self) -> PathBuf {
         self.dir.join("node.crt")
     }
-    fn ca(&self) -> PathBuf {
+    pub fn ca(&self) -> PathBuf {
         self.dir.join("ca.crt")
     }
     fn node(&self) -> PathBuf {

@@ -305,6 +305,18 @@ async fn drive(
         conn: conn.clone(),
         version,
     }));
+    // Where this node is on the underlay, as the route to the coordinator says: a
+    // migration's destination listens there when the VM's NICs do not say.
+    if let Some(ip) = conn
+        .local_ip()
+        .or_else(|| route_source(conn.remote_address()))
+    {
+        node.set_underlay(ip);
+    }
+    // Migration progress: this session's alone (one session at a time holds it). A
+    // version 3 coordinator never started a migration, and is sent none of it.
+    let mut migration_events = node.migration_events.lock().await;
+    let migrations = version >= zy_common::proto::MIGRATION_SINCE;
     // Streams the coordinator opens: console readers.
     let streams = tokio::spawn(serve_streams(conn.clone(), version, node.clone()));
     let _streams = AbortOnDrop(streams);
@@ -414,9 +426,26 @@ async fn drive(
                 let msg = Message::Event(Event { at_ms: ev.status.since_ms, kind: EventKind::Vm(ev.info()) });
                 wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
             }
+            Some(ev) = migration_events.recv() => {
+                if migrations {
+                    let msg = Message::Event(Event { at_ms: now_millis(), kind: EventKind::Migration(ev) });
+                    wire::write_frame(&mut send, version, &msg).await.map_err(stream)?;
+                }
+            }
             e = conn.closed() => return Err(lost(e)),
         }
     }
+}
+
+/// The source address the kernel would use to reach `to`.
+fn route_source(to: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let any: std::net::SocketAddr = match to {
+        std::net::SocketAddr::V4(_) => "0.0.0.0:0".parse().ok()?,
+        std::net::SocketAddr::V6(_) => "[::]:0".parse().ok()?,
+    };
+    let s = std::net::UdpSocket::bind(any).ok()?;
+    s.connect(to).ok()?;
+    s.local_addr().ok().map(|a| a.ip())
 }
 
 /// A uniform jitter factor in [0.5, 1.0].

@@ -6,6 +6,8 @@
 //! are traits, real here ([`Node::start`]) and in-memory fakes in unit tests
 //! ([`Node::with_host`]).
 
+mod migrate;
+
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +40,13 @@ pub struct Node {
     pub accel: Accel,
     /// The VMs' open consoles.
     pub consoles: Consoles,
+    /// Migration progress for the coordinator (the link takes it, one session at a time).
+    pub migration_events: tokio::sync::Mutex<mpsc::Receiver<zy_common::proto::MigrationEvent>>,
+    /// This node's underlay address as the link last saw it: where a migration's
+    /// destination listens when the VM's NICs do not say.
+    pub underlay: std::sync::Mutex<Option<std::net::IpAddr>>,
+    /// The time limits of migrations (the coordinator sets the rates per migration).
+    pub migration_limits: std::sync::Mutex<crate::vm::migrate::Limits>,
 }
 
 /// What the node's VM side uses of the host.
@@ -142,12 +151,14 @@ impl Node {
     ) -> Result<(Arc<Self>, mpsc::Receiver<VmEvent>), NodeError> {
         let (tx, rx) = mpsc::channel(256);
         let clock = Arc::new(ObservedClock::open(&data_dir.join("observed-generation"))?);
+        let (migrations, migration_events) = crate::vm::migration::Migrations::new();
         let ctx = Ctx {
             data_dir: data_dir.to_path_buf(),
             events: tx,
             networks: host.networks.clone(),
             runner: host.runner,
             clock,
+            migrations: Arc::new(migrations),
         };
         let cache = BlobDir::open(&data_dir.join("images"))?;
         let vms = VmManager::recover(ctx).await;
@@ -159,6 +170,9 @@ impl Node {
                 cache,
                 accel,
                 consoles: host.consoles,
+                migration_events: tokio::sync::Mutex::new(migration_events),
+                underlay: std::sync::Mutex::new(None),
+                migration_limits: std::sync::Mutex::new(crate::vm::migrate::Limits::default()),
             }),
             rx,
         ))
@@ -188,20 +202,30 @@ impl Node {
             }
             CommandKind::Ping => Ok(ReplyKind::Pong),
             CommandKind::SetReportInterval { .. } => Ok(ReplyKind::Done),
-            CommandKind::MigrateIn(_)
-            | CommandKind::MigrateOut(_)
-            | CommandKind::MigrateStatus { .. }
-            | CommandKind::MigrateActivate { .. }
-            | CommandKind::MigrateFinish { .. }
-            | CommandKind::MigrateAbort { .. } => {
-                Err(refused("this agent does not migrate VMs yet"))
+            CommandKind::MigrateIn(m) => self.migrate_in(*m).await.map(ReplyKind::MigrateListening),
+            CommandKind::MigrateOut(m) => self.migrate_out(*m).await.map(|()| ReplyKind::Done),
+            CommandKind::MigrateStatus { migration, vm } => {
+                self.migrate_status(migration, vm).map(ReplyKind::Migration)
             }
+            CommandKind::MigrateActivate { migration, vm } => self
+                .migrate_activate(migration, vm)
+                .await
+                .map(ReplyKind::Vm),
+            CommandKind::MigrateFinish { migration, vm } => self
+                .migrate_finish(migration, vm)
+                .await
+                .map(|()| ReplyKind::Done),
+            CommandKind::MigrateAbort { migration, vm } => self
+                .migrate_abort(migration, vm)
+                .await
+                .map(|()| ReplyKind::Done),
         }
     }
 
     /// Takes an intent: to the VM's actor if it exists, else into its one preparation.
     fn ensure(self: &Arc<Self>, i: VmIntent) -> Result<VmInfo, ReplyError> {
         let id = i.vm.id;
+        self.not_migrating(id)?;
         match self
             .vms
             .begin(id, &i.vm.name, i.desired, i.generation, i.stop_grace_ms)
@@ -249,6 +273,8 @@ impl Node {
     /// Removes a VM: its actor stops it and removes its files, or its preparation is
     /// cancelled and cleans up. A VM that is not here is deleted already.
     async fn delete(&self, id: VmId, generation: Generation) -> Result<(), ReplyError> {
+        // The coordinator aborts a migration first when a delete supersedes it.
+        self.not_migrating(id)?;
         if let Some(h) = self.vms.get(id) {
             let held = h.status.borrow().intent;
             if held > generation {
@@ -423,59 +449,15 @@ impl Node {
                         base: None,
                     });
                 }
-                let mut line = format!("{cmdline} zy.name={}", vm.name);
-                if let Some(n) = vm.nics.first() {
-                    line.push_str(&format!(
-                        " zy.ip={}/{} zy.mtu={}",
-                        n.ip,
-                        n.prefix,
-                        crate::netdev::OVERLAY_MTU
-                    ));
-                    if let Some(gw) = n.gateway {
-                        line.push_str(&format!(" zy.gw={gw}"));
-                    }
-                    if !n.nameservers.is_empty() {
-                        let dns: Vec<String> =
-                            n.nameservers.iter().map(|a| a.to_string()).collect();
-                        line.push_str(&format!(" zy.dns={}", dns.join(",")));
-                    }
-                    if !n.search.is_empty() {
-                        line.push_str(&format!(" zy.search={}", n.search.join(",")));
-                    }
-                }
+                let line = kernel_cmdline(cmdline, vm);
                 Boot::Kernel {
                     kernel: self.cache.path(kernel),
                     initrd: initrd.map(|i| self.cache.path(&i)),
-                    cmdline: line.trim().to_string(),
+                    cmdline: line,
                 }
             }
         };
-        let short: String = vm
-            .id
-            .to_string()
-            .chars()
-            .filter(|c| *c != '-')
-            .take(8)
-            .collect();
-        let mut nics = Vec::new();
-        let mut ports = Vec::new();
-        for (i, n) in vm.nics.iter().enumerate() {
-            let tap = format!("zyt{short}{i}");
-            nics.push(NicSpec {
-                tap: tap.clone(),
-                mac: n.mac,
-            });
-            ports.push((
-                tap,
-                Segment {
-                    vni: n.vni,
-                    zone: vm.zone,
-                    local: n.local,
-                    peers: n.peers.iter().copied().collect(),
-                    underlay_mtu: crate::netdev::UNDERLAY_MTU,
-                },
-            ));
-        }
+        let (nics, ports) = nics_of(vm);
         let spec = VmSpec {
             id: vm.id,
             name: vm.name.clone(),
@@ -493,6 +475,62 @@ impl Node {
             seed: written_seed,
         })
     }
+}
+
+/// The kernel command line of a VM booting a kernel: the image's, and what the test guest
+/// reads of its name and first NIC.
+fn kernel_cmdline(cmdline: &str, vm: &WireVm) -> String {
+    let mut line = format!("{cmdline} zy.name={}", vm.name);
+    if let Some(n) = vm.nics.first() {
+        line.push_str(&format!(
+            " zy.ip={}/{} zy.mtu={}",
+            n.ip,
+            n.prefix,
+            crate::netdev::OVERLAY_MTU
+        ));
+        if let Some(gw) = n.gateway {
+            line.push_str(&format!(" zy.gw={gw}"));
+        }
+        if !n.nameservers.is_empty() {
+            let dns: Vec<String> = n.nameservers.iter().map(|a| a.to_string()).collect();
+            line.push_str(&format!(" zy.dns={}", dns.join(",")));
+        }
+        if !n.search.is_empty() {
+            line.push_str(&format!(" zy.search={}", n.search.join(",")));
+        }
+    }
+    line.trim().to_string()
+}
+
+/// A VM's NICs (taps named after the VM) and the networks their taps join.
+fn nics_of(vm: &WireVm) -> (Vec<NicSpec>, Vec<(String, Segment)>) {
+    let short: String = vm
+        .id
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-')
+        .take(8)
+        .collect();
+    let mut nics = Vec::new();
+    let mut ports = Vec::new();
+    for (i, n) in vm.nics.iter().enumerate() {
+        let tap = format!("zyt{short}{i}");
+        nics.push(NicSpec {
+            tap: tap.clone(),
+            mac: n.mac,
+        });
+        ports.push((
+            tap,
+            Segment {
+                vni: n.vni,
+                zone: vm.zone,
+                local: n.local,
+                peers: n.peers.iter().copied().collect(),
+                underlay_mtu: crate::netdev::UNDERLAY_MTU,
+            },
+        ));
+    }
+    (nics, ports)
 }
 
 /// The networks a running QEMU's taps are on, from its command line (`ifname=`) and each

@@ -226,6 +226,7 @@ mod manager {
                     zy_agent::vm::observed::ObservedClock::open(&dir.join("observed-generation"))
                         .unwrap(),
                 ),
+                migrations: std::sync::Arc::new(zy_agent::vm::migration::Migrations::new().0),
             },
             rx,
         )
@@ -462,6 +463,7 @@ async fn a_qemu_without_a_record_is_reported_not_touched() {
             zy_agent::vm::observed::ObservedClock::open(&tmp.0.join("observed-generation"))
                 .unwrap(),
         ),
+        migrations: std::sync::Arc::new(zy_agent::vm::migration::Migrations::new().0),
     };
     let m = zy_agent::vm::manager::VmManager::recover(ctx).await;
     assert!(m.list().is_empty());

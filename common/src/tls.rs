@@ -378,8 +378,42 @@ impl SiteCa {
                 "it is for the key of the current certificate; a renewal needs a new key".into(),
             ));
         }
-        let issued = self.issue_node(csr_der, who.node_id, who.zone, validity)?;
+        // The peer kind (server and client): a node enrolled before it existed gets it
+        // here, at its next renewal, and can then be a migration's endpoint.
+        let issued = self.issue_node_peer(csr_der, who.node_id, who.zone, validity)?;
         Ok((who, issued))
+    }
+}
+
+/// Whether a node certificate can serve TLS as QEMU does for a live migration's
+/// destination (gnutls through `tls-creds-x509`): extended key usage serverAuth (or none)
+/// and key usage keyEncipherment (or none), as [`SiteCa::issue_node_peer`] writes them.
+/// `Err` says what is missing, in words for ops: certificates of [`SiteCa::issue_node`]
+/// (enrollments before protocol version 4) are for clients only until their renewal.
+#[cfg(feature = "pki")]
+pub fn check_serves_tls(der: &[u8]) -> Result<(), String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable: {e}"))?;
+    let mut missing = Vec::new();
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        if !eku.value.server_auth && !eku.value.any {
+            missing.push("extended key usage serverAuth");
+        }
+    }
+    if let Ok(Some(ku)) = cert.key_usage() {
+        if !ku.value.key_encipherment() {
+            missing.push("key usage keyEncipherment");
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "the node certificate lacks {} and cannot serve QEMU's TLS (a certificate issued \
+             at an enrollment before protocol version 4: it is replaced by one that can at the \
+             node's next renewal)",
+            missing.join(" and ")
+        ))
     }
 }
 
@@ -929,6 +963,31 @@ mod tests {
         assert!(ca
             .renew_node(&other, &sc[0], NODE_VALIDITY_DEFAULT)
             .is_err());
+    }
+
+    #[test]
+    fn only_peer_certificates_serve_tls_and_renewal_issues_them() {
+        let (ca, _) = SiteCa::generate("test").unwrap();
+        let id = NodeId::new_random();
+        let (_, csr) = node_request("n1").unwrap();
+        let old = ca
+            .issue_node(&csr, id, Zone::Intranet, NODE_VALIDITY_DEFAULT)
+            .unwrap();
+        let e = check_serves_tls(&old).unwrap_err();
+        assert!(
+            e.contains("serverAuth") && e.contains("keyEncipherment") && e.contains("renewal"),
+            "{e}"
+        );
+        let peer = ca
+            .issue_node_peer(&csr, id, Zone::Intranet, NODE_VALIDITY_DEFAULT)
+            .unwrap();
+        check_serves_tls(&peer).unwrap();
+        // A node enrolled with the old kind gets the new kind at its renewal.
+        let (_, csr2) = node_request("n1").unwrap();
+        let (who, renewed) = ca.renew_node(&csr2, &old, NODE_VALIDITY_DEFAULT).unwrap();
+        assert_eq!(who.node_id, id);
+        check_serves_tls(&renewed).unwrap();
+        assert!(check_serves_tls(b"garbage").is_err());
     }
 
     #[test]

@@ -12,7 +12,16 @@
 //!      |
 //!      +-- g > held --> record (desired, g) --> start / stop as desired
 //!   delete --> stop (no grace: the disk goes) --> remove the VM's directory --> end
+//!   migrate out --> the engine runs here, on the actor's QEMU; requests wait until it
+//!                   ends (the node answers intents `Busy` meanwhile); progress goes to
+//!                   the migration ([`super::migration`]), an event at least once a second
 //! ```
+//!
+//! A migration that completed leaves the guest paused; the actor records that in the VM's
+//! directory ([`super::migration::MIGRATED_OUT`]) before it reports it, and an actor that
+//! starts (after an agent restart) and finds it never starts or resumes the guest on its
+//! own: only an abort ([`Request::Resume`]) or a finish (a [`Request::Delete`]) ends that.
+//! A migration found under way in a QEMU it re-attaches to is undone (the guest runs on).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,9 +34,11 @@ use zy_common::time::now_millis;
 use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::VmId;
 
+use super::migrate::{MigrateError, OutgoingPlan, Progress};
+use super::migration::{self, Migration, Migrations, Side, MIGRATED_OUT};
 use super::observed::ObservedClock;
 use super::record::VmRecord;
-use super::runner::{self, Exit, RunningVm, StopHow, VmRunner};
+use super::runner::{self, Exit, Recovered, RunningVm, StopHow, VmRunner};
 use super::spec::VmPaths;
 use crate::netdev::Networks;
 
@@ -43,6 +54,17 @@ pub enum Request {
     /// Stops the VM if it runs and removes every file of it. Answers once the files are
     /// gone, or with why they could not be removed.
     Delete(oneshot::Sender<Result<(), String>>),
+    /// Migrates the VM out (it must run); answers once the engine has started, then reports
+    /// through `migration`.
+    MigrateOut {
+        migration: Arc<Migration>,
+        plan: Box<OutgoingPlan>,
+        sizes: Vec<u64>,
+        started: oneshot::Sender<Result<(), String>>,
+    },
+    /// After a completed migration that is aborted: the guest runs here again (resumed, or
+    /// started from its disks if its QEMU is gone).
+    Resume(oneshot::Sender<Result<(), String>>),
 }
 
 /// A VM's state as its actor last published it.
@@ -93,6 +115,8 @@ pub struct Ctx {
     pub runner: Arc<dyn VmRunner>,
     /// Numbers every observation.
     pub clock: Arc<ObservedClock>,
+    /// The node's live migrations, one per VM.
+    pub migrations: Arc<Migrations>,
 }
 
 /// How others reach a VM's actor.
@@ -307,25 +331,64 @@ impl Actor {
         }
     }
 
+    /// At start: what a migration left. Returns true when a completed migration holds the
+    /// VM (its guest must not run here unless the migration is aborted).
+    async fn recover_migration(&mut self) -> bool {
+        let id = self.rec.spec.id;
+        let marker = self.paths().dir.join(MIGRATED_OUT);
+        let completed = migration::read_marker(&marker);
+        let found = match self.live.as_mut() {
+            Some(l) => l.recover_migration(&self.rec.spec).await,
+            None => Recovered::Nothing,
+        };
+        let live = self.live.is_some();
+        match (found, completed, live) {
+            // Paused after a migration it recorded as completed, or its QEMU gone since:
+            // the VM may run on the destination by now.
+            (Recovered::Completed, Some(m), _) | (Recovered::Nothing, Some(m), false) => {
+                warn!(vm = %id, migration = %m, "this VM migrated away before the agent restarted; it stays paused here until the coordinator finishes or aborts the migration");
+                let (_, held) = self.ctx.migrations.claim(id, m, Side::Source, vec![]);
+                if let Some(h) = held {
+                    h.update(|s| {
+                        s.phase = zy_common::proto::MigrationPhase::Completed {
+                            downtime_ms: 0,
+                            total_ms: 0,
+                        }
+                    });
+                }
+                true
+            }
+            (Recovered::Completed, _, _) => {
+                // Completed but never recorded, so never reported, so never activated
+                // there: it runs here again.
+                warn!(vm = %id, "a migration completed but was never recorded before the agent restarted; resuming the guest here");
+                if let Some(l) = self.live.as_mut() {
+                    if let Err(e) = l.resume().await {
+                        warn!(vm = %id, error = %e, "cannot resume the guest");
+                    }
+                }
+                let _ = std::fs::remove_file(&marker);
+                false
+            }
+            _ => {
+                // Undone, or resumed by an abort whose marker was left: it runs on.
+                let _ = std::fs::remove_file(&marker);
+                false
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         if self.live.is_some() {
             if let Err(e) = self.plug().await {
                 warn!(vm = %self.rec.spec.id, error = %e, "re-attached VM cannot rejoin its network");
             }
         }
-        // Reconcile: start what should run and does not, and stop what runs but should not
-        // (an agent killed in the middle of a stop re-attaches to a QEMU whose intent,
-        // already taken and recorded, says stopped: nobody would send it again).
-        match (self.live.is_some(), self.rec.desired) {
-            (false, Desired::Running) => {
-                let _ = self.start().await;
-            }
-            (true, Desired::Stopped) => {
-                info!(vm = %self.rec.spec.id, "re-attached VM should be stopped; stopping it");
-                let grace = Duration::from_millis(self.rec.stop_grace_ms.into());
-                self.halt(grace).await;
-            }
-            _ => {}
+        if self.recover_migration().await {
+            // Paused (or gone) after a completed migration: neither started nor stopped
+            // until the coordinator finishes or aborts it.
+        } else {
+            self.reconcile().await;
         }
         loop {
             let req = match self.live.as_mut() {
@@ -346,21 +409,180 @@ impl Actor {
                     }
                 },
             };
-            match req {
-                Request::Intent {
-                    desired,
-                    generation,
-                    stop_grace_ms,
-                } => self.intent(desired, generation, stop_grace_ms).await,
-                Request::Delete(reply) => {
-                    // Its disk is about to be discarded: no need to wait for the guest.
-                    if self.live.is_some() {
-                        self.halt(Duration::ZERO).await;
-                    }
-                    let _ = reply.send(self.delete().await);
-                    return;
+            if !self.handle(req, &mut rx).await {
+                return;
+            }
+        }
+    }
+
+    /// Carries out one request; false when the actor is to end.
+    async fn handle(&mut self, req: Request, rx: &mut mpsc::Receiver<Request>) -> bool {
+        match req {
+            Request::Intent {
+                desired,
+                generation,
+                stop_grace_ms,
+            } => self.intent(desired, generation, stop_grace_ms).await,
+            Request::Delete(reply) => {
+                // Its disk is about to be discarded: no need to wait for the guest.
+                if self.live.is_some() {
+                    self.halt(Duration::ZERO).await;
+                }
+                let _ = reply.send(self.delete().await);
+                return false;
+            }
+            Request::MigrateOut {
+                migration,
+                plan,
+                sizes,
+                started,
+            } => {
+                return Box::pin(self.migrate_out(migration, *plan, sizes, started, rx)).await;
+            }
+            Request::Resume(done) => {
+                let r = self.resume().await;
+                let _ = done.send(r);
+            }
+        }
+        true
+    }
+
+    /// Runs the engine on this VM's QEMU until the migration ends; requests that come
+    /// meanwhile wait (and are carried out after). False when the agent stops meanwhile
+    /// (the engine is dropped mid-way: the next agent finds and undoes what it left).
+    async fn migrate_out(
+        &mut self,
+        m: Arc<Migration>,
+        plan: OutgoingPlan,
+        sizes: Vec<u64>,
+        started: oneshot::Sender<Result<(), String>>,
+        rx: &mut mpsc::Receiver<Request>,
+    ) -> bool {
+        let Some(live) = self.live.as_mut() else {
+            let why = format!("VM {} does not run on this node", self.rec.spec.id);
+            m.update(|s| {
+                s.phase = zy_common::proto::MigrationPhase::Failed {
+                    reason: why.clone(),
+                }
+            });
+            let _ = started.send(Err(why));
+            return true;
+        };
+        let _ = started.send(Ok(()));
+        let spec = self.rec.spec.clone();
+        let m2 = m.clone();
+        let mut progress = move |p: Progress| m2.update(|s| migration::apply(s, &p));
+        let mut deferred = Vec::new();
+        let mut agent_stops = false;
+        let result = {
+            let fut = live.migrate_out(&spec, &plan, &sizes, &m.cancel, &mut progress);
+            tokio::pin!(fut);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    r = &mut fut => break Some(r),
+                    _ = tick.tick() => m.emit(),
+                    req = rx.recv(), if !agent_stops => match req {
+                        Some(r) => deferred.push(r),
+                        None => agent_stops = true,
+                    },
+                }
+                if agent_stops {
+                    break None;
                 }
             }
+        };
+        let Some(result) = result else {
+            return false;
+        };
+        use zy_common::proto::MigrationPhase;
+        match result {
+            Ok(o) => {
+                // Recorded before it is reported: a restarted agent must not run the guest.
+                let marker = self.paths().dir.join(MIGRATED_OUT);
+                let id = m.id;
+                let recorded =
+                    tokio::task::spawn_blocking(move || migration::write_marker(&marker, id))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                match recorded {
+                    Ok(()) => {
+                        info!(vm = %spec.id, downtime_ms = o.downtime_ms, total_ms = o.total_ms, "migration completed; the guest stays paused here");
+                        m.update(|s| {
+                            s.phase = MigrationPhase::Completed {
+                                downtime_ms: o.downtime_ms,
+                                total_ms: o.total_ms,
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        // Never reported completed, so never activated there: it runs here.
+                        let reason = format!("cannot record the completed migration: {e}");
+                        warn!(vm = %spec.id, %reason, "resuming the guest here");
+                        if let Some(l) = self.live.as_mut() {
+                            if let Err(e) = l.resume().await {
+                                warn!(vm = %spec.id, error = %e, "cannot resume the guest");
+                            }
+                        }
+                        m.update(|s| s.phase = MigrationPhase::Failed { reason });
+                    }
+                }
+            }
+            Err(MigrateError::Cancelled) => m.update(|s| s.phase = MigrationPhase::Cancelled),
+            Err(e) => {
+                let reason = zy_common::error::chain(&e);
+                warn!(vm = %spec.id, %reason, "migration failed; the VM runs on here");
+                m.update(|s| s.phase = MigrationPhase::Failed { reason });
+            }
+        }
+        for r in deferred {
+            if !Box::pin(self.handle(r, rx)).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The guest runs here again after an aborted migration that had completed.
+    async fn resume(&mut self) -> Result<(), String> {
+        let r = match self.live.as_mut() {
+            Some(l) => l.resume().await.map_err(|e| zy_common::error::chain(&e)),
+            // QEMU went meanwhile: the disks are as the migration left them, whole.
+            None if self.rec.desired == Desired::Running => self.start().await,
+            None => Ok(()),
+        };
+        if r.is_ok() {
+            let marker = self.paths().dir.join(MIGRATED_OUT);
+            if let Err(e) = std::fs::remove_file(&marker) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(vm = %self.rec.spec.id, error = %e, "cannot remove the completed migration's marker");
+                }
+            }
+            let state = if self.live.is_some() {
+                VmState::Running
+            } else {
+                self.state.borrow().state.clone()
+            };
+            self.set(state);
+        }
+        r
+    }
+
+    /// Starts what should run and does not, and stops what runs but should not (an agent
+    /// killed in the middle of a stop re-attaches to a QEMU whose intent, already taken and
+    /// recorded, says stopped: nobody would send it again).
+    async fn reconcile(&mut self) {
+        match (self.live.is_some(), self.rec.desired) {
+            (false, Desired::Running) => {
+                let _ = self.start().await;
+            }
+            (true, Desired::Stopped) => {
+                info!(vm = %self.rec.spec.id, "re-attached VM should be stopped; stopping it");
+                let grace = Duration::from_millis(self.rec.stop_grace_ms.into());
+                self.halt(grace).await;
+            }
+            _ => {}
         }
     }
 

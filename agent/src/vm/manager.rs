@@ -155,6 +155,34 @@ impl VmManager {
         let entries = std::fs::read_dir(&dir).into_iter().flatten().flatten();
         for entry in entries {
             let path = VmPaths { dir: entry.path() }.record();
+            let incoming = entry.path().join(super::migration::INCOMING);
+            if incoming.exists() {
+                if path.exists() {
+                    // Activated (the record is written only then); the marker was left.
+                    let _ = std::fs::remove_file(&incoming);
+                } else {
+                    // A migration's destination that was never activated: its QEMU and
+                    // files go; the coordinator finds the migration unknown and aborts it.
+                    let id = entry
+                        .file_name()
+                        .to_str()
+                        .and_then(|n| n.parse::<VmId>().ok());
+                    if let Some(id) = id {
+                        ctx.runner
+                            .kill_incoming(id, &VmPaths { dir: entry.path() })
+                            .await;
+                    }
+                    match std::fs::remove_dir_all(entry.path()) {
+                        Ok(()) => {
+                            info!(dir = %entry.path().display(), "removed a migration's destination that an agent restart cut short")
+                        }
+                        Err(e) => {
+                            warn!(dir = %entry.path().display(), error = %e, "cannot remove a migration's destination")
+                        }
+                    }
+                    continue;
+                }
+            }
             if !path.exists() && entry.path().join(PREPARING_MARKER).exists() {
                 // Half-made by a preparation of this agent that a restart cut short.
                 match std::fs::remove_dir_all(entry.path()) {
@@ -518,6 +546,46 @@ impl VmManager {
     /// Forgets a deleted VM.
     pub fn forget(&self, id: VmId) {
         self.lock().remove(&id);
+    }
+
+    /// What runs the node's VMs.
+    pub fn runner(&self) -> &std::sync::Arc<dyn super::runner::VmRunner> {
+        &self.ctx.runner
+    }
+
+    /// The node's migrations.
+    pub fn migrations(&self) -> &std::sync::Arc<super::migration::Migrations> {
+        &self.ctx.migrations
+    }
+
+    /// Makes a VM that arrived by migration and runs here an ordinary VM of the node
+    /// (its record written by the caller): its actor takes its QEMU. A VM deleted here
+    /// before (one that migrated away and now comes back) is no longer deleted.
+    pub fn adopt(
+        &self,
+        rec: VmRecord,
+        live: Box<dyn super::runner::RunningVm>,
+    ) -> Result<VmHandle, CreateError> {
+        let id = rec.spec.id;
+        let preps = self.preps();
+        if preps.contains_key(&id) || self.lock().contains_key(&id) {
+            return Err(CreateError::Exists(id));
+        }
+        {
+            let mut d = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
+            if d.ids.remove(&id) {
+                d.order.retain(|v| *v != id);
+            }
+        }
+        let h = actor::spawn(self.ctx.clone(), rec, Some(live));
+        self.lock().insert(id, h.clone());
+        drop(preps);
+        Ok(h)
+    }
+
+    /// Whether the node has `id` as a VM or a preparation.
+    pub fn knows(&self, id: VmId) -> bool {
+        self.preps().contains_key(&id) || self.lock().contains_key(&id)
     }
 }
 

@@ -141,6 +141,8 @@ pub enum MigrateError {
     DiskCount { dest: usize, source_disks: usize },
     #[error("the plan has {plan} disks to mirror for the VM's {vm}")]
     PlanDisks { plan: usize, vm: usize },
+    #[error("disk {disk} is {here} bytes here, but the destination made a target of {there}")]
+    DiskSize { disk: usize, here: u64, there: u64 },
     #[error("disk {0} has no base image: it can only be mirrored in full")]
     TopWithoutBase(usize),
     #[error("QEMU reported nothing usable for disk node {0}")]
@@ -279,6 +281,101 @@ pub async fn source_disks(qmp: &mut Qmp, spec: &VmSpec) -> Result<Vec<SourceDisk
         });
     }
     Ok(out)
+}
+
+/// Checks that the source's disks are of the sizes the destination made its targets:
+/// a mirror to a target of another size fails late, or worse, copies a truncated disk.
+pub async fn check_sizes(qmp: &mut Qmp, spec: &VmSpec, sizes: &[u64]) -> Result<(), MigrateError> {
+    if sizes.len() != spec.disks.len() {
+        return Err(MigrateError::PlanDisks {
+            plan: sizes.len(),
+            vm: spec.disks.len(),
+        });
+    }
+    let here = source_disks(qmp, spec).await?;
+    for (i, (h, there)) in here.iter().zip(sizes).enumerate() {
+        if h.virtual_size != *there {
+            return Err(MigrateError::DiskSize {
+                disk: i,
+                here: h.virtual_size,
+                there: *there,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Tells the guest's network where it is now, once it runs on the destination: QEMU sends
+/// gratuitous ARP/RARP frames from every NIC (`announce-self`, five rounds from 50 ms), so
+/// that the bridges' FDBs and the peers' ARP caches learn the new place at once. Best
+/// effort: a failure is logged (the guest's own traffic teaches them soon after).
+pub async fn announce(qmp: &mut Qmp) {
+    let r = qmp
+        .execute(
+            "announce-self",
+            Some(json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})),
+        )
+        .await;
+    if let Err(e) = r {
+        warn!(error = %e, "cannot announce the migrated guest on its networks");
+    }
+}
+
+/// After an agent restart, what is left of a migration in the source's QEMU. One under
+/// way (the agent that drove it is gone) is cancelled and undone as a failed one is: the
+/// mirrors and NBD nodes of this module's names go, and the guest runs again. One that
+/// completed (the guest in `postmigrate`) is left as it is: whether it may run again is
+/// for the caller to decide.
+pub async fn recover_out(qmp: &mut Qmp, spec: &VmSpec) -> super::runner::Recovered {
+    use super::runner::Recovered;
+    let vm = spec.id;
+    let m = match qmp.execute("query-migrate", None).await {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(%vm, error = %e, "cannot query the VM's migration state after a restart");
+            return Recovered::Nothing;
+        }
+    };
+    let status = m["status"].as_str().unwrap_or("").to_string();
+    let run_state = qmp.status().await.unwrap_or_default();
+    if status == "completed" && run_state != "running" {
+        return Recovered::Completed;
+    }
+    let jobs: Vec<String> = jobs(qmp)
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|j| j["device"].as_str())
+        .filter(|d| d.starts_with("zymig-"))
+        .map(str::to_string)
+        .collect();
+    let nbd_nodes: Vec<String> = qmp
+        .execute("query-named-block-nodes", None)
+        .await
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .filter(|n| n.starts_with("zymig-nbd"))
+        .map(str::to_string)
+        .collect();
+    let migrating = matches!(
+        status.as_str(),
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+    );
+    if !migrating && jobs.is_empty() && nbd_nodes.is_empty() && run_state == "running" {
+        return Recovered::Nothing;
+    }
+    info!(%vm, %status, jobs = jobs.len(), "a migration was under way when the agent stopped; undoing it");
+    let made = Made {
+        creds: true,
+        nbd_nodes,
+        jobs,
+        migrating,
+    };
+    undo_out(qmp, spec, &made, &Limits::default()).await;
+    Recovered::Undone
 }
 
 /// One disk to make on the destination.

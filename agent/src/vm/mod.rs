@@ -16,12 +16,16 @@
 //! - [`record`]: what the node keeps per VM so that it can re-attach.
 //! - [`actor`]: one task per VM owning its state; requests through a bounded channel.
 //! - [`manager`]: every VM of the node; recovery at agent start.
+//! - [`migrate`]: the live migration engine (QEMU to QEMU, disks by NBD mirrors).
+//! - [`migration`]: the node's migrations in memory, one per VM, and the rules the
+//!   migration commands follow.
 
 pub mod actor;
 pub mod console;
 pub mod limits;
 pub mod manager;
 pub mod migrate;
+pub mod migration;
 pub mod observed;
 pub mod qmp;
 pub mod record;

@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 use futures_util::future::BoxFuture;
 use tracing::warn;
 
+use std::sync::atomic::AtomicBool;
+
 use super::console::Consoles;
 use super::limits::Cgroups;
+use super::migrate::{Incoming, IncomingPlan, MigrateError, Outcome, OutgoingPlan, Progress};
 use super::qmp::{Qmp, QmpError};
 use super::spec::{SpecError, VmPaths, VmSpec};
 use super::systemd::{Systemd, SystemdError};
@@ -73,6 +76,48 @@ pub trait VmRunner: Send + Sync + std::fmt::Debug {
 
     /// Forgets what was kept for a VM that no longer runs (its cgroup, its failed unit).
     fn cleanup(&self, id: VmId) -> BoxFuture<'_, ()>;
+
+    /// Readies a live migration's destination ([`super::migrate::Incoming::prepare`]):
+    /// target disks, a paused QEMU waiting for the stream, NBD exports. On failure
+    /// nothing it made is left.
+    fn incoming(
+        &self,
+        plan: IncomingPlan,
+    ) -> BoxFuture<'_, Result<Box<dyn IncomingVm>, MigrateError>>;
+
+    /// Kills the QEMU a migration's destination left in `paths` (after an agent restart,
+    /// before activation: nothing else knows it), and waits until it is gone.
+    fn kill_incoming<'a>(&'a self, id: VmId, paths: &'a VmPaths) -> BoxFuture<'a, ()>;
+}
+
+/// A live migration's destination before activation: a paused QEMU receiving the VM.
+pub trait IncomingVm: Send + Sync + std::fmt::Debug {
+    /// Its QEMU's process id.
+    fn pid(&self) -> Option<i32>;
+
+    /// Waits until the whole VM has arrived (paused here), or why not.
+    fn wait_complete<'a>(
+        &'a mut self,
+        cancel: &'a AtomicBool,
+    ) -> BoxFuture<'a, Result<(), MigrateError>>;
+
+    /// Starts the arrived guest here and tells the network where it is now (QMP
+    /// `announce-self`); the VM runs on as an ordinary one. On failure it is aborted.
+    fn activate(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn RunningVm>, MigrateError>>;
+
+    /// Kills its QEMU and removes every file made for it.
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// What an agent that restarted finds of a migration in a VM's QEMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovered {
+    /// No migration: the VM runs as it did.
+    Nothing,
+    /// One was under way: cancelled and undone, the guest runs again.
+    Undone,
+    /// One completed: the guest is paused for good (until an abort resumes it).
+    Completed,
 }
 
 /// One running VM, as its actor holds it.
@@ -92,6 +137,25 @@ pub trait RunningVm: Send + Sync + std::fmt::Debug {
 
     /// Stops the VM, giving the guest up to `grace` to power off.
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, StopHow>;
+
+    /// Migrates the running VM ([`super::migrate::migrate_out`]) after checking that its
+    /// disks are of the sizes the destination made (`sizes`, bytes, in order). On success
+    /// the guest is paused here for good; on failure it runs as before.
+    fn migrate_out<'a>(
+        &'a mut self,
+        spec: &'a VmSpec,
+        plan: &'a OutgoingPlan,
+        sizes: &'a [u64],
+        cancel: &'a AtomicBool,
+        progress: &'a mut (dyn FnMut(Progress) + Send),
+    ) -> BoxFuture<'a, Result<Outcome, MigrateError>>;
+
+    /// Resumes a guest paused by a completed migration (QMP `cont`).
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), MigrateError>>;
+
+    /// After an agent restart: cancels and undoes a migration found under way (the guest
+    /// runs again) or reports one completed (the guest stays paused).
+    fn recover_migration<'a>(&'a mut self, spec: &'a VmSpec) -> BoxFuture<'a, Recovered>;
 }
 
 /// How a VM ended when nobody asked it to.
@@ -161,6 +225,60 @@ impl VmRunner for QemuRunner {
     fn cleanup(&self, id: VmId) -> BoxFuture<'_, ()> {
         Box::pin(self.supervisor.cleanup(id))
     }
+
+    fn incoming(
+        &self,
+        plan: IncomingPlan,
+    ) -> BoxFuture<'_, Result<Box<dyn IncomingVm>, MigrateError>> {
+        Box::pin(async move {
+            let i = Incoming::prepare(&self.qemu, &self.supervisor, &self.consoles, plan).await?;
+            Ok(Box::new(i) as Box<dyn IncomingVm>)
+        })
+    }
+
+    fn kill_incoming<'a>(&'a self, id: VmId, paths: &'a VmPaths) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let pid = std::fs::read_to_string(paths.pidfile())
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok());
+            if let Some(pid) = pid {
+                if kill_qemu_of(pid, id) {
+                    for _ in 0..200 {
+                        if !pid_alive(pid) {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                    }
+                }
+            }
+            self.supervisor.cleanup(id).await;
+        })
+    }
+}
+
+impl IncomingVm for Incoming {
+    fn pid(&self) -> Option<i32> {
+        Incoming::pid(self)
+    }
+
+    fn wait_complete<'a>(
+        &'a mut self,
+        cancel: &'a AtomicBool,
+    ) -> BoxFuture<'a, Result<(), MigrateError>> {
+        Box::pin(Incoming::wait_complete(self, cancel))
+    }
+
+    fn activate(self: Box<Self>) -> BoxFuture<'static, Result<Box<dyn RunningVm>, MigrateError>> {
+        Box::pin(async move {
+            let mut l = Incoming::activate(*self).await?;
+            super::migrate::announce(&mut l.qmp).await;
+            Ok(Box::new(l) as Box<dyn RunningVm>)
+        })
+    }
+
+    fn abort(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(Incoming::abort(*self))
+    }
 }
 
 impl RunningVm for Launched {
@@ -191,6 +309,31 @@ impl RunningVm for Launched {
 
     fn stop(&mut self, grace: Duration) -> BoxFuture<'_, StopHow> {
         Box::pin(stop(self, grace))
+    }
+
+    fn migrate_out<'a>(
+        &'a mut self,
+        spec: &'a VmSpec,
+        plan: &'a OutgoingPlan,
+        sizes: &'a [u64],
+        cancel: &'a AtomicBool,
+        progress: &'a mut (dyn FnMut(Progress) + Send),
+    ) -> BoxFuture<'a, Result<Outcome, MigrateError>> {
+        Box::pin(async move {
+            super::migrate::check_sizes(&mut self.qmp, spec, sizes).await?;
+            super::migrate::migrate_out(&mut self.qmp, spec, plan, cancel, progress).await
+        })
+    }
+
+    fn resume(&mut self) -> BoxFuture<'_, Result<(), MigrateError>> {
+        Box::pin(async move {
+            self.qmp.execute("cont", None).await?;
+            Ok(())
+        })
+    }
+
+    fn recover_migration<'a>(&'a mut self, spec: &'a VmSpec) -> BoxFuture<'a, Recovered> {
+        Box::pin(super::migrate::recover_out(&mut self.qmp, spec))
     }
 }
 

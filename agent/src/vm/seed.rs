@@ -36,7 +36,7 @@ pub const SEED_FILE: &str = "seed.img";
 pub const LABEL: &[u8; 11] = b"CIDATA     ";
 /// Size of the seed disk: FAT12, room for far more than the four files (user-data is at
 /// most 32 KiB).
-const SIZE: u64 = 1024 * 1024;
+pub const SIZE: u64 = 1024 * 1024;
 
 /// One NIC as the guest must configure it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

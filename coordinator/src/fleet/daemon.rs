@@ -201,9 +201,11 @@ async fn enroll(
             EnrollError::UnknownToken.to_string(),
         ))?;
     let node_id = NodeId::new_random();
+    // The peer kind: a client for the QUIC link, and a server for QEMU's TLS when the node
+    // is a live migration's destination.
     let cert = coord
         .ca
-        .issue_node(
+        .issue_node_peer(
             &req.csr_der,
             node_id,
             zone,

@@ -165,6 +165,9 @@ pub struct MigrationRec {
     /// Why it is being abandoned: set before the first abort command is sent, so that a
     /// restarted coordinator finishes the abort (the destination first, then the source).
     pub aborting: Option<String>,
+    /// When MigrateActivate was first sent: recorded before it goes. From then on the
+    /// destination may run the guest, and only its answer may let the source resume it.
+    pub activation_sent_ms: Option<u64>,
 }
 
 impl OpRec {

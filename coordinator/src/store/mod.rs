@@ -2219,6 +2219,7 @@ mod tests {
             downtime_ms: Some(66),
             total_ms: Some(1_700),
             aborting: None,
+            activation_sent_ms: Some(1_700_000_002_000),
         });
         vec![
             ("vm", encode(&vm).unwrap()),

@@ -9,13 +9,14 @@
 //!                       |
 //!   1 destination listening   MigrateIn -> destination   (QEMU -incoming, NBD export)
 //!   2 copied                  MigrateOut -> source, then MigrateStatus until Completed
-//!   3 running on the dest.    MigrateActivate -> destination: it answers the VM running
+//!   3 running on the dest.    "activation sent" recorded, then MigrateActivate ->
+//!                             destination: it answers the VM running
 //!   4 record moved            the VM's node := destination, in the same write as 3
 //!   5 source cleaned up       MigrateFinish -> source
 //!
 //!  abort (a failure, a refusal, a delete of the VM, a node removed), recorded first:
-//!    before step 3: MigrateAbort -> source (it resumes the guest) and -> destination
-//!    at step 3:     MigrateAbort -> destination, and only once it confirmed: -> source
+//!    activation not sent: MigrateAbort -> source (it resumes the guest) and -> destination
+//!    activation sent:     MigrateAbort -> destination, and only once it confirmed: -> source
 //!    then: the room on the destination is released and the operation fails
 //! ```
 //!
@@ -25,10 +26,12 @@
 //!   destination before that is ignored (the VM is "placed elsewhere"); so is one from the
 //!   source after it.
 //! - Until MigrateActivate may have been sent, the destination cannot run the guest (it
-//!   waits, paused, for that command), so the source may be resumed at any time. From
-//!   then on only the destination's answer decides: a lost answer is asked again (every
-//!   command is idempotent by migration id), never taken for a refusal, and the source
-//!   stays paused until the destination has answered or was removed.
+//!   waits, paused, for that command), so the source may be resumed at any time. That it
+//!   is sent is recorded before it goes; from then on only the destination's answer
+//!   decides: a lost answer is asked again (every command is idempotent by migration id),
+//!   never taken for a refusal, and the source stays paused until the destination has
+//!   answered or was removed. A destination that is away when the copy completes (its
+//!   agent died) is given [`ACTIVATE_WAIT`], then the guest resumes on the source.
 //! - Every step is re-entered from the store after a coordinator restart: the destination
 //!   is asked for its target again (the same answer), the source for the migration's
 //!   status; a side that forgot the migration (its agent restarted) answers NotFound, which
@@ -70,6 +73,8 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a source may stay silent (disconnected, or not answering) mid-copy before the
 /// migration is abandoned (its guest keeps running there).
 const SOURCE_SILENCE: Duration = Duration::from_secs(120);
+/// How long a destination that went away before activation is waited for.
+const ACTIVATE_WAIT: Duration = Duration::from_secs(30);
 /// How long a destination may take to answer MigrateIn before the migration is abandoned.
 const PREPARE_GIVE_UP: Duration = Duration::from_secs(35 * 60);
 
@@ -197,6 +202,7 @@ pub fn plan_migrate(
         downtime_ms: None,
         total_ms: None,
         aborting: None,
+        activation_sent_ms: None,
     });
     let mut b = Batch::default();
     b.put(Some(v), n.clone());
@@ -602,6 +608,46 @@ async fn activate(coord: &Arc<Coordinator>, op: &OpRec, vm: &VmRec, m: &Migratio
         migration: migration_id(op),
         vm: vm.id,
     };
+    if m.activation_sent_ms.is_none() {
+        // Nothing sent yet: the source may still take the guest back. A destination that is
+        // away (its agent died mid-copy) is given a while, then the migration is abandoned.
+        let waited = tokio::time::Instant::now();
+        while coord.fleet.session(m.to).is_none() {
+            if waited.elapsed() > ACTIVATE_WAIT {
+                return Next::Abort(
+                    "the destination went away before the VM could run there".into(),
+                );
+            }
+            if !still_at(coord, op.id, op.current) {
+                return Next::Again;
+            }
+            tokio::time::sleep(RETRY).await;
+        }
+        let now = now_millis();
+        let r = write(coord, |t| {
+            let mut b = Batch::default();
+            if let Some(o) = t
+                .ops
+                .get(&op.id)
+                .filter(|o| o.is_running() && o.current == op.current)
+            {
+                let mut n = o.clone();
+                if let Some(mm) = n.migration.as_mut().filter(|mm| mm.aborting.is_none()) {
+                    mm.activation_sent_ms = Some(now);
+                    n.updated_at_ms = now;
+                    b.op(Some(o), n);
+                }
+            }
+            Ok((b, ()))
+        })
+        .await;
+        if let Err(e) = r {
+            warn!(error = %e.message(), "cannot record that activation is sent; trying again");
+            tokio::time::sleep(RETRY).await;
+        }
+        // Sent only from the record that says so.
+        return Next::Again;
+    }
     loop {
         if !still_at(coord, op.id, op.current) {
             return Next::Again;
@@ -719,7 +765,7 @@ async fn abort(
     let (mid, vm) = (migration_id(op), op.vm);
     let cmd = CommandKind::MigrateAbort { migration: mid, vm };
     // Activation may have been sent: the destination's word comes first.
-    let activation_sent = op.current >= 3;
+    let activation_sent = m.activation_sent_ms.is_some();
     let mut dest_done = !enrolled.contains(&m.to);
     if activation_sent {
         while !dest_done {
