@@ -1751,6 +1751,58 @@ mod tests {
     }
 
     #[test]
+    fn admin_changes_are_compare_and_swap_recorded_and_survive_reopen() {
+        let (dir, s) = tmp();
+        let secret = Secret::new_random();
+        let t = token(Zone::Extranet, secret, u64::MAX);
+        s.insert_token(&t).unwrap();
+        let n = s.enroll(t.id, secret.hash(), node("x"), 1).unwrap();
+        assert_eq!(n.admin, Admin::Active);
+        let r = s
+            .set_admin(n.id, Admin::Active, Admin::Draining, 5, "drain asked")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.admin, r.admin_since_ms), (Admin::Draining, 5));
+        // A writer that read a stale state changes nothing and records nothing.
+        let r = s
+            .set_admin(n.id, Admin::Active, Admin::Standby, 6, "stale")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.admin, Admin::Draining);
+        s.set_admin(n.id, Admin::Draining, Admin::Maintenance, 7, "drained")
+            .unwrap();
+        // Heartbeats do not touch it.
+        s.apply(&[NodeUpdate {
+            node: n.id,
+            last_seen_ms: 8,
+            inventory: None,
+            transition: None,
+        }])
+        .unwrap();
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].admin, Admin::Maintenance);
+        let log: Vec<(Admin, Admin, String)> = s
+            .admin_transitions(n.id, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.from, t.to, t.reason))
+            .collect();
+        assert_eq!(
+            log,
+            [
+                (Admin::Active, Admin::Draining, "drain asked".to_string()),
+                (Admin::Draining, Admin::Maintenance, "drained".to_string())
+            ]
+        );
+        assert_eq!(
+            s.set_admin(NodeId::new_random(), Admin::Active, Admin::Draining, 9, "x")
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
     fn transitions_are_recorded_pruned_and_survive_reopen() {
         let (dir, s) = tmp();
         let secret = Secret::new_random();

@@ -467,6 +467,31 @@ mod tests {
     }
 
     #[test]
+    fn a_standby_node_is_named_for_waking_only_when_its_room_is_needed() {
+        let a = node("a", Zone::Intranet, 4096);
+        let mut s = node("s", Zone::Intranet, 8192);
+        s.state = NodeState::Standby;
+        let nodes = vec![a.clone(), s.clone()];
+        // Fits on a: nothing to wake.
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &demand(1, 1024)),
+            None
+        );
+        // Only s is big enough: it is named, and nothing else changes.
+        let big = demand(1, 6000);
+        assert!(place(policy(), &nodes, [], VmId::new_random(), &big).is_err());
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &big),
+            Some(s.id)
+        );
+        // Too big for any node: nothing to wake.
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &demand(1, 60_000)),
+            None
+        );
+    }
+
+    #[test]
     fn what_ops_asked_of_a_node_comes_before_its_heartbeats() {
         use FleetState as F;
         assert_eq!(
