@@ -378,7 +378,8 @@ async fn serve_streams(
 fn may_fetch(coord: &Coordinator, node: NodeId, hash: &zy_common::blob::BlobHash) -> bool {
     coord.vms.with(|t| {
         t.vms.values().any(|v| {
-            v.node == Some(node)
+            // A node a VM is migrating to needs its image too, before it can listen.
+            (v.node == Some(node) || v.migrating_to == Some(node))
                 && v.desired != zy_api::VmDesired::Deleted
                 && v.boot.blobs().contains(hash)
         })
