@@ -146,7 +146,8 @@ pub struct ConsolidationConfig {
     /// Ready, empty nodes kept awake in every zone (0 to 1000; 1 by default).
     #[serde(default = "default_spares")]
     pub spares: u32,
-    /// Above this fraction of its CPUs busy a node is hot (0.05 to 1.0; 0.85 by default).
+    /// Above this fraction of its CPUs busy a node is hot (0.05 to 10; 0.85 by default; a
+    /// mark above 1.0 never trips).
     #[serde(default = "default_high_water")]
     pub high_water: f64,
     /// The window the agents' CPU load is averaged over (exponentially; 10 s to 1 h, 5 min
@@ -164,6 +165,10 @@ pub struct ConsolidationConfig {
     )]
     pub every: Option<Duration>,
 }
+
+/// The highest `high_water`: a mark above 1.0 never trips, which turns the load rules off
+/// (a lab whose nodes are namespaces of one host, all reporting that host's load).
+pub const MAX_HIGH_WATER: f64 = 10.0;
 
 /// Most moves a consolidation plan may be asked for.
 pub const MAX_CONSOLIDATION_MOVES: u32 = 1000;
@@ -217,9 +222,9 @@ impl ConsolidationConfig {
                 self.spares
             ));
         }
-        if !(0.05..=1.0).contains(&self.high_water) {
+        if !(0.05..=MAX_HIGH_WATER).contains(&self.high_water) {
             return Err(format!(
-                "key `high_water` is {}, not within 0.05..=1.0",
+                "key `high_water` is {}, not within 0.05..={MAX_HIGH_WATER}",
                 self.high_water
             ));
         }
@@ -699,6 +704,7 @@ mod tests {
             ("[consolidation]\nmax_moves = 0", "max_moves"),
             ("[consolidation]\nmin_gain = 2.0", "min_gain"),
             ("[consolidation]\nhigh_water = 0.0", "high_water"),
+            ("[consolidation]\nhigh_water = 11.0", "high_water"),
             ("[consolidation]\nspares = 5000", "spares"),
             ("[consolidation]\nevery = \"1s\"", "every"),
             ("[consolidation]\nevery = \"soon\"", "every"),
