@@ -771,3 +771,169 @@ async fn power_commands_that_fail_or_hang_change_nothing() {
     assert_eq!(v.admin, "active");
     running.shutdown().await;
 }
+
+/// Connects an enrolled node with a fake session (nothing answers its commands) and an
+/// inventory of `memory_mib`: it is Ready to the packer. Keep what it returns alive.
+fn connect(
+    coord: &zy_coordinator::Coordinator,
+    id: zy_common::NodeId,
+    memory_mib: u64,
+) -> (
+    tokio::sync::mpsc::Receiver<zy_common::proto::Message>,
+    tokio::sync::watch::Receiver<Option<zy_coordinator::fleet::Kick>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (s, kick) = zy_coordinator::fleet::Session::new(
+        coord.fleet.next_session_id(),
+        "127.0.0.1:1".parse().unwrap(),
+        tx,
+    );
+    let inv = zy_common::proto::Inventory {
+        hostname: "h".into(),
+        cpus: 4,
+        cpu_model: "c".into(),
+        memory_bytes: memory_mib << 20,
+        disk_total_bytes: 100 << 30,
+        disk_free_bytes: 100 << 30,
+        kvm_usable: false,
+        accel: zy_common::proto::Accel::Tcg,
+        zone: zy_common::Zone::Intranet,
+        agent_version: "0".into(),
+        kernel: "k".into(),
+    };
+    let now = zy_common::time::now_millis();
+    coord
+        .fleet
+        .attach(id, s, inv, std::time::Instant::now(), now)
+        .unwrap();
+    coord.fleet.tick(std::time::Instant::now(), now);
+    (rx, kick)
+}
+
+/// Records a VM placed on `node`, running or stopped as its node last said.
+async fn place_vm(
+    coord: &zy_coordinator::Coordinator,
+    name: &str,
+    node: zy_common::NodeId,
+    memory_mib: u64,
+    running: bool,
+) {
+    use zy_common::vm::{Generation, VmState};
+    use zy_coordinator::store::{Observed, VmRec};
+    let rec = VmRec {
+        id: zy_common::VmId::new_random(),
+        name: name.into(),
+        zone: zy_common::Zone::Intranet,
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 1,
+        image: "i".into(),
+        boot: zy_common::image::ImageKind::Kernel {
+            kernel: zy_common::blob::BlobHash([0; 32]),
+            initrd: None,
+            cmdline: String::new(),
+        },
+        node: Some(node),
+        desired: if running {
+            zy_api::VmDesired::Running
+        } else {
+            zy_api::VmDesired::Stopped
+        },
+        generation: Generation(1),
+        observed: Some(Observed {
+            state: if running {
+                VmState::Running
+            } else {
+                VmState::Stopped
+            },
+            pid: None,
+            intent: Generation(1),
+            generation: Generation(1),
+            at_ms: 0,
+        }),
+        mac: [0x52, 0x54, 0, 1, 2, memory_mib as u8],
+        ip: std::net::Ipv4Addr::new(10, 220, 0, 9),
+        created_at_ms: 0,
+        rev: 1,
+        ssh_keys: vec![],
+        user_data: None,
+        anti_affinity: None,
+        migrating_to: None,
+        moved_at_ms: None,
+    };
+    coord
+        .vms
+        .write(|_| {
+            let mut b = zy_coordinator::vms::Batch::default();
+            b.put(None, rec.clone());
+            Ok((b, ()))
+        })
+        .await
+        .unwrap();
+}
+
+/// A node with VMs does not stand by; a drain whose VMs could go nowhere is refused and
+/// changes nothing; a stopped VM does not stop a drain from being asked, but holds it back
+/// with a note saying it cannot move live, and is left where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_that_cannot_end_are_refused_and_stopped_vms_hold_a_drain_back() {
+    let config = CoordinatorConfig {
+        power: Some(zy_coordinator::config::PowerConfig {
+            standby: vec!["true".into()],
+            wake: vec!["true".into()],
+            timeout: std::time::Duration::from_secs(5),
+        }),
+        ..CoordinatorConfig::default()
+    };
+    let (_dir, running, c, _token) = start_with(config).await;
+    let coord = &running.coord;
+    let big = enroll(coord, "big");
+    let small = enroll(coord, "small");
+    let _a = connect(coord, big, 16_384);
+    let _b = connect(coord, small, 2_048);
+    place_vm(coord, "huge", big, 8_192, true).await;
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/big/standby", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("holds 1 VM(s) (huge)"), "{msg}");
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/big/drain", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "no_room"));
+    assert!(
+        msg.contains("cannot be drained") && msg.contains("VM huge") && msg.contains("memory"),
+        "{msg}"
+    );
+    assert_eq!(node(&c, "big").await.admin, "active");
+
+    // A stopped VM: the drain is taken, and held back with a note naming it.
+    place_vm(coord, "sleepy", small, 256, false).await;
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/small/drain", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "draining");
+    let mut note = None;
+    for _ in 0..50 {
+        note = node(&c, "small").await.admin_note;
+        if note.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let note = note.expect("a note");
+    assert!(
+        note.contains("sleepy (stopped)") && note.contains("only running VMs migrate"),
+        "{note}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(node(&c, "small").await.admin, "draining");
+    let v: zy_api::VmView = c.call(Method::GET, "/v1/vms/sleepy", None).await.unwrap();
+    assert_eq!(v.node.as_deref(), Some("small"));
+    running.shutdown().await;
+}

@@ -180,23 +180,17 @@ async fn step(coord: &Arc<Coordinator>, n: &NodeLive) {
             names.join(", ")
         ));
     }
-    let nodes = crate::vms::node_caps(coord);
-    let model = coord.config.resource_model();
-    let policy = coord.config.packer_policy();
-    let (cluster, ids, names) = coord.vms.with(|t| {
-        let placed = crate::vms::placed_vms(t, &model)
-            .into_iter()
-            .filter(|p| !(p.node == id && !p.arriving && c.left_out.contains(&p.id)));
-        let (cl, ids) = placement::cluster(policy, &nodes, placed);
-        let names: std::collections::HashMap<VmId, String> =
-            t.vms.values().map(|v| (v.id, v.name.clone())).collect();
-        (cl, ids, names)
-    });
-    let Some(ix) = ids.iter().position(|x| *x == id) else {
+    let Some(DrainPlanned {
+        plan,
+        ids,
+        names,
+        nodes,
+    }) = plan(coord, id, &c.left_out)
+    else {
         return;
     };
     let name_of = |v: &VmId| names.get(v).cloned().unwrap_or_else(|| v.to_string());
-    let steps = match plan_drain(&cluster, ix) {
+    let steps = match plan {
         Ok(p) => p.steps,
         Err(DrainError::Stuck { planned, stuck, .. }) => {
             for (vm, refusal) in &stuck {
@@ -284,6 +278,70 @@ async fn step(coord: &Arc<Coordinator>, n: &NodeLive) {
         n,
         (!notes.is_empty()).then(|| format!("drain held back: {}", notes.join("; "))),
     );
+}
+
+/// A VM as the packer's pool keys it (its id, and whether this is its arriving half).
+type Key = (VmId, bool);
+
+/// A drain plan of a node on the pool as it stands, with what it was made on.
+#[derive(Debug)]
+pub struct DrainPlanned {
+    pub plan: Result<zy_packer::consolidate::DrainPlan<Key>, DrainError<Key>>,
+    pub ids: Vec<zy_common::NodeId>,
+    pub names: std::collections::HashMap<VmId, String>,
+    pub nodes: Vec<placement::NodeCap>,
+}
+
+/// Plans the drain of node `id`, the VMs of `left_out` left where they are (not planned).
+/// `None` if the node is not in the pool.
+pub fn plan(
+    coord: &Coordinator,
+    id: zy_common::NodeId,
+    left_out: &HashSet<VmId>,
+) -> Option<DrainPlanned> {
+    let nodes = crate::vms::node_caps(coord);
+    let model = coord.config.resource_model();
+    let policy = coord.config.packer_policy();
+    let (cluster, ids, names) = coord.vms.with(|t| {
+        let placed = crate::vms::placed_vms(t, &model)
+            .into_iter()
+            .filter(|p| !(p.node == id && !p.arriving && left_out.contains(&p.id)));
+        let (cl, ids) = placement::cluster(policy, &nodes, placed);
+        let names: std::collections::HashMap<VmId, String> =
+            t.vms.values().map(|v| (v.id, v.name.clone())).collect();
+        (cl, ids, names)
+    });
+    let ix = ids.iter().position(|x| *x == id)?;
+    Some(DrainPlanned {
+        plan: plan_drain(&cluster, ix),
+        ids,
+        names,
+        nodes,
+    })
+}
+
+/// Why a drain asked now would be stuck for room that no standby node can make: the VMs
+/// that fit nowhere, with the packer's reasons; `None` if it can go (VMs that cannot move
+/// live are not counted: the drain waits for them with a note).
+pub fn stuck_for_good(coord: &Coordinator, id: zy_common::NodeId) -> Option<String> {
+    let c = coord.vms.with(|t| census(t, id, &HashSet::new()));
+    let p = plan(coord, id, &c.left_out)?;
+    let Err(DrainError::Stuck { stuck, .. }) = &p.plan else {
+        return None;
+    };
+    let power = coord.nodeadmin.power.is_some();
+    let hopeless: Vec<String> = stuck
+        .iter()
+        .filter(|(_, r)| !(power && r.wake.is_some()))
+        .map(|((vm, _), r)| {
+            format!(
+                "VM {} fits on no other node: {}",
+                p.names.get(vm).cloned().unwrap_or_else(|| vm.to_string()),
+                operator_text(&r.to_string(), &p.nodes)
+            )
+        })
+        .collect();
+    (!hopeless.is_empty()).then(|| hopeless.join("; "))
 }
 
 /// The packer's text with node names as the operator knows them.

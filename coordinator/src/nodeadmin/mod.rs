@@ -341,6 +341,17 @@ pub async fn drain_node(
 ) -> Result<Json<NodeView>, ApiError> {
     let n = find(&coord, &key)?;
     if let Some(to) = next(&n.record.name, n.record.admin, AdminCmd::Drain, &[]).map_err(refused)? {
+        // A drain that could never end is refused, and nothing changes.
+        if let Some(why) = drain::stuck_for_good(&coord, n.record.id) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "no_room",
+                format!(
+                    "node {} cannot be drained: {why}; make room (or enroll a node) first",
+                    n.record.name
+                ),
+            ));
+        }
         set_admin(
             &coord,
             n.record.id,
