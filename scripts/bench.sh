@@ -24,6 +24,11 @@
 #          ZY_BENCH_PACK_* variables select parts, e.g. ZY_BENCH_PACK_NODES=1000. Runs with
 #          spine. See its doc comment for the time it takes.
 #
+#   migration (tests/benches/migration.rs): live migration's downtime and total time for an
+#          idle guest and one writing its disk, through the agent's command handler (two
+#          agents' node sides, real QEMU under TLS); about three minutes without KVM.
+#          ZY_BENCH_MIG_RUNS sets the migrations per kind of guest (5). Runs with vms.
+#
 #   systemd (tests/benches/systemd.rs): VM starts as systemd transient units against the
 #          agent's own forks, on one site (a systemd-nspawn node and a plain one); about one
 #          minute. ZY_BENCH_SD_VMS sets the VMs per node (10).
@@ -86,6 +91,7 @@ if [[ "$run_vms" == 1 ]]; then
         bash images/make-test-guest.sh
     fi
     cargo bench -p zy-lab --bench vms
+    cargo bench -p zy-lab --bench migration
 fi
 
 if [[ "$run_systemd" == 1 ]]; then

@@ -3,7 +3,9 @@
 # builds, then starts a coordinator and two nodes, each in its own network namespace joined
 # by a backbone bridge, enrolls both nodes, shows `zy node ls`, and boots two VMs (the small
 # test guest, under KVM or TCG) that ping each other. The packer puts both on one node and
-# keeps the other empty (so that it could stand by); `zy vm ls` shows where each went.
+# keeps the other empty (so that it could stand by); `zy vm ls` shows where each went. Then
+# it moves vm2 to the other node while it runs (live migration, disks and memory under TLS)
+# and shows vm1 still reaching it, now across the nodes' VXLAN.
 #
 #   scripts/quickstart.sh          start (or show, if already up)
 #   scripts/quickstart.sh down     stop everything and remove every namespace, link and file
@@ -122,6 +124,13 @@ up() {
     zy vm create --name vm1 --zone intranet --memory 256 --image pinger >/dev/null
     zy vm create --name vm2 --zone intranet --memory 256 --image guest >/dev/null
     wait_until 180 "vm1 to reach vm2" sh -c "ZY_CONFIG='$QS/coordinator/zy.toml' '$BIN/zy' vm console vm1 --lines 200 | grep -q 'ZY-PING 10.220.0.3 ok'"
+    zy vm ls
+    echo
+    echo "moving vm2 to the other node while it runs (live migration)..."
+    zy vm migrate vm2
+    # Pings from vm1 to vm2, now across the nodes, after the move.
+    seen=$(zy vm console vm1 --lines 1000 | grep -c 'ZY-PING 10.220.0.3 ok' || true)
+    wait_until 60 "vm1 to reach vm2 on its new node" sh -c "[ \$(ZY_CONFIG='$QS/coordinator/zy.toml' '$BIN/zy' vm console vm1 --lines 1000 | grep -c 'ZY-PING 10.220.0.3 ok') -gt $seen ]"
     trap - ERR
     zy vm ls
     echo
@@ -130,7 +139,8 @@ up() {
     cat <<MSG
 
 A one-machine Zhengyun cloud is up: a coordinator and two nodes, each in its own network
-namespace, and two VMs on the zone's network that reach each other. Drive it with the zy CLI:
+namespace, and two VMs on the zone's network that reach each other, one of them moved live to
+the other node. Drive it with the zy CLI:
 
   export ZY_CONFIG=$QS/coordinator/zy.toml PATH=$BIN:\$PATH
   zy node ls
@@ -138,6 +148,7 @@ namespace, and two VMs on the zone's network that reach each other. Drive it wit
   zy vm console vm1            # its serial console, interactive (Ctrl-] detaches)
   zy vm console vm1 --follow   # its console's log, followed
   zy vm create --name vm3 --zone intranet --memory 256 --image guest
+  zy vm migrate vm2            # move it back while it runs
   zy node show node1
 
 Logs are in $QS/logs. Stop it and remove everything with:

@@ -2,6 +2,9 @@
 //! this node (image blobs fetched and verified, disk made, network joined) and routes
 //! start/stop/delete to the VM's actor.
 //!
+//! The live migration commands (protocol version 4) are carried out in `node::migrate`: a VM
+//! received from another node, or sent to one.
+//!
 //! The host is reached through [`Host`]: the VM runner, the networks and the blob source
 //! are traits, real here ([`Node::start`]) and in-memory fakes in unit tests
 //! ([`Node::with_host`]).

@@ -620,47 +620,500 @@ async fn a_cancel_during_the_memory_stream_leaves_the_source_running() {
     let _ = src.qmp.execute("quit", None).await;
 }
 
-/// A small benchmark, not part of the suite (`cargo test -p zy-agent --test migrate --
-/// --ignored --nocapture`): downtime and total time of a migration of an idle guest and of
-/// one writing its disk, over `ZY_BENCH_MIG_RUNS` runs each (3), on this machine (TCG,
-/// 127.0.0.1, 256 MiB of memory, a 32 MiB overlay and a 64 MiB data disk, 16 MiB of it
-/// written). Prints the figures.
-#[tokio::test]
-#[ignore]
-async fn bench_migration_downtime() {
-    let runs: usize = std::env::var("ZY_BENCH_MIG_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
-    for busy in [false, true] {
-        let (mut down, mut total) = (Vec::new(), Vec::new());
-        for run in 0..runs {
-            let w = World::with_guest(&format!("bench{run}"), "write -P 0x33 0 16M", busy);
-            let mut src = w.start_source().await;
-            let sizes = migrate::source_disks(&mut src.qmp, &w.spec).await.unwrap();
-            let inc = w.incoming_plan(1, &sizes, Limits::default());
-            let mut dst = Incoming::prepare(&qemu(), &sup(), &Consoles::default(), inc.clone())
-                .await
-                .unwrap();
-            let out = w.outgoing_plan(&inc, Limits::default());
-            let o = migrate_once(&w, &mut src, &mut dst, &out, &mut |_| {})
-                .await
-                .unwrap();
-            let mut running = dst.activate().await.unwrap();
-            down.push(o.downtime_ms);
-            total.push(o.total_ms);
-            let _ = running.qmp.execute("quit", None).await;
-            let _ = src.qmp.execute("quit", None).await;
+/// The same migrations driven through the node's command handler, as the coordinator
+/// drives them (`MigrateIn`, `MigrateOut`, `MigrateStatus`, `MigrateActivate`,
+/// `MigrateFinish`, `MigrateAbort`): two agents' node sides in one process, each with its
+/// own data directory, identity (certificates of one site CA) and real QEMU runner, on
+/// 127.0.0.1. No coordinator, no networks (the VM has no NIC).
+mod node_level {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use futures_util::future::BoxFuture;
+    use zy_agent::identity::{IdentityDir, NodeFile};
+    use zy_agent::node::{Host, Node};
+    use zy_agent::uplink::{BlobSource, FetchError};
+    use zy_agent::vm::runner::QemuRunner;
+    use zy_common::blob::{BlobDir, BlobHash};
+    use zy_common::image::ImageKind;
+    use zy_common::proto::{
+        CommandKind, MigrateIn, MigrateOut, MigrateTarget, MigrationPhase, MigrationStatus,
+        ReplyKind, VmIntent, WireVm,
+    };
+    use zy_common::vm::{Desired, Generation, VmState};
+    use zy_common::MigrationId;
+
+    /// Image blobs from files of this machine (the test guest).
+    #[derive(Debug)]
+    struct LocalBlobs(HashMap<BlobHash, PathBuf>);
+
+    impl BlobSource for LocalBlobs {
+        fn ensure_blob<'a>(
+            &'a self,
+            hash: BlobHash,
+            dir: &'a BlobDir,
+        ) -> BoxFuture<'a, Result<(), FetchError>> {
+            Box::pin(async move {
+                if dir.has(&hash) {
+                    return Ok(());
+                }
+                let path = self.0.get(&hash).ok_or(FetchError::NotFound(hash))?;
+                let bytes = std::fs::read(path).map_err(|e| FetchError::Transfer {
+                    hash,
+                    message: e.to_string(),
+                })?;
+                dir.put(&mut bytes.as_slice(), u64::MAX)?;
+                Ok(())
+            })
         }
-        down.sort_unstable();
-        total.sort_unstable();
-        println!(
-            "migration bench, {} guest, {runs} runs: downtime p50 {} ms max {} ms; total (mirror + memory) p50 {} ms max {} ms",
-            if busy { "disk-writing" } else { "idle" },
-            down[down.len() / 2],
-            down[down.len() - 1],
-            total[total.len() / 2],
-            total[total.len() - 1],
+    }
+
+    struct Agent {
+        node: Arc<Node>,
+        id: NodeId,
+        dir: PathBuf,
+        blobs: Arc<LocalBlobs>,
+    }
+
+    impl Agent {
+        async fn new(dir: PathBuf, ca: &SiteCa, blobs: Arc<LocalBlobs>) -> Self {
+            let blobs_kept = blobs.clone();
+            let id = NodeId::new_random();
+            let (key, csr) = node_request("n").unwrap();
+            let cert = ca
+                .issue_node_peer(&csr, id, Zone::Intranet, Duration::from_secs(3600))
+                .unwrap();
+            IdentityDir::new(&dir)
+                .store(
+                    &NodeFile {
+                        node_id: id,
+                        name: "n".into(),
+                        zone: Zone::Intranet,
+                        coordinator: "127.0.0.1:1".into(),
+                    },
+                    &key.serialize_pem(),
+                    &cert,
+                    ca.cert_der(),
+                )
+                .unwrap();
+            let consoles = Consoles::default();
+            let host = Host {
+                runner: Arc::new(QemuRunner {
+                    qemu: qemu(),
+                    supervisor: sup(),
+                    consoles: consoles.clone(),
+                }),
+                networks: None,
+                blobs,
+                consoles,
+            };
+            let (node, _events) = Node::with_host(host, &dir, Accel::Tcg).await.unwrap();
+            node.set_underlay("127.0.0.1".parse().unwrap());
+            Self {
+                node,
+                id,
+                dir,
+                blobs: blobs_kept,
+            }
+        }
+
+        /// The agent stops (its QEMUs run on) and starts again on the same data directory.
+        async fn restart(self) -> Self {
+            let statuses: Vec<_> = self
+                .node
+                .vms
+                .list()
+                .iter()
+                .map(|h| h.status.clone())
+                .collect();
+            let blobs = self.blobs.clone();
+            let Agent { node, id, dir, .. } = self;
+            drop(node);
+            // Until every actor has ended and let go of its QEMU's QMP socket.
+            for mut s in statuses {
+                let _ = tokio::time::timeout(Duration::from_secs(30), async {
+                    while s.changed().await.is_ok() {}
+                })
+                .await;
+            }
+            let consoles = Consoles::default();
+            let host = Host {
+                runner: Arc::new(QemuRunner {
+                    qemu: qemu(),
+                    supervisor: sup(),
+                    consoles: consoles.clone(),
+                }),
+                networks: None,
+                blobs: blobs.clone(),
+                consoles,
+            };
+            let (node, _events) = Node::with_host(host, &dir, Accel::Tcg).await.unwrap();
+            node.set_underlay("127.0.0.1".parse().unwrap());
+            Self {
+                node,
+                id,
+                dir,
+                blobs,
+            }
+        }
+
+        fn vm_dir(&self, vm: VmId) -> PathBuf {
+            VmPaths::new(&self.dir, vm).dir
+        }
+
+        async fn cmd(&self, kind: CommandKind) -> ReplyKind {
+            let what = format!("{kind:?}");
+            self.node
+                .handle(kind)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", &what[..what.len().min(80)]))
+        }
+
+        async fn status(&self, m: MigrationId, vm: VmId) -> MigrationStatus {
+            match self
+                .cmd(CommandKind::MigrateStatus { migration: m, vm })
+                .await
+            {
+                ReplyKind::Migration(s) => s,
+                other => panic!("{other:?}"),
+            }
+        }
+
+        /// Polls the migration until `done` says so; the last status.
+        async fn until(
+            &self,
+            m: MigrationId,
+            vm: VmId,
+            limit: Duration,
+            done: impl Fn(&MigrationPhase) -> bool,
+        ) -> MigrationStatus {
+            let t0 = Instant::now();
+            loop {
+                let s = self.status(m, vm).await;
+                if done(&s.phase) {
+                    return s;
+                }
+                assert!(t0.elapsed() < limit, "still {:?} after {limit:?}", s);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+
+        fn pid(&self, vm: VmId) -> Option<i32> {
+            let text = std::fs::read_to_string(VmPaths::new(&self.dir, vm).pidfile()).ok()?;
+            text.trim().parse().ok()
+        }
+    }
+
+    /// CPU time a process used (clock ticks): a paused guest uses next to none.
+    fn cpu_ticks(pid: i32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let f = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the `)`.
+        f(11) + f(12)
+    }
+
+    async fn guest_runs(pid: i32) -> bool {
+        let a = cpu_ticks(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        cpu_ticks(pid) - a > 20
+    }
+
+    struct Lab {
+        tmp: TempDir,
+        src: Agent,
+        dst: Agent,
+        vm: WireVm,
+    }
+
+    impl Lab {
+        async fn new(what: &str) -> Self {
+            let tmp = TempDir::new(what);
+            let (ca, _) = SiteCa::generate("test").unwrap();
+            let (kernel, initrd) = guest();
+            let (kb, ib) = (
+                std::fs::read(&kernel).unwrap(),
+                std::fs::read(&initrd).unwrap(),
+            );
+            let (kh, ih) = (BlobHash::of(&kb), BlobHash::of(&ib));
+            let blobs = Arc::new(LocalBlobs(HashMap::from([(kh, kernel), (ih, initrd)])));
+            let src = Agent::new(tmp.0.join("src"), &ca, blobs.clone()).await;
+            let dst = Agent::new(tmp.0.join("dst"), &ca, blobs).await;
+            let vm = WireVm {
+                id: VmId::new_random(),
+                name: "mig-node".into(),
+                zone: Zone::Intranet,
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 1,
+                image: ImageKind::Kernel {
+                    kernel: kh,
+                    initrd: Some(ih),
+                    cmdline: "console=ttyS0 quiet zy.ip=10.9.0.2/24 zy.diskwrite=vda".into(),
+                },
+                nics: vec![],
+                ssh_keys: vec![],
+                user_data: None,
+            };
+            Self { tmp, src, dst, vm }
+        }
+
+        /// The VM made and running on the source, its guest writing its disk.
+        async fn start(&self) {
+            self.src
+                .cmd(CommandKind::EnsureVm(Box::new(VmIntent {
+                    vm: self.vm.clone(),
+                    desired: Desired::Running,
+                    generation: Generation(1),
+                    stop_grace_ms: 1000,
+                })))
+                .await;
+            let log = VmPaths::new(&self.src.dir, self.vm.id).console_log();
+            wait_console(&log, "ZY-DISKWRITE vda", Duration::from_secs(300)).await;
+        }
+
+        async fn migrate(&self, m: MigrationId, mib_s: u32) -> MigrateTarget {
+            let target = match self
+                .dst
+                .cmd(CommandKind::MigrateIn(Box::new(MigrateIn {
+                    migration: m,
+                    vm: self.vm.clone(),
+                    generation: Generation(4),
+                    source: self.src.id,
+                })))
+                .await
+            {
+                ReplyKind::MigrateListening(t) => t,
+                other => panic!("{other:?}"),
+            };
+            let r = self
+                .src
+                .cmd(CommandKind::MigrateOut(Box::new(MigrateOut {
+                    migration: m,
+                    vm: self.vm.id,
+                    dest: self.dst.id,
+                    target: target.clone(),
+                    max_bandwidth_mib_s: mib_s,
+                    max_downtime_ms: 2000,
+                })))
+                .await;
+            assert_eq!(r, ReplyKind::Done);
+            target
+        }
+
+        async fn completed(&self, m: MigrationId) -> MigrationStatus {
+            let id = self.vm.id;
+            let s = self
+                .src
+                .until(m, id, Duration::from_secs(300), |p| p.is_end())
+                .await;
+            assert!(matches!(s.phase, MigrationPhase::Completed { .. }), "{s:?}");
+            self.dst
+                .until(m, id, Duration::from_secs(60), |p| p.is_end())
+                .await;
+            s
+        }
+    }
+
+    #[tokio::test]
+    async fn a_disk_writing_guest_migrates_activates_and_the_source_is_left_with_nothing() {
+        let lab = Lab::new("node-ok").await;
+        let id = lab.vm.id;
+        lab.start().await;
+        let src_pid = lab.src.pid(id).unwrap();
+        let m = MigrationId::new_random();
+        let target = lab.migrate(m, 1024).await;
+        assert_eq!(target.disks.len(), 1);
+        assert_eq!(target.disks[0].virtual_size, 1 << 30);
+        let s = lab.completed(m).await;
+        println!("through the node: {s:?}");
+        assert!(!guest_runs(src_pid).await, "the source is paused");
+        let info = match lab
+            .dst
+            .cmd(CommandKind::MigrateActivate {
+                migration: m,
+                vm: id,
+            })
+            .await
+        {
+            ReplyKind::Vm(i) => i,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(info.state, VmState::Running);
+        assert_eq!(info.intent, Generation(4));
+        let dst_pid = lab.dst.pid(id).unwrap();
+        assert!(
+            guest_runs(dst_pid).await,
+            "the guest runs on the destination"
         );
+        assert!(VmPaths::new(&lab.dst.dir, id).record().exists());
+        assert!(!lab.dst.vm_dir(id).join(".incoming").exists());
+        assert!(!lab.dst.vm_dir(id).join("migration-tls").exists());
+        assert_eq!(
+            lab.src
+                .cmd(CommandKind::MigrateFinish {
+                    migration: m,
+                    vm: id
+                })
+                .await,
+            ReplyKind::Done
+        );
+        assert!(!lab.src.vm_dir(id).exists(), "the source's files are gone");
+        assert!(!runner::pid_alive(src_pid), "the source's QEMU is gone");
+        assert!(lab.src.node.report().vms.is_empty());
+        // The destination's VM is an ordinary one: it goes with a delete.
+        lab.dst
+            .cmd(CommandKind::DeleteVm {
+                id,
+                generation: Generation(5),
+            })
+            .await;
+        assert!(!lab.dst.vm_dir(id).exists());
+        drop(lab.tmp);
+    }
+
+    #[tokio::test]
+    async fn an_abort_after_completion_resumes_the_source() {
+        let lab = Lab::new("node-abort").await;
+        let id = lab.vm.id;
+        lab.start().await;
+        let src_pid = lab.src.pid(id).unwrap();
+        let m = MigrationId::new_random();
+        lab.migrate(m, 1024).await;
+        lab.completed(m).await;
+        let dst_pid = lab.dst.pid(id).unwrap();
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(lab.dst.cmd(abort.clone()).await, ReplyKind::Done);
+        assert!(!lab.dst.vm_dir(id).exists(), "the destination left nothing");
+        assert!(
+            !runner::pid_alive(dst_pid),
+            "the destination's QEMU is gone"
+        );
+        assert_eq!(lab.src.cmd(abort).await, ReplyKind::Done);
+        assert!(guest_runs(src_pid).await, "the source runs again");
+        assert!(!lab.src.vm_dir(id).join("migrated-out").exists());
+        assert_eq!(lab.src.status(m, id).await.phase, MigrationPhase::Cancelled);
+        drop(lab.tmp);
+    }
+
+    /// The source's agent restarts: mid-migration, the next one finds its QEMU migrating
+    /// and undoes it (the guest runs on, nothing of the attempt left in QEMU); after
+    /// `Completed`, the guest stays paused and the migration `Completed` until an abort
+    /// resumes it.
+    #[tokio::test]
+    async fn a_restarted_source_undoes_a_migration_under_way_and_keeps_a_completed_one() {
+        let mut lab = Lab::new("node-restart").await;
+        let id = lab.vm.id;
+        lab.start().await;
+        let src_pid = lab.src.pid(id).unwrap();
+        let m = MigrationId::new_random();
+        lab.migrate(m, 8).await;
+        lab.src
+            .until(m, id, Duration::from_secs(120), |p| {
+                *p != MigrationPhase::Preparing
+            })
+            .await;
+        lab.src = lab.src.restart().await;
+        assert!(
+            lab.src
+                .node
+                .handle(CommandKind::MigrateStatus {
+                    migration: m,
+                    vm: id
+                })
+                .await
+                .is_err(),
+            "the migration is unknown after the restart"
+        );
+        assert_eq!(lab.src.pid(id), Some(src_pid), "the same QEMU");
+        assert!(guest_runs(src_pid).await, "the guest runs on");
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(lab.dst.cmd(abort).await, ReplyKind::Done);
+
+        // Again, to completion, then a restart.
+        let m = MigrationId::new_random();
+        lab.migrate(m, 1024).await;
+        lab.completed(m).await;
+        lab.src = lab.src.restart().await;
+        let s = lab.src.status(m, id).await;
+        assert!(matches!(s.phase, MigrationPhase::Completed { .. }), "{s:?}");
+        assert!(!guest_runs(src_pid).await, "still paused");
+        let busy = lab
+            .src
+            .node
+            .handle(CommandKind::DeleteVm {
+                id,
+                generation: Generation(9),
+            })
+            .await;
+        assert!(busy.is_err(), "{busy:?}");
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(lab.dst.cmd(abort.clone()).await, ReplyKind::Done);
+        assert_eq!(lab.src.cmd(abort).await, ReplyKind::Done);
+        assert!(guest_runs(src_pid).await, "resumed");
+        drop(lab.tmp);
+    }
+
+    #[tokio::test]
+    async fn a_killed_destination_leaves_the_source_running() {
+        let lab = Lab::new("node-kill").await;
+        let id = lab.vm.id;
+        lab.start().await;
+        let src_pid = lab.src.pid(id).unwrap();
+        let m = MigrationId::new_random();
+        // 8 MiB/s: the mirror of the 32 MiB the guest writes takes seconds.
+        lab.migrate(m, 8).await;
+        lab.src
+            .until(m, id, Duration::from_secs(120), |p| {
+                *p != MigrationPhase::Preparing
+            })
+            .await;
+        let dst_pid = lab.dst.pid(id).unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(dst_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let s = lab
+            .src
+            .until(m, id, Duration::from_secs(120), |p| p.is_end())
+            .await;
+        assert!(matches!(s.phase, MigrationPhase::Failed { .. }), "{s:?}");
+        println!("as expected: {s:?}");
+        assert!(guest_runs(src_pid).await, "the source runs on");
+        let d = lab
+            .dst
+            .until(m, id, Duration::from_secs(60), |p| p.is_end())
+            .await;
+        assert!(matches!(d.phase, MigrationPhase::Failed { .. }), "{d:?}");
+        assert!(!lab.dst.vm_dir(id).exists(), "the destination left nothing");
+        // The VM is an ordinary one again: a delete takes it.
+        lab.src
+            .cmd(CommandKind::DeleteVm {
+                id,
+                generation: Generation(2),
+            })
+            .await;
+        drop(lab.tmp);
     }
 }
+
+// The downtime figures: `tests/benches/migration.rs` (a benchmark through the node's
+// command handler, which writes its section of docs/PERFORMANCE.md).

@@ -818,7 +818,7 @@ pub struct MigrationStatus {
 ///
 /// ```text
 ///  source:      Preparing -> Mirroring -> Memory -> Switchover -> Completed -> Finished
-///  destination: Preparing (listening) -> Memory -> Completed (arrived, paused) -> Active
+///  destination: Preparing (listening, until the whole VM arrived) -> Completed (paused) -> Active
 ///  either, before Finished / Active:  -> Failed(reason) | Cancelled (after MigrateAbort)
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -827,7 +827,7 @@ pub enum MigrationPhase {
     Preparing,
     /// Source: the disks are being mirrored.
     Mirroring,
-    /// The memory stream runs (the disks are in sync and kept so).
+    /// Source: the memory stream runs (the disks are in sync and kept so).
     Memory,
     /// Source: the guest is paused, the mirrors are completing, the device state goes.
     Switchover,

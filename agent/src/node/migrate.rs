@@ -32,7 +32,7 @@ use super::{blocking, failed, kernel_cmdline, nics_of, refused, Node};
 use crate::identity::IdentityDir;
 use crate::vm::actor::Request;
 use crate::vm::migrate::{self as engine, IncomingPlan, MirrorSync, OutgoingPlan, TargetDisk, Tls};
-use crate::vm::migration::{self, Arrival, Decision, Migration, Side, INCOMING};
+use crate::vm::migration::{self, Arrival, Decision, Migration, Side, INCOMING, MIGRATED_IN};
 use crate::vm::record::{VmRecord, DEFAULT_STOP_GRACE_MS};
 use crate::vm::spec::{BaseImage, Boot, DiskSpec, VmPaths, VmSpec};
 
@@ -146,6 +146,12 @@ impl Node {
             .map_err(|e| refused(format!("this node cannot receive a migration: {e}")))?;
         if m.source == tls.node {
             return Err(refused("a VM cannot migrate from a node to itself"));
+        }
+        if m.vm.zone != tls.zone {
+            return Err(refused(format!(
+                "VM {id} is of the {} zone and this node of the {}: zones never mix",
+                m.vm.zone, tls.zone
+            )));
         }
         let ip = self.endpoint_ip(&m.vm)?;
         let ports = migs
@@ -406,6 +412,10 @@ impl Node {
             .get(id)
             .filter(|m| m.id == mid && m.side == Side::Destination)
         else {
+            // Activated before this agent restarted: the VM runs here.
+            if self.arrived_by(id, mid) {
+                return self.vm_info(id);
+            }
             return Err(not_found(format!(
                 "this node is not receiving VM {id} by migration {mid}"
             )));
@@ -476,6 +486,17 @@ impl Node {
             remove_incoming_dir(&paths).await;
             return Err(fail(format!("cannot record the VM: {e}")).await);
         }
+        if let Err(e) = migration::write_marker(&paths.dir.join(MIGRATED_IN), mid) {
+            // Without it a restarted agent could not tell a repeated command that the VM
+            // runs here: it must not stay so.
+            let mut live = live;
+            live.stop(Duration::ZERO).await;
+            if let Some(n) = &self.networks {
+                let _ = n.leave(&a.rec.ports).await;
+            }
+            remove_incoming_dir(&paths).await;
+            return Err(fail(format!("cannot record the migration's arrival: {e}")).await);
+        }
         let _ = std::fs::remove_file(paths.dir.join(INCOMING));
         let _ = std::fs::remove_dir_all(paths.dir.join(TLS_DIR));
         self.vms
@@ -484,6 +505,13 @@ impl Node {
         mig.update(|s| s.phase = MigrationPhase::Active);
         info!(vm = %id, migration = %mid, "the migrated VM runs on this node");
         self.vm_info(id)
+    }
+
+    /// Whether VM `id` is an ordinary VM of this node that migration `mid` brought here.
+    fn arrived_by(&self, id: VmId, mid: MigrationId) -> bool {
+        let paths = VmPaths::new(self.vms.data_dir(), id);
+        self.vms.get(id).is_some()
+            && migration::read_marker(&paths.dir.join(MIGRATED_IN)) == Some(mid)
     }
 
     fn vm_info(&self, id: VmId) -> Result<VmInfo, ReplyError> {
@@ -684,6 +712,11 @@ impl Node {
     /// guest runs as before.
     pub(super) async fn migrate_abort(&self, mid: MigrationId, id: VmId) -> Result<(), ReplyError> {
         let Some(mig) = self.vms.migrations().get(id).filter(|m| m.id == mid) else {
+            if self.arrived_by(id, mid) {
+                return Err(refused(format!(
+                    "migration {mid} is activated: VM {id} runs on this node now"
+                )));
+            }
             return Ok(());
         };
         mig.cancel.store(true, Ordering::Relaxed);
@@ -1272,6 +1305,17 @@ mod tests {
             .await,
             Ok(ReplyKind::Done)
         );
+        // A VM of another zone.
+        let w = World::new();
+        let (dst, _dev) = w.dst.node(&w.blobs).await;
+        let mut other = w.migrate_in(m);
+        if let CommandKind::MigrateIn(i) = &mut other {
+            i.vm.zone = zy_common::Zone::Extranet;
+        }
+        let e = dst.handle(other).await.unwrap_err();
+        assert_eq!(e.kind, ReplyErrorKind::Refused);
+        assert!(e.message.contains("zones never mix"), "{}", e.message);
+        drop(dst);
         // A VM the destination has already.
         let w = World::new();
         let (dst, mut ev) = w.dst.node(&w.blobs).await;
@@ -1285,6 +1329,49 @@ mod tests {
     /// Agent restarts: a destination before activation is removed (its QEMU killed) and
     /// the migration unknown; a source after `Completed` keeps the guest paused and the
     /// migration held until an abort resumes it; one under way is undone.
+    /// Review finding: a destination whose agent restarted after activating answered a
+    /// repeated MigrateActivate NotFound, which the coordinator takes for "never ran here"
+    /// and resumes the source: the guest ran twice. An activated VM is an ordinary VM of the
+    /// node, and a repeat must say so.
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_restarted_after_activation_still_answers_the_vm() {
+        let w = World::new();
+        let (src, _ev) = running_source(&w).await;
+        let (dst, dev) = w.dst.node(&w.blobs).await;
+        let id = w.vm.id;
+        let m = MigrationId::new_random();
+        let target = listening(&dst, w.migrate_in(m)).await;
+        src.handle(w.migrate_out(m, target)).await.unwrap();
+        until_phase(&src, m, id, "completed").await;
+        w.dst.runner.arrive(id, Ok(()));
+        until_phase(&dst, m, id, "completed").await;
+        let act = CommandKind::MigrateActivate {
+            migration: m,
+            vm: id,
+        };
+        assert!(matches!(
+            dst.handle(act.clone()).await,
+            Ok(ReplyKind::Vm(_))
+        ));
+        // The destination's agent restarts before the coordinator heard the answer.
+        let st = dst.vms.get(id).unwrap().status.clone();
+        drop((dst, dev));
+        fake::ended(st).await;
+        let (dst, _dev) = w.dst.node(&w.blobs).await;
+        fake::settle().await;
+        assert!(dst.vms.get(id).is_some(), "re-attached as an ordinary VM");
+        assert!(
+            matches!(dst.handle(act).await, Ok(ReplyKind::Vm(i)) if i.id == id),
+            "a repeat after the restart says the VM runs here"
+        );
+        // And an abort there is refused: the VM runs here.
+        let abort = CommandKind::MigrateAbort {
+            migration: m,
+            vm: id,
+        };
+        assert_eq!(err_kind(dst.handle(abort).await), ReplyErrorKind::Refused);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn restarts_remove_the_destination_and_keep_a_completed_source_paused() {
         let w = World::new();

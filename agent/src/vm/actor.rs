@@ -35,7 +35,7 @@ use zy_common::vm::{Desired, Generation, VmState};
 use zy_common::VmId;
 
 use super::migrate::{MigrateError, OutgoingPlan, Progress};
-use super::migration::{self, Migration, Migrations, Side, MIGRATED_OUT};
+use super::migration::{self, Migration, Migrations, MIGRATED_OUT};
 use super::observed::ObservedClock;
 use super::record::VmRecord;
 use super::runner::{self, Exit, Recovered, RunningVm, StopHow, VmRunner};
@@ -346,16 +346,8 @@ impl Actor {
             // Paused after a migration it recorded as completed, or its QEMU gone since:
             // the VM may run on the destination by now.
             (Recovered::Completed, Some(m), _) | (Recovered::Nothing, Some(m), false) => {
+                // The manager holds it as completed already (before any command is taken).
                 warn!(vm = %id, migration = %m, "this VM migrated away before the agent restarted; it stays paused here until the coordinator finishes or aborts the migration");
-                let (_, held) = self.ctx.migrations.claim(id, m, Side::Source, vec![]);
-                if let Some(h) = held {
-                    h.update(|s| {
-                        s.phase = zy_common::proto::MigrationPhase::Completed {
-                            downtime_ms: 0,
-                            total_ms: 0,
-                        }
-                    });
-                }
                 true
             }
             (Recovered::Completed, _, _) => {
@@ -370,9 +362,15 @@ impl Actor {
                 let _ = std::fs::remove_file(&marker);
                 false
             }
-            _ => {
-                // Undone, or resumed by an abort whose marker was left: it runs on.
+            (_, completed, _) => {
+                // Undone, or resumed by an abort whose marker was left: it runs on (the
+                // destination was aborted before that abort, so it cannot run there too).
                 let _ = std::fs::remove_file(&marker);
+                if let Some(m) = completed {
+                    if let Some(h) = self.ctx.migrations.get(id).filter(|h| h.id == m) {
+                        h.update(|s| s.phase = zy_common::proto::MigrationPhase::Cancelled);
+                    }
+                }
                 false
             }
         }

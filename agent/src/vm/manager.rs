@@ -215,6 +215,20 @@ impl VmManager {
                 info!(vm = %rec.spec.id, pid = l.pid(), "re-attached to a running VM");
             }
             let id = rec.spec.id;
+            // A migration that completed before the restart holds the VM from the first
+            // command on (its actor decides at start whether the guest is still paused).
+            let marker = paths.dir.join(super::migration::MIGRATED_OUT);
+            if let Some(m) = super::migration::read_marker(&marker) {
+                let side = super::migration::Side::Source;
+                if let (_, Some(h)) = ctx.migrations.claim(id, m, side, vec![]) {
+                    h.update(|s| {
+                        s.phase = zy_common::proto::MigrationPhase::Completed {
+                            downtime_ms: 0,
+                            total_ms: 0,
+                        }
+                    });
+                }
+            }
             vms.insert(id, actor::spawn(ctx.clone(), rec, live));
         }
         let strays = find_strays(&dir, &|id| vms.contains_key(&id));

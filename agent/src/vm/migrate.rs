@@ -16,13 +16,14 @@
 //! multiplexing protocol of our own, for no gain in trust: both ends are then our QEMUs
 //! holding the same CA's certificates either way.
 //!
-//! The node certificates issued at enrollment are client certificates only (extended key
-//! usage clientAuth, key usage digitalSignature): QEMU, as a TLS server, refuses them
-//! ("usage does not permit key encipherment", QEMU 10.0.2). A
-//! migration needs [`zy_common::tls::SiteCa::issue_node_peer`]'s (serverAuth and
-//! clientAuth, digitalSignature and keyEncipherment, the same subject and
-//! `<node>.node.zhengyun` name). QEMU reads them from a directory with fixed file names
-//! ([`write_tls_dir`]).
+//! A migration needs [`zy_common::tls::SiteCa::issue_node_peer`]'s certificates
+//! (serverAuth and clientAuth, digitalSignature and keyEncipherment, the same subject and
+//! `<node>.node.zhengyun` name), which enrollment and renewal issue since protocol version 4.
+//! The client-only kind issued before ([`zy_common::tls::SiteCa::issue_node`]: clientAuth,
+//! digitalSignature) cannot serve QEMU's TLS ("usage does not permit key encipherment",
+//! QEMU 10.0.2); a node still holding one refuses to be a destination, saying so
+//! ([`zy_common::tls::check_serves_tls`]), until its next renewal. QEMU reads them from a
+//! directory with fixed file names ([`write_tls_dir`]).
 //!
 //! # Convergence
 //!
@@ -99,8 +100,10 @@
 //!
 //! Every wait has a time limit ([`Limits`]), and both sides can be cancelled (an
 //! [`AtomicBool`] checked at every poll). Progress is reported through a callback. This
-//! module is the engine only: the agent's actor, the wire protocol and the coordinator's
-//! durable operation drive it.
+//! module is the engine only: the protocol's commands (version 4) drive it through the
+//! node (`node::migrate`), the VM's actor runs the source's part on its QEMU, and
+//! [`super::migration`] holds each side's state; the coordinator's durable operation
+//! drives the nodes.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -49,6 +49,11 @@ pub const MIGRATED_OUT: &str = "migrated-out";
 /// The file marking a VM directory as a migration's destination not yet activated. Holds
 /// the migration id.
 pub const INCOMING: &str = ".incoming";
+/// The file in an activated destination's VM directory naming the migration that brought
+/// the VM here: after an agent restart (the migration forgotten), a repeated
+/// `MigrateActivate` still answers the VM, and a `MigrateAbort` is refused, since the VM
+/// runs here. Holds the migration id.
+pub const MIGRATED_IN: &str = "migrated-in";
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

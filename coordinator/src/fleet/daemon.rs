@@ -376,14 +376,7 @@ async fn serve_streams(
 /// Anything else (another zone's image, an image no VM of its uses) it is refused, in the
 /// same words as a blob that does not exist, so that it learns nothing of what is stored.
 fn may_fetch(coord: &Coordinator, node: NodeId, hash: &zy_common::blob::BlobHash) -> bool {
-    coord.vms.with(|t| {
-        t.vms.values().any(|v| {
-            // A node a VM is migrating to needs its image too, before it can listen.
-            (v.node == Some(node) || v.migrating_to == Some(node))
-                && v.desired != zy_api::VmDesired::Deleted
-                && v.boot.blobs().contains(hash)
-        })
-    })
+    coord.vms.with(|t| crate::vms::needs_blob(t, node, hash))
 }
 
 async fn serve_fetch(

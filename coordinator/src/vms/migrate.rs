@@ -73,6 +73,10 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a source may stay silent (disconnected, or not answering) mid-copy before the
 /// migration is abandoned (its guest keeps running there).
 const SOURCE_SILENCE: Duration = Duration::from_secs(120);
+/// How many times a source may fail to resume its guest before the abort is told.
+const RESUME_TRIES: u32 = 30;
+/// How many times a destination may fail to get ready before the migration is abandoned.
+const PREPARE_TRIES: u32 = 3;
 /// How long a destination that went away before activation is waited for.
 const ACTIVATE_WAIT: Duration = Duration::from_secs(30);
 /// How long a destination may take to answer MigrateIn before the migration is abandoned.
@@ -364,6 +368,38 @@ enum Next {
     Abort(String),
 }
 
+/// Why a migration is to be abandoned now, if it is: what was recorded, or a delete of the
+/// VM, a node removed, the deadline. Once the record has moved the VM is the destination's
+/// and only the source's cleanup is left, never an abort; once activation may have been
+/// sent, a delete or a removed source waits for the move to end (the destination may run
+/// the guest already), and only the destination's own word ends it otherwise. Pure.
+pub fn abort_reason(
+    op: &OpRec,
+    m: &MigrationRec,
+    vm: &VmRec,
+    enrolled: &HashSet<NodeId>,
+    now: u64,
+) -> Option<String> {
+    if op.current >= 5 {
+        return None;
+    }
+    let sent = m.activation_sent_ms.is_some();
+    let limit = crate::ops::deadline_ms(OpKind::Migrate).unwrap_or(u64::MAX);
+    m.aborting
+        .clone()
+        .or_else(|| {
+            (!sent && vm.desired == VmDesired::Deleted).then(|| "the VM was deleted".into())
+        })
+        .or_else(|| {
+            (!sent && !enrolled.contains(&m.from)).then(|| "the source node was removed".into())
+        })
+        .or_else(|| (!enrolled.contains(&m.to)).then(|| "the destination node was removed".into()))
+        .or_else(|| {
+            (!sent && now.saturating_sub(op.created_at_ms) > limit)
+                .then(|| format!("it did not finish within {} hours", limit / 3_600_000))
+        })
+}
+
 /// Drives one migration to its end.
 async fn drive(coord: &Arc<Coordinator>, id: OpId) {
     let mut target: Option<MigrateTarget> = None;
@@ -390,14 +426,7 @@ async fn drive(coord: &Arc<Coordinator>, id: OpId) {
             return;
         };
         let enrolled = coord.fleet.enrolled_among([m.from, m.to]);
-        let reason = m
-            .aborting
-            .clone()
-            .or_else(|| (vm.desired == VmDesired::Deleted).then(|| "the VM was deleted".into()))
-            .or_else(|| (!enrolled.contains(&m.from)).then(|| "the source node was removed".into()))
-            .or_else(|| {
-                (!enrolled.contains(&m.to)).then(|| "the destination node was removed".into())
-            });
+        let reason = abort_reason(&op, &m, &vm, &enrolled, now_millis());
         if let Some(reason) = reason {
             abort(coord, &op, &m, &reason, &enrolled).await;
             return;
@@ -453,6 +482,7 @@ async fn prepare(
     m: &MigrationRec,
 ) -> Result<MigrateTarget, Next> {
     let started = tokio::time::Instant::now();
+    let mut failures = 0;
     loop {
         let wire = match super::wire(coord, vm, m.to) {
             Ok(w) => w,
@@ -484,6 +514,17 @@ async fn prepare(
                     "the destination refused: {}",
                     e.message
                 )))
+            }
+            // A host error may pass (a full disk freed); not three times in a row.
+            Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Failed => {
+                failures += 1;
+                if failures >= PREPARE_TRIES {
+                    return Err(Next::Abort(format!(
+                        "the destination could not get ready: {}",
+                        e.message
+                    )));
+                }
+                tokio::time::sleep(RETRY).await;
             }
             Err(e) => {
                 if started.elapsed() > PREPARE_GIVE_UP {
@@ -687,6 +728,11 @@ async fn activate(coord: &Arc<Coordinator>, op: &OpRec, vm: &VmRec, m: &Migratio
                 match r {
                     Ok(true) => {
                         info!(vm = %vm.id, name = %vm.name, to = %m.to, "VM moved: it runs on its new node");
+                        // Its segment there was made from the peers of the migration's start.
+                        super::reconcile::peers_stale(
+                            &mut coord.reconciler.lock().unwrap_or_else(|p| p.into_inner()),
+                            m.to,
+                        );
                         coord.events.publish(
                             "vm",
                             vm.id.to_string(),
@@ -710,9 +756,20 @@ async fn activate(coord: &Arc<Coordinator>, op: &OpRec, vm: &VmRec, m: &Migratio
                 warn!(vm = %vm.id, answer = ?other, "unexpected answer to MigrateActivate");
             }
             Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::NotFound => {
-                // The destination has nothing of it: the source may run it again.
+                // The destination has nothing of it (an activated VM it would name, even
+                // after its agent restarted): the source may run it again.
                 return Next::Abort(format!(
                     "the destination lost the migrated VM before it ran ({})",
+                    e.message
+                ));
+            }
+            Err(CommandError::Rejected(e))
+                if matches!(e.kind, ReplyErrorKind::Failed | ReplyErrorKind::Refused) =>
+            {
+                // Its activation failed for good (it stopped what it started and says so):
+                // the abort asks it to confirm it holds nothing before the source resumes.
+                return Next::Abort(format!(
+                    "the destination could not run the VM: {}",
                     e.message
                 ));
             }
@@ -769,10 +826,22 @@ async fn abort(
     let mut dest_done = !enrolled.contains(&m.to);
     if activation_sent {
         while !dest_done {
+            if !coord
+                .vms
+                .with(|t| t.ops.get(&op.id).is_some_and(|o| o.is_running()))
+            {
+                return;
+            }
             match call(coord, m.to, cmd.clone(), COMMAND_TIMEOUT).await {
                 Ok(_) => dest_done = true,
                 Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::NotFound => {
                     dest_done = true
+                }
+                Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Refused => {
+                    // It runs the guest: the move goes on to its end instead.
+                    warn!(vm = %vm, reason = %e.message, "the destination runs the VM: completing the move instead of aborting it");
+                    clear_aborting(coord, op.id).await;
+                    return;
                 }
                 Err(e) => {
                     warn!(vm = %vm, error = %e, "waiting for the destination to confirm its abort before resuming the source");
@@ -788,13 +857,24 @@ async fn abort(
     {
         dest_done = true;
     }
-    // The source resumes the guest (or finds it running: nothing to do).
+    // The source resumes the guest (or finds it running: nothing to do). A failure to
+    // resume is tried again a while, then told.
+    let mut source_trouble = None;
+    let mut failures = 0;
     loop {
         if !coord.fleet.enrolled_among([m.from]).contains(&m.from) {
             break;
         }
         match call(coord, m.from, cmd.clone(), COMMAND_TIMEOUT).await {
             Ok(_) => break,
+            Err(CommandError::Rejected(e)) if e.kind == ReplyErrorKind::Failed => {
+                failures += 1;
+                if failures >= RESUME_TRIES {
+                    source_trouble = Some(e.message);
+                    break;
+                }
+                tokio::time::sleep(RETRY).await;
+            }
             Err(CommandError::Rejected(e)) if e.kind != ReplyErrorKind::Busy => break,
             Err(e) => {
                 warn!(vm = %vm, error = %e, "the source has not confirmed the abort yet");
@@ -830,13 +910,15 @@ async fn abort(
         }
         if let Some(o) = t.ops.get(&op.id).filter(|o| o.is_running()) {
             let mut n = o.clone();
-            n.fail(
-                format!(
-                    "{reason}; the VM stays on its node {}",
+            let outcome = match &source_trouble {
+                None => format!("the VM stays on its node {}", node_name(coord, m.from)),
+                Some(why) => format!(
+                    "the VM stays on its node {}, but its guest could not be resumed there \
+                     ({why}): see `zy vm console`, and restart the VM if it stays paused",
                     node_name(coord, m.from)
                 ),
-                now,
-            );
+            };
+            n.fail(format!("{reason}; {outcome}"), now);
             b.op(Some(o), n);
         }
         Ok((b, ()))
@@ -849,6 +931,23 @@ async fn abort(
     warn!(op = %op.id, vm = %op.vm_name, %reason, "migration abandoned; the VM stays where it was");
     super::publish_op_of(coord, op.id);
     coord.vms.wake.notify_one();
+}
+
+/// The destination runs the guest after all: the abort is taken back and the move goes on.
+async fn clear_aborting(coord: &Arc<Coordinator>, id: OpId) {
+    let _ = write(coord, |t| {
+        let mut b = Batch::default();
+        if let Some(o) = t.ops.get(&id).filter(|o| o.is_running()) {
+            let mut n = o.clone();
+            if let Some(m) = n.migration.as_mut().filter(|m| m.aborting.is_some()) {
+                m.aborting = None;
+                b.op(Some(o), n);
+            }
+        }
+        Ok((b, ()))
+    })
+    .await;
+    tokio::time::sleep(RETRY).await;
 }
 
 /// Records that the migration is being abandoned, before any abort is sent, so that a
@@ -960,6 +1059,84 @@ mod tests {
             generation: Generation(3),
             at_ms: 0,
         });
+    }
+
+    #[test]
+    fn what_ends_a_migration_depends_on_how_far_it_went() {
+        let mut v = crate::store::test_vm("w1");
+        running(&mut v);
+        let to = NodeId::new_random();
+        let (_, _, mut op) =
+            plan_migrate(&Table::default(), &v, to, MoveCause::Asked, None, 0).unwrap();
+        let m = op.migration.clone().unwrap();
+        let both: HashSet<NodeId> = [m.from, m.to].into_iter().collect();
+        let only_to: HashSet<NodeId> = [m.to].into_iter().collect();
+        let only_from: HashSet<NodeId> = [m.from].into_iter().collect();
+        assert_eq!(abort_reason(&op, &m, &v, &both, 1), None);
+        let mut deleted = v.clone();
+        deleted.desired = VmDesired::Deleted;
+        // Before activation: a delete, a removed node or the deadline abandon it.
+        assert!(abort_reason(&op, &m, &deleted, &both, 1)
+            .unwrap()
+            .contains("deleted"));
+        assert!(abort_reason(&op, &m, &v, &only_to, 1)
+            .unwrap()
+            .contains("source"));
+        assert!(abort_reason(&op, &m, &v, &only_from, 1)
+            .unwrap()
+            .contains("destination"));
+        assert!(abort_reason(&op, &m, &v, &both, 7 * 3_600_000)
+            .unwrap()
+            .contains("hours"));
+        // Activation sent: the destination may run the guest; a delete, a removed source
+        // or age wait for the move to end. Only the destination's removal (or its own word,
+        // recorded as `aborting`) ends it.
+        let mut sent = m.clone();
+        sent.activation_sent_ms = Some(1);
+        op.current = 3;
+        assert_eq!(
+            abort_reason(&op, &sent, &deleted, &only_to, 7 * 3_600_000),
+            None
+        );
+        assert!(abort_reason(&op, &sent, &v, &only_from, 1).is_some());
+        // The record moved: never an abort, whatever was recorded.
+        op.current = 5;
+        let mut told = sent.clone();
+        told.aborting = Some("x".into());
+        assert_eq!(
+            abort_reason(&op, &told, &deleted, &HashSet::new(), u64::MAX),
+            None
+        );
+    }
+
+    #[test]
+    fn a_delete_aborts_a_migration_only_before_activation_may_have_been_sent() {
+        let mut t = Table::default();
+        let mut v = crate::store::test_vm("w1");
+        running(&mut v);
+        let (_, n, op) =
+            plan_migrate(&t, &v, NodeId::new_random(), MoveCause::Asked, None, 0).unwrap();
+        t.vms.insert(n.id, n.clone());
+        t.ops.insert(op.id, op.clone());
+        let (b, _, _) = super::super::plan_delete(&t, "w1", None, 1).unwrap();
+        let aborted = b.ops.iter().find(|o| o.id == op.id).cloned().unwrap();
+        assert!(
+            aborted.is_running(),
+            "the driver aborts it: the op stays open"
+        );
+        assert!(aborted
+            .migration
+            .unwrap()
+            .aborting
+            .unwrap()
+            .contains("delete"));
+        // Activation sent: the move ends first; the delete then reaches the new node.
+        let mut later = op.clone();
+        later.current = 3;
+        later.migration.as_mut().unwrap().activation_sent_ms = Some(1);
+        t.ops.insert(later.id, later.clone());
+        let (b, _, _) = super::super::plan_delete(&t, "w1", None, 1).unwrap();
+        assert!(b.ops.iter().all(|o| o.id != later.id));
     }
 
     #[test]

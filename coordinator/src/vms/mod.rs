@@ -512,6 +512,16 @@ pub fn session_ip(s: &crate::fleet::Session) -> Option<Ipv4Addr> {
     }
 }
 
+/// Whether a node has a VM that boots from this blob, placed there or migrating there (a
+/// destination fetches the base image it does not have yet): a node gets no other blob.
+pub fn needs_blob(t: &Table, node: NodeId, hash: &zy_common::blob::BlobHash) -> bool {
+    t.vms.values().any(|v| {
+        (v.node == Some(node) || v.migrating_to == Some(node))
+            && v.desired != VmDesired::Deleted
+            && v.boot.blobs().contains(hash)
+    })
+}
+
 /// The nodes that host VMs (tombstones included: theirs may still run): only they take part
 /// in their zone's network.
 pub fn hosting(t: &Table) -> std::collections::HashSet<NodeId> {
@@ -890,7 +900,9 @@ pub fn plan_delete(
             // goes, the source's guest runs on), then the delete proceeds on the source,
             // whose agent answers "busy" until then.
             Some(m) if o.kind == OpKind::Migrate => {
-                if m.aborting.is_none() {
+                // Once activation may have been sent (or the record moved), the move ends
+                // first and the delete then goes to the VM's new node.
+                if m.aborting.is_none() && m.activation_sent_ms.is_none() && o.current < 5 {
                     m.aborting = Some("superseded by a delete of the VM".into());
                     o.updated_at_ms = now;
                     b.op(Some(op), o);
@@ -1045,6 +1057,24 @@ pub async fn show_op(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_fetches_the_blobs_of_its_vms_and_of_those_migrating_to_it_only() {
+        let mut t = Table::default();
+        let v = crate::store::test_vm("w1");
+        let hash = v.boot.blobs()[0];
+        let (home, dest, other) = (v.node.unwrap(), NodeId::new_random(), NodeId::new_random());
+        t.vms.insert(v.id, v.clone());
+        assert!(needs_blob(&t, home, &hash));
+        assert!(!needs_blob(&t, dest, &hash));
+        t.vms.get_mut(&v.id).unwrap().migrating_to = Some(dest);
+        assert!(
+            needs_blob(&t, dest, &hash),
+            "a destination fetches the base it lacks"
+        );
+        assert!(!needs_blob(&t, other, &hash));
+        assert!(!needs_blob(&t, home, &zy_common::blob::BlobHash([9; 32])));
+    }
 
     #[test]
     fn zones_never_share_a_network_and_addresses_are_unique() {

@@ -533,6 +533,14 @@ pub struct PeerUpdate {
 /// hosting with no update pending or failed is answered at once with nothing); only nodes in
 /// `hosting` take part. Each update returned is in flight until [`peers_answered`].
 /// Pure, so the reconnect-storm benchmark drives this very code.
+/// Forgets what `node` was told of its peers, so that the next planning tells it again
+/// (only it): after a VM arrived there by migration, whose segment was made from the peers
+/// of the moment the migration began.
+pub fn peers_stale(s: &mut State, node: NodeId) {
+    s.peers_sent.remove(&node);
+    s.peers_epoch = None;
+}
+
 pub fn plan_peers(
     s: &mut State,
     epoch: u64,
@@ -728,6 +736,25 @@ mod tests {
             }
         }
         sent
+    }
+
+    /// Review finding: a VM that arrived by migration made its node's segment from the
+    /// peers of the migration's start, and nothing told the node again. After a move the
+    /// destination (and only it) is told its peers as they are.
+    #[test]
+    fn a_migration_destination_is_told_its_peers_again_and_only_it() {
+        let all = nodes(10);
+        let hosting: HashSet<NodeId> = all.iter().map(|n| n.id).collect();
+        let mut s = State::default();
+        let t0 = Instant::now();
+        assert_eq!(drive(&mut s, 1, &hosting, &all, t0, 40).len(), 10);
+        // Settled: nothing more, the same epoch.
+        assert!(drive(&mut s, 1, &hosting, &all, t0 + TICK * 50, 10).is_empty());
+        peers_stale(&mut s, all[3].id);
+        let sent = drive(&mut s, 1, &hosting, &all, t0 + TICK * 100, 10);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(sent[0].node, all[3].id);
+        assert_eq!(sent[0].peers.len(), 4);
     }
 
     #[test]
