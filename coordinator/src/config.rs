@@ -46,6 +46,226 @@ pub struct CoordinatorConfig {
     /// How live migrations go.
     #[serde(default)]
     pub migration: MigrationConfig,
+    /// How nodes are drained.
+    #[serde(default)]
+    pub drain: DrainConfig,
+    /// How nodes are powered down and up (standby and wake); without it both are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power: Option<PowerConfig>,
+    /// How the pool is consolidated.
+    #[serde(default)]
+    pub consolidation: ConsolidationConfig,
+}
+
+/// How nodes are drained (`[drain]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    /// Migrations off one draining node at once (1 to 16; 1 by default: each move is planned
+    /// on the pool the one before it left).
+    #[serde(default = "default_one")]
+    pub parallel: u32,
+}
+
+fn default_one() -> u32 {
+    1
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { parallel: 1 }
+    }
+}
+
+/// Most migrations at once off one draining node.
+pub const MAX_DRAIN_PARALLEL: u32 = 16;
+
+/// The power driver's commands (`[power]`): argument vectors run without a shell, with
+/// `{node}` (the node's id), `{name}` (its name) and `{ip}` (its last known address)
+/// replaced in each argument. IPMI, say:
+/// `standby = ["ipmitool", "-I", "lanplus", "-H", "{name}-bmc", "chassis", "power", "soft"]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PowerConfig {
+    /// Powers a node down (an empty node, on `zy node standby` or a consolidation step).
+    pub standby: Vec<String>,
+    /// Powers a node up.
+    pub wake: Vec<String>,
+    /// How long either command may run before it is killed and the change refused (1 s to
+    /// 1 h; 60 s by default).
+    #[serde(
+        with = "zy_common::quic::duration_text",
+        default = "default_power_timeout"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_power_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl PowerConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (key, argv) in [("standby", &self.standby), ("wake", &self.wake)] {
+            match argv.first() {
+                None => {
+                    return Err(format!(
+                        "key `{key}` is empty: give the command and its arguments"
+                    ))
+                }
+                Some(p) if p.trim().is_empty() => {
+                    return Err(format!("key `{key}` has an empty program name"))
+                }
+                Some(_) => {}
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err(format!("key `{key}` has an argument with a NUL byte"));
+            }
+        }
+        if self.timeout < Duration::from_secs(1) || self.timeout > Duration::from_secs(3600) {
+            return Err(format!(
+                "key `timeout` is {}, not within 1s to 1h",
+                humantime::format_duration(self.timeout)
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How the pool is consolidated (`[consolidation]`): the defaults of `zy plan consolidate`
+/// and the periodic mode.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsolidationConfig {
+    /// Most migrations in one plan (1 to 1000; 10 by default).
+    #[serde(default = "default_max_moves")]
+    pub max_moves: u32,
+    /// The least share of a node a move must win back (0.0 to 1.0; 0.25 by default).
+    #[serde(default = "default_min_gain")]
+    pub min_gain: f64,
+    /// Ready, empty nodes kept awake in every zone (0 to 1000; 1 by default).
+    #[serde(default = "default_spares")]
+    pub spares: u32,
+    /// Above this fraction of its CPUs busy a node is hot (0.05 to 10; 0.85 by default; a
+    /// mark above 1.0 never trips).
+    #[serde(default = "default_high_water")]
+    pub high_water: f64,
+    /// The window the agents' CPU load is averaged over (exponentially; 10 s to 1 h, 5 min
+    /// by default).
+    #[serde(
+        with = "zy_common::quic::duration_text",
+        default = "default_load_window"
+    )]
+    pub load_window: Duration,
+    /// Plan and apply a consolidation this often (10 min to 7 days); off when absent.
+    #[serde(
+        default,
+        with = "optional_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub every: Option<Duration>,
+}
+
+/// The highest `high_water`: a mark above 1.0 never trips, which turns the load rules off
+/// (a lab whose nodes are namespaces of one host, all reporting that host's load).
+pub const MAX_HIGH_WATER: f64 = 10.0;
+
+/// Most moves a consolidation plan may be asked for.
+pub const MAX_CONSOLIDATION_MOVES: u32 = 1000;
+
+fn default_max_moves() -> u32 {
+    10
+}
+fn default_min_gain() -> f64 {
+    0.25
+}
+fn default_spares() -> u32 {
+    1
+}
+fn default_high_water() -> f64 {
+    0.85
+}
+fn default_load_window() -> Duration {
+    Duration::from_secs(300)
+}
+
+impl Default for ConsolidationConfig {
+    fn default() -> Self {
+        Self {
+            max_moves: default_max_moves(),
+            min_gain: default_min_gain(),
+            spares: default_spares(),
+            high_water: default_high_water(),
+            load_window: default_load_window(),
+            every: None,
+        }
+    }
+}
+
+impl ConsolidationConfig {
+    fn validate(&self) -> Result<(), String> {
+        if !(1..=MAX_CONSOLIDATION_MOVES).contains(&self.max_moves) {
+            return Err(format!(
+                "key `max_moves` is {}, not within 1..={MAX_CONSOLIDATION_MOVES}",
+                self.max_moves
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_gain) {
+            return Err(format!(
+                "key `min_gain` is {}, not within 0.0..=1.0",
+                self.min_gain
+            ));
+        }
+        if self.spares > 1000 {
+            return Err(format!(
+                "key `spares` is {}, not within 0..=1000",
+                self.spares
+            ));
+        }
+        if !(0.05..=MAX_HIGH_WATER).contains(&self.high_water) {
+            return Err(format!(
+                "key `high_water` is {}, not within 0.05..={MAX_HIGH_WATER}",
+                self.high_water
+            ));
+        }
+        if self.load_window < Duration::from_secs(10)
+            || self.load_window > Duration::from_secs(3600)
+        {
+            return Err(format!(
+                "key `load_window` is {}, not within 10s to 1h",
+                humantime::format_duration(self.load_window)
+            ));
+        }
+        if let Some(e) = self.every {
+            if e < Duration::from_secs(600) || e > Duration::from_secs(7 * 86_400) {
+                return Err(format!(
+                    "key `every` is {}, not within 10m to 7days",
+                    humantime::format_duration(e)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An optional duration as text (`"1h"`).
+mod optional_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&humantime::format_duration(*d).to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
+    }
 }
 
 /// How live migrations go (`[migration]`).
@@ -319,6 +539,9 @@ impl Default for CoordinatorConfig {
             zones: Zones::default(),
             certs: CertConfig::default(),
             migration: MigrationConfig::default(),
+            drain: DrainConfig::default(),
+            power: None,
+            consolidation: ConsolidationConfig::default(),
         }
     }
 }
@@ -377,6 +600,18 @@ impl CoordinatorConfig {
         self.migration
             .validate()
             .map_err(|e| format!("table `migration`: {e}"))?;
+        if !(1..=MAX_DRAIN_PARALLEL).contains(&self.drain.parallel) {
+            return Err(format!(
+                "table `drain`: key `parallel` is {}, not within 1..={MAX_DRAIN_PARALLEL}",
+                self.drain.parallel
+            ));
+        }
+        if let Some(p) = &self.power {
+            p.validate().map_err(|e| format!("table `power`: {e}"))?;
+        }
+        self.consolidation
+            .validate()
+            .map_err(|e| format!("table `consolidation`: {e}"))?;
         if !(1.0..=16.0).contains(&self.cpu_overcommit) {
             return Err(format!(
                 "key `cpu_overcommit` is {}, not within 1.0..=16.0 vCPUs per host CPU",
@@ -435,6 +670,52 @@ mod tests {
         assert!(msg.contains("timings"), "{msg}");
         let bad = good.replace("\"site1\"", "\"Bad Site\"");
         assert!(CoordinatorConfig::parse(p, &bad).is_err());
+    }
+
+    #[test]
+    fn drain_power_and_consolidation_keys_are_checked_and_named() {
+        let p = Path::new("/etc/zy/c.toml");
+        let base =
+            "site = \"site1\"\ndaemon_listen = \"0.0.0.0:7400\"\napi_listen = \"0.0.0.0:7443\"";
+        let with = |extra: &str| CoordinatorConfig::parse(p, &format!("{base}\n{extra}\n"));
+        let power = "[power]\nstandby = [\"ipmitool\", \"-H\", \"{name}-bmc\", \"chassis\", \"power\", \"soft\"]\nwake = [\"ipmitool\", \"-H\", \"{name}-bmc\", \"chassis\", \"power\", \"on\"]";
+        let c = with(power).unwrap();
+        let pc = c.power.unwrap();
+        assert_eq!(pc.timeout, Duration::from_secs(60));
+        assert_eq!(pc.wake.last().unwrap(), "on");
+        assert_eq!(c.drain.parallel, 1);
+        assert_eq!(c.consolidation.max_moves, 10);
+        assert_eq!(c.consolidation.every, None);
+        let c = with("[consolidation]\nevery = \"1h\"\nspares = 2").unwrap();
+        assert_eq!(c.consolidation.every, Some(Duration::from_secs(3600)));
+        assert_eq!(c.consolidation.spares, 2);
+        for (extra, key) in [
+            ("[drain]\nparallel = 0", "parallel"),
+            ("[drain]\nparallel = 17", "parallel"),
+            ("[power]\nstandby = []\nwake = [\"x\"]", "standby"),
+            (
+                "[power]\nstandby = [\"x\"]\nwake = [\"x\"]\ntimeout = \"0s\"",
+                "timeout",
+            ),
+            (
+                "[power]\nstandby = [\"x\"]\nwake = [\"x\"]\nshell = true",
+                "shell",
+            ),
+            ("[consolidation]\nmax_moves = 0", "max_moves"),
+            ("[consolidation]\nmin_gain = 2.0", "min_gain"),
+            ("[consolidation]\nhigh_water = 0.0", "high_water"),
+            ("[consolidation]\nhigh_water = 11.0", "high_water"),
+            ("[consolidation]\nspares = 5000", "spares"),
+            ("[consolidation]\nevery = \"1s\"", "every"),
+            ("[consolidation]\nevery = \"soon\"", "every"),
+            ("[consolidation]\nload_window = \"1s\"", "load_window"),
+        ] {
+            let msg = with(extra).unwrap_err().to_string();
+            assert!(
+                msg.contains(key) && msg.contains("c.toml"),
+                "{extra}: {msg}"
+            );
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`vms`]: VMs asked for through the API, their placement ([`vms::placement`]), the images
 //!   they boot ([`vms::images`]) and the reconciler that brings nodes to what was asked.
 //! - [`ops`]: durable operations, the steps every change of a VM goes through.
+//! - [`nodeadmin`]: what ops ask of nodes (drain, maintenance, standby, wake), the power
+//!   driver, the drain driver and consolidation.
 //!
 //! [`server`] wires them together; [`config`] is the daemon's configuration.
 //!
@@ -23,6 +25,7 @@
 pub mod api;
 pub mod config;
 pub mod fleet;
+pub mod nodeadmin;
 pub mod ops;
 pub mod server;
 #[cfg(test)]

@@ -55,6 +55,10 @@ pub struct Coordinator {
     pub reconciler: Arc<std::sync::Mutex<crate::vms::reconcile::State>>,
     /// The live migrations under way: their drivers and latest progress.
     pub migrations: crate::vms::migrate::Migrations,
+    /// Node administration's memory: notes, power commands running, load averages.
+    pub nodeadmin: crate::nodeadmin::NodeAdmin,
+    /// Wakes the drain driver (a drain was asked).
+    pub drain_wake: tokio::sync::Notify,
 }
 
 /// Why the coordinator could not start.
@@ -133,7 +137,13 @@ impl Coordinator {
         }
         let vms = crate::vms::Vms::new(store.clone(), all, store.ops()?)
             .map_err(StartError::Committer)?;
+        let power = config.power.clone().map(|p| {
+            Arc::new(crate::nodeadmin::power::CommandPower::new(p))
+                as Arc<dyn crate::nodeadmin::power::Power>
+        });
         Ok(Self {
+            nodeadmin: crate::nodeadmin::NodeAdmin::new(power, config.consolidation.load_window),
+            drain_wake: tokio::sync::Notify::new(),
             reconciler: Arc::default(),
             migrations: Default::default(),
             events: crate::api::events::Events::default(),
@@ -201,6 +211,8 @@ impl Coordinator {
             tokio::spawn(crate::vms::reconcile::run(coord.clone())),
             tokio::spawn(collect_blobs(coord.clone())),
             tokio::spawn(crate::fleet::certs::run(coord.clone())),
+            tokio::spawn(crate::nodeadmin::drain::run(coord.clone())),
+            tokio::spawn(crate::nodeadmin::consolidate::periodic(coord.clone())),
         ];
         info!(daemon = %daemon_addr, api = %api_addr, site = %coord.config.site,
               nodes = coord.fleet.snapshot().len(), "coordinator started");

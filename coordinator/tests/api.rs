@@ -16,11 +16,17 @@ impl Drop for TempDir {
 }
 
 async fn start() -> (TempDir, zy_coordinator::server::Running, Client, String) {
+    start_with(CoordinatorConfig::default()).await
+}
+
+async fn start_with(
+    config: CoordinatorConfig,
+) -> (TempDir, zy_coordinator::server::Running, Client, String) {
     let dir = TempDir(std::env::temp_dir().join(format!("zy-api-test-{}", rand::random::<u64>())));
     let config = CoordinatorConfig {
         daemon_listen: "127.0.0.1:0".parse().unwrap(),
         api_listen: "127.0.0.1:0".parse().unwrap(),
-        ..CoordinatorConfig::default()
+        ..config
     };
     let sd = StateDir::new(&dir.0);
     let out = sd.init(&config, &[], "unused").unwrap();
@@ -548,5 +554,386 @@ async fn api_tokens_are_named_listed_without_secrets_and_revoked_for_good() {
         (StatusCode::UNAUTHORIZED, "token_expired"),
         "{m}"
     );
+    running.shutdown().await;
+}
+
+/// Enrolls a node straight into the store and the fleet (no agent: it never connects).
+fn enroll(coord: &zy_coordinator::Coordinator, name: &str) -> zy_common::NodeId {
+    use zy_common::ids::TokenId;
+    use zy_coordinator::store::{Admin, NodeRecord, TokenRecord};
+    let now = zy_common::time::now_millis();
+    let token = TokenId::new_random();
+    let secret = zy_common::token::SecretHash([7; 32]);
+    coord
+        .store
+        .insert_token(&TokenRecord {
+            id: token,
+            secret_hash: secret,
+            zone: zy_common::Zone::Intranet,
+            created_at_ms: now,
+            expires_at_ms: now + 3_600_000,
+            revoked_at_ms: None,
+            used: None,
+            created_by: token,
+        })
+        .unwrap();
+    let rec = NodeRecord {
+        id: zy_common::NodeId::new_random(),
+        name: name.into(),
+        zone: zy_common::Zone::Intranet,
+        state: zy_coordinator::fleet::membership::NodeState::Enrolled,
+        state_since_ms: now,
+        enrolled_at_ms: now,
+        token,
+        last_seen_ms: 0,
+        inventory: None,
+        cert: None,
+        admin: Admin::Active,
+        admin_since_ms: 0,
+    };
+    let rec = coord.store.enroll(token, secret, rec, now).unwrap();
+    let id = rec.id;
+    coord.fleet.insert_enrolled(rec, std::time::Instant::now());
+    id
+}
+
+async fn node(c: &Client, name: &str) -> zy_api::NodeView {
+    c.call(Method::GET, &format!("/v1/nodes/{name}"), None)
+        .await
+        .unwrap()
+}
+
+/// Drain, undrain, standby and wake of unknown nodes, of nodes in the wrong state, without a
+/// power driver; consolidations asked with absurd bounds: each a clear error, nothing changed.
+/// A drain of an empty node ends in maintenance, recorded in the node's history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_administration_refuses_what_does_not_apply_and_records_what_does() {
+    let (_dir, running, c, _token) = start().await;
+    enroll(&running.coord, "n1");
+    for action in ["drain", "undrain", "standby", "wake"] {
+        let e = c
+            .call::<serde_json::Value>(Method::POST, &format!("/v1/nodes/nope/{action}"), None)
+            .await
+            .unwrap_err();
+        let (status, _, msg) = api_err(e);
+        assert_eq!(status, StatusCode::NOT_FOUND, "{action}");
+        assert!(msg.contains("no node"), "{action}: {msg}");
+    }
+    // No [power]: standby is refused with how to configure it; the node stays active.
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/n1/standby", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::CONFLICT, "power_not_configured")
+    );
+    assert!(msg.contains("[power]") && msg.contains("ipmitool"), "{msg}");
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/n1/wake", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("not on standby"), "{msg}");
+    assert_eq!(node(&c, "n1").await.admin, "active");
+
+    // An empty node drains at once into maintenance.
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/n1/drain", None)
+        .await
+        .unwrap();
+    assert!(
+        ["draining", "maintenance"].contains(&v.admin.as_str()),
+        "{}",
+        v.admin
+    );
+    let mut admin = v.admin;
+    for _ in 0..50 {
+        if admin == "maintenance" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        admin = node(&c, "n1").await.admin;
+    }
+    assert_eq!(admin, "maintenance");
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/n1/undrain", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "active");
+    let d: zy_api::NodeDetail = c.call(Method::GET, "/v1/nodes/n1", None).await.unwrap();
+    let changes: Vec<String> = d
+        .admin_transitions
+        .iter()
+        .map(|t| format!("{}>{}", t.from, t.to))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "active>draining",
+            "draining>maintenance",
+            "maintenance>active"
+        ]
+    );
+
+    // Consolidation: absurd bounds refused, a plan shown otherwise.
+    for q in [
+        "max_moves=0",
+        "max_moves=1000000",
+        "min_gain=5",
+        "min_gain=-1",
+    ] {
+        let e = c
+            .call::<serde_json::Value>(Method::GET, &format!("/v1/plan/consolidate?{q}"), None)
+            .await
+            .unwrap_err();
+        assert_eq!(api_err(e).0, StatusCode::BAD_REQUEST, "{q}");
+    }
+    let e = c
+        .call::<serde_json::Value>(
+            Method::POST,
+            "/v1/plan/consolidate",
+            Some(serde_json::json!({"max_moves": 0})),
+        )
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("max_moves is 0"), "{msg}");
+    let p: zy_api::ConsolidationView = c
+        .call(Method::GET, "/v1/plan/consolidate?max_moves=3", None)
+        .await
+        .unwrap();
+    assert!(p.steps.is_empty() && p.run.is_none(), "{p:?}");
+    running.shutdown().await;
+}
+
+/// The power driver: a command that fails or hangs past its limit is a clear error and
+/// changes nothing; one that succeeds marks the node, and a standby node's silence raises
+/// nothing; wake brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn power_commands_that_fail_or_hang_change_nothing() {
+    let script = "case {name} in fail) echo BMC unreachable >&2; exit 4;; hang) sleep 60;; esac";
+    let config = CoordinatorConfig {
+        power: Some(zy_coordinator::config::PowerConfig {
+            standby: vec!["sh".into(), "-c".into(), script.into()],
+            wake: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: std::time::Duration::from_secs(1),
+        }),
+        ..CoordinatorConfig::default()
+    };
+    let (_dir, running, c, _token) = start_with(config).await;
+    for n in ["fail", "hang", "ok"] {
+        enroll(&running.coord, n);
+    }
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/fail/standby", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::BAD_GATEWAY, "power_failed")
+    );
+    assert!(
+        msg.contains("BMC unreachable") && msg.contains("stays active"),
+        "{msg}"
+    );
+    assert_eq!(node(&c, "fail").await.admin, "active");
+    let t0 = std::time::Instant::now();
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/hang/standby", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(msg.contains("did not finish within 1s"), "{msg}");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(node(&c, "hang").await.admin, "active");
+
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/ok/standby", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "standby");
+    // Drain and undrain do not apply to a standby node; wake does.
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/ok/drain", None)
+        .await
+        .unwrap_err();
+    assert!(api_err(e).2.contains("wake it first"));
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/ok/wake", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "active");
+    running.shutdown().await;
+}
+
+/// Connects an enrolled node with a fake session (nothing answers its commands) and an
+/// inventory of `memory_mib`: it is Ready to the packer. Keep what it returns alive.
+fn connect(
+    coord: &zy_coordinator::Coordinator,
+    id: zy_common::NodeId,
+    memory_mib: u64,
+) -> (
+    tokio::sync::mpsc::Receiver<zy_common::proto::Message>,
+    tokio::sync::watch::Receiver<Option<zy_coordinator::fleet::Kick>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let (s, kick) = zy_coordinator::fleet::Session::new(
+        coord.fleet.next_session_id(),
+        "127.0.0.1:1".parse().unwrap(),
+        tx,
+    );
+    let inv = zy_common::proto::Inventory {
+        hostname: "h".into(),
+        cpus: 4,
+        cpu_model: "c".into(),
+        memory_bytes: memory_mib << 20,
+        disk_total_bytes: 100 << 30,
+        disk_free_bytes: 100 << 30,
+        kvm_usable: false,
+        accel: zy_common::proto::Accel::Tcg,
+        zone: zy_common::Zone::Intranet,
+        agent_version: "0".into(),
+        kernel: "k".into(),
+    };
+    let now = zy_common::time::now_millis();
+    coord
+        .fleet
+        .attach(id, s, inv, std::time::Instant::now(), now)
+        .unwrap();
+    coord.fleet.tick(std::time::Instant::now(), now);
+    (rx, kick)
+}
+
+/// Records a VM placed on `node`, running or stopped as its node last said.
+async fn place_vm(
+    coord: &zy_coordinator::Coordinator,
+    name: &str,
+    node: zy_common::NodeId,
+    memory_mib: u64,
+    running: bool,
+) {
+    use zy_common::vm::{Generation, VmState};
+    use zy_coordinator::store::{Observed, VmRec};
+    let rec = VmRec {
+        id: zy_common::VmId::new_random(),
+        name: name.into(),
+        zone: zy_common::Zone::Intranet,
+        vcpus: 1,
+        memory_mib,
+        disk_gib: 1,
+        image: "i".into(),
+        boot: zy_common::image::ImageKind::Kernel {
+            kernel: zy_common::blob::BlobHash([0; 32]),
+            initrd: None,
+            cmdline: String::new(),
+        },
+        node: Some(node),
+        desired: if running {
+            zy_api::VmDesired::Running
+        } else {
+            zy_api::VmDesired::Stopped
+        },
+        generation: Generation(1),
+        observed: Some(Observed {
+            state: if running {
+                VmState::Running
+            } else {
+                VmState::Stopped
+            },
+            pid: None,
+            intent: Generation(1),
+            generation: Generation(1),
+            at_ms: 0,
+        }),
+        mac: [0x52, 0x54, 0, 1, 2, memory_mib as u8],
+        ip: std::net::Ipv4Addr::new(10, 220, 0, 9),
+        created_at_ms: 0,
+        rev: 1,
+        ssh_keys: vec![],
+        user_data: None,
+        anti_affinity: None,
+        migrating_to: None,
+        moved_at_ms: None,
+    };
+    coord
+        .vms
+        .write(|_| {
+            let mut b = zy_coordinator::vms::Batch::default();
+            b.put(None, rec.clone());
+            Ok((b, ()))
+        })
+        .await
+        .unwrap();
+}
+
+/// A node with VMs does not stand by; a drain whose VMs could go nowhere is refused and
+/// changes nothing; a stopped VM does not stop a drain from being asked, but holds it back
+/// with a note saying it cannot move live, and is left where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_that_cannot_end_are_refused_and_stopped_vms_hold_a_drain_back() {
+    let config = CoordinatorConfig {
+        power: Some(zy_coordinator::config::PowerConfig {
+            standby: vec!["true".into()],
+            wake: vec!["true".into()],
+            timeout: std::time::Duration::from_secs(5),
+        }),
+        ..CoordinatorConfig::default()
+    };
+    let (_dir, running, c, _token) = start_with(config).await;
+    let coord = &running.coord;
+    let big = enroll(coord, "big");
+    let small = enroll(coord, "small");
+    let _a = connect(coord, big, 16_384);
+    let _b = connect(coord, small, 2_048);
+    place_vm(coord, "huge", big, 8_192, true).await;
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/big/standby", None)
+        .await
+        .unwrap_err();
+    let (status, _, msg) = api_err(e);
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(msg.contains("holds 1 VM(s) (huge)"), "{msg}");
+    let e = c
+        .call::<serde_json::Value>(Method::POST, "/v1/nodes/big/drain", None)
+        .await
+        .unwrap_err();
+    let (status, code, msg) = api_err(e);
+    assert_eq!((status, code.as_str()), (StatusCode::CONFLICT, "no_room"));
+    assert!(
+        msg.contains("cannot be drained") && msg.contains("VM huge") && msg.contains("memory"),
+        "{msg}"
+    );
+    assert_eq!(node(&c, "big").await.admin, "active");
+
+    // A stopped VM: the drain is taken, and held back with a note naming it.
+    place_vm(coord, "sleepy", small, 256, false).await;
+    let v: zy_api::NodeView = c
+        .call(Method::POST, "/v1/nodes/small/drain", None)
+        .await
+        .unwrap();
+    assert_eq!(v.admin, "draining");
+    let mut note = None;
+    for _ in 0..50 {
+        note = node(&c, "small").await.admin_note;
+        if note.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let note = note.expect("a note");
+    assert!(
+        note.contains("sleepy (stopped)") && note.contains("only running VMs migrate"),
+        "{note}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(node(&c, "small").await.admin, "draining");
+    let v: zy_api::VmView = c.call(Method::GET, "/v1/vms/sleepy", None).await.unwrap();
+    assert_eq!(v.node.as_deref(), Some("small"));
     running.shutdown().await;
 }

@@ -15,6 +15,7 @@ mod events;
 mod images;
 mod nodes;
 mod ops;
+mod plan;
 mod tokens;
 mod vms;
 
@@ -23,6 +24,7 @@ pub use events::*;
 pub use images::*;
 pub use nodes::*;
 pub use ops::*;
+pub use plan::*;
 pub use tokens::*;
 pub use vms::*;
 

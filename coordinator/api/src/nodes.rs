@@ -28,6 +28,20 @@ pub struct NodeView {
     /// The certificate the node holds, as the coordinator last knew it.
     #[serde(default)]
     pub cert: Option<crate::NodeCertView>,
+    /// What ops asked of it: active, draining, maintenance or standby. A standby node's
+    /// silence is expected (its `state` stays as it was when it went down).
+    #[serde(default = "active")]
+    pub admin: String,
+    /// Since when (ms since the epoch; 0: since enrollment).
+    #[serde(default)]
+    pub admin_since_ms: u64,
+    /// What holds its drain back, or what its power driver last said, if anything.
+    #[serde(default)]
+    pub admin_note: Option<String>,
+}
+
+fn active() -> String {
+    "active".into()
 }
 
 /// `GET /v1/nodes/{node}`: a node and its recent membership history.
@@ -36,6 +50,9 @@ pub struct NodeDetail {
     #[serde(flatten)]
     pub node: NodeView,
     pub transitions: Vec<TransitionView>,
+    /// Its recent changes of administrative state (drain, maintenance, standby, wake).
+    #[serde(default)]
+    pub admin_transitions: Vec<TransitionView>,
 }
 
 /// One membership change.

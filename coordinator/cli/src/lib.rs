@@ -115,10 +115,35 @@ pub enum Command {
     /// Operations: the durable record of every change of a VM, with its steps.
     #[command(subcommand)]
     Op(OpCmd),
+    /// Plans for the pool: consolidation.
+    #[command(subcommand)]
+    Plan(PlanCmd),
     /// Follow the site's events (node membership, VM states) live, until interrupted.
     Events(JsonFlag),
     /// Is the coordinator up, and which version is it?
     Status(JsonFlag),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCmd {
+    /// Show (or with --apply carry out) a bounded plan that relieves hot nodes and empties
+    /// the least used ones onto the others, putting them on standby: live migrations that
+    /// keep every rule (N+1 included) at every step, no VM moved twice within an hour, the
+    /// zone's spare nodes kept awake. Defaults from the coordinator's [consolidation].
+    Consolidate {
+        /// Most migrations (1 to 1000).
+        #[arg(long, value_name = "N")]
+        max_moves: Option<u32>,
+        /// The least share of a node each move must win back (0.0 to 1.0).
+        #[arg(long, value_name = "G")]
+        min_gain: Option<f64>,
+        /// Carry the plan out, one migration at a time, printing each step as it is done.
+        #[arg(long)]
+        apply: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +365,37 @@ pub enum NodeCmd {
         #[command(flatten)]
         json: JsonFlag,
     },
+    /// Empty a node for service: it takes no VM from now on, its running VMs move off by
+    /// live migration one at a time, then it is in maintenance. Follows the drain, printing
+    /// each move, until then.
+    Drain {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        wait: WaitFlags,
+    },
+    /// Put a draining or maintained node back in service (a migration under way finishes).
+    Undrain {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Power an empty node down through the coordinator's power driver ([power]); it is
+    /// woken when its room is needed.
+    Standby {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
+    /// Power a standby node up through the power driver; it takes VMs once it reports.
+    Wake {
+        /// Node name or id.
+        node: String,
+        #[command(flatten)]
+        json: JsonFlag,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -548,6 +604,53 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
                 format!("{node}: round trip {:.2} ms\n", p.rtt_us as f64 / 1000.0)
             })
         }
+        Command::Node(NodeCmd::Drain { node, wait }) => {
+            let n: NodeView = c
+                .call(
+                    Method::POST,
+                    &format!("/v1/nodes/{}/drain", path_segment(&node)?),
+                    None,
+                )
+                .await?;
+            if wait.no_wait || wait.json {
+                return print(wait.json, &n, || {
+                    format!(
+                        "node {} is {}; follow it with `zy node show {}`\n",
+                        n.name, n.admin, n.name
+                    )
+                });
+            }
+            follow_drain(&c, n).await
+        }
+        Command::Node(NodeCmd::Undrain { node, json }) => {
+            admin_action(
+                &c,
+                "undrain",
+                &node,
+                json.json,
+                "in service: it takes VMs again",
+            )
+            .await
+        }
+        Command::Node(NodeCmd::Standby { node, json }) => {
+            admin_action(&c, "standby", &node, json.json, "powered down: on standby").await
+        }
+        Command::Node(NodeCmd::Wake { node, json }) => {
+            admin_action(
+                &c,
+                "wake",
+                &node,
+                json.json,
+                "powered up: it takes VMs once it reports",
+            )
+            .await
+        }
+        Command::Plan(PlanCmd::Consolidate {
+            max_moves,
+            min_gain,
+            apply,
+            json,
+        }) => consolidate(&c, max_moves, min_gain, apply, json).await,
         Command::Token(TokenCmd::Create { zone, ttl, json }) => {
             let body = serde_json::json!({"zone": zone, "ttl_secs": ttl.as_secs()});
             let t: CreatedToken = c.call(Method::POST, "/v1/tokens", Some(body)).await?;
@@ -871,6 +974,182 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+async fn admin_action(
+    c: &Client,
+    action: &str,
+    node: &str,
+    json: bool,
+    done: &str,
+) -> Result<(), CliError> {
+    let n: NodeView = c
+        .call(
+            Method::POST,
+            &format!("/v1/nodes/{}/{action}", path_segment(node)?),
+            None,
+        )
+        .await?;
+    print(json, &n, || {
+        format!("node {}: {done} ({})\n", n.name, n.admin)
+    })
+}
+
+/// Follows a drain until its node is in maintenance: each migration off it as it starts
+/// and ends, and what holds it back.
+async fn follow_drain(c: &Client, n: NodeView) -> Result<(), CliError> {
+    println!("node {} is {}", n.name, n.admin);
+    let mut seen: std::collections::HashMap<String, String> = Default::default();
+    let mut note = None;
+    let mut errors = 0;
+    // Drains of this node that ended before this one are not shown.
+    let before: Vec<OpView> = c.call(Method::GET, "/v1/ops", None).await?;
+    for o in before.iter().filter(|o| o.state != "running") {
+        seen.insert(o.id.to_string(), o.state.clone());
+    }
+    loop {
+        let node = match c
+            .call::<NodeView>(Method::GET, &format!("/v1/nodes/{}", n.id), None)
+            .await
+        {
+            Ok(v) => v,
+            Err(ClientError::Unreachable { .. }) if errors < 40 => {
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        errors = 0;
+        let ops: Vec<OpView> = c.call(Method::GET, "/v1/ops", None).await?;
+        for o in &ops {
+            let Some(m) = &o.migration else { continue };
+            if m.cause != "drain" || m.from != n.name {
+                continue;
+            }
+            let key = o.id.to_string();
+            if seen.get(&key) == Some(&o.state) {
+                continue;
+            }
+            match o.state.as_str() {
+                "running" => println!("  moving VM {} to {}", o.vm_name, m.to),
+                "succeeded" => println!(
+                    "  moved VM {} to {} (paused {} ms)",
+                    o.vm_name,
+                    m.to,
+                    m.downtime_ms.map(|d| d.to_string()).unwrap_or("?".into())
+                ),
+                _ => println!(
+                    "  moving VM {} to {} failed: {}",
+                    o.vm_name,
+                    m.to,
+                    o.reason.as_deref().unwrap_or("no reason given")
+                ),
+            }
+            seen.insert(key, o.state.clone());
+        }
+        if node.admin_note != note {
+            if let Some(t) = &node.admin_note {
+                println!("  {t}");
+            }
+            note = node.admin_note.clone();
+        }
+        match node.admin.as_str() {
+            "maintenance" => {
+                println!("node {} is drained: in maintenance", node.name);
+                return Ok(());
+            }
+            "draining" => {}
+            other => {
+                return Err(CliError {
+                    code: ExitCode::Conflict,
+                    message: format!(
+                        "node {} is {other} now: the drain was called off",
+                        node.name
+                    ),
+                })
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn consolidate(
+    c: &Client,
+    max_moves: Option<u32>,
+    min_gain: Option<f64>,
+    apply: bool,
+    json: bool,
+) -> Result<(), CliError> {
+    if !apply {
+        let mut q = Vec::new();
+        if let Some(m) = max_moves {
+            q.push(format!("max_moves={m}"));
+        }
+        if let Some(g) = min_gain {
+            q.push(format!("min_gain={g}"));
+        }
+        let path = if q.is_empty() {
+            "/v1/plan/consolidate".to_string()
+        } else {
+            format!("/v1/plan/consolidate?{}", q.join("&"))
+        };
+        let v: ConsolidationView = c.call(Method::GET, &path, None).await?;
+        return print(json, &v, || v.text.clone());
+    }
+    let body = serde_json::json!({ "max_moves": max_moves, "min_gain": min_gain });
+    let v: ConsolidationView = c
+        .call(Method::POST, "/v1/plan/consolidate", Some(body))
+        .await?;
+    if !json {
+        print!("{}", v.text);
+        println!("carrying it out:");
+    }
+    let mut shown = 0;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now: ConsolidationView = c.call(Method::GET, "/v1/plan/consolidate", None).await?;
+        let Some(run) = now.run else {
+            return Err(CliError {
+                code: ExitCode::Failure,
+                message: "the coordinator forgot the consolidation (it restarted?)".into(),
+            });
+        };
+        if !json {
+            for d in run.done.iter().skip(shown) {
+                println!("  done: {d}");
+            }
+        }
+        shown = run.done.len();
+        if run.running {
+            continue;
+        }
+        if json {
+            print(true, &run, String::new)?;
+        }
+        return match run.error {
+            None => {
+                if !json {
+                    println!("consolidation finished: {shown} step(s) done");
+                }
+                Ok(())
+            }
+            Some(e) => Err(CliError {
+                code: ExitCode::Failure,
+                message: format!("consolidation stopped after {shown} step(s): {e}"),
+            }),
+        };
+    }
+}
+
+/// A node's state as ops read it: what they asked of it first (a standby node is silent on
+/// purpose, not down), then its heartbeats.
+fn node_state(n: &NodeView) -> String {
+    match n.admin.as_str() {
+        "active" => n.state.clone(),
+        "standby" => "standby".into(),
+        a => format!("{a} ({})", n.state),
+    }
+}
+
 fn node_table(nodes: &[NodeView], now: u64) -> String {
     if nodes.is_empty() {
         return "no nodes enrolled yet: create a token with `zy token create --zone <zone>` and run `zy-agent join` on the server\n".into();
@@ -882,7 +1161,7 @@ fn node_table(nodes: &[NodeView], now: u64) -> String {
             vec![
                 n.name.clone(),
                 n.zone.to_string(),
-                n.state.clone(),
+                node_state(n),
                 inv.map(|i| i.cpus.to_string()).unwrap_or("-".into()),
                 inv.map(|i| human_bytes(i.memory_bytes))
                     .unwrap_or("-".into()),
@@ -937,6 +1216,18 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
         ago(n.last_seen_ms, now),
         n.remote.as_deref().map(|r| format!("yes, from {r}")).unwrap_or("no".into()),
     );
+    s.push_str(&format!(
+        "admin:       {}{}\n",
+        n.admin,
+        if n.admin_since_ms > 0 {
+            format!(" since {}", zy_common::time::rfc3339(n.admin_since_ms))
+        } else {
+            String::new()
+        }
+    ));
+    if let Some(t) = &n.admin_note {
+        s.push_str(&format!("note:        {t}\n"));
+    }
     if let Some(c) = &n.cert {
         s.push_str(&format!(
             "certificate: serial {}, valid until {} ({} days left)\n",
@@ -977,6 +1268,21 @@ fn node_detail(d: &NodeDetail, now: u64) -> String {
         s.push_str("\nmembership history:\n");
         let rows: Vec<Vec<String>> = d
             .transitions
+            .iter()
+            .map(|t| {
+                vec![
+                    t.at.clone(),
+                    format!("{} -> {}", t.from, t.to),
+                    t.reason.clone(),
+                ]
+            })
+            .collect();
+        s.push_str(&table(&["AT", "CHANGE", "REASON"], &rows));
+    }
+    if !d.admin_transitions.is_empty() {
+        s.push_str("\nadministration history:\n");
+        let rows: Vec<Vec<String>> = d
+            .admin_transitions
             .iter()
             .map(|t| {
                 vec![

@@ -41,6 +41,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/nodes/{node}"),
     ("delete", "/v1/nodes/{node}"),
     ("post", "/v1/nodes/{node}/ping"),
+    ("post", "/v1/nodes/{node}/drain"),
+    ("post", "/v1/nodes/{node}/undrain"),
+    ("post", "/v1/nodes/{node}/standby"),
+    ("post", "/v1/nodes/{node}/wake"),
+    ("get", "/v1/plan/consolidate"),
+    ("post", "/v1/plan/consolidate"),
     ("get", "/v1/tokens"),
     ("post", "/v1/tokens"),
     ("delete", "/v1/tokens/{id}"),
@@ -159,6 +165,11 @@ impl IntoResponse for ApiError {
 }
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// A node as the API shows it, with its administrative note.
+pub fn node_view(coord: &Coordinator, n: &crate::fleet::NodeLive) -> NodeView {
+    nodes::view(coord, n)
+}
 type Shared = State<Arc<Coordinator>>;
 
 /// The API's router.
@@ -170,6 +181,20 @@ pub fn router(coord: Arc<Coordinator>) -> Router {
             get(nodes::show_node).delete(nodes::remove_node),
         )
         .route("/v1/nodes/{node}/ping", post(nodes::ping_node))
+        .route("/v1/nodes/{node}/drain", post(crate::nodeadmin::drain_node))
+        .route(
+            "/v1/nodes/{node}/undrain",
+            post(crate::nodeadmin::undrain_node),
+        )
+        .route(
+            "/v1/nodes/{node}/standby",
+            post(crate::nodeadmin::standby_node),
+        )
+        .route("/v1/nodes/{node}/wake", post(crate::nodeadmin::wake_node))
+        .route(
+            "/v1/plan/consolidate",
+            get(crate::nodeadmin::consolidate::show).post(crate::nodeadmin::consolidate::apply),
+        )
         .route(
             "/v1/tokens",
             get(tokens::list_tokens).post(tokens::create_token),

@@ -14,7 +14,7 @@ use super::{ApiError, ApiResult, Shared};
 use crate::fleet::{Kick, NodeLive, Refused};
 use crate::Coordinator;
 
-pub(super) fn view(n: &NodeLive) -> NodeView {
+pub(super) fn view(coord: &Coordinator, n: &NodeLive) -> NodeView {
     NodeView {
         id: n.record.id,
         name: n.record.name.clone(),
@@ -35,6 +35,9 @@ pub(super) fn view(n: &NodeLive) -> NodeView {
             not_after: rfc3339(c.not_after_ms),
             not_after_ms: c.not_after_ms,
         }),
+        admin: n.record.admin.as_str().into(),
+        admin_since_ms: n.record.admin_since_ms,
+        admin_note: coord.nodeadmin.note_of(n.record.id),
     }
 }
 
@@ -48,7 +51,14 @@ pub(super) fn find(coord: &Coordinator, key: &str) -> Result<NodeLive, ApiError>
 }
 
 pub(super) async fn list_nodes(State(coord): Shared) -> ApiResult<Vec<NodeView>> {
-    Ok(Json(coord.fleet.snapshot().iter().map(view).collect()))
+    Ok(Json(
+        coord
+            .fleet
+            .snapshot()
+            .iter()
+            .map(|n| view(&coord, n))
+            .collect(),
+    ))
 }
 
 pub(super) async fn show_node(
@@ -58,11 +68,26 @@ pub(super) async fn show_node(
     let n = find(&coord, &key)?;
     let store = coord.store.clone();
     let id = n.record.id;
-    let transitions = tokio::task::spawn_blocking(move || store.transitions(id, 20))
-        .await
-        .map_err(ApiError::internal)??;
+    let (transitions, admin) = tokio::task::spawn_blocking(move || {
+        Ok::<_, crate::store::StoreError>((
+            store.transitions(id, 20)?,
+            store.admin_transitions(id, 20)?,
+        ))
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(NodeDetail {
-        node: view(&n),
+        node: view(&coord, &n),
+        admin_transitions: admin
+            .into_iter()
+            .map(|t| TransitionView {
+                from: t.from.as_str().into(),
+                to: t.to.as_str().into(),
+                at: rfc3339(t.at_ms),
+                at_ms: t.at_ms,
+                reason: t.reason,
+            })
+            .collect(),
         transitions: transitions
             .into_iter()
             .map(|t| TransitionView {

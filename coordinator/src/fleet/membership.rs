@@ -10,7 +10,8 @@
 //! ```
 //!
 //! This module does no I/O and reads no clock: callers pass the silence they measured.
-//! Draining and Standby (consolidation) will join as states that heartbeats do not leave.
+//! What ops ask of a node (drain, maintenance, standby) is a separate state that heartbeats
+//! never change ([`crate::store::Admin`], [`crate::nodeadmin`]); a standby node is not ticked.
 
 use std::time::Duration;
 

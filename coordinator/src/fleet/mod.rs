@@ -360,6 +360,11 @@ impl Fleet {
         let mut inner = lock(&self.inner);
         let Inner { nodes, pending, .. } = &mut *inner;
         for node in nodes.values_mut() {
+            // A node on standby was powered down on purpose: its silence is expected, and
+            // raises no Suspect or Down (it counts again from its wake).
+            if node.record.admin == crate::store::Admin::Standby {
+                continue;
+            }
             let silence = now.saturating_duration_since(node.last_report);
             if let Some(to) = node.record.state.on_silence(silence, &self.timings) {
                 let t = TransitionRecord {
@@ -418,6 +423,22 @@ impl Fleet {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Takes up a change of what ops asked of a node, made durable by the caller. A node
+    /// leaving Standby gets a full grace period from `now` before its silence counts: it
+    /// is booting.
+    pub fn set_admin(&self, id: NodeId, admin: crate::store::Admin, since_ms: u64, now: Instant) {
+        let mut inner = lock(&self.inner);
+        if let Some(n) = inner.nodes.get_mut(&id) {
+            if n.record.admin == crate::store::Admin::Standby
+                && admin != crate::store::Admin::Standby
+            {
+                n.last_report = now;
+            }
+            n.record.admin = admin;
+            n.record.admin_since_ms = since_ms;
         }
     }
 
@@ -591,6 +612,29 @@ mod tests {
         let ups = fleet.tick(t0 + t.down_after, 5);
         assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Ready);
         assert_eq!(fleet.find("n1").unwrap().load.unwrap().seq, 2);
+    }
+
+    #[test]
+    fn a_standby_nodes_silence_raises_nothing_and_counts_again_from_its_wake() {
+        let t0 = Instant::now();
+        let r = record("n1", Zone::Intranet);
+        let id = r.id;
+        let fleet = Fleet::new(vec![r], vec![], Timings::default(), t0);
+        let (s, _rx, _k) = session(&fleet);
+        fleet
+            .attach(id, s, inventory(Zone::Intranet), t0, 0)
+            .unwrap();
+        fleet.tick(t0, 0);
+        fleet.set_admin(id, crate::store::Admin::Standby, 1, t0);
+        let t = Timings::default();
+        let late = t0 + t.down_after * 10;
+        assert!(fleet.tick(late, 2).is_empty(), "no Suspect, no Down");
+        assert_eq!(fleet.find("n1").unwrap().record.state, NodeState::Ready);
+        // Woken: a full grace from the wake, then silence counts as usual.
+        fleet.set_admin(id, crate::store::Admin::Active, 3, late);
+        assert!(fleet.tick(late + t.suspect_after / 2, 4).is_empty());
+        let ups = fleet.tick(late + t.down_after, 5);
+        assert_eq!(ups[0].transition.as_ref().unwrap().to, NodeState::Down);
     }
 
     #[test]

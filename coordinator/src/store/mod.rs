@@ -50,6 +50,9 @@ const VMS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vms");
 /// Schema 1 only: read once, by the conversion to schema 2.
 const VM_DELETIONS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("vm_deletions");
 const OPS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("operations");
+/// Changes of nodes' administrative state ([`AdminTransition`]), keyed like `transitions`.
+/// A table added beside schema 4's: created empty at open, so an older file has none.
+const ADMIN_LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("admin_transitions");
 
 /// Finished operations kept for `zy op ls`; older ones are pruned.
 pub const FINISHED_OPS_KEPT: usize = 1000;
@@ -520,6 +523,16 @@ pub struct TransitionRecord {
     pub reason: String,
 }
 
+/// One change of what ops asked of a node ([`Admin`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdminTransition {
+    pub node: NodeId,
+    pub from: Admin,
+    pub to: Admin,
+    pub at_ms: u64,
+    pub reason: String,
+}
+
 /// A node-state update the fleet asks the store to make durable.
 #[derive(Clone, Debug)]
 pub struct NodeUpdate {
@@ -620,7 +633,7 @@ impl Store {
                 Some(_) => {}
             }
             seq = meta.get("transition_seq")?.map(|v| v.value()).unwrap_or(0);
-            for t in [NODES, REMOVED, TOKENS, API_TOKENS, TRANSITIONS] {
+            for t in [NODES, REMOVED, TOKENS, API_TOKENS, TRANSITIONS, ADMIN_LOG] {
                 txn.open_table(t)?;
             }
             txn.open_table(NAMES)?;
@@ -883,6 +896,76 @@ impl Store {
         }
         txn.commit()?;
         Ok(true)
+    }
+
+    /// Changes a node's administrative state if it is still `from`, and records the change,
+    /// in one transaction. Returns the record as it now is; `None` if the node is not
+    /// enrolled; the record unchanged if its state was no longer `from` (another change won).
+    pub fn set_admin(
+        &self,
+        id: NodeId,
+        from: Admin,
+        to: Admin,
+        at_ms: u64,
+        reason: &str,
+    ) -> Result<Option<NodeRecord>, StoreError> {
+        let txn = self.db.begin_write()?;
+        let rec = {
+            let mut nodes = txn.open_table(NODES)?;
+            let key = id.as_bytes().as_slice();
+            let Some(mut rec) = nodes
+                .get(key)?
+                .map(|v| decode::<NodeRecord>("nodes", key, v.value()))
+                .transpose()?
+            else {
+                return Ok(None);
+            };
+            if rec.admin != from {
+                return Ok(Some(rec));
+            }
+            rec.admin = to;
+            rec.admin_since_ms = at_ms;
+            nodes.insert(key, encode(&rec)?.as_slice())?;
+            let t = AdminTransition {
+                node: id,
+                from,
+                to,
+                at_ms,
+                reason: reason.to_string(),
+            };
+            let seq = self.transition_seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut tkey = Vec::with_capacity(24);
+            tkey.extend_from_slice(key);
+            tkey.extend_from_slice(&seq.to_be_bytes());
+            let mut log = txn.open_table(ADMIN_LOG)?;
+            log.insert(tkey.as_slice(), encode(&t)?.as_slice())?;
+            prune_transitions(&mut log, id)?;
+            txn.open_table(META)?.insert(
+                "transition_seq",
+                self.transition_seq.load(Ordering::Relaxed),
+            )?;
+            rec
+        };
+        txn.commit()?;
+        Ok(Some(rec))
+    }
+
+    /// The most recent administrative changes of a node, oldest first.
+    pub fn admin_transitions(
+        &self,
+        node: NodeId,
+        limit: usize,
+    ) -> Result<Vec<AdminTransition>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ADMIN_LOG)?;
+        let (lo, hi) = node_range(node);
+        let mut out = Vec::new();
+        for row in table.range(lo.as_slice()..hi.as_slice())?.rev().take(limit) {
+            let (k, v) = row?;
+            out.push(decode("admin_transitions", k.value(), v.value())?);
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// Revokes a bootstrap token. Returns the record as it now is, or `None` if unknown.
@@ -1665,6 +1748,58 @@ mod tests {
         ));
         assert_eq!(s.nodes().unwrap().len(), 1);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn admin_changes_are_compare_and_swap_recorded_and_survive_reopen() {
+        let (dir, s) = tmp();
+        let secret = Secret::new_random();
+        let t = token(Zone::Extranet, secret, u64::MAX);
+        s.insert_token(&t).unwrap();
+        let n = s.enroll(t.id, secret.hash(), node("x"), 1).unwrap();
+        assert_eq!(n.admin, Admin::Active);
+        let r = s
+            .set_admin(n.id, Admin::Active, Admin::Draining, 5, "drain asked")
+            .unwrap()
+            .unwrap();
+        assert_eq!((r.admin, r.admin_since_ms), (Admin::Draining, 5));
+        // A writer that read a stale state changes nothing and records nothing.
+        let r = s
+            .set_admin(n.id, Admin::Active, Admin::Standby, 6, "stale")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.admin, Admin::Draining);
+        s.set_admin(n.id, Admin::Draining, Admin::Maintenance, 7, "drained")
+            .unwrap();
+        // Heartbeats do not touch it.
+        s.apply(&[NodeUpdate {
+            node: n.id,
+            last_seen_ms: 8,
+            inventory: None,
+            transition: None,
+        }])
+        .unwrap();
+        drop(s);
+        let s = Store::open(&dir.join("zy.redb")).unwrap();
+        assert_eq!(s.nodes().unwrap()[0].admin, Admin::Maintenance);
+        let log: Vec<(Admin, Admin, String)> = s
+            .admin_transitions(n.id, 10)
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.from, t.to, t.reason))
+            .collect();
+        assert_eq!(
+            log,
+            [
+                (Admin::Active, Admin::Draining, "drain asked".to_string()),
+                (Admin::Draining, Admin::Maintenance, "drained".to_string())
+            ]
+        );
+        assert_eq!(
+            s.set_admin(NodeId::new_random(), Admin::Active, Admin::Draining, 9, "x")
+                .unwrap(),
+            None
+        );
     }
 
     #[test]

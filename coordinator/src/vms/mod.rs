@@ -172,7 +172,12 @@ pub(crate) fn node_caps(coord: &Coordinator) -> Vec<NodeCap> {
             id: n.record.id,
             name: n.record.name.clone(),
             zone: n.record.zone,
-            state: placement::packer_state(n.record.admin, n.record.state, n.session.is_some()),
+            // A node whose power command runs takes nothing meanwhile.
+            state: if coord.nodeadmin.is_powering(n.record.id) {
+                zy_packer::NodeState::Maintenance
+            } else {
+                placement::packer_state(n.record.admin, n.record.state, n.session.is_some())
+            },
             capacity: n
                 .record
                 .inventory
@@ -709,6 +714,7 @@ pub async fn create(
     let mac: [u8; 3] = rand::random();
     let id = VmId::new_random();
     let now = now_millis();
+    let mut wake = None;
     let accepted = write(&coord, |t| {
         if let Some(a) = replay(&coord, t, &key) {
             return Ok((Batch::default(), a));
@@ -729,18 +735,16 @@ pub async fn create(
             memory_mib: req.memory_mib,
             disk_gib,
         };
-        let node = placement::place(
-            policy,
-            &nodes,
-            placed,
-            id,
-            &Demand {
-                zone: req.zone,
-                need: model.cost(size),
-                group: req.anti_affinity.clone(),
-            },
-        )
-        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string()))?;
+        let demand = Demand {
+            zone: req.zone,
+            need: model.cost(size),
+            group: req.anti_affinity.clone(),
+        };
+        let node = placement::place(policy, &nodes, placed.clone(), id, &demand).map_err(|e| {
+            // Room a standby node would make: it is woken, and the create refused meanwhile.
+            wake = placement::wake_candidate(policy, &nodes, placed, id, &demand);
+            ApiError::new(StatusCode::CONFLICT, "no_room", e.to_string())
+        })?;
         let taken: Vec<Ipv4Addr> = t
             .vms
             .values()
@@ -793,7 +797,14 @@ pub async fn create(
         };
         Ok((b, a))
     })
-    .await?;
+    .await;
+    let accepted = match accepted {
+        Ok(a) => a,
+        Err(e) if e.code() == "no_room" => {
+            return Err(crate::nodeadmin::waking_for_room(&coord, wake, req.zone).unwrap_or(e))
+        }
+        Err(e) => return Err(e),
+    };
     info!(vm = %accepted.operation.vm, name = %accepted.operation.vm_name, op = %accepted.operation.id, "VM placed");
     Ok((StatusCode::ACCEPTED, Json(accepted)))
 }

@@ -219,6 +219,23 @@ pub fn check_move(
     }
 }
 
+/// The standby node whose waking would let VM `id` be placed under every rule (N+1
+/// included), if it fits on no awake node.
+pub fn wake_candidate(
+    policy: Policy,
+    nodes: &[NodeCap],
+    placed: impl IntoIterator<Item = Placed>,
+    id: VmId,
+    d: &Demand,
+) -> Option<NodeId> {
+    let (mut c, ids) = cluster(policy, nodes, placed);
+    let req = request(d.zone, &d.need, d.group.clone());
+    match zy_packer::consolidate::wake_for(&mut c, &(id, false), &req) {
+        zy_packer::consolidate::Wake::Node(i) => Some(ids[i]),
+        _ => None,
+    }
+}
+
 /// Picks a node for VM `id`.
 pub fn place(
     policy: Policy,
@@ -447,6 +464,31 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn a_standby_node_is_named_for_waking_only_when_its_room_is_needed() {
+        let a = node("a", Zone::Intranet, 4096);
+        let mut s = node("s", Zone::Intranet, 8192);
+        s.state = NodeState::Standby;
+        let nodes = vec![a.clone(), s.clone()];
+        // Fits on a: nothing to wake.
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &demand(1, 1024)),
+            None
+        );
+        // Only s is big enough: it is named, and nothing else changes.
+        let big = demand(1, 6000);
+        assert!(place(policy(), &nodes, [], VmId::new_random(), &big).is_err());
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &big),
+            Some(s.id)
+        );
+        // Too big for any node: nothing to wake.
+        assert_eq!(
+            wake_candidate(policy(), &nodes, [], VmId::new_random(), &demand(1, 60_000)),
+            None
+        );
     }
 
     #[test]
