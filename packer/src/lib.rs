@@ -439,8 +439,8 @@ pub struct Zhengyun {
     /// that the first VMs of one shape do not set the mix for all.
     pub prior: f64,
     /// For a batch known in advance (a static trace, a plan): per zone index, the share of
-    /// CPU and memory the whole batch will use, which is then the mix from the start.
-    pub batch_mix: Vec<Option<[f64; 2]>>,
+    /// each resource the whole batch will use, which is then the mix from the start.
+    pub batch_mix: Vec<Option<[f64; DIMS]>>,
 }
 
 impl Default for Zhengyun {
@@ -461,15 +461,21 @@ pub const BATCH_PRIOR: f64 = 0.1;
 const OPEN_PENALTY: f64 = 10.0;
 
 impl Zhengyun {
-    /// How far a CPU/memory use vector lies from the line of the zone's mix `s`.
-    fn stray_of(u: [f64; 2], s: [f64; 2]) -> f64 {
-        let norm = (s[0] * s[0] + s[1] * s[1]).sqrt();
+    /// How far a use vector (a share of each resource) lies from the line of the zone's
+    /// mix `s`: the part of it that is out of proportion, whichever resource it strands.
+    fn stray_of(u: [f64; DIMS], s: [f64; DIMS]) -> f64 {
+        let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt();
         if norm == 0.0 {
             return 0.0;
         }
-        let (a, b) = (s[0] / norm, s[1] / norm);
-        // The distance from u to its projection on (a, b).
-        (u[0] * b - u[1] * a).abs()
+        let along: f64 = (0..DIMS).map(|d| u[d] * s[d]).sum::<f64>() / norm;
+        (0..DIMS)
+            .map(|d| {
+                let off = u[d] - along * s[d] / norm;
+                off * off
+            })
+            .sum::<f64>()
+            .sqrt()
     }
 }
 
@@ -481,10 +487,9 @@ impl Scorer for Zhengyun {
         let u = c.after();
         if c.vms == 0 {
             // Opening a node: the biggest first (fewest nodes), measured against the
-            // zone's biggest in CPU and memory.
-            let size: f64 = [CPU, MEM]
-                .iter()
-                .map(|&d| {
+            // zone's biggest in every resource.
+            let size: f64 = (0..DIMS)
+                .map(|d| {
                     let m = c.zone_max.0[d];
                     if m == 0 {
                         0.0
@@ -493,13 +498,13 @@ impl Scorer for Zhengyun {
                     }
                 })
                 .sum::<f64>()
-                / 2.0;
+                / DIMS as f64;
             return -OPEN_PENALTY + size;
         }
         // The zone's mix: its use per resource, with a balanced prior.
-        let mix: [f64; 2] = match self.batch_mix.get(c.zone).copied().flatten() {
+        let mix: [f64; DIMS] = match self.batch_mix.get(c.zone).copied().flatten() {
             Some(m) => m,
-            None => [CPU, MEM].map(|d| {
+            None => std::array::from_fn(|d| {
                 let cap = c.zone_cap.0[d];
                 if cap == 0 {
                     0.0
@@ -508,7 +513,7 @@ impl Scorer for Zhengyun {
                 }
             }),
         };
-        let before: [f64; 2] = [CPU, MEM].map(|d| {
+        let before: [f64; DIMS] = std::array::from_fn(|d| {
             let cap = c.capacity.0[d];
             if cap == 0 {
                 0.0
@@ -516,9 +521,9 @@ impl Scorer for Zhengyun {
                 c.used.0[d] as f64 / cap as f64
             }
         });
-        let stray_after = Self::stray_of([u[CPU], u[MEM]], mix);
+        let stray_after = Self::stray_of(u, mix);
         let stray_before = Self::stray_of(before, mix);
-        let left = ((1.0 - u[CPU]) + (1.0 - u[MEM])) / 2.0 + (1.0 - u[DISK]) * 0.1;
+        let left = (0..DIMS).map(|d| 1.0 - u[d]).sum::<f64>() / DIMS as f64;
         let mut score = -(left + self.stranding * stray_after);
         if stray_after > self.stray && stray_after > stray_before {
             // Worse than opening a node: this would strand one resource of this node.
@@ -816,7 +821,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                         t.0[d] as f64 / z.ready_cap.0[d] as f64
                     }
                 };
-                Some([share(CPU) + BATCH_PRIOR, share(MEM) + BATCH_PRIOR])
+                Some(std::array::from_fn(|d| share(d) + BATCH_PRIOR))
             })
             .collect();
         Zhengyun {

@@ -382,3 +382,42 @@ fn a_batch_is_ordered_big_first_but_never_one_shape_before_another() {
     let cpu: Vec<usize> = order.iter().copied().filter(|&i| i < 20).collect();
     assert_eq!(cpu, (0..20).rev().collect::<Vec<_>>());
 }
+
+#[test]
+fn the_score_counts_disk_among_the_stranded_resources() {
+    // A balanced zone mix; a disk-heavy VM. Node a is fuller, but the VM would fill its
+    // disk with half its CPU and memory idle; on node b it evens b out.
+    let z = Zhengyun {
+        batch_mix: vec![Some([0.6, 0.6, 0.6])],
+        ..Zhengyun::default()
+    };
+    let cap = Res::new(100_000, 100_000, 1000);
+    let demand = Res::new(5_000, 5_000, 450);
+    let cand = |used: Res| Candidate {
+        node: 0,
+        pos: 0,
+        capacity: cap,
+        used,
+        demand,
+        vms: 3,
+        zone_max: cap,
+        zone_cap: cap,
+        zone_used: used,
+        zone: 0,
+    };
+    let a = cand(Res::new(50_000, 50_000, 500));
+    let b = cand(Res::new(50_000, 50_000, 100));
+    assert!(
+        z.score(&b) > z.score(&a),
+        "{} vs {}",
+        z.score(&b),
+        z.score(&a)
+    );
+    // Without the disk demand, the fuller node wins (best fit).
+    let (mut a2, mut b2) = (a, b);
+    a2.demand = Res::new(5_000, 5_000, 0);
+    b2.demand = a2.demand;
+    b2.used = Res::new(40_000, 40_000, 400);
+    a2.used = Res::new(50_000, 50_000, 500);
+    assert!(z.score(&a2) > z.score(&b2));
+}
