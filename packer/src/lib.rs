@@ -451,6 +451,13 @@ impl Candidate {
 pub trait Scorer {
     fn name(&self) -> &str;
     fn score(&self, c: &Candidate) -> f64;
+    /// Scores within this much of the best count as equal, and among them the packer takes
+    /// the node whose placement changes the fewest remembered N+1 evacuations (the cost of
+    /// the decision and of the next ones). 0 (the default): the best score alone decides,
+    /// as the other schedulers' scores do.
+    fn near_tie(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Zhengyun's own score (see the crate's documentation).
@@ -467,6 +474,11 @@ pub struct Zhengyun {
     /// For a batch known in advance (a static trace, a plan): per zone index, the share of
     /// each resource the whole batch will use, which is then the mix from the start.
     pub batch_mix: Vec<Option<[f64; DIMS]>>,
+    /// See [`Scorer::near_tie`]: nodes that score this close are equal, and the one that
+    /// disturbs the fewest remembered evacuations wins (a node many evacuations would use
+    /// is the zone's reserve: filling it is what makes N+1 checks slow, and what later
+    /// makes them fail).
+    pub near_tie: f64,
 }
 
 impl Default for Zhengyun {
@@ -476,12 +488,18 @@ impl Default for Zhengyun {
             stray: 0.2,
             prior: 0.1,
             batch_mix: Vec::new(),
+            near_tie: NEAR_TIE,
         }
     }
 }
 
 /// The balanced prior added to a batch's mix (see [`Zhengyun::prior`]).
 pub const BATCH_PRIOR: f64 = 0.1;
+
+/// Zhengyun's default [`Zhengyun::near_tie`].
+pub const NEAR_TIE: f64 = 0.05;
+/// At most this many near-equal nodes are weighed by their N+1 cost.
+const NEAR_TIE_NODES: usize = 16;
 
 /// What an empty node costs against a used one: more than any used node can score.
 const OPEN_PENALTY: f64 = 10.0;
@@ -508,6 +526,9 @@ impl Zhengyun {
 impl Scorer for Zhengyun {
     fn name(&self) -> &str {
         "zhengyun"
+    }
+    fn near_tie(&self) -> f64 {
+        self.near_tie
     }
     fn score(&self, c: &Candidate) -> f64 {
         let u = c.after();
@@ -1067,6 +1088,8 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             let need: [i64; DIMS] =
                 std::array::from_fn(|d| req.demand.0[d].min(i64::MAX as u64) as i64);
             let mut best: Option<(f64, usize, NodeIx)> = None;
+            let tie = scorer.near_tie();
+            let mut scored: Vec<(f64, usize, NodeIx)> = Vec::new();
             let zone = &self.zones[z];
             for (pos, &n) in zone.nodes.iter().enumerate() {
                 let room = zone.tree.get(pos);
@@ -1079,9 +1102,31 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                     }
                 }
                 let sc = scorer.score(&self.candidate(n, req, zone_max));
+                if tie > 0.0 {
+                    scored.push((sc, pos, n));
+                }
                 if best.is_none_or(|b| sc > b.0) {
                     best = Some((sc, pos, n));
                 }
+            }
+            if let (Some(b), true) = (best, tie > 0.0 && self.policy.n_plus_one) {
+                // Among the near-equal best, the one whose placement changes the fewest
+                // remembered evacuations (ties: score, then zone order).
+                let mut near: Vec<(f64, usize, NodeIx)> =
+                    scored.into_iter().filter(|c| c.0 >= b.0 - tie).collect();
+                near.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                near.truncate(NEAR_TIE_NODES);
+                let mut least: Option<(usize, (f64, usize, NodeIx))> = None;
+                for c in near {
+                    let cost = self.add_cost(c.2, &req.demand, group);
+                    if least.is_none_or(|l| cost < l.0) {
+                        least = Some((cost, c));
+                    }
+                    if cost <= 1 {
+                        break;
+                    }
+                }
+                best = least.map(|l| l.1);
             }
             if let Some((_, _, n)) = best {
                 match self.n_plus_one_breaks(key, n, req, group) {
@@ -1493,6 +1538,34 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         }
         a.insert(t);
         a.into_iter().collect()
+    }
+
+    /// How many remembered evacuations placing `demand` (of `group`) on t would change:
+    /// [`Cluster::affected_by_add`] without the change, counted.
+    fn add_cost(&self, t: NodeIx, demand: &Res, group: Option<usize>) -> usize {
+        let room = self.zones[self.nodes[t].zone].tree.get(self.nodes[t].pos);
+        let room: [i64; DIMS] =
+            std::array::from_fn(|d| room[d] - demand.0[d].min(i64::MAX as u64) as i64);
+        let mut count = 1;
+        for &f in &self.users[t] {
+            let sim = &self.sims[f];
+            let Ok(i) = sim.targets.binary_search(&t) else {
+                count += 1;
+                continue;
+            };
+            let load = &sim.loads[i];
+            let fits = (0..DIMS).all(|d| room[d] >= load.0[d].min(i64::MAX as u64) as i64);
+            let clash = group.is_some_and(|g| sim.host_groups.binary_search(&(t, g)).is_ok());
+            if !fits || clash {
+                count += 1;
+            }
+        }
+        if let Some(g) = group {
+            if let Some(set) = self.rack_users.get(&(g, self.nodes[t].rack)) {
+                count += set.len();
+            }
+        }
+        count
     }
 
     /// Room on t went down (a VM arrived, or t stopped taking VMs): t's own evacuation and

@@ -421,3 +421,32 @@ fn the_score_counts_disk_among_the_stranded_resources() {
     a2.used = Res::new(50_000, 50_000, 500);
     assert!(z.score(&a2) > z.score(&b2));
 }
+
+#[test]
+fn among_near_equal_nodes_the_one_fewest_evacuations_use_wins() {
+    let nodes: Vec<NodeSpec> = (0..4)
+        .map(|i| spec(&format!("n{i}"), "z", None, 8, 16384))
+        .collect();
+    let mut c = cluster(true, &nodes);
+    for i in 0..4u32 {
+        c.insert(i, &req("z", 2, 8192, None), i as usize).unwrap();
+    }
+    // Every evacuation but n0's lands on n0 (the first with room); n0's on n1.
+    assert_eq!(c.users[0].len(), 3);
+    let small = req("z", 1, 1024, None);
+    assert_eq!(c.add_cost(0, &small.demand, None), 4);
+    assert_eq!(c.add_cost(1, &small.demand, None), 2);
+    assert_eq!(c.add_cost(2, &small.demand, None), 1);
+    // Four equal scores: plain best score takes the first, n0; Zhengyun takes n2, which
+    // no evacuation uses.
+    let plain = Zhengyun {
+        near_tie: 0.0,
+        ..Zhengyun::default()
+    };
+    assert_eq!(
+        c.clone().place_with(10, &small, &plain, Selection::All),
+        Ok(0)
+    );
+    assert_eq!(c.place(10, &small), Ok(2));
+    assert!(c.full_n_plus_one().is_empty());
+}
