@@ -10,13 +10,15 @@
 //! cargo bench -p zy-packer --bench packing      # also run by scripts/bench.sh
 //! ```
 //!
-//! Time: the generators and the checker take seconds; the replays are the packer's own
-//! decisions. With the packer of 2026-12-02 (N+1 simulations dominate: decision p99 of
-//! 40-140 ms at 1,000 nodes) a 1,000-node static run takes 1-7 minutes per packer on a
-//! two-core machine and an online run about three times that, so the whole default bench
-//! takes hours, not the ten minutes it is meant to; select parts (`ZY_BENCH_PACK_NODES`,
-//! `_MIXES`, `_PACKERS`) until the packer is faster. The section of `docs/PERFORMANCE.md`
-//! is rewritten after every packer, marked unfinished until the run ends.
+//! Time: the generators and the checker take seconds; the replays are the packers' own
+//! decisions, all under N+1. Zhengyun decides in tens of microseconds at 1,000 nodes; the
+//! baselines, whose choices fill the nodes that N+1 evacuations rely on, re-simulate many
+//! evacuations per decision and take milliseconds (a 1,000-node replay of one of them takes
+//! up to a few minutes on a two-core machine, a 10,000-node one much longer), hence
+//! `ZY_BENCH_PACK_BIG`. Select parts with `ZY_BENCH_PACK_NODES`, `_MIXES`, `_PACKERS`; the
+//! section of `docs/PERFORMANCE.md` is rewritten after every packer, marked unfinished until
+//! the run ends, and keeps the tables of the fleet sizes a run does not measure (each table
+//! says when it was measured), so sizes can be run one at a time.
 //!
 //! | variable                  | default           | meaning                                     |
 //! |---------------------------|-------------------|---------------------------------------------|
@@ -65,6 +67,8 @@ const VARS: [&str; 8] = [
 ];
 
 struct Run {
+    /// When it ran (RFC 3339).
+    date: String,
     nodes: usize,
     mix: Mix,
     online: bool,
@@ -144,6 +148,7 @@ fn table(run: &Run) -> String {
             String::new()
         }
     );
+    let _ = writeln!(t, "Measured {}.\n", run.date);
     let _ = writeln!(
         t,
         "| packer | hosts | lower bound | over bound | stranded vCPU | stranded memory | rejected | rules broken | N+1 after departures | decision p50 | p99 |"
@@ -281,7 +286,12 @@ fn main() {
                     }
                     eprintln!("wrote {}", path.display());
                 }
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 let mut run = Run {
+                    date: rfc3339(now),
                     nodes: trace.nodes.len(),
                     mix,
                     online,
@@ -409,8 +419,22 @@ fn section(
         mixes.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
         big_packers.join(", ")
     );
+    // This run's tables, and those of other fleet sizes kept from the file (each dated),
+    // by fleet size.
+    let mut tables: Vec<(usize, String)> = kept_tables(sizes);
+    let kept = !tables.is_empty();
     for run in runs {
-        text.push_str(&table(run));
+        tables.push((run.nodes, table(run)));
+    }
+    tables.sort_by_key(|t| t.0);
+    if kept {
+        let _ = writeln!(
+            text,
+            "Tables of fleet sizes this run did not measure are kept from earlier runs of the bench (each says when it was measured).\n"
+        );
+    }
+    for (_, t) in tables {
+        text.push_str(&t);
     }
     if let Some(left) = unfinished {
         let _ = writeln!(text, "**Unfinished:** {left}\n");
@@ -420,6 +444,42 @@ fn section(
         let _ = writeln!(text, "{p}\n");
     }
     text
+}
+
+/// The tables of the section now in docs/PERFORMANCE.md whose fleet size is not in `sizes`
+/// (a run of some sizes keeps the others' tables): (nodes, the table's text).
+fn kept_tables(sizes: &[usize]) -> Vec<(usize, String)> {
+    let old = std::fs::read_to_string(performance_md()).unwrap_or_default();
+    let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
+        return Vec::new();
+    };
+    if e <= b {
+        return Vec::new();
+    }
+    let body = &old[b..e];
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut cur: Option<(usize, String)> = None;
+    for line in body.lines() {
+        let end = line.starts_with("### ") || line.starts_with("**Unfinished");
+        if line.starts_with("#### ") || end {
+            out.extend(cur.take());
+            if end {
+                continue;
+            }
+            let n = line[5..]
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.replace(',', "").parse::<usize>().ok());
+            cur = n.map(|n| (n, String::new()));
+        }
+        if let Some((_, t)) = cur.as_mut() {
+            t.push_str(line);
+            t.push('\n');
+        }
+    }
+    out.extend(cur);
+    out.retain(|(n, _)| !sizes.contains(n));
+    out
 }
 
 fn write_docs(text: &str) {

@@ -434,9 +434,10 @@ fn among_near_equal_nodes_the_one_fewest_evacuations_use_wins() {
     // Every evacuation but n0's lands on n0 (the first with room); n0's on n1.
     assert_eq!(c.users[0].len(), 3);
     let small = req("z", 1, 1024, None);
-    assert_eq!(c.add_cost(0, &small.demand, None), 4);
-    assert_eq!(c.add_cost(1, &small.demand, None), 2);
-    assert_eq!(c.add_cost(2, &small.demand, None), 1);
+    assert_eq!(c.add_cost(0, &small.demand, None, usize::MAX), 4);
+    assert_eq!(c.add_cost(0, &small.demand, None, 2), 2);
+    assert_eq!(c.add_cost(1, &small.demand, None, usize::MAX), 2);
+    assert_eq!(c.add_cost(2, &small.demand, None, usize::MAX), 1);
     // Four equal scores: plain best score takes the first, n0; Zhengyun takes n2, which
     // no evacuation uses.
     let plain = Zhengyun {
