@@ -17,7 +17,7 @@
 //! up to a few minutes on a two-core machine, a 10,000-node one much longer), hence
 //! `ZY_BENCH_PACK_BIG`. Select parts with `ZY_BENCH_PACK_NODES`, `_MIXES`, `_PACKERS`; the
 //! section of `docs/PERFORMANCE.md` is rewritten after every packer, marked unfinished until
-//! the run ends, and keeps the tables of the fleet sizes a run does not measure (each table
+//! the run ends, and keeps the tables of the fleet sizes, mixes and modes a run does not measure (each table
 //! says when it was measured), so sizes can be run one at a time.
 //!
 //! | variable                  | default           | meaning                                     |
@@ -340,7 +340,7 @@ fn main() {
                         // As it goes: a long run leaves what it measured so far.
                         let mut so_far: Vec<&Run> = runs.iter().collect();
                         so_far.push(&run);
-                        let text = section(&so_far, &sizes, &mixes, &big_packers, big, seed, started, &t_all, Some("the bench writes this section as it goes, and this run had not ended when it was written: the tables below are the runs it had finished (a table may lack its last packers)"));
+                        let text = section(&so_far, &sizes, &mixes, &modes, &big_packers, big, seed, started, &t_all, Some("the bench writes this section as it goes, and this run had not ended when it was written: the tables below are the runs it had finished (a table may lack its last packers)"));
                         write_docs(&text);
                     }
                 }
@@ -355,6 +355,7 @@ fn main() {
         &all,
         &sizes,
         &mixes,
+        &modes,
         &big_packers,
         big,
         seed,
@@ -380,6 +381,7 @@ fn section(
     runs: &[&Run],
     sizes: &[usize],
     mixes: &[Mix],
+    modes: &[bool],
     big_packers: &[String],
     big: usize,
     seed: u64,
@@ -429,7 +431,7 @@ fn section(
     );
     // This run's tables, and those of other fleet sizes kept from the file (each dated),
     // by fleet size.
-    let mut tables: Vec<(usize, String)> = kept_tables(sizes);
+    let mut tables: Vec<(usize, String)> = kept_tables(sizes, mixes, modes);
     let kept = !tables.is_empty();
     for run in runs {
         tables.push((run.nodes, table(run)));
@@ -454,9 +456,9 @@ fn section(
     text
 }
 
-/// The tables of the section now in docs/PERFORMANCE.md whose fleet size is not in `sizes`
-/// (a run of some sizes keeps the others' tables): (nodes, the table's text).
-fn kept_tables(sizes: &[usize]) -> Vec<(usize, String)> {
+/// The tables of the section now in docs/PERFORMANCE.md that this run does not measure
+/// (another fleet size, mix or mode): (nodes, the table's text).
+fn kept_tables(sizes: &[usize], mixes: &[Mix], modes: &[bool]) -> Vec<(usize, String)> {
     let old = std::fs::read_to_string(performance_md()).unwrap_or_default();
     let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
         return Vec::new();
@@ -467,6 +469,7 @@ fn kept_tables(sizes: &[usize]) -> Vec<(usize, String)> {
     let body = &old[b..e];
     let mut out: Vec<(usize, String)> = Vec::new();
     let mut cur: Option<(usize, String)> = None;
+    let mut measured: Vec<bool> = Vec::new();
     for line in body.lines() {
         let end = line.starts_with("### ") || line.starts_with("**Unfinished");
         if line.starts_with("#### ") || end {
@@ -474,11 +477,21 @@ fn kept_tables(sizes: &[usize]) -> Vec<(usize, String)> {
             if end {
                 continue;
             }
-            let n = line[5..]
-                .split_whitespace()
-                .next()
+            // "#### 1000 nodes, azure mix, static (..."
+            let words: Vec<&str> = line[5..].split_whitespace().collect();
+            let n = words
+                .first()
                 .and_then(|w| w.replace(',', "").parse::<usize>().ok());
+            let mix = words.get(2).and_then(|w| Mix::from_name(w));
+            let online = words.get(4).map(|w| w.trim_end_matches(',') == "online");
             cur = n.map(|n| (n, String::new()));
+            if let Some(n) = n {
+                measured.push(
+                    sizes.contains(&n)
+                        && mix.is_none_or(|m| mixes.contains(&m))
+                        && online.is_none_or(|o| modes.contains(&o)),
+                );
+            }
         }
         if let Some((_, t)) = cur.as_mut() {
             t.push_str(line);
@@ -486,8 +499,11 @@ fn kept_tables(sizes: &[usize]) -> Vec<(usize, String)> {
         }
     }
     out.extend(cur);
-    out.retain(|(n, _)| !sizes.contains(n));
-    out
+    out.into_iter()
+        .zip(measured)
+        .filter(|(_, m)| !m)
+        .map(|(t, _)| t)
+        .collect()
 }
 
 fn write_docs(text: &str) {

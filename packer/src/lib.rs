@@ -45,9 +45,19 @@
 //! Among the nodes that pass every rule: a node already in use before an empty one (keep
 //! empty nodes empty, so that they can stand by); among used nodes, the one left with the
 //! least room (best fit) and, weighed against it, the least *stranded* room: a node whose
-//! remaining CPU and memory are out of proportion (full in memory with idle CPUs, or the
-//! reverse) is penalised by that imbalance, so that the shapes that arrive later still find
-//! both. Ties go to the earlier node in the zone order, so decisions are deterministic.
+//! remaining vCPUs, memory and disk are out of proportion with the zone's mix (full in
+//! memory with idle CPUs, full in disk with both idle, or the reverse) is penalised by that
+//! imbalance, so that the shapes that arrive later still find all three; past a threshold
+//! ([`Zhengyun::stray`]: tighter for a batch known in advance, whose mix is exact) an empty
+//! node is opened instead. Scores within [`Zhengyun::near_tie`] of the best count as equal,
+//! and among those the node whose placement changes the fewest remembered N+1 evacuations
+//! wins: a node that many evacuations rely on is the zone's reserve, and filling it both
+//! costs re-simulating them and later makes N+1 refuse. Ties go to the earlier node in the
+//! zone order, so decisions are deterministic.
+//!
+//! When N+1 refuses the chosen node, every other node that passes the cheap rules is tried
+//! in score order before the request is refused (the evacuations that broke for earlier
+//! nodes are simulated first: in a full zone the same few break for most nodes).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -500,6 +510,17 @@ impl Default for Zhengyun {
 /// government mix where 0.5 held 87).
 pub const BATCH_STRAY: f64 = 0.2;
 
+/// A batch's [`Zhengyun::stray`] from its dispersion (the demand-weighted mean sine of the
+/// angle between its requests' shapes and its mix): a batch of shapes far from its mix
+/// (the adversarial CPU-heavy and memory-heavy blocks) balances a node only over several
+/// VMs, each of which strays on the way, so it may stray further before a node is opened.
+pub fn batch_stray(dispersion: f64) -> f64 {
+    BATCH_STRAY + (dispersion - DISPERSION_KNEE).max(0.0) * 0.5
+}
+
+/// The dispersion above which a batch's stray grows ([`batch_stray`]).
+pub const DISPERSION_KNEE: f64 = 0.5;
+
 /// The balanced prior added to a batch's mix (see [`Zhengyun::prior`]).
 pub const BATCH_PRIOR: f64 = 0.1;
 
@@ -878,9 +899,36 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 Some(std::array::from_fn(|d| share(d) + BATCH_PRIOR))
             })
             .collect();
+        // How far the batch's shapes lie from its mix: the demand-weighted mean sine of the
+        // angle between each request and its zone's mix line.
+        let (mut off, mut all) = (0.0f64, 0.0f64);
+        for r in reqs {
+            let Some(&z) = self.zone_ix.get(&r.zone) else {
+                continue;
+            };
+            let cap = &self.zones[z].ready_cap;
+            let v: [f64; DIMS] = std::array::from_fn(|d| {
+                if cap.0[d] == 0 {
+                    0.0
+                } else {
+                    r.demand.0[d] as f64 / cap.0[d] as f64
+                }
+            });
+            let m: [f64; DIMS] = std::array::from_fn(|d| {
+                if cap.0[d] == 0 {
+                    0.0
+                } else {
+                    total[z].0[d] as f64 / cap.0[d] as f64
+                }
+            });
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            off += Zhengyun::stray_of(v, m);
+            all += norm;
+        }
+        let dispersion = if all > 0.0 { off / all } else { 0.0 };
         Zhengyun {
             batch_mix,
-            stray: BATCH_STRAY,
+            stray: batch_stray(dispersion),
             ..Zhengyun::default()
         }
     }

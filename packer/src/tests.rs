@@ -451,3 +451,25 @@ fn among_near_equal_nodes_the_one_fewest_evacuations_use_wins() {
     assert_eq!(c.place(10, &small), Ok(2));
     assert!(c.full_n_plus_one().is_empty());
 }
+
+#[test]
+fn a_batch_of_shapes_far_from_its_mix_may_stray_further() {
+    let c = cluster(
+        true,
+        &[
+            spec("a", "z", None, 32, 262144),
+            spec("b", "z", None, 32, 262144),
+        ],
+    );
+    // Balanced: every request in the proportion of the node (4 vCPU per 8 GiB... of 32
+    // cores x4 and 256 GiB).
+    let balanced: Vec<Request> = (0..10).map(|_| req("z", 4, 8192, None)).collect();
+    assert_eq!(c.batch_scorer(&balanced).stray, BATCH_STRAY);
+    // CPU-heavy and memory-heavy halves (the adversarial mix).
+    let mut split: Vec<Request> = (0..5).map(|_| req("z", 32, 4096, None)).collect();
+    split.extend((0..5).map(|_| req("z", 2, 65536, None)));
+    let s = c.batch_scorer(&split).stray;
+    assert!(s > BATCH_STRAY, "{s}");
+    assert_eq!(batch_stray(DISPERSION_KNEE), BATCH_STRAY);
+    assert!((batch_stray(DISPERSION_KNEE + 0.2) - (BATCH_STRAY + 0.1)).abs() < 1e-12);
+}
