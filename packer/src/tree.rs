@@ -68,7 +68,6 @@ impl MaxTree {
         if (0..DIMS).any(|d| m[d] < need[d]) {
             return None;
         }
-        crate::DBG_LEAVES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if i >= self.size {
             let pos = i - self.size;
             return (pos < self.len && ok(pos)).then_some(pos);
