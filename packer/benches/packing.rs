@@ -10,13 +10,15 @@
 //! cargo bench -p zy-packer --bench packing      # also run by scripts/bench.sh
 //! ```
 //!
-//! Time: the generators and the checker take seconds; the replays are the packer's own
-//! decisions. With the packer of 2026-12-02 (N+1 simulations dominate: decision p99 of
-//! 40-140 ms at 1,000 nodes) a 1,000-node static run takes 1-7 minutes per packer on a
-//! two-core machine and an online run about three times that, so the whole default bench
-//! takes hours, not the ten minutes it is meant to; select parts (`ZY_BENCH_PACK_NODES`,
-//! `_MIXES`, `_PACKERS`) until the packer is faster. The section of `docs/PERFORMANCE.md`
-//! is rewritten after every packer, marked unfinished until the run ends.
+//! Time: the generators and the checker take seconds; the replays are the packers' own
+//! decisions, all under N+1. Zhengyun decides in tens of microseconds at 1,000 nodes; the
+//! baselines, whose choices fill the nodes that N+1 evacuations rely on, re-simulate many
+//! evacuations per decision and take milliseconds (a 1,000-node replay of one of them takes
+//! up to a few minutes on a two-core machine, a 10,000-node one much longer), hence
+//! `ZY_BENCH_PACK_BIG`. Select parts with `ZY_BENCH_PACK_NODES`, `_MIXES`, `_PACKERS`; the
+//! section of `docs/PERFORMANCE.md` is rewritten after every packer, marked unfinished until
+//! the run ends, and keeps the tables of the fleet sizes, mixes and modes a run does not measure (each table
+//! says when it was measured), so sizes can be run one at a time.
 //!
 //! | variable                  | default           | meaning                                     |
 //! |---------------------------|-------------------|---------------------------------------------|
@@ -39,6 +41,15 @@ use zy_packer::gen::{self, Mix};
 use zy_packer::metrics::{self, Report, STRANDED_FULL};
 use zy_packer::replay;
 use zy_packer::trace::Trace;
+
+/// The CPU time of this thread, in ns: what a decision costs the packer, without the
+/// time slices of other processes that a shared machine's wall clock would count.
+fn thread_cpu_ns() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000_000) + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
 
 fn env_list(name: &str) -> Option<Vec<String>> {
     std::env::var(name).ok().map(|v| {
@@ -65,6 +76,8 @@ const VARS: [&str; 8] = [
 ];
 
 struct Run {
+    /// When it ran (RFC 3339).
+    date: String,
     nodes: usize,
     mix: Mix,
     online: bool,
@@ -144,6 +157,7 @@ fn table(run: &Run) -> String {
             String::new()
         }
     );
+    let _ = writeln!(t, "Measured {}.\n", run.date);
     let _ = writeln!(
         t,
         "| packer | hosts | lower bound | over bound | stranded vCPU | stranded memory | rejected | rules broken | N+1 after departures | decision p50 | p99 |"
@@ -254,8 +268,7 @@ fn main() {
         None => !selection,
     };
 
-    let t0 = Instant::now();
-    let mut clock = move || t0.elapsed().as_nanos() as u64;
+    let mut clock = thread_cpu_ns;
     let mut runs = Vec::new();
     for &n in &sizes {
         for &online in &modes {
@@ -281,7 +294,12 @@ fn main() {
                     }
                     eprintln!("wrote {}", path.display());
                 }
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 let mut run = Run {
+                    date: rfc3339(now),
                     nodes: trace.nodes.len(),
                     mix,
                     online,
@@ -322,7 +340,7 @@ fn main() {
                         // As it goes: a long run leaves what it measured so far.
                         let mut so_far: Vec<&Run> = runs.iter().collect();
                         so_far.push(&run);
-                        let text = section(&so_far, &sizes, &mixes, &big_packers, big, seed, started, &t_all, Some("the bench writes this section as it goes, and this run had not ended when it was written: the tables below are the runs it had finished (a table may lack its last packers)"));
+                        let text = section(&so_far, &sizes, &mixes, &modes, &big_packers, big, seed, started, &t_all, Some("the bench writes this section as it goes, and this run had not ended when it was written: the tables below are the runs it had finished (a table may lack its last packers)"));
                         write_docs(&text);
                     }
                 }
@@ -337,6 +355,7 @@ fn main() {
         &all,
         &sizes,
         &mixes,
+        &modes,
         &big_packers,
         big,
         seed,
@@ -362,6 +381,7 @@ fn section(
     runs: &[&Run],
     sizes: &[usize],
     mixes: &[Mix],
+    modes: &[bool],
     big_packers: &[String],
     big: usize,
     seed: u64,
@@ -409,8 +429,22 @@ fn section(
         mixes.iter().map(|m| m.name()).collect::<Vec<_>>().join(", "),
         big_packers.join(", ")
     );
+    // This run's tables, and those of other fleet sizes kept from the file (each dated),
+    // by fleet size.
+    let mut tables: Vec<(usize, String)> = kept_tables(sizes, mixes, modes);
+    let kept = !tables.is_empty();
     for run in runs {
-        text.push_str(&table(run));
+        tables.push((run.nodes, table(run)));
+    }
+    tables.sort_by_key(|t| t.0);
+    if kept {
+        let _ = writeln!(
+            text,
+            "Tables of fleet sizes this run did not measure are kept from earlier runs of the bench (each says when it was measured).\n"
+        );
+    }
+    for (_, t) in tables {
+        text.push_str(&t);
     }
     if let Some(left) = unfinished {
         let _ = writeln!(text, "**Unfinished:** {left}\n");
@@ -420,6 +454,56 @@ fn section(
         let _ = writeln!(text, "{p}\n");
     }
     text
+}
+
+/// The tables of the section now in docs/PERFORMANCE.md that this run does not measure
+/// (another fleet size, mix or mode): (nodes, the table's text).
+fn kept_tables(sizes: &[usize], mixes: &[Mix], modes: &[bool]) -> Vec<(usize, String)> {
+    let old = std::fs::read_to_string(performance_md()).unwrap_or_default();
+    let (Some(b), Some(e)) = (old.find(BEGIN), old.find(END)) else {
+        return Vec::new();
+    };
+    if e <= b {
+        return Vec::new();
+    }
+    let body = &old[b..e];
+    let mut out: Vec<(usize, String)> = Vec::new();
+    let mut cur: Option<(usize, String)> = None;
+    let mut measured: Vec<bool> = Vec::new();
+    for line in body.lines() {
+        let end = line.starts_with("### ") || line.starts_with("**Unfinished");
+        if line.starts_with("#### ") || end {
+            out.extend(cur.take());
+            if end {
+                continue;
+            }
+            // "#### 1000 nodes, azure mix, static (..."
+            let words: Vec<&str> = line[5..].split_whitespace().collect();
+            let n = words
+                .first()
+                .and_then(|w| w.replace(',', "").parse::<usize>().ok());
+            let mix = words.get(2).and_then(|w| Mix::from_name(w));
+            let online = words.get(4).map(|w| w.trim_end_matches(',') == "online");
+            cur = n.map(|n| (n, String::new()));
+            if let Some(n) = n {
+                measured.push(
+                    sizes.contains(&n)
+                        && mix.is_none_or(|m| mixes.contains(&m))
+                        && online.is_none_or(|o| modes.contains(&o)),
+                );
+            }
+        }
+        if let Some((_, t)) = cur.as_mut() {
+            t.push_str(line);
+            t.push('\n');
+        }
+    }
+    out.extend(cur);
+    out.into_iter()
+        .zip(measured)
+        .filter(|(_, m)| !m)
+        .map(|(t, _)| t)
+        .collect()
 }
 
 fn write_docs(text: &str) {
@@ -434,15 +518,19 @@ fn method(runs: &[&Run]) -> Vec<String> {
     let gen_s: f64 = runs.iter().map(|r| r.gen_s).sum();
     vec![
         format!(
-            "**Traces** (`packer/src/gen.rs`, seeded, identical for every packer): the government mix (catalogue sizes 1 vCPU/1 GiB to 16 vCPU/64 GiB, small ones commonest, a third of services as anti-affinity pairs, three node models of 24/40/64 cores and 192/384/768 GiB, zones of 60 % and 40 % of the nodes, CPU overcommit 4); the Azure-style mix (demands as shares of one 40-core 320 GiB machine from 1/64 to 1/2, memory share ½, 1 or 2 times the CPU share, fractional vCPUs, no overcommit); the adversarial mix (CPU-heavy 16-32 vCPU with 4-8 GiB and memory-heavy 2-4 vCPU with 32-64 GiB VMs in alternating blocks, 32-core 256 GiB nodes, overcommit 4). Static traces are filled zone by zone until the lower bound of the demand reaches {:.0} % of the zone's nodes, so the fleet could hold everything; online traces start from such a population at time 0 with exponential lifetimes of mean {} and add arrivals at the rate that keeps it, up to the horizon {} (a pair arrives and leaves together; adversarial arrivals alternate shapes every {} time units). Generating them took {gen_s:.1} s in all.",
+            "**Traces** (`packer/src/gen.rs`, seeded, identical for every packer): the government mix (catalogue sizes 1 vCPU/1 GiB to 16 vCPU/64 GiB, small ones commonest, a third of services as anti-affinity pairs, three node models of 24/40/64 cores and 192/384/768 GiB, zones of 60 % and 40 % of the nodes, CPU overcommit 4); the Azure-style mix (demands as shares of one 40-core 320 GiB machine from 1/64 to 1/2, memory share ½, 1 or 2 times the CPU share, fractional vCPUs, no overcommit); the adversarial mix (CPU-heavy 16-32 vCPU with 4-8 GiB and memory-heavy 2-4 vCPU with 32-64 GiB VMs in alternating blocks, 32-core 256 GiB nodes, overcommit 4). Static traces are feasible by construction: each is the set of VMs of a *witness packing* (`gen::generate_with_witness`): every node of a zone filled with draws of its mix until {} draws in a row no longer fit under {:.0} % of its capacity after overcommit in every resource (the binding resource ends near {:.0} %; adversarial nodes get both shapes), a pair's second member on the next node, a tenth of each zone's nodes (2 to {}) filled only to {:.0} % as the room N+1 evacuations of large VMs need, and the whole checked against every hard rule with N+1 recomputed by its definition (a node that fails drops its largest service until none fails). So the fleet holds every static request with every rule kept: a rejection in a static table is a request the fleet could hold. The requests are the witness's VMs shuffled (adversarial: alternating blocks of one shape, half the zone's node count each); the lower bound of that demand is below the witness's host count because it ignores shapes, N+1 and the spare nodes. Online traces start from such a population at time 0 with exponential lifetimes of mean {} and add arrivals at the rate that keeps it, up to the horizon {} (a pair arrives and leaves together; adversarial arrivals alternate shapes every {} time units; arrivals are drawn, not witnessed). Generating them took {gen_s:.1} s in all.",
+            gen::MISSES,
             gen::FILL * 100.0,
+            gen::FILL * 100.0,
+            gen::MAX_SPARES,
+            gen::SPARE_FILL * 100.0,
             gen::LIFETIME,
             gen::HORIZON,
             gen::BLOCK_TIME
         ),
-        "**Packers** (`packer/src/baselines.rs`, formulas cited there): every one runs through `Cluster::place_with`, so zone, state, capacity after overcommit, anti-affinity and N+1 (on) are the same hard rules for all; only the choice among the nodes that pass differs. zhengyun: its own score, static traces **reordered** by `static_order` (groups first, then larger first). ffd/bfd: first fit and vector best fit (least room left, the sum of the shares left), static traces sorted by decreasing size (the sum of shares of a mean node), online plain first/best fit. nomad: `ScoreFitBinPack` (20 − 10^freeCpu − 10^freeRam) over every node; nomad-sampled: the same over the first max(2, ⌈log2 n⌉) nodes of a seeded random order that pass every rule, as Nomad's limit iterator. k8s-least/k8s-most: `NodeResourcesFit` LeastAllocated/MostAllocated with CPU and memory weight 1 in Kubernetes' integer arithmetic, over every node (Kubernetes' percentageOfNodesToScore sampling is not modelled), ties to the earlier node where Kubernetes draws at random. Nomad and Kubernetes decide static traces in the trace's order.".to_string(),
+        "**Packers** (`packer/src/baselines.rs`, formulas cited there): every one runs through `Cluster::place_with`, so zone, state, capacity after overcommit, anti-affinity and N+1 (on) are the same hard rules for all; only the choice among the nodes that pass differs. zhengyun: its own score (best fit against stranding in vCPU, memory and disk from the zone's mix; among scores within 0.05 of the best, the node fewest remembered N+1 evacuations rely on), static traces **reordered** by `static_order` (larger first, shapes interleaved) and scored with the batch's own mix. ffd/bfd: first fit and vector best fit (least room left, the sum of the shares left), static traces sorted by decreasing size (the sum of shares of a mean node), online plain first/best fit. nomad: `ScoreFitBinPack` (20 − 10^freeCpu − 10^freeRam) over every node; nomad-sampled: the same over the first max(2, ⌈log2 n⌉) nodes of a seeded random order that pass every rule, as Nomad's limit iterator. k8s-least/k8s-most: `NodeResourcesFit` LeastAllocated/MostAllocated with CPU and memory weight 1 in Kubernetes' integer arithmetic, over every node (Kubernetes' percentageOfNodesToScore sampling is not modelled), ties to the earlier node where Kubernetes draws at random. Nomad and Kubernetes decide static traces in the trace's order.".to_string(),
         format!(
-            "**Figures** (`packer/src/metrics.rs`, from the trace and the replay's log alone, not from the packer's state). Lower bound per zone: per resource the fewest nodes whose capacities, biggest first, add up to the zone's demand, the largest over the resources, summed over zones (it ignores anti-affinity, N+1 and shapes, so 0 % is out of reach: with N+1 on, a zone needs room for its largest node's VMs on the others). Hosts: nodes holding a VM, at the end (static) or averaged over time from 0 to the horizon against the bound of the demand present at each moment, averaged the same way (online). Stranded: on each used node with vCPU or memory at least {:.0} % used, the room left in the other, as a share of the fleet's capacity in it (online: mean of 200 points). Rules broken: every placement is rechecked by its own code (zone, capacity after overcommit, anti-affinity), every request must be decided exactly once, and N+1 is recomputed from scratch by the issue's definition at the end (static) and at 10 points plus the end (online); N+1 failures found at a point right after a departure are shown apart (first fit is not monotone: a departure can break an evacuation that no placement rule could have protected). Decision: the time of one `place_with` call, placed or refused, by the bench's clock.",
+            "**Figures** (`packer/src/metrics.rs`, from the trace and the replay's log alone, not from the packer's state). Lower bound per zone: per resource the fewest nodes whose capacities, biggest first, add up to the zone's demand, the largest over the resources, summed over zones (it ignores anti-affinity, N+1 and shapes, so 0 % is out of reach: with N+1 on, a zone needs room for its largest node's VMs on the others). Hosts: nodes holding a VM, at the end (static) or averaged over time from 0 to the horizon against the bound of the demand present at each moment, averaged the same way (online). Stranded: on each used node with vCPU or memory at least {:.0} % used, the room left in the other, as a share of the fleet's capacity in it (online: mean of 200 points). Rules broken: every placement is rechecked by its own code (zone, capacity after overcommit, anti-affinity), every request must be decided exactly once, and N+1 is recomputed from scratch by the issue's definition at the end (static) and at 10 points plus the end (online); N+1 failures found at a point right after a departure are shown apart (first fit is not monotone: a departure can break an evacuation that no placement rule could have protected). Decision: the CPU time of the deciding thread during one `place_with` call, placed or refused (`CLOCK_THREAD_CPUTIME_ID`; the machine is shared with other builds, and its wall clock would count their time slices).",
             STRANDED_FULL * 100.0
         ),
     ]

@@ -45,13 +45,24 @@
 //! Among the nodes that pass every rule: a node already in use before an empty one (keep
 //! empty nodes empty, so that they can stand by); among used nodes, the one left with the
 //! least room (best fit) and, weighed against it, the least *stranded* room: a node whose
-//! remaining CPU and memory are out of proportion (full in memory with idle CPUs, or the
-//! reverse) is penalised by that imbalance, so that the shapes that arrive later still find
-//! both. Ties go to the earlier node in the zone order, so decisions are deterministic.
+//! remaining vCPUs, memory and disk are out of proportion with the zone's mix (full in
+//! memory with idle CPUs, full in disk with both idle, or the reverse) is penalised by that
+//! imbalance, so that the shapes that arrive later still find all three; past a threshold
+//! ([`Zhengyun::stray`]: tighter for a batch known in advance, whose mix is exact) an empty
+//! node is opened instead. Scores within [`Zhengyun::near_tie`] of the best count as equal,
+//! and among those the node whose placement changes the fewest remembered N+1 evacuations
+//! wins: a node that many evacuations rely on is the zone's reserve, and filling it both
+//! costs re-simulating them and later makes N+1 refuse. Ties go to the earlier node in the
+//! zone order, so decisions are deterministic.
+//!
+//! When N+1 refuses the chosen node, every other node that passes the cheap rules is tried
+//! in score order before the request is refused (the evacuations that broke for earlier
+//! nodes are simulated first: in a full zone the same few break for most nodes).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub mod baselines;
 pub mod consolidate;
@@ -62,6 +73,31 @@ pub mod trace;
 mod tree;
 
 use tree::MaxTree;
+
+/// A small deterministic hasher for the packer's integer keys (FxHash, as rustc uses):
+/// the per-member maps are touched on every step of every simulated evacuation, where
+/// SipHash cost a tenth of the time.
+#[derive(Clone, Copy, Debug, Default)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
 /// Resources, as the packer counts them.
 pub const DIMS: usize = 3;
@@ -429,6 +465,13 @@ impl Candidate {
 pub trait Scorer {
     fn name(&self) -> &str;
     fn score(&self, c: &Candidate) -> f64;
+    /// Scores within this much of the best count as equal, and among them the packer takes
+    /// the node whose placement changes the fewest remembered N+1 evacuations (the cost of
+    /// the decision and of the next ones). 0 (the default): the best score alone decides,
+    /// as the other schedulers' scores do.
+    fn near_tie(&self) -> f64 {
+        0.0
+    }
 }
 
 /// Zhengyun's own score (see the crate's documentation).
@@ -436,44 +479,79 @@ pub trait Scorer {
 pub struct Zhengyun {
     /// Weight of stranded room against plain remaining room.
     pub stranding: f64,
-    /// How far (0..1) a used node's CPU and memory use may stray from the zone's mix
-    /// before an empty node is opened instead.
+    /// How far a used node's use (its share of each resource) may stray from the line of
+    /// the zone's mix before an empty node is opened instead.
     pub stray: f64,
     /// The zone's mix is what its VMs use plus this share of its capacity, balanced, so
     /// that the first VMs of one shape do not set the mix for all.
     pub prior: f64,
     /// For a batch known in advance (a static trace, a plan): per zone index, the share of
-    /// CPU and memory the whole batch will use, which is then the mix from the start.
-    pub batch_mix: Vec<Option<[f64; 2]>>,
+    /// each resource the whole batch will use, which is then the mix from the start.
+    pub batch_mix: Vec<Option<[f64; DIMS]>>,
+    /// See [`Scorer::near_tie`]: nodes that score this close are equal, and the one that
+    /// disturbs the fewest remembered evacuations wins (a node many evacuations would use
+    /// is the zone's reserve: filling it is what makes N+1 checks slow, and what later
+    /// makes them fail).
+    pub near_tie: f64,
 }
 
 impl Default for Zhengyun {
     fn default() -> Self {
         Zhengyun {
             stranding: 1.0,
-            stray: 0.2,
+            stray: 0.5,
             prior: 0.1,
             batch_mix: Vec::new(),
+            near_tie: NEAR_TIE,
         }
     }
 }
 
+/// [`Zhengyun::stray`] for a batch known in advance: its mix is exact from the start, so a
+/// node that strays from it is opened against sooner. Online, where the mix is only
+/// estimated from what is placed, the default is looser: opening a node for a guessed
+/// mix keeps it powered long after (at 100 nodes online, 0.2 held 97 hosts on the
+/// government mix where 0.5 held 87).
+pub const BATCH_STRAY: f64 = 0.2;
+
+/// A batch's [`Zhengyun::stray`] from its dispersion (the demand-weighted mean sine of the
+/// angle between its requests' shapes and its mix): a batch of shapes far from its mix
+/// (the adversarial CPU-heavy and memory-heavy blocks) balances a node only over several
+/// VMs, each of which strays on the way, so it may stray further before a node is opened.
+pub fn batch_stray(dispersion: f64) -> f64 {
+    BATCH_STRAY + (dispersion - DISPERSION_KNEE).max(0.0) * 0.5
+}
+
+/// The dispersion above which a batch's stray grows ([`batch_stray`]).
+pub const DISPERSION_KNEE: f64 = 0.5;
+
 /// The balanced prior added to a batch's mix (see [`Zhengyun::prior`]).
 pub const BATCH_PRIOR: f64 = 0.1;
+
+/// Zhengyun's default [`Zhengyun::near_tie`].
+pub const NEAR_TIE: f64 = 0.05;
+/// At most this many near-equal nodes are weighed by their N+1 cost.
+const NEAR_TIE_NODES: usize = 16;
 
 /// What an empty node costs against a used one: more than any used node can score.
 const OPEN_PENALTY: f64 = 10.0;
 
 impl Zhengyun {
-    /// How far a CPU/memory use vector lies from the line of the zone's mix `s`.
-    fn stray_of(u: [f64; 2], s: [f64; 2]) -> f64 {
-        let norm = (s[0] * s[0] + s[1] * s[1]).sqrt();
+    /// How far a use vector (a share of each resource) lies from the line of the zone's
+    /// mix `s`: the part of it that is out of proportion, whichever resource it strands.
+    fn stray_of(u: [f64; DIMS], s: [f64; DIMS]) -> f64 {
+        let norm = s.iter().map(|x| x * x).sum::<f64>().sqrt();
         if norm == 0.0 {
             return 0.0;
         }
-        let (a, b) = (s[0] / norm, s[1] / norm);
-        // The distance from u to its projection on (a, b).
-        (u[0] * b - u[1] * a).abs()
+        let along: f64 = (0..DIMS).map(|d| u[d] * s[d]).sum::<f64>() / norm;
+        (0..DIMS)
+            .map(|d| {
+                let off = u[d] - along * s[d] / norm;
+                off * off
+            })
+            .sum::<f64>()
+            .sqrt()
     }
 }
 
@@ -481,14 +559,16 @@ impl Scorer for Zhengyun {
     fn name(&self) -> &str {
         "zhengyun"
     }
+    fn near_tie(&self) -> f64 {
+        self.near_tie
+    }
     fn score(&self, c: &Candidate) -> f64 {
         let u = c.after();
         if c.vms == 0 {
             // Opening a node: the biggest first (fewest nodes), measured against the
-            // zone's biggest in CPU and memory.
-            let size: f64 = [CPU, MEM]
-                .iter()
-                .map(|&d| {
+            // zone's biggest in every resource.
+            let size: f64 = (0..DIMS)
+                .map(|d| {
                     let m = c.zone_max.0[d];
                     if m == 0 {
                         0.0
@@ -497,13 +577,13 @@ impl Scorer for Zhengyun {
                     }
                 })
                 .sum::<f64>()
-                / 2.0;
+                / DIMS as f64;
             return -OPEN_PENALTY + size;
         }
         // The zone's mix: its use per resource, with a balanced prior.
-        let mix: [f64; 2] = match self.batch_mix.get(c.zone).copied().flatten() {
+        let mix: [f64; DIMS] = match self.batch_mix.get(c.zone).copied().flatten() {
             Some(m) => m,
-            None => [CPU, MEM].map(|d| {
+            None => std::array::from_fn(|d| {
                 let cap = c.zone_cap.0[d];
                 if cap == 0 {
                     0.0
@@ -512,7 +592,7 @@ impl Scorer for Zhengyun {
                 }
             }),
         };
-        let before: [f64; 2] = [CPU, MEM].map(|d| {
+        let before: [f64; DIMS] = std::array::from_fn(|d| {
             let cap = c.capacity.0[d];
             if cap == 0 {
                 0.0
@@ -520,9 +600,9 @@ impl Scorer for Zhengyun {
                 c.used.0[d] as f64 / cap as f64
             }
         });
-        let stray_after = Self::stray_of([u[CPU], u[MEM]], mix);
+        let stray_after = Self::stray_of(u, mix);
         let stray_before = Self::stray_of(before, mix);
-        let left = ((1.0 - u[CPU]) + (1.0 - u[MEM])) / 2.0 + (1.0 - u[DISK]) * 0.1;
+        let left = (0..DIMS).map(|d| 1.0 - u[d]).sum::<f64>() / DIMS as f64;
         let mut score = -(left + self.stranding * stray_after);
         if stray_after > self.stray && stray_after > stray_before {
             // Worse than opening a node: this would strand one resource of this node.
@@ -641,14 +721,14 @@ pub struct Cluster<K: Ord + Clone + fmt::Debug> {
     free: Vec<usize>,
     by_key: BTreeMap<K, usize>,
     /// (group, node) → members.
-    on_host: HashMap<(usize, NodeIx), u32>,
+    on_host: FastMap<(usize, NodeIx), u32>,
     /// (group, rack) → (members, members that asked for rack spread).
-    on_rack: HashMap<(usize, usize), (u32, u32)>,
+    on_rack: FastMap<(usize, usize), (u32, u32)>,
     sims: Vec<Sim>,
     /// node t → nodes whose evacuation moved something onto t.
     users: Vec<BTreeSet<NodeIx>>,
     /// (group, rack) → nodes whose evacuation moved a member of the group into the rack.
-    rack_users: HashMap<(usize, usize), BTreeSet<NodeIx>>,
+    rack_users: FastMap<(usize, usize), BTreeSet<NodeIx>>,
     /// The evacuations a successful N+1 check simulated for (VM, node): what inserting
     /// exactly that VM there next would simulate again. Cleared by every change.
     pending: Option<Pending<K>>,
@@ -669,11 +749,11 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             vms: Vec::new(),
             free: Vec::new(),
             by_key: BTreeMap::new(),
-            on_host: HashMap::new(),
-            on_rack: HashMap::new(),
+            on_host: FastMap::default(),
+            on_rack: FastMap::default(),
             sims: Vec::new(),
             users: Vec::new(),
-            rack_users: HashMap::new(),
+            rack_users: FastMap::default(),
             pending: None,
         }
     }
@@ -820,11 +900,39 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                         t.0[d] as f64 / z.ready_cap.0[d] as f64
                     }
                 };
-                Some([share(CPU) + BATCH_PRIOR, share(MEM) + BATCH_PRIOR])
+                Some(std::array::from_fn(|d| share(d) + BATCH_PRIOR))
             })
             .collect();
+        // How far the batch's shapes lie from its mix: the demand-weighted mean sine of the
+        // angle between each request and its zone's mix line.
+        let (mut off, mut all) = (0.0f64, 0.0f64);
+        for r in reqs {
+            let Some(&z) = self.zone_ix.get(&r.zone) else {
+                continue;
+            };
+            let cap = &self.zones[z].ready_cap;
+            let v: [f64; DIMS] = std::array::from_fn(|d| {
+                if cap.0[d] == 0 {
+                    0.0
+                } else {
+                    r.demand.0[d] as f64 / cap.0[d] as f64
+                }
+            });
+            let m: [f64; DIMS] = std::array::from_fn(|d| {
+                if cap.0[d] == 0 {
+                    0.0
+                } else {
+                    total[z].0[d] as f64 / cap.0[d] as f64
+                }
+            });
+            let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            off += Zhengyun::stray_of(v, m);
+            all += norm;
+        }
+        let dispersion = if all > 0.0 { off / all } else { 0.0 };
         Zhengyun {
             batch_mix,
+            stray: batch_stray(dispersion),
             ..Zhengyun::default()
         }
     }
@@ -1022,6 +1130,8 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             self.zones[z].ready_used,
         );
         let mut tried_n1: Vec<(NodeIx, NodeIx)> = Vec::new();
+        // The evacuations that broke so far, most recent first.
+        let mut breakers: Vec<NodeIx> = Vec::new();
         if let Selection::Sample { limit, seed } = sel {
             // Nomad's way: feasibility (here every hard rule, N+1 included) in random order
             // until `limit` nodes pass, then the best score among them.
@@ -1035,8 +1145,9 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 if self.why_not(n, req, group).is_some() {
                     continue;
                 }
-                if let Some(f) = self.n_plus_one_breaks(key, n, req, group) {
+                if let Some(f) = self.n_plus_one_breaks(key, n, req, group, &breakers) {
                     tried_n1.push((n, f));
+                    note_breaker(&mut breakers, f);
                     continue;
                 }
                 passed.push(n);
@@ -1059,6 +1170,8 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
             let need: [i64; DIMS] =
                 std::array::from_fn(|d| req.demand.0[d].min(i64::MAX as u64) as i64);
             let mut best: Option<(f64, usize, NodeIx)> = None;
+            let tie = scorer.near_tie();
+            let mut scored: Vec<(f64, usize, NodeIx)> = Vec::new();
             let zone = &self.zones[z];
             for (pos, &n) in zone.nodes.iter().enumerate() {
                 let room = zone.tree.get(pos);
@@ -1071,14 +1184,43 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                     }
                 }
                 let sc = scorer.score(&self.candidate(n, req, zone_max));
+                if tie > 0.0 {
+                    scored.push((sc, pos, n));
+                }
                 if best.is_none_or(|b| sc > b.0) {
                     best = Some((sc, pos, n));
                 }
             }
+            if let (Some(b), true) = (best, tie > 0.0 && self.policy.n_plus_one) {
+                // Among the near-equal best, the one whose placement changes the fewest
+                // remembered evacuations (ties: score, then zone order).
+                let mut near: Vec<(f64, usize, NodeIx)> =
+                    scored.into_iter().filter(|c| c.0 >= b.0 - tie).collect();
+                near.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                near.truncate(NEAR_TIE_NODES);
+                // Those fewest evacuations use first: the count of each stops at the least
+                // so far, so the search stays short when the best are the zone's reserve.
+                near.sort_by_key(|c| self.users[c.2].len());
+                let mut least: Option<(usize, (f64, usize, NodeIx))> = None;
+                for c in near {
+                    let limit = least.map_or(usize::MAX, |l| l.0);
+                    let cost = self.add_cost(c.2, &req.demand, group, limit);
+                    if least.is_none_or(|l| cost < l.0) {
+                        least = Some((cost, c));
+                    }
+                    if cost <= 1 {
+                        break;
+                    }
+                }
+                best = least.map(|l| l.1);
+            }
             if let Some((_, _, n)) = best {
-                match self.n_plus_one_breaks(key, n, req, group) {
+                match self.n_plus_one_breaks(key, n, req, group, &breakers) {
                     None => return Ok(n),
-                    Some(f) => tried_n1.push((n, f)),
+                    Some(f) => {
+                        tried_n1.push((n, f));
+                        note_breaker(&mut breakers, f);
+                    }
                 }
                 let mut cands: Vec<(f64, usize, NodeIx)> = Vec::new();
                 for &m in &self.zones[z].nodes {
@@ -1089,9 +1231,12 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
                 }
                 cands.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 for &(_, _, m) in &cands {
-                    match self.n_plus_one_breaks(key, m, req, group) {
+                    match self.n_plus_one_breaks(key, m, req, group, &breakers) {
                         None => return Ok(m),
-                        Some(f) => tried_n1.push((m, f)),
+                        Some(f) => {
+                            tried_n1.push((m, f));
+                            note_breaker(&mut breakers, f);
+                        }
                     }
                 }
             }
@@ -1269,20 +1414,29 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         self.zones[z].tree.set(pos, room);
     }
 
-    /// f's VMs in evacuation order (memory, vCPUs, disk descending; key ascending).
+    /// f's VMs in evacuation order (memory, vCPUs, disk descending; key ascending). The
+    /// node keeps them sorted by demand already: only runs of equal demand, ordered by
+    /// slot there, are sorted again by key.
     fn evac_order(&self, f: NodeIx) -> Vec<usize> {
-        let mut v: Vec<usize> = self.nodes[f].vms.iter().map(|e| e.3).collect();
-        v.sort_by(|&a, &b| {
-            let (va, vb) = (
-                self.vms[a].as_ref().expect("placed"),
-                self.vms[b].as_ref().expect("placed"),
-            );
-            Reverse(va.demand.0[MEM])
-                .cmp(&Reverse(vb.demand.0[MEM]))
-                .then(Reverse(va.demand.0[CPU]).cmp(&Reverse(vb.demand.0[CPU])))
-                .then(Reverse(va.demand.0[DISK]).cmp(&Reverse(vb.demand.0[DISK])))
-                .then(va.key.cmp(&vb.key))
-        });
+        let set = &self.nodes[f].vms;
+        let mut v: Vec<usize> = Vec::with_capacity(set.len());
+        let mut run_start = 0;
+        let mut last: Option<(Reverse<u64>, Reverse<u64>, Reverse<u64>)> = None;
+        let key = |i: usize| &self.vms[i].as_ref().expect("placed").key;
+        for e in set {
+            let d = (e.0, e.1, e.2);
+            if last != Some(d) {
+                if v.len() - run_start > 1 {
+                    v[run_start..].sort_by(|&a, &b| key(a).cmp(key(b)));
+                }
+                run_start = v.len();
+                last = Some(d);
+            }
+            v.push(e.3);
+        }
+        if v.len() - run_start > 1 {
+            v[run_start..].sort_by(|&a, &b| key(a).cmp(key(b)));
+        }
         v
     }
 
@@ -1478,6 +1632,38 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         a.into_iter().collect()
     }
 
+    /// How many remembered evacuations placing `demand` (of `group`) on t would change:
+    /// [`Cluster::affected_by_add`] without the change, counted (up to `limit`: the
+    /// count stops there).
+    fn add_cost(&self, t: NodeIx, demand: &Res, group: Option<usize>, limit: usize) -> usize {
+        let room = self.zones[self.nodes[t].zone].tree.get(self.nodes[t].pos);
+        let room: [i64; DIMS] =
+            std::array::from_fn(|d| room[d] - demand.0[d].min(i64::MAX as u64) as i64);
+        let mut count = 1;
+        for &f in &self.users[t] {
+            let sim = &self.sims[f];
+            let Ok(i) = sim.targets.binary_search(&t) else {
+                count += 1;
+                continue;
+            };
+            let load = &sim.loads[i];
+            let fits = (0..DIMS).all(|d| room[d] >= load.0[d].min(i64::MAX as u64) as i64);
+            let clash = group.is_some_and(|g| sim.host_groups.binary_search(&(t, g)).is_ok());
+            if !fits || clash {
+                count += 1;
+                if count >= limit {
+                    return count;
+                }
+            }
+        }
+        if let Some(g) = group {
+            if let Some(set) = self.rack_users.get(&(g, self.nodes[t].rack)) {
+                count += set.len();
+            }
+        }
+        count
+    }
+
     /// Room on t went down (a VM arrived, or t stopped taking VMs): t's own evacuation and
     /// the ones that used t.
     fn resim_after_add(&mut self, t: NodeIx, group: Option<usize>) {
@@ -1537,6 +1723,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         n: NodeIx,
         req: &Request,
         group: Option<usize>,
+        breakers: &[NodeIx],
     ) -> Option<NodeIx> {
         if !self.policy.n_plus_one || self.zones[self.nodes[n].zone].ready < 2 {
             return None;
@@ -1553,7 +1740,13 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         self.attach(ix);
         let mut broke = None;
         let mut sims = Vec::new();
-        for f in self.affected_by_add(n, group) {
+        let mut affected = self.affected_by_add(n, group);
+        if !breakers.is_empty() {
+            // The evacuations that broke for the other nodes of this decision first: in a
+            // full zone the same few break for most of them, and one simulation says no.
+            affected.sort_by_key(|f| !breakers.contains(f));
+        }
+        for f in affected {
             let was_ok = self.sims[f].ok || f == n;
             let sim = self.simulate(f);
             if was_ok && !sim.ok {
@@ -1587,9 +1780,16 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
     }
 }
 
+/// Remembers an evacuation that broke, most recent first, a few at most.
+fn note_breaker(breakers: &mut Vec<NodeIx>, f: NodeIx) {
+    breakers.retain(|&b| b != f);
+    breakers.insert(0, f);
+    breakers.truncate(4);
+}
+
 fn add_member(
-    on_host: &mut HashMap<(usize, NodeIx), u32>,
-    on_rack: &mut HashMap<(usize, usize), (u32, u32)>,
+    on_host: &mut FastMap<(usize, NodeIx), u32>,
+    on_rack: &mut FastMap<(usize, usize), (u32, u32)>,
     g: usize,
     node: NodeIx,
     rack: usize,

@@ -382,3 +382,94 @@ fn a_batch_is_ordered_big_first_but_never_one_shape_before_another() {
     let cpu: Vec<usize> = order.iter().copied().filter(|&i| i < 20).collect();
     assert_eq!(cpu, (0..20).rev().collect::<Vec<_>>());
 }
+
+#[test]
+fn the_score_counts_disk_among_the_stranded_resources() {
+    // A balanced zone mix; a disk-heavy VM. Node a is fuller, but the VM would fill its
+    // disk with half its CPU and memory idle; on node b it evens b out.
+    let z = Zhengyun {
+        batch_mix: vec![Some([0.6, 0.6, 0.6])],
+        ..Zhengyun::default()
+    };
+    let cap = Res::new(100_000, 100_000, 1000);
+    let demand = Res::new(5_000, 5_000, 450);
+    let cand = |used: Res| Candidate {
+        node: 0,
+        pos: 0,
+        capacity: cap,
+        used,
+        demand,
+        vms: 3,
+        zone_max: cap,
+        zone_cap: cap,
+        zone_used: used,
+        zone: 0,
+    };
+    let a = cand(Res::new(50_000, 50_000, 500));
+    let b = cand(Res::new(50_000, 50_000, 100));
+    assert!(
+        z.score(&b) > z.score(&a),
+        "{} vs {}",
+        z.score(&b),
+        z.score(&a)
+    );
+    // Without the disk demand, the fuller node wins (best fit).
+    let (mut a2, mut b2) = (a, b);
+    a2.demand = Res::new(5_000, 5_000, 0);
+    b2.demand = a2.demand;
+    b2.used = Res::new(40_000, 40_000, 400);
+    a2.used = Res::new(50_000, 50_000, 500);
+    assert!(z.score(&a2) > z.score(&b2));
+}
+
+#[test]
+fn among_near_equal_nodes_the_one_fewest_evacuations_use_wins() {
+    let nodes: Vec<NodeSpec> = (0..4)
+        .map(|i| spec(&format!("n{i}"), "z", None, 8, 16384))
+        .collect();
+    let mut c = cluster(true, &nodes);
+    for i in 0..4u32 {
+        c.insert(i, &req("z", 2, 8192, None), i as usize).unwrap();
+    }
+    // Every evacuation but n0's lands on n0 (the first with room); n0's on n1.
+    assert_eq!(c.users[0].len(), 3);
+    let small = req("z", 1, 1024, None);
+    assert_eq!(c.add_cost(0, &small.demand, None, usize::MAX), 4);
+    assert_eq!(c.add_cost(0, &small.demand, None, 2), 2);
+    assert_eq!(c.add_cost(1, &small.demand, None, usize::MAX), 2);
+    assert_eq!(c.add_cost(2, &small.demand, None, usize::MAX), 1);
+    // Four equal scores: plain best score takes the first, n0; Zhengyun takes n2, which
+    // no evacuation uses.
+    let plain = Zhengyun {
+        near_tie: 0.0,
+        ..Zhengyun::default()
+    };
+    assert_eq!(
+        c.clone().place_with(10, &small, &plain, Selection::All),
+        Ok(0)
+    );
+    assert_eq!(c.place(10, &small), Ok(2));
+    assert!(c.full_n_plus_one().is_empty());
+}
+
+#[test]
+fn a_batch_of_shapes_far_from_its_mix_may_stray_further() {
+    let c = cluster(
+        true,
+        &[
+            spec("a", "z", None, 32, 262144),
+            spec("b", "z", None, 32, 262144),
+        ],
+    );
+    // Balanced: every request in the proportion of the node (4 vCPU per 8 GiB... of 32
+    // cores x4 and 256 GiB).
+    let balanced: Vec<Request> = (0..10).map(|_| req("z", 4, 8192, None)).collect();
+    assert_eq!(c.batch_scorer(&balanced).stray, BATCH_STRAY);
+    // CPU-heavy and memory-heavy halves (the adversarial mix).
+    let mut split: Vec<Request> = (0..5).map(|_| req("z", 32, 4096, None)).collect();
+    split.extend((0..5).map(|_| req("z", 2, 65536, None)));
+    let s = c.batch_scorer(&split).stray;
+    assert!(s > BATCH_STRAY, "{s}");
+    assert_eq!(batch_stray(DISPERSION_KNEE), BATCH_STRAY);
+    assert!((batch_stray(DISPERSION_KNEE + 0.2) - (BATCH_STRAY + 0.1)).abs() < 1e-12);
+}
