@@ -1077,7 +1077,7 @@ impl<K: Ord + Clone + fmt::Debug> Cluster<K> {
         if let Some(w) = self.why_not(n, req, group) {
             return Err(w);
         }
-        match self.n_plus_one_breaks(key, n, req, group) {
+        match self.n_plus_one_breaks(key, n, req, group, &[]) {
             None => Ok(()),
             Some(failed) => Err(Why::NPlusOne { failed }),
         }
