@@ -1330,17 +1330,17 @@ async fn mutate(
 /// nothing): this only watches.
 /// One line of a migration's progress.
 fn progress_line(p: &zy_api::MigrationProgress) -> String {
-    let mut s = format!("{}:", p.phase);
+    let mut parts = Vec::new();
     if p.disk_total > 0 {
-        s.push_str(&format!(
-            " disks {}/{}",
+        parts.push(format!(
+            "disks {}/{}",
             human_bytes(p.disk_done),
             human_bytes(p.disk_total)
         ));
     }
     if p.memory_total > 0 {
-        s.push_str(&format!(
-            ", memory sent {} ({} left of {}), dirtied {}/s, expected pause {} ms",
+        parts.push(format!(
+            "memory sent {} ({} left of {}), dirtied {}/s, expected pause {} ms",
             human_bytes(p.memory_transferred),
             human_bytes(p.memory_remaining),
             human_bytes(p.memory_total),
@@ -1348,10 +1348,41 @@ fn progress_line(p: &zy_api::MigrationProgress) -> String {
             p.expected_downtime_ms
         ));
         if p.cpu_throttle_percent > 0 {
-            s.push_str(&format!(", guest slowed {}%", p.cpu_throttle_percent));
+            parts.push(format!("guest slowed {}%", p.cpu_throttle_percent));
         }
     }
-    s
+    if parts.is_empty() {
+        p.phase.clone()
+    } else {
+        format!("{}: {}", p.phase, parts.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    #[test]
+    fn a_progress_line_shows_what_is_known() {
+        let mut p = zy_api::MigrationProgress {
+            phase: "memory".into(),
+            disk_done: 0,
+            disk_total: 0,
+            memory_transferred: 0,
+            memory_remaining: 0,
+            memory_total: 0,
+            dirty_rate: 0,
+            expected_downtime_ms: 0,
+            cpu_throttle_percent: 0,
+        };
+        assert_eq!(super::progress_line(&p), "memory");
+        p.memory_total = 256 << 20;
+        p.memory_transferred = 64 << 20;
+        let line = super::progress_line(&p);
+        assert!(line.starts_with("memory: memory sent"), "{line}");
+        p.disk_total = 1 << 30;
+        let line = super::progress_line(&p);
+        assert!(line.starts_with("memory: disks "), "{line}");
+        assert!(line.contains(", memory sent"), "{line}");
+    }
 }
 
 async fn follow(c: &Client, a: Accepted, wait: &WaitFlags) -> Result<(), CliError> {
